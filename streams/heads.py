@@ -1,0 +1,162 @@
+"""Per-stream chain heads in Redis: the append lease, staged batches, idempotency keys.
+
+One producer at a time holds a stream's *lease* (a Redis key with a TTL, like
+an event store's single writer per stream). Under it, the producer reads the
+head (seq, hash), *stages* the complete batch it is about to publish, publishes
+it, and *commits* (head advanced, idempotency keys recorded, batch and lease
+dropped) in one Lua script. A producer that dies leaves a staged batch behind;
+once its lease expires, the next producer *rolls it forward*: publishes the very
+same bytes again (same event ids and hashes, so any copy already in the log is
+a duplicate, never a fork) and commits it before appending its own events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from schemas.chain import Head
+from schemas.errors import TransientError
+
+__all__ = ["AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads"]
+
+
+class StreamBusy(TransientError):
+    """Another producer held the stream's append lease for longer than we could wait. Retry later."""
+
+    code = "stream_busy"
+
+
+class LeaseLost(TransientError):
+    """Our lease expired before the batch was staged; nothing was published. Retry the append."""
+
+    code = "lease_lost"
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRef:
+    """Where an appended event stands in its stream."""
+
+    seq: int
+    id: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class StagedBatch:
+    """A batch reserved in Redis before it is published: everything needed to publish it again."""
+
+    batch_id: str
+    values: list[bytes]
+    refs: list[AppendRef]
+    idempotency_keys: list[str | None]
+
+    def encode(self) -> bytes:
+        return orjson.dumps({
+            "batch": self.batch_id,
+            "values": [v.decode() for v in self.values],
+            "refs": [[r.seq, r.id, r.hash] for r in self.refs],
+            "keys": self.idempotency_keys,
+        })
+
+    @classmethod
+    def decode(cls, blob: bytes) -> StagedBatch:
+        obj = orjson.loads(blob)
+        return cls(obj["batch"], [v.encode() for v in obj["values"]],
+                   [AppendRef(*r) for r in obj["refs"]], obj["keys"])
+
+
+_STAGE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+redis.call('HSET', KEYS[2], 'batch', ARGV[2], 'blob', ARGV[3])
+return 1
+"""
+
+# KEYS: pending, head, idempotency, lease. ARGV: batch id, last seq, last hash, token, key/value pairs...
+_COMMIT = """
+local committed = 0
+if redis.call('HGET', KEYS[1], 'batch') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'hash', ARGV[3])
+  for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  redis.call('DEL', KEYS[1])
+  committed = 1
+end
+if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
+return committed
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class StreamHeads:
+    """The Redis side of appending: see the module docstring for the protocol."""
+
+    def __init__(self, redis: Redis, prefix: str, lease_ms: int) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._lease_ms = lease_ms
+        self._stage = redis.register_script(_STAGE)
+        self._commit = redis.register_script(_COMMIT)
+        self._release = redis.register_script(_RELEASE)
+
+    def _key(self, kind: str, stream_id: str) -> str:
+        return f"{self._prefix}:{kind}:{stream_id}"
+
+    async def acquire(self, stream_id: str, token: str, wait_s: float) -> None:
+        """Take the stream's append lease, waiting up to ``wait_s``; raise StreamBusy after that."""
+        key, deadline, pause = self._key("lease", stream_id), time.monotonic() + wait_s, 0.001
+        while not await self._redis.set(key, token, nx=True, px=self._lease_ms):
+            if time.monotonic() > deadline:
+                raise StreamBusy(f"stream {stream_id!r}: another producer held the append lease for over {wait_s} s")
+            await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not security
+            pause = min(pause * 2, 0.05)
+
+    async def release(self, stream_id: str, token: str) -> None:
+        await self._release(keys=[self._key("lease", stream_id)], args=[token])
+
+    async def read(self, stream_id: str, keys: list[str]) -> tuple[Head, StagedBatch | None, dict[str, AppendRef]]:
+        """The committed head, a batch left staged by another producer, and known idempotency keys."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self._key("head", stream_id))
+        pipe.hget(self._key("pending", stream_id), "blob")
+        if keys:
+            pipe.hmget(self._key("idem", stream_id), keys)
+        results: list[Any] = await pipe.execute()
+        head_raw, blob = results[0], results[1]
+        head = Head(int(head_raw[b"seq"]), head_raw[b"hash"].decode()) if head_raw else Head()
+        known = {}
+        if keys:
+            known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, results[2], strict=True) if v is not None}
+        return head, (StagedBatch.decode(blob) if blob else None), known
+
+    async def stage(self, stream_id: str, token: str, batch: StagedBatch) -> None:
+        """Record ``batch`` as about to be published; raise LeaseLost if our lease is gone."""
+        done = await self._stage(
+            keys=[self._key("lease", stream_id), self._key("pending", stream_id)],
+            args=[token, batch.batch_id, batch.encode()],
+        )
+        if done != 1:
+            raise LeaseLost(f"stream {stream_id!r}: the append lease expired before the batch was staged")
+
+    async def commit(self, stream_id: str, token: str, batch: StagedBatch) -> bool:
+        """Advance the head past ``batch`` and release the lease. False: someone else committed it."""
+        pairs: list[str | bytes] = []
+        for key, ref in zip(batch.idempotency_keys, batch.refs, strict=True):
+            if key is not None:
+                pairs += [key, orjson.dumps([ref.seq, ref.id, ref.hash])]
+        last = batch.refs[-1]
+        done = await self._commit(
+            keys=[self._key(k, stream_id) for k in ("pending", "head", "idem", "lease")],
+            args=[batch.batch_id, last.seq, last.hash, token, *pairs],
+        )
+        return bool(done)

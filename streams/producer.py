@@ -1,0 +1,235 @@
+"""``EventProducer``: append events to a stream's hash chain and publish them to the log.
+
+Assigns ``seq`` and ``prevhash``, hashes, validates against the spec, and
+publishes to ``<prefix>.events`` keyed by stream id, one stream's events in
+``seq`` order. Chain heads are coordinated in Redis (``streams.heads``) so
+that any number of producers, in any number of processes, never fork a chain
+or reuse a ``seq``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+
+from schemas.chain import compute_hash
+from schemas.errors import InvalidEvent, PermanentError, TransientError
+from schemas.events import format_time, parse_event, validate_data, validate_stream_id
+from streams.heads import AppendRef, StagedBatch, StreamHeads
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+__all__ = ["AppendConflict", "Appended", "EventProducer", "NewEvent", "PublishFailed"]
+
+CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
+_CHUNK_BYTES = 512 * 1024
+
+
+class AppendConflict(PermanentError):
+    """``expected_seq`` did not match the stream's head: someone else appended first.
+
+    Re-read the stream, decide again, and append with the new ``expected_seq``.
+    """
+
+    code = "append_conflict"
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        self.stream_id, self.expected, self.actual = stream_id, expected, actual
+        super().__init__(f"stream {stream_id!r}: expected_seq {expected}, but the stream is at seq {actual}")
+
+
+class PublishFailed(TransientError):
+    """The broker did not acknowledge a staged batch. Its outcome is unknown, but it is not lost:
+    the next append to the stream publishes it again (same ids and hashes) before anything else.
+    Retrying with the same idempotency key returns the events once they are in."""
+
+    code = "publish_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: its type and data; ``seq``, ``prevhash``, ``id`` and ``hash`` are assigned."""
+
+    type: str
+    data: Mapping[str, Any]
+    idempotency_key: str | None = None
+    time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """An event in the log. ``duplicate``: an earlier append with the same idempotency key made it."""
+
+    stream_id: str
+    seq: int
+    id: str
+    hash: str
+    duplicate: bool = False
+    value: bytes = field(default=b"", repr=False)
+
+
+def _wire_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Python callers may pass money as Decimal; on the wire it is a decimal string (SPEC.md 4)."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, Decimal):
+            return format(value, "f")
+        if isinstance(value, Mapping):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [convert(v) for v in value]
+        return value
+    return convert(data)  # type: ignore[no-any-return]
+
+
+def check_new_events(stream_id: object, events: Sequence[NewEvent]) -> None:
+    """Validate before anything is reserved or sent: raise InvalidEvent naming the field."""
+    validate_stream_id(stream_id)
+    keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
+    if len(keys) != len(set(keys)):
+        raise InvalidEvent([("idempotency_key", "repeated within one batch")])
+    for event in events:
+        validate_data(event.type, _wire_data(event.data))
+        if event.time is not None and event.time.tzinfo is None:
+            raise InvalidEvent([("time", "must be timezone-aware (UTC)")])
+
+
+class EventProducer:
+    """Appends events to streams. Use ``async with EventProducer(settings) as producer:``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._redis = Redis.from_url(settings.redis_url)
+        self._heads = StreamHeads(self._redis, settings.topic_prefix, settings.producer_lease_ms)
+        self._kafka = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            acks="all",
+            # Idempotent producers need InitProducerId, which Tansu refuses; order per stream comes
+            # from the lease instead (one batch of a stream in flight at a time).
+            enable_idempotence=False,
+            max_batch_size=_CHUNK_BYTES * 2,
+            linger_ms=0,
+        )
+
+    async def start(self) -> None:
+        await ensure_topics(self._settings.kafka_bootstrap_servers,
+                            {self._settings.events_topic: self._settings.event_partitions})
+        try:
+            await self._kafka.start()
+        except KafkaError as e:
+            raise TransientError(f"cannot reach Kafka at {self._settings.kafka_bootstrap_servers}: {e}") from e
+
+    async def stop(self) -> None:
+        await self._kafka.stop()
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> EventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def append(self, stream_id: str, type: str, data: Mapping[str, Any], *,  # noqa: A002
+                     expected_seq: int | None = None, idempotency_key: str | None = None,
+                     time: datetime | None = None) -> Appended:
+        """Append one event; see ``append_batch``."""
+        [appended] = await self.append_batch(
+            stream_id, [NewEvent(type, data, idempotency_key, time)], expected_seq=expected_seq)
+        return appended
+
+    async def append_batch(self, stream_id: str, events: Sequence[NewEvent], *,
+                           expected_seq: int | None = None) -> list[Appended]:
+        """Append ``events`` to ``stream_id`` as consecutive seqs, all or nothing.
+
+        ``expected_seq``: the seq the stream must be at now (0: the stream must be
+        new), else AppendConflict. Events whose idempotency key was appended before
+        are not appended again: their earlier result comes back with
+        ``duplicate=True``. Raises InvalidEvent/UnknownType (nothing published),
+        AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed).
+        """
+        check_new_events(stream_id, events)
+        if not events:
+            return []
+        token = uuid.uuid4().hex
+        await self._heads.acquire(stream_id, token, self._settings.producer_wait_s)
+        try:
+            keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
+            head, left_behind, known = await self._heads.read(stream_id, keys)
+            if left_behind is not None:
+                await self._publish(stream_id, left_behind)
+                await self._heads.commit(stream_id, "", left_behind)
+                head, _, known = await self._heads.read(stream_id, keys)
+            fresh = [e for e in events if e.idempotency_key not in known]
+            if fresh and expected_seq is not None and expected_seq != head.seq:
+                raise AppendConflict(stream_id, expected_seq, head.seq)
+            batch = self._build(stream_id, head.seq, head.hash, fresh)
+            if batch.refs:
+                await self._heads.stage(stream_id, token, batch)
+                await self._publish(stream_id, batch)
+                await self._heads.commit(stream_id, token, batch)
+        finally:
+            await self._heads.release(stream_id, token)
+        made = iter(zip(batch.refs, batch.values, strict=True))
+        out = []
+        for event in events:
+            if event.idempotency_key in known:
+                ref = known[event.idempotency_key]  # type: ignore[index]
+                out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, duplicate=True))
+            else:
+                ref, value = next(made)
+                out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, value=value))
+        return out
+
+    def _build(self, stream_id: str, seq: int, prevhash: str, events: Sequence[NewEvent]) -> StagedBatch:
+        values, refs = [], []
+        now = format_time(datetime.now(UTC))
+        for event in events:
+            seq += 1
+            raw: dict[str, Any] = {
+                "specversion": "1.0",
+                "id": str(uuid.uuid4()),
+                "source": self._settings.producer_source,
+                "type": event.type,
+                "subject": stream_id,
+                "time": format_time(event.time) if event.time else now,
+                "datacontenttype": "application/json",
+                "seq": seq,
+                "prevhash": prevhash,
+                "data": _wire_data(event.data),
+            }
+            raw["hash"] = prevhash = compute_hash(raw)
+            parse_event(raw, verify_hash=False)  # what a worker would refuse is never published
+            values.append(orjson.dumps(raw))
+            refs.append(AppendRef(seq, raw["id"], prevhash))
+        return StagedBatch(uuid.uuid4().hex, values, refs, [e.idempotency_key for e in events])
+
+    async def _publish(self, stream_id: str, batch: StagedBatch) -> None:
+        """Send in order and wait for every acknowledgement, chunk by chunk."""
+        key, topic = stream_id.encode(), self._settings.events_topic
+        headers = [("content-type", CONTENT_TYPE)]
+        try:
+            start = 0
+            while start < len(batch.values):
+                size, end = 0, start
+                while end < len(batch.values) and (end == start or size < _CHUNK_BYTES):
+                    size += len(batch.values[end])
+                    end += 1
+                futures = [await self._kafka.send(topic, value, key=key, headers=headers)
+                           for value in batch.values[start:end]]
+                for future in futures:
+                    await future
+                start = end
+        except KafkaError as e:
+            raise PublishFailed(f"stream {stream_id!r}: publishing seq {batch.refs[0].seq}.."
+                                f"{batch.refs[-1].seq} failed: {e}") from e

@@ -1,0 +1,88 @@
+"""The one settings object: every ``RUNLEDGER_*`` environment variable, read once.
+
+Defaults point at the embedded stack that ``runledger dev up`` starts, so a
+laptop needs no configuration; production sets the URLs of real servers and
+drops their names from ``RUNLEDGER_EMBEDDED``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Component", "Settings"]
+
+Component = Literal["kafka", "postgres", "redis"]
+
+
+class Settings(BaseSettings):
+    """runledger configuration. Each field is read from ``RUNLEDGER_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", frozen=True, extra="forbid")
+
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:19092", description="RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS: host:port[,host:port...]"
+    )
+    topic_prefix: str = Field(
+        "runledger", pattern=r"^[A-Za-z0-9._-]{1,100}$",
+        description="RUNLEDGER_TOPIC_PREFIX: topics are <prefix>.events, <prefix>.events.retry.<delay>, ...; "
+        "also prefixes Redis keys",
+    )
+    event_partitions: int = Field(8, ge=1, description="RUNLEDGER_EVENT_PARTITIONS: partitions of a new log topic")
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:15432/runledger", description="RUNLEDGER_DATABASE_URL"
+    )
+    redis_url: str = Field("redis://127.0.0.1:16379/0", description="RUNLEDGER_REDIS_URL")
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
+        (1.0, 2.0, 4.0, 8.0, 16.0), description="RUNLEDGER_RETRY_DELAYS: seconds, comma-separated, e.g. 1,2,4,8,16"
+    )
+    embedded: Annotated[frozenset[Component], NoDecode] = Field(
+        frozenset({"kafka", "postgres", "redis"}),
+        description="RUNLEDGER_EMBEDDED: which services `runledger dev up` starts, comma-separated "
+        "(empty: none, every URL points at a real server)",
+    )
+    state_dir: Path = Field(Path(".runledger"), description="RUNLEDGER_STATE_DIR: embedded stack data and logs")
+    producer_source: str = Field(
+        "/producers/runledger", description="RUNLEDGER_PRODUCER_SOURCE: CloudEvents `source` of produced events"
+    )
+    producer_lease_ms: int = Field(
+        5000, ge=100,
+        description="RUNLEDGER_PRODUCER_LEASE_MS: how long one producer holds a stream's append lease; "
+        "a producer that dies holding it blocks that stream at most this long",
+    )
+    producer_wait_s: float = Field(
+        30.0, gt=0, description="RUNLEDGER_PRODUCER_WAIT_S: how long an append waits for a busy stream"
+    )
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("embedded", mode="before")
+    @classmethod
+    def _split_components(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.topic_prefix}.events"
+
+    def port_of(self, component: Component) -> int:
+        """The port a component's URL names (the first bootstrap server, for Kafka)."""
+        if component == "kafka":
+            host_port = self.kafka_bootstrap_servers.split(",")[0].strip()
+            return int(host_port.rsplit(":", 1)[1])
+        url = self.database_url if component == "postgres" else self.redis_url
+        port = urlsplit(url).port
+        if port is None:
+            raise ValueError(f"{url!r} names no port")
+        return port

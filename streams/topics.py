@@ -1,0 +1,32 @@
+"""Creating runledger's Kafka topics: infinite retention (SPEC.md section 1), created once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from schemas.errors import TransientError
+
+__all__ = ["ensure_topics"]
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+async def ensure_topics(bootstrap_servers: str, topics: Mapping[str, int]) -> None:
+    """Create each topic (name -> partitions) that does not exist yet, with ``retention.ms=-1``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        await admin.start()
+        response = await admin.create_topics(
+            [NewTopic(name, num_partitions=n, replication_factor=1, topic_configs={"retention.ms": "-1"})
+             for name, n in topics.items()]
+        )
+    except KafkaError as e:
+        raise TransientError(f"cannot create topics on {bootstrap_servers}: {e}") from e
+    finally:
+        await admin.close()
+    for name, code, message in response.topic_errors:
+        if code not in (0, _TOPIC_ALREADY_EXISTS):
+            raise TransientError(f"cannot create topic {name}: error {code} {message}")

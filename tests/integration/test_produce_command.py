@@ -1,0 +1,53 @@
+"""``runledger produce``: JSON lines in, events appended; one bad line and nothing is published."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import orjson
+
+from schemas.chain import verify_chain
+from streams.settings import Settings
+from tests.integration.conftest import read_log
+
+
+def _produce(env: dict[str, str], lines: list[dict[str, object]], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams.cli", "produce", "--quiet", *args],
+                          input="\n".join(orjson.dumps(line).decode() for line in lines),
+                          env={**os.environ, **env}, capture_output=True, text=True, check=False, timeout=60)
+
+
+async def test_produce_appends_lines_in_order_per_stream(env: dict[str, str], settings: Settings) -> None:
+    lines = [{"stream": "a", "type": "execution.started", "data": {"workflow": "w"}},
+             {"stream": "b", "type": "execution.started", "data": {"workflow": "w"}, "idempotency_key": "b1"},
+             {"stream": "a", "type": "step.started", "data": {"step_id": "s", "name": "n"},
+              "time": "2026-11-22T10:00:00Z"},
+             {"stream": "b", "type": "execution.started", "data": {"workflow": "w"}, "idempotency_key": "b1"}]
+    done = _produce(env, lines, "--json")
+    assert done.returncode == 0, done.stderr
+    printed = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert sorted((p["stream"], p["seq"], p["duplicate"]) for p in printed) == [
+        ("a", 1, False), ("a", 2, False), ("b", 1, False), ("b", 1, True)]
+    assert "appended 4 events to 2 streams" in done.stderr
+    events = [orjson.loads(r.value) for r in await read_log(settings)]
+    assert len(events) == 3 and verify_chain(events) == []
+    assert next(e for e in events if e["seq"] == 2)["time"] == "2026-11-22T10:00:00.000Z"
+
+
+async def test_one_bad_line_publishes_nothing(env: dict[str, str], settings: Settings) -> None:
+    lines = [{"stream": "a", "type": "execution.started", "data": {"workflow": "w"}},
+             {"stream": "a", "type": "cost.incurred", "data": {"provider": "p", "model": "m", "input_tokens": 1,
+                                                               "output_tokens": 2, "cost_usd": 0.25}}]
+    done = _produce(env, lines)
+    assert done.returncode == 2
+    assert "line 2: data.cost_usd: money must be a decimal string" in done.stderr
+    for bad, message in [({"stream": "a b", "type": "execution.started", "data": {}}, "subject"),
+                         ({"stream": "a", "type": "nope", "data": {}}, "type: unknown event type"),
+                         ({"stream": "a", "data": {}}, "type: missing"),
+                         ({"stream": "a", "type": "execution.started", "data": {"workflow": "w"}, "x": 1},
+                          "x: unknown field")]:
+        done = _produce(env, [lines[0], bad])
+        assert done.returncode == 2 and f"line 2: {message}" in done.stderr, done.stderr
+    assert await read_log(settings) == []

@@ -1,0 +1,126 @@
+"""Event models and the parser: typed events, or typed errors that name the field."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from schemas.chain import compute_hash
+from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, PermanentError, UnknownType
+from schemas.events import EVENT_TYPES, CostIncurred, format_time, parse_event
+from tests.conftest import VECTORS
+
+VECTOR_EVENTS = [orjson.loads(line)["event"] for line in VECTORS.read_bytes().splitlines()]
+
+
+def event(type_: str = "cost.incurred", data: dict[str, Any] | None = None, **attrs: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "specversion": "1.0", "id": "0b9e4a52-8e55-4d7e-9f7a-1f0c2b3d4e5f", "source": "/producers/test",
+        "type": type_, "subject": "exec-1", "time": "2026-11-22T10:00:00.125Z",
+        "datacontenttype": "application/json", "seq": 2, "prevhash": "a" * 64,
+        "data": data if data is not None else {"provider": "openai", "model": "gpt-4o", "input_tokens": 10,
+                                               "output_tokens": 5, "cost_usd": "0.000125"},
+    }
+    raw.update(attrs)
+    raw["hash"] = compute_hash(raw)
+    return raw
+
+
+def test_every_vector_parses_to_its_typed_event() -> None:
+    types = set()
+    for raw in VECTOR_EVENTS:
+        parsed = parse_event(orjson.dumps(raw))
+        assert isinstance(parsed.data, EVENT_TYPES[raw["type"]])
+        assert parsed.time.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+        types.add(raw["type"])
+    assert len(types) == 12
+
+
+def test_money_is_decimal() -> None:
+    parsed = parse_event(event())
+    assert isinstance(parsed.data, CostIncurred)
+    assert parsed.data.cost_usd == Decimal("0.000125") and isinstance(parsed.data.cost_usd, Decimal)
+
+
+def test_unknown_data_fields_are_kept() -> None:
+    parsed = parse_event(event("step.skipped", {"step_id": "s1", "vendor_note": {"x": 1}}))
+    assert parsed.data.model_extra == {"vendor_note": {"x": 1}}
+
+
+def _error(raw: Any) -> PermanentError:
+    with pytest.raises(PermanentError) as caught:
+        parse_event(raw)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("raw", "error_type", "field", "reason"),
+    [
+        (event(data={"provider": "p", "model": "m", "input_tokens": 1, "output_tokens": 1, "cost_usd": 0.5}),
+         InvalidEvent, "data.cost_usd", "decimal string"),
+        (event(data={"provider": "p", "model": "m", "input_tokens": 1, "output_tokens": 1, "cost_usd": "1e-3"}),
+         InvalidEvent, "data.cost_usd", "decimal"),
+        (event(data={"provider": "p", "model": "m", "input_tokens": 1, "output_tokens": 1,
+                     "cost_usd": "0.0000000000001"}), InvalidEvent, "data.cost_usd", "12 digits"),
+        (event(data={"provider": "p", "input_tokens": 1, "output_tokens": 1}), InvalidEvent, "data.model",
+         "required"),
+        (event(data={"provider": "p", "model": "m", "input_tokens": True, "output_tokens": 1}), InvalidEvent,
+         "data.input_tokens", "integer"),
+        (event(data={"provider": "p", "model": "m", "input_tokens": -1, "output_tokens": 1}), InvalidEvent,
+         "data.input_tokens", "greater than or equal"),
+        (event("execution.started", {"workflow": "w", "input": {"big": 2**53}}), InvalidEvent,
+         "data.input.big", "2^53"),
+        (event("step.failed", {"step_id": "s", "error": {"message": "m"}}), InvalidEvent, "data.error.type",
+         "required"),
+        (event("artifact.created", {"artifact_id": "a", "type": "movie", "name": "n", "uri": "u"}),
+         InvalidEvent, "data.type", "report"),
+        (event("agent.exploded", {}), UnknownType, "type", "unknown event type"),
+        (event(subject="bad stream!"), InvalidEvent, "subject", "A-Z a-z 0-9"),
+        (event(subject="x" * 201), InvalidEvent, "subject", "200"),
+        (event(time="2026-11-22T11:00:00+01:00"), InvalidEvent, "time", "UTC"),
+        (event(time="2026-11-22"), InvalidEvent, "time", "RFC 3339"),
+        (event(seq=0), InvalidEvent, "seq", "greater than or equal to 1"),
+        (event(seq="2"), InvalidEvent, "seq", "integer"),
+        (event(id="0B9E4A52-8E55-4D7E-9F7A-1F0C2B3D4E5F"), InvalidEvent, "id", "pattern"),
+        (event(specversion="0.3"), InvalidEvent, "specversion", "1.0"),
+        (event(datacontenttype="text/plain"), InvalidEvent, "datacontenttype", "application/json"),
+        (event(color="red"), InvalidEvent, "color", "Extra inputs are not permitted"),
+        ({**event(), "hash": "b" * 64}, HashMismatch, None, "hashes to"),
+        (b"{not json", InvalidJson, None, "JSON"),
+        (b"[1, 2]", InvalidJson, None, "object"),
+        (b"\xff\xfe", InvalidJson, None, "UTF-8"),
+    ],
+)
+def test_bad_input_names_the_field_and_the_reason(raw: Any, error_type: type, field: str | None,
+                                                 reason: str) -> None:
+    error = _error(raw)
+    assert type(error) is error_type
+    assert not error.transient
+    if field is not None:
+        assert isinstance(error, InvalidEvent)
+        assert error.field == field
+    assert reason in str(error)
+
+
+def test_every_error_of_an_event_is_reported() -> None:
+    error = _error(event(data={"provider": "p", "model": 3, "input_tokens": 1.5, "output_tokens": 1}))
+    assert isinstance(error, InvalidEvent)
+    assert {f for f, _ in error.errors} == {"data.model", "data.input_tokens"}
+
+
+def test_optional_attributes_are_covered_by_the_hash() -> None:
+    raw = event(traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", dataschema="urn:x")
+    assert parse_event(raw).traceparent is not None
+    assert type(_error({**raw, "dataschema": "urn:y"})) is HashMismatch
+
+
+def test_format_time_is_utc_with_milliseconds() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    moment = datetime(2026, 11, 22, 11, 0, 0, 125000, tzinfo=timezone(timedelta(hours=1)))
+    assert format_time(moment) == "2026-11-22T10:00:00.125Z"
+    with pytest.raises(ValueError, match="timezone-aware"):
+        format_time(datetime(2026, 11, 22))  # noqa: DTZ001 - the point of the test
