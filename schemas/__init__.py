@@ -7,6 +7,7 @@ from schemas.chain import GENESIS_HASH, ChainBreak, Head, canonical, compute_has
 from schemas.errors import (
     ChainBroken,
     HashMismatch,
+    IllegalTransition,
     InvalidEvent,
     InvalidJson,
     PermanentError,
@@ -44,4 +45,5 @@ __all__ = [
     "HashMismatch",
     "ChainBroken",
     "SeqConflict",
+    "IllegalTransition",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "HashMismatch",
     "ChainBroken",
     "SeqConflict",
+    "IllegalTransition",
     "FieldError",
 ]
 
@@ -103,3 +104,10 @@ class SeqConflict(PermanentError):
     """A ``seq`` already taken in its stream by an event with a different hash (a fork)."""
 
     code = "seq_conflict"
+
+
+class IllegalTransition(PermanentError):
+    """The event is not allowed in the stream's current state (SPEC.md section 5), e.g. an event
+    after the execution ended, or a step event for a step that never started."""
+
+    code = "illegal_transition"
