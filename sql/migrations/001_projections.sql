@@ -91,6 +91,7 @@ CREATE TABLE audit_log (
     time             timestamptz NOT NULL,
     data             jsonb NOT NULL,
     hash             text NOT NULL,
+    raw              bytea NOT NULL,  -- the record value byte for byte: jsonb normalises numbers, the hash needs the original
     prevhash         text NOT NULL,
     kafka_topic      text NOT NULL,
     kafka_partition  integer NOT NULL,

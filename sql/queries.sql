@@ -1,0 +1,91 @@
+-- Named queries of the projection store. Each starts with "-- name: <name>"; all take $n parameters.
+
+-- name: load_heads
+SELECT stream_id, seq, hash FROM stream_heads WHERE stream_id = ANY($1::text[]) FOR UPDATE;
+
+-- name: load_executions
+SELECT * FROM executions WHERE stream_id = ANY($1::text[]);
+
+-- name: load_steps
+SELECT * FROM steps WHERE stream_id = ANY($1::text[]);
+
+-- name: load_projected_ids
+SELECT event_id::text FROM audit_log WHERE event_id = ANY($1::uuid[]);
+
+-- name: load_parked
+SELECT stream_id, seq, event_id::text, value, kafka_topic, kafka_partition, kafka_offset
+FROM parked_events WHERE stream_id = ANY($1::text[]);
+
+-- name: upsert_execution
+INSERT INTO executions (stream_id, workflow, agent_id, customer_id, status, started_at, ended_at, duration_ms,
+    steps_total, steps_running, steps_retrying, steps_completed, steps_failed, steps_skipped,
+    input_tokens, output_tokens, cached_tokens, cost_usd, unpriced_costs, budget_usd, error,
+    last_seq, last_hash, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23,
+    now())
+ON CONFLICT (stream_id) DO UPDATE SET
+    status = EXCLUDED.status, ended_at = EXCLUDED.ended_at, duration_ms = EXCLUDED.duration_ms,
+    steps_total = EXCLUDED.steps_total, steps_running = EXCLUDED.steps_running,
+    steps_retrying = EXCLUDED.steps_retrying, steps_completed = EXCLUDED.steps_completed,
+    steps_failed = EXCLUDED.steps_failed, steps_skipped = EXCLUDED.steps_skipped,
+    input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
+    cached_tokens = EXCLUDED.cached_tokens, cost_usd = EXCLUDED.cost_usd,
+    unpriced_costs = EXCLUDED.unpriced_costs, error = EXCLUDED.error,
+    last_seq = EXCLUDED.last_seq, last_hash = EXCLUDED.last_hash, updated_at = now();
+
+-- name: upsert_step
+INSERT INTO steps (stream_id, step_id, name, step_order, status, attempts, started_at, ended_at, error, cost_usd)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (stream_id, step_id) DO UPDATE SET
+    name = EXCLUDED.name, step_order = EXCLUDED.step_order, status = EXCLUDED.status,
+    attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
+    error = EXCLUDED.error, cost_usd = EXCLUDED.cost_usd;
+
+-- name: upsert_artifact
+INSERT INTO artifacts (stream_id, artifact_id, step_id, type, name, uri, size_bytes, content_type, created_at, seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (stream_id, artifact_id) DO UPDATE SET
+    step_id = EXCLUDED.step_id, type = EXCLUDED.type, name = EXCLUDED.name, uri = EXCLUDED.uri,
+    size_bytes = EXCLUDED.size_bytes, content_type = EXCLUDED.content_type,
+    created_at = EXCLUDED.created_at, seq = EXCLUDED.seq;
+
+-- name: upsert_head
+INSERT INTO stream_heads (stream_id, seq, hash, updated_at) VALUES ($1, $2, $3, now())
+ON CONFLICT (stream_id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
+
+-- name: park
+INSERT INTO parked_events (stream_id, seq, event_id, value, kafka_topic, kafka_partition, kafka_offset, parked_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+ON CONFLICT DO NOTHING;
+
+-- name: unpark
+DELETE FROM parked_events WHERE stream_id = $1 AND seq = $2 AND event_id = $3::uuid;
+
+-- name: reject
+INSERT INTO rejected_events (reason, error, stream_id, seq, event_id, kafka_topic, kafka_partition, kafka_offset,
+    kafka_key, value, rejected_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
+ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING;
+
+-- name: save_offset
+INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_at) VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (group_id, topic, partition) DO UPDATE
+SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset), updated_at = now();
+
+-- name: load_offsets
+SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2;
+
+-- name: current_catalog
+SELECT version FROM price_catalogs ORDER BY loaded_at DESC, version DESC LIMIT 1;
+
+-- name: load_prices
+SELECT model, provider, input_usd_per_token, output_usd_per_token, cached_usd_per_token
+FROM model_prices WHERE version = $1;
+
+-- name: insert_catalog
+INSERT INTO price_catalogs (version, source, models, loaded_at) VALUES ($1, $2, $3, now())
+ON CONFLICT (version) DO NOTHING;
+
+-- name: insert_price
+INSERT INTO model_prices (version, model, provider, input_usd_per_token, output_usd_per_token, cached_usd_per_token)
+VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING;
