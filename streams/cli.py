@@ -172,6 +172,25 @@ def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# db, worker ------------------------------------------------------------------------------------
+
+def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from projections.store import migrate
+
+    applied = asyncio.run(migrate(settings.database_url, settings.db_schema))
+    print(f"schema {settings.db_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.app import create_app
+
+    app = create_app(settings)
+    worker = app.Worker(loglevel=args.loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
 # demo (the main job) ----------------------------------------------------------------------------
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -234,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     prod.add_argument("--json", action="store_true", help="print each appended event as a JSON line")
     prod.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     prod.set_defaults(func=_cmd_produce)
+
+    db = sub.add_parser("db", help="database administration",
+                        description="Database administration of the projection schema (RUNLEDGER_DB_SCHEMA).")
+    db_sub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    db_sub.add_parser("migrate", help="apply the migrations in sql/migrations that the schema lacks (idempotent, "
+                      "safe from several processes at once)")
+    db.set_defaults(func=_cmd_db)
+
+    worker = sub.add_parser("worker", help="run a projection worker (Faust); several share the log's partitions",
+                            description="Consumes <prefix>.events in batches and projects every event into "
+                            "PostgreSQL, one transaction per batch, offsets stored with the rows. Run several "
+                            "with the same RUNLEDGER_CONSUMER_GROUP to share the partitions. Stop with Ctrl-C.")
+    worker.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=_cmd_worker)
 
     demo = sub.add_parser("demo", help="the main job: start the embedded stack and run a simulated fleet",
                           description="Starts the embedded stack and appends the events of a simulated "

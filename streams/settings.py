@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:15432/runledger", description="RUNLEDGER_DATABASE_URL"
     )
+    db_schema: str = Field(
+        "runledger", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="RUNLEDGER_DB_SCHEMA: PostgreSQL schema of the projection tables",
+    )
+    consumer_group: str = Field(
+        "runledger-projector", description="RUNLEDGER_CONSUMER_GROUP: Kafka group of the projection workers"
+    )
     redis_url: str = Field("redis://127.0.0.1:16379/0", description="RUNLEDGER_REDIS_URL")
     retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
         (1.0, 2.0, 4.0, 8.0, 16.0), description="RUNLEDGER_RETRY_DELAYS: seconds, comma-separated, e.g. 1,2,4,8,16"

@@ -1,0 +1,61 @@
+"""``runledger worker`` end to end: the real broker, a Faust worker process, real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import asyncpg
+
+from projections.checksum import table_checksums
+from streams.fleet import simulate_fleet
+from streams.producer import EventProducer
+from streams.settings import Settings
+
+DEADLINE_S = 120
+
+
+async def test_worker_projects_everything_appended_and_survives_bad_records(env: dict[str, str]) -> None:
+    schema = f"w_{uuid.uuid4().hex[:12]}"
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}"}
+    settings = Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
+    fleet = simulate_fleet(40, seed=2, run_tag=schema)
+    async with EventProducer(settings) as producer:
+        for run in fleet:
+            await producer.append_batch(run.stream_id, run.events)
+        await producer._kafka.send_and_wait(settings.events_topic, b"not json", key=b"junk")  # noqa: SLF001
+    total = sum(len(run.events) for run in fleet)
+    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env={**os.environ, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        deadline, projected = time.monotonic() + DEADLINE_S, 0
+        while time.monotonic() < deadline and worker.poll() is None:
+            try:
+                projected = await conn.fetchval(f'SELECT count(*) FROM "{schema}".audit_log')
+                rejected = await conn.fetchval(f'SELECT count(*) FROM "{schema}".rejected_events')
+                if projected == total and rejected == 1:
+                    break
+            except asyncpg.UndefinedTableError:
+                pass
+            await asyncio.sleep(0.5)
+        assert worker.poll() is None, worker.stderr.read().decode() if worker.stderr else ""
+        assert projected == total
+        statuses = dict(await conn.fetch(f'SELECT status, count(*) FROM "{schema}".executions GROUP BY 1'))
+        expected: dict[str, int] = {}
+        for run in fleet:
+            status = "timeout" if run.outcome == "timed_out" else run.outcome
+            expected[status] = expected.get(status, 0) + 1
+        assert statuses == expected
+        reason, value = await conn.fetchrow(f'SELECT reason, value FROM "{schema}".rejected_events')
+        assert (reason, bytes(value)) == ("invalid_json", b"not json")
+        assert (await table_checksums(conn, schema))["executions"][0] == 40
+    finally:
+        worker.terminate()
+        await asyncio.to_thread(worker.communicate, timeout=30)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
