@@ -12,7 +12,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from importlib import metadata, resources
+import importlib.util
+from importlib import metadata
+from pathlib import Path
 
 __all__ = ["COST_PLACES", "ModelPrice", "PriceCatalog", "load_tokencost_catalog"]
 
@@ -54,7 +56,10 @@ class PriceCatalog:
 
 def load_tokencost_catalog() -> PriceCatalog:
     """The catalog inside the installed ``tokencost`` package, versioned by package and content."""
-    blob = resources.files("tokencost").joinpath("model_prices.json").read_bytes()
+    spec = importlib.util.find_spec("tokencost")  # locates the package without running its imports
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the tokencost package is not installed: pip install tokencost")
+    blob = (Path(spec.origin).parent / "model_prices.json").read_bytes()
     table = json.loads(blob, parse_float=Decimal, parse_int=Decimal)
     prices = {}
     for model, entry in table.items():
