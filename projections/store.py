@@ -8,6 +8,9 @@ entirely or not at all, and applying it again changes nothing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,12 +24,15 @@ from projections.pricing import ModelPrice, PriceCatalog
 from projections.rules import ExecutionState, Projected, StepState, apply
 from projections.sql import migrations, query, quote_schema
 from schemas.chain import Head, link_error
-from schemas.errors import PermanentError, TransientError
-from schemas.events import Event, parse_event
+from schemas.errors import ChainBroken, PermanentError, SeqConflict, TransientError
+from schemas.events import Event, decode_json, parse_event
 
-__all__ = ["BatchResult", "LogRecord", "ProjectionStore", "StoreUnavailable", "connect", "migrate"]
+__all__ = ["NOTIFY_CHANNEL", "BatchResult", "LogRecord", "ProjectionStore", "StoreUnavailable", "connect", "migrate"]
+
+log = logging.getLogger(__name__)
 
 WORKER_ROLE = "runledger_worker"
+NOTIFY_CHANNEL = "runledger_projected"
 
 
 class StoreUnavailable(TransientError):
@@ -143,9 +149,29 @@ class ProjectionStore:
         """Apply ``records`` in one transaction. Raises StoreUnavailable (transient) only."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                return await _Batch(conn, self.catalog, self._group_id).run(records)
+                # Shared: batches run side by side; `runledger rebuild` takes it exclusively to switch over.
+                await conn.execute(query("apply_lock"))
+                result = await _Batch(conn, self.catalog, self._group_id).run(records)
+                if result.projected or result.rejected:
+                    await conn.execute(query("notify_projected"))  # wakes `runledger wait`, on commit
+                return result
         except _TRANSIENT_PG as e:
             raise StoreUnavailable(f"batch of {len(records)} records not applied: {e}") from e
+
+
+    async def apply_until_done(self, records: Sequence[LogRecord]) -> BatchResult:
+        """``apply_batch``, retried with backoff while PostgreSQL is unavailable: nothing is skipped."""
+        pause = 0.1
+        while True:
+            try:
+                return await self.apply_batch(records)
+            except StoreUnavailable as e:
+                log.warning("%s; retrying in %.1f s", e, pause)
+                await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter
+                pause = min(pause * 2, 5.0)
+
+
+_Item = tuple[Event, LogRecord, dict[str, Any] | None]
 
 
 class _Batch:
@@ -171,22 +197,23 @@ class _Batch:
                              record.key, record.value))
 
     async def run(self, records: Sequence[LogRecord]) -> BatchResult:
-        by_stream: dict[str, list[tuple[Event, LogRecord, bool]]] = defaultdict(list)
+        # Per stream: (event, record, its data as received, or None for an event parked earlier).
+        by_stream: dict[str, list[_Item]] = defaultdict(list)
         for record in records:
             try:
-                event = parse_event(record.value)
+                raw = decode_json(record.value)
+                event = parse_event(raw)
             except PermanentError as e:
                 self.reject(record, e)
                 continue
-            by_stream[event.subject].append((event, record, False))
+            by_stream[event.subject].append((event, record, raw["data"]))
         streams = sorted(by_stream)
         if streams:
             await self.project_streams(streams, by_stream)
         await self.write(records)
         return self.result
 
-    async def project_streams(self, streams: list[str],
-                              by_stream: dict[str, list[tuple[Event, LogRecord, bool]]]) -> None:
+    async def project_streams(self, streams: list[str], by_stream: dict[str, list[_Item]]) -> None:
         conn = self.conn
         heads = {r["stream_id"]: Head(r["seq"], r["hash"]) for r in await conn.fetch(query("load_heads"), streams)}
         states = _load_states(await conn.fetch(query("load_executions"), streams),
@@ -196,7 +223,7 @@ class _Batch:
         for row in await conn.fetch(query("load_parked"), streams):
             record = LogRecord(row["kafka_topic"], row["kafka_partition"], row["kafka_offset"],
                                row["stream_id"].encode(), bytes(row["value"]))
-            by_stream[row["stream_id"]].append((parse_event(record.value), record, True))
+            by_stream[row["stream_id"]].append((parse_event(record.value), record, None))
         touched: dict[str, set[str]] = defaultdict(set)
         for stream in streams:
             head = heads.get(stream, Head())
@@ -205,7 +232,9 @@ class _Batch:
             advanced = True
             while pending and advanced:  # parked events may become applicable as the head moves
                 advanced, waiting = False, []
-                for event, record, was_parked in pending:
+                for item in pending:
+                    event, record, data = item
+                    was_parked = data is None
                     if event.id in projected_ids:
                         self.result.duplicates += not was_parked
                         if was_parked:
@@ -213,13 +242,13 @@ class _Batch:
                         continue
                     problem = link_error(head, {"seq": event.seq, "prevhash": event.prevhash})
                     if problem is not None and problem[0] == "seq_gap":
-                        waiting.append((event, record, was_parked))
+                        waiting.append(item)
                         continue
                     if was_parked:
                         self.unparks.append((event.subject, event.seq, event.id))
                     if problem is not None:
-                        code = "seq_conflict" if problem[0] == "seq_conflict" else "chain_broken"
-                        self.reject(record, _LinkError(code, f"{stream} seq {event.seq}: {problem[1]}"), event)
+                        error = SeqConflict if problem[0] == "seq_conflict" else ChainBroken
+                        self.reject(record, error(f"{stream} seq {event.seq}: {problem[1]}"), event)
                         continue
                     try:
                         done = apply(state, event, self.catalog)
@@ -228,11 +257,12 @@ class _Batch:
                         continue
                     state, head, advanced = done.state, Head(event.seq, event.hash), True
                     projected_ids.add(event.id)
-                    self.record(done, event, record)
+                    self.record(done, event, record,
+                                data if data is not None else decode_json(record.value)["data"])
                     touched[stream].update(done.touched_steps)
                 pending = waiting
-            for event, record, was_parked in pending:
-                if not was_parked:
+            for event, record, data in pending:
+                if data is not None:
                     self.result.parked += 1
                     self.parks.append((event.subject, event.seq, event.id, record.value, record.topic,
                                        record.partition, record.offset))
@@ -245,11 +275,11 @@ class _Batch:
         self.step_rows = [_step_row(s, states[s].steps[step]) for s, steps in touched.items() for step in steps]
         self.head_rows = [(s, heads[s].seq, heads[s].hash) for s in touched]
 
-    def record(self, done: Projected, event: Event, record: LogRecord) -> None:
+    def record(self, done: Projected, event: Event, record: LogRecord, data: dict[str, Any]) -> None:
         self.result.projected.append((event.subject, event.seq))
         self.audit.append((event.id, event.subject, event.seq, event.type, event.source, event.specversion,
                            event.datacontenttype, event.dataschema, event.traceparent, event.time,
-                           orjson.loads(record.value)["data"], event.hash, record.value, event.prevhash, record.topic,
+                           data, event.hash, record.value, event.prevhash, record.topic,
                            record.partition, record.offset))
         self.costs += [(c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens,
                         c.output_tokens, c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version,
@@ -282,12 +312,6 @@ class _Batch:
             ends[key] = max(ends.get(key, 0), r.offset + 1)
         if ends:
             await conn.executemany(query("save_offset"), [(self.group_id, t, p, o) for (t, p), o in ends.items()])
-
-
-class _LinkError(PermanentError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code  # type: ignore[misc]
 
 
 _AUDIT_COLUMNS = ["event_id", "stream_id", "seq", "type", "source", "specversion", "datacontenttype", "dataschema",

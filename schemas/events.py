@@ -25,7 +25,7 @@ from pydantic import (
     ValidationError,
 )
 
-from schemas.chain import MAX_SAFE_INTEGER, compute_hash, unsafe_numbers
+from schemas.chain import MAX_SAFE_INTEGER, compute_hash, is_plain, unsafe_numbers
 from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, UnknownType
 
 __all__ = [
@@ -240,15 +240,19 @@ def validate_stream_id(stream_id: object) -> str:
     return stream_id
 
 
-def validate_data(event_type: object, data: object) -> EventData:
-    """Validate the ``data`` of an event of ``event_type``; raise UnknownType or InvalidEvent."""
+def validate_data(event_type: object, data: object, *, plain: bool | None = None) -> EventData:
+    """Validate the ``data`` of an event of ``event_type``; raise UnknownType or InvalidEvent.
+
+    ``plain``: ``is_plain(data)`` if the caller already knows it.
+    """
     if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         raise UnknownType([("type", f"unknown event type {event_type!r}; known: {', '.join(EVENT_TYPES)}")])
     if not isinstance(data, dict):
         raise InvalidEvent([("data", f"must be a JSON object, not {type(data).__name__}")])
-    numbers = [(f"data.{path}", reason) for path, reason in unsafe_numbers(data)]
-    if numbers:
-        raise InvalidEvent(numbers)
+    if not (plain if plain is not None else is_plain(data)):
+        numbers = [(f"data.{path}", reason) for path, reason in unsafe_numbers(data)]
+        if numbers:
+            raise InvalidEvent(numbers)
     try:
         return _DATA_ADAPTERS[event_type].validate_python(data)  # type: ignore[no-any-return]
     except ValidationError as e:
@@ -274,9 +278,10 @@ def parse_event(value: bytes | str | dict[str, Any], *, verify_hash: bool = True
     HashMismatch; all are ``PermanentError``.
     """
     raw = value if isinstance(value, dict) else decode_json(value)
-    data = validate_data(raw.get("type"), raw.get("data"))
+    plain = is_plain(raw)  # one walk serves the number checks and the hash
+    data = validate_data(raw.get("type"), raw.get("data"), plain=plain or None)
     envelope = {k: v for k, v in raw.items() if k != "data"}
-    problems = list(unsafe_numbers(envelope))
+    problems = [] if plain else list(unsafe_numbers(envelope))
     if problems:
         raise InvalidEvent(problems)
     try:
@@ -284,7 +289,7 @@ def parse_event(value: bytes | str | dict[str, Any], *, verify_hash: bool = True
     except ValidationError as e:
         raise InvalidEvent(_field_errors(e)) from None
     if verify_hash:
-        expected = compute_hash(raw)
+        expected = compute_hash(raw, plain=plain)
         if expected != event.hash:
             raise HashMismatch(expected, event.hash)
     return event

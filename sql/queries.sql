@@ -1,5 +1,14 @@
 -- Named queries of the projection store. Each starts with "-- name: <name>"; all take $n parameters.
 
+-- name: apply_lock
+SELECT pg_advisory_xact_lock_shared(hashtext('runledger.apply:' || current_schema()));
+
+-- name: switch_lock
+SELECT pg_advisory_xact_lock(hashtext('runledger.apply:' || $1));
+
+-- name: notify_projected
+SELECT pg_notify('runledger_projected', current_schema());
+
 -- name: load_heads
 SELECT stream_id, seq, hash FROM stream_heads WHERE stream_id = ANY($1::text[]) FOR UPDATE;
 
@@ -89,3 +98,47 @@ ON CONFLICT (version) DO NOTHING;
 -- name: insert_price
 INSERT INTO model_prices (version, model, provider, input_usd_per_token, output_usd_per_token, cached_usd_per_token)
 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING;
+
+-- name: event_status
+-- Everything known about one (stream, seq): its projection, rejections, parking, and the stream head.
+SELECT 'projected' AS status, event_id::text AS event_id, hash, NULL AS reason, NULL AS error, seq, 0::bigint AS rank
+FROM audit_log WHERE stream_id = $1 AND seq = $2
+UNION ALL
+SELECT 'rejected', event_id, NULL, reason, error, seq, id FROM rejected_events WHERE stream_id = $1 AND seq = $2
+UNION ALL
+SELECT 'parked', event_id::text, NULL, NULL, NULL, seq, 0 FROM parked_events WHERE stream_id = $1 AND seq = $2
+UNION ALL
+SELECT 'head', NULL, hash, NULL, NULL, seq, 0 FROM stream_heads WHERE stream_id = $1
+ORDER BY rank DESC;
+
+-- Summaries of one demo run: $1 is the run tag, which every stream id of the run starts with, then ':'.
+
+-- name: run_progress
+SELECT coalesce(sum(seq), 0)::bigint AS projected,
+       (SELECT count(*) FROM rejected_events WHERE left(stream_id, length($1) + 1) = $1 || ':') AS rejected
+FROM stream_heads WHERE left(stream_id, length($1) + 1) = $1 || ':';
+
+-- name: run_by_status
+SELECT status, count(*) AS executions FROM executions
+WHERE left(stream_id, length($1) + 1) = $1 || ':' GROUP BY status ORDER BY count(*) DESC, status;
+
+-- name: run_by_model
+SELECT provider, model, count(*) AS calls, sum(input_tokens)::bigint AS input_tokens,
+       sum(output_tokens)::bigint AS output_tokens, coalesce(sum(cost_usd), 0) AS cost_usd,
+       count(*) FILTER (WHERE cost_source = 'catalog') AS from_catalog,
+       count(*) FILTER (WHERE cost_source = 'unpriced') AS unpriced
+FROM costs WHERE left(stream_id, length($1) + 1) = $1 || ':'
+GROUP BY provider, model ORDER BY coalesce(sum(cost_usd), 0) DESC, provider, model;
+
+-- name: run_by_workflow
+SELECT workflow, count(*) AS executions, sum(cost_usd) AS cost_usd, sum(unpriced_costs)::bigint AS unpriced,
+       count(*) FILTER (WHERE status = 'completed') AS completed
+FROM executions WHERE left(stream_id, length($1) + 1) = $1 || ':'
+GROUP BY workflow ORDER BY sum(cost_usd) DESC, workflow;
+
+-- name: run_top_executions
+SELECT stream_id, workflow, status, cost_usd, budget_usd, unpriced_costs, duration_ms FROM executions
+WHERE left(stream_id, length($1) + 1) = $1 || ':' ORDER BY cost_usd DESC, stream_id LIMIT $2;
+
+-- name: run_audit_events
+SELECT raw FROM audit_log WHERE left(stream_id, length($1) + 1) = $1 || ':' ORDER BY stream_id, seq;

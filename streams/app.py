@@ -10,8 +10,6 @@ cores; batches through a channel keep the agent thin and the path fast.
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +17,10 @@ import faust
 
 from projections.pricing import load_tokencost_catalog
 from projections.store import BatchResult, LogRecord, ProjectionStore, connect, migrate
-from schemas.errors import RunledgerError
 from streams.consumer import BatchConsumer
 from streams.settings import Settings
 
 __all__ = ["create_app"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +38,12 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         topic_replication_factor=1,
         topic_allow_declare=True,
+        # Tansu holds a new join for half the session timeout; Faust's 60 s default
+        # would keep a starting worker idle for 30 s.
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=2.0,
+        broker_rebalance_timeout=10.0,
+        datadir=str(settings.state_dir / "faust"),
     )
     channel = app.channel()
     state: dict[str, Any] = {}
@@ -50,7 +51,10 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(channel)
     async def project(works: Any) -> None:
         async for work in works:
-            work.done.set_result(await _apply_until_done(state["store"], work.records))
+            try:
+                work.done.set_result(await state["store"].apply_until_done(work.records))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer task, which must not wait forever
+                work.done.set_exception(e)
 
     async def send(records: list[LogRecord]) -> BatchResult:
         work = _Work(records)
@@ -72,17 +76,3 @@ def create_app(settings: Settings) -> faust.App:
             await pool.close()
 
     return app
-
-
-async def _apply_until_done(store: ProjectionStore, records: list[LogRecord]) -> BatchResult:
-    """Transient failures (database down, deadlock) are retried with backoff; nothing is skipped."""
-    pause = 0.1
-    while True:
-        try:
-            return await store.apply_batch(records)
-        except RunledgerError as e:
-            if not e.transient:
-                raise
-            log.warning("batch of %d records not applied (%s); retrying in %.1f s", len(records), e, pause)
-            await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter
-            pause = min(pause * 2, 5.0)

@@ -1,7 +1,8 @@
 """The ``runledger`` command line: one subcommand per job, ``--json`` wherever a script may read.
 
-Exit status: 0 done; 1 done, but some input was invalid (``hash``); 2 bad input
-or usage, nothing was done; 3 a service failed (transient: try again).
+Exit status: 0 done; 1 done, but some input was invalid (``hash``) or an event
+was rejected (``wait``); 2 bad input or usage, nothing was done; 3 a service
+failed (transient: try again); 4 timed out (``wait``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from schemas.chain import compute_hash, canonical
 from schemas.errors import RunledgerError
 from schemas.events import decode_json, parse_event
 from streams import devstack
-from streams.producer import EventProducer, NewEvent, check_new_events
+from streams.producer import Appended, NewEvent, append_many, check_new_events
 from streams.settings import Settings
 
 __all__ = ["main"]
 
-EXIT_INVALID, EXIT_USAGE, EXIT_TRANSIENT = 1, 2, 3
+EXIT_INVALID, EXIT_USAGE, EXIT_TRANSIENT, EXIT_TIMEOUT = 1, 2, 3, 4
 
 
 class InputError(RunledgerError):
@@ -124,48 +125,16 @@ def read_produce_input(lines: Iterator[tuple[int, str]]) -> list[tuple[str, NewE
     return out
 
 
-def _batches(events: list[NewEvent], size: int = 1000) -> Iterator[list[NewEvent]]:
-    """Consecutive batches of at most ``size``; a repeated idempotency key starts a new batch,
-    so that the repeat is answered as a duplicate of the first."""
-    batch: list[NewEvent] = []
-    keys: set[str] = set()
-    for event in events:
-        if len(batch) >= size or (event.idempotency_key is not None and event.idempotency_key in keys):
-            yield batch
-            batch, keys = [], set()
-        batch.append(event)
-        if event.idempotency_key is not None:
-            keys.add(event.idempotency_key)
-    if batch:
-        yield batch
-
-
-async def produce(settings: Settings, items: Sequence[tuple[str, NewEvent]], *, json_lines: bool = False,
-                  progress: bool = True, concurrency: int = 16) -> int:
-    """Append ``items`` (stream id, event) in input order per stream, streams concurrently."""
-    by_stream: dict[str, list[NewEvent]] = {}
-    for stream_id, event in items:
-        by_stream.setdefault(stream_id, []).append(event)
-    gate = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(items), unit="ev", desc="appending", disable=None if progress else True, file=sys.stderr)
-    async with EventProducer(settings) as producer:
-        async def one(stream_id: str, events: list[NewEvent]) -> None:
-            async with gate:
-                for batch in _batches(events):
-                    for appended in await producer.append_batch(stream_id, batch):
-                        if json_lines:
-                            _emit({"stream": stream_id, "seq": appended.seq, "id": appended.id,
-                                   "hash": appended.hash, "duplicate": appended.duplicate})
-                    bar.update(len(batch))
-        await asyncio.gather(*(one(s, e) for s, e in by_stream.items()))
-    bar.close()
-    return len(by_stream)
-
-
 def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     items = read_produce_input(_lines(args.file))
     started = time.monotonic()
-    streams = asyncio.run(produce(settings, items, json_lines=args.json, progress=not args.quiet))
+
+    def show(appended: Appended) -> None:
+        _emit({"stream": appended.stream_id, "seq": appended.seq, "id": appended.id, "hash": appended.hash,
+               "duplicate": appended.duplicate})
+
+    streams = asyncio.run(append_many(settings, items, on_appended=show if args.json else None,
+                                      progress=not args.quiet))
     elapsed = time.monotonic() - started
     print(f"appended {len(items)} events to {streams} streams in {elapsed:.2f} s "
           f"({len(items) / max(elapsed, 1e-9):,.0f} events/s) on topic {settings.events_topic}", file=sys.stderr)
@@ -191,27 +160,64 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# wait -----------------------------------------------------------------------------------------
+
+def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
+    from projections.wait import wait_projected
+
+    result = asyncio.run(wait_projected(settings.database_url, settings.db_schema, args.stream, args.seq,
+                                        event_id=args.id, timeout=args.timeout))
+    if args.json:
+        _emit(result.as_dict())
+    elif result.status == "projected":
+        print(f"projected: {result.stream_id} seq {result.seq} (event {result.event_id}, hash {result.hash}) "
+              f"after {result.waited_s:.3f} s")
+    elif result.status == "rejected":
+        print(f"rejected: {result.stream_id} seq {result.seq} (event {result.event_id}): "
+              f"{result.reason}: {result.error}")
+    else:
+        print(f"timed out after {result.waited_s:.1f} s: {result.stream_id} seq {result.seq} is {result.error}")
+    return {"projected": 0, "rejected": EXIT_INVALID}.get(result.status, EXIT_TIMEOUT)
+
+
+# rebuild --------------------------------------------------------------------------------------
+
+def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.rebuild import rebuild
+
+    bar = tqdm(unit="ev", desc="re-projecting", disable=True if args.json else None, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    report = asyncio.run(rebuild(settings, force=args.force, switch=not args.no_switch, progress=progress))
+    bar.close()
+    if args.json:
+        _emit(report.as_dict())
+    else:
+        print(f"re-projected {report.records:,} records of {settings.events_topic} into {report.rebuilt_schema} "
+              f"in {report.seconds:.1f} s\n")
+        print(f"{'table':<14}{'live rows':>11}{'rebuilt rows':>14}  {'live md5':<34}{'rebuilt md5':<34}")
+        for table, ((live_rows, live_md5), (new_rows, new_md5)) in report.checksums.items():
+            mark = "equal" if (live_rows, live_md5) == (new_rows, new_md5) else "DIFFERENT"
+            print(f"{table:<14}{live_rows:>11,}{new_rows:>14,}  {live_md5:<34}{new_md5:<34}{mark}")
+        if report.switched:
+            print(f"\nswitched: {report.live_schema} now holds the rebuilt tables; the previous ones are kept in "
+                  f"{report.retired_schema} (DROP SCHEMA {report.retired_schema} CASCADE when no longer needed)")
+        else:
+            why = "as asked (--no-switch)" if args.no_switch else "because the tables differ (--force to switch)"
+            print(f"\nnot switched {why}: the rebuilt tables are in {report.rebuilt_schema}")
+    return 0 if report.switched or (args.no_switch and report.equal) else EXIT_INVALID
+
+
 # demo (the main job) ----------------------------------------------------------------------------
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.fleet import simulate_fleet
+    from streams.demo import run_demo
 
-    for service in devstack.up(settings):
-        print(f"{service.name:<9} {service.state:<8} {service.url}")
-    run_tag = f"demo-{int(time.time())}"
-    fleet = simulate_fleet(args.executions, seed=args.seed, run_tag=run_tag)
-    items = [(run.stream_id, event) for run in fleet for event in run.events]
-    started = time.monotonic()
-    asyncio.run(produce(settings, items))
-    elapsed = time.monotonic() - started
-    outcomes: dict[str, int] = {}
-    for run in fleet:
-        outcomes[run.outcome] = outcomes.get(run.outcome, 0) + 1
-    print(f"\nsimulated fleet {run_tag}: {len(fleet)} executions, {len(items)} events "
-          f"appended to {settings.events_topic} in {elapsed:.2f} s ({len(items) / max(elapsed, 1e-9):,.0f} events/s)")
-    for outcome, count in sorted(outcomes.items(), key=lambda kv: -kv[1]):
-        print(f"  {outcome:<10} {count:>5}")
-    return 0
+    summary = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout)
+    return EXIT_INVALID if summary.broken_chains else 0
 
 
 # wiring ---------------------------------------------------------------------------------------
@@ -268,11 +274,43 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(func=_cmd_worker)
 
-    demo = sub.add_parser("demo", help="the main job: start the embedded stack and run a simulated fleet",
-                          description="Starts the embedded stack and appends the events of a simulated "
-                          "fleet of agents, then prints what it did.")
+    wait = sub.add_parser("wait", help="wait until an event is projected (read-your-writes)",
+                          description="Returns once event SEQ of STREAM is projected into the tables, or says why "
+                          "it is not: rejected (with the reason) or timed out (with what it waits for). Exit "
+                          "status 0 projected, 1 rejected, 4 timed out, 3 PostgreSQL unreachable.")
+    wait.add_argument("stream", help="the stream id (the event's subject)")
+    wait.add_argument("seq", type=int, help="the event's seq")
+    wait.add_argument("--id", help="the event id: only this event counts (another event at the same seq "
+                      "does not end the wait)")
+    wait.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds (default 30)")
+    wait.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    wait.set_defaults(func=_cmd_wait)
+
+    rebuild = sub.add_parser(
+        "rebuild", help="re-project the whole log into new tables, compare, and switch over",
+        description="Re-projects the log from offset 0 into a new schema <schema>_rebuild_<time> while the live "
+        "tables keep serving, follows the live workers until caught up, then, with the workers paused between "
+        "two batches, compares a checksum per table and, if all are equal, switches: the live schema is renamed "
+        "<schema>_retired_<time> (kept) and the rebuilt one takes its name. Workers continue in the rebuilt "
+        "tables without a restart. Exit status 0 switched (or equal, with --no-switch), 1 tables differ.")
+    rebuild.add_argument("--no-switch", action="store_true", help="build and compare only; keep the rebuilt schema")
+    rebuild.add_argument("--force", action="store_true",
+                         help="switch even if tables differ (after a deliberate change of the projection rules)")
+    rebuild.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress bar")
+    rebuild.set_defaults(func=_cmd_rebuild)
+
+    demo = sub.add_parser("demo", help="the main job: the embedded stack, a worker and a simulated fleet, end to end",
+                          description="Starts the embedded stack (if not running) and a projection worker, appends "
+                          "the events of a simulated fleet of agents (several workflows, retries, failures, "
+                          "cancellations, timeouts, costs over several models, some unpriced), waits until "
+                          "every event is projected, then prints executions by status, spend by model and by "
+                          "workflow, the most expensive executions, and how many chains were checked intact. "
+                          "The stack keeps running afterwards (`runledger dev down` stops it). Exit status 1 "
+                          "if a chain is broken.")
     demo.add_argument("--executions", type=int, default=300, help="how many executions (default 300)")
     demo.add_argument("--seed", type=int, default=7, help="random seed of the simulation (default 7)")
+    demo.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                      help="give up if not all is projected after S seconds (default 300)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -46,7 +46,8 @@ class BatchConsumer:
         self._store, self._project, self._max_records = store, project, max_records
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024)
+            auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=6000, heartbeat_interval_ms=2000)
         self.assigned: set[int] = set()
 
     async def run(self) -> None:

@@ -9,8 +9,10 @@ or reuse a ``seq``.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,15 +23,17 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
+from tqdm import tqdm
 
-from schemas.chain import compute_hash
+from projections.wait import WaitResult, wait_projected
+from schemas.chain import Head, compute_hash
 from schemas.errors import InvalidEvent, PermanentError, TransientError
 from schemas.events import format_time, parse_event, validate_data, validate_stream_id
 from streams.heads import AppendRef, StagedBatch, StreamHeads
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
-__all__ = ["AppendConflict", "Appended", "EventProducer", "NewEvent", "PublishFailed"]
+__all__ = ["AppendConflict", "Appended", "EventProducer", "NewEvent", "PublishFailed", "append_many", "build_events"]
 
 CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
 _CHUNK_BYTES = 512 * 1024
@@ -173,7 +177,7 @@ class EventProducer:
             fresh = [e for e in events if e.idempotency_key not in known]
             if fresh and expected_seq is not None and expected_seq != head.seq:
                 raise AppendConflict(stream_id, expected_seq, head.seq)
-            batch = self._build(stream_id, head.seq, head.hash, fresh)
+            batch = build_events(self._settings.producer_source, stream_id, head, fresh)
             if batch.refs:
                 await self._heads.stage(stream_id, token, batch)
                 await self._publish(stream_id, batch)
@@ -191,28 +195,11 @@ class EventProducer:
                 out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, value=value))
         return out
 
-    def _build(self, stream_id: str, seq: int, prevhash: str, events: Sequence[NewEvent]) -> StagedBatch:
-        values, refs = [], []
-        now = format_time(datetime.now(UTC))
-        for event in events:
-            seq += 1
-            raw: dict[str, Any] = {
-                "specversion": "1.0",
-                "id": str(uuid.uuid4()),
-                "source": self._settings.producer_source,
-                "type": event.type,
-                "subject": stream_id,
-                "time": format_time(event.time) if event.time else now,
-                "datacontenttype": "application/json",
-                "seq": seq,
-                "prevhash": prevhash,
-                "data": _wire_data(event.data),
-            }
-            raw["hash"] = prevhash = compute_hash(raw)
-            parse_event(raw, verify_hash=False)  # what a worker would refuse is never published
-            values.append(orjson.dumps(raw))
-            refs.append(AppendRef(seq, raw["id"], prevhash))
-        return StagedBatch(uuid.uuid4().hex, values, refs, [e.idempotency_key for e in events])
+    async def wait_projected(self, appended: Appended, *, timeout: float = 30.0) -> WaitResult:
+        """Read-your-writes: return once ``appended`` is projected (``status`` "projected"), rejected
+        (``reason`` says why), or ``timeout`` seconds have passed (``status`` "timeout")."""
+        return await wait_projected(self._settings.database_url, self._settings.db_schema, appended.stream_id,
+                                    appended.seq, event_id=appended.id, timeout=timeout)
 
     async def _publish(self, stream_id: str, batch: StagedBatch) -> None:
         """Send in order and wait for every acknowledgement, chunk by chunk."""
@@ -233,3 +220,68 @@ class EventProducer:
         except KafkaError as e:
             raise PublishFailed(f"stream {stream_id!r}: publishing seq {batch.refs[0].seq}.."
                                 f"{batch.refs[-1].seq} failed: {e}") from e
+
+
+def build_events(source: str, stream_id: str, head: Head, events: Sequence[NewEvent]) -> StagedBatch:
+    """Chain ``events`` after ``head``: assign seq, prevhash, id and hash; validate each as a worker would."""
+    values, refs = [], []
+    seq, prevhash = head.seq, head.hash
+    now = format_time(datetime.now(UTC))
+    for event in events:
+        seq += 1
+        raw: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "source": source,
+            "type": event.type,
+            "subject": stream_id,
+            "time": format_time(event.time) if event.time else now,
+            "datacontenttype": "application/json",
+            "seq": seq,
+            "prevhash": prevhash,
+            "data": _wire_data(event.data),
+        }
+        raw["hash"] = prevhash = compute_hash(raw)
+        parse_event(raw, verify_hash=False)  # what a worker would refuse is never published
+        values.append(orjson.dumps(raw))
+        refs.append(AppendRef(seq, raw["id"], prevhash))
+    return StagedBatch(uuid.uuid4().hex, values, refs, [e.idempotency_key for e in events])
+
+
+def _batches(events: list[NewEvent], size: int = 1000) -> Iterator[list[NewEvent]]:
+    """Consecutive batches of at most ``size``; a repeated idempotency key starts a new batch,
+    so that the repeat is answered as a duplicate of the first."""
+    batch: list[NewEvent] = []
+    keys: set[str] = set()
+    for event in events:
+        if len(batch) >= size or (event.idempotency_key is not None and event.idempotency_key in keys):
+            yield batch
+            batch, keys = [], set()
+        batch.append(event)
+        if event.idempotency_key is not None:
+            keys.add(event.idempotency_key)
+    if batch:
+        yield batch
+
+
+async def append_many(settings: Settings, items: Sequence[tuple[str, NewEvent]], *,
+                      on_appended: Callable[[Appended], None] | None = None, progress: bool = True,
+                      concurrency: int = 16) -> int:
+    """Append ``items`` (stream id, event) in order per stream, streams concurrently, with a progress
+    bar on stderr. Returns the number of streams."""
+    by_stream: dict[str, list[NewEvent]] = {}
+    for stream_id, event in items:
+        by_stream.setdefault(stream_id, []).append(event)
+    gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(items), unit="ev", desc="appending", disable=None if progress else True, file=sys.stderr)
+    async with EventProducer(settings) as producer:
+        async def one(stream_id: str, events: list[NewEvent]) -> None:
+            async with gate:
+                for batch in _batches(events):
+                    for appended in await producer.append_batch(stream_id, batch):
+                        if on_appended is not None:
+                            on_appended(appended)
+                    bar.update(len(batch))
+        await asyncio.gather(*(one(s, e) for s, e in by_stream.items()))
+    bar.close()
+    return len(by_stream)
