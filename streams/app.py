@@ -19,6 +19,7 @@ from projections.pricing import load_tokencost_catalog
 from projections.store import BatchResult, LogRecord, ProjectionStore, connect, migrate
 from streams.consumer import BatchConsumer
 from streams.settings import Settings
+from streams.topics import ensure_topics
 
 __all__ = ["create_app"]
 
@@ -64,6 +65,9 @@ def create_app(settings: Settings) -> faust.App:
     @app.task
     async def consume() -> None:
         await migrate(settings.database_url, settings.db_schema)
+        # A worker may start before any producer: with no topic to subscribe to, it would idle
+        # until the next metadata refresh (minutes).
+        await ensure_topics(settings.kafka_bootstrap_servers, {settings.events_topic: settings.event_partitions})
         pool = await connect(settings.database_url, settings.db_schema)
         catalog = load_tokencost_catalog()
         await ProjectionStore.save_catalog(pool, catalog)
