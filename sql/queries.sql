@@ -142,3 +142,7 @@ WHERE left(stream_id, length($1) + 1) = $1 || ':' ORDER BY cost_usd DESC, stream
 
 -- name: run_audit_events
 SELECT raw FROM audit_log WHERE left(stream_id, length($1) + 1) = $1 || ':' ORDER BY stream_id, seq;
+
+-- name: bench_create_raw
+-- `runledger bench` baseline: raw records, no processing.
+CREATE TABLE bench_raw (topic text, partition integer, kafka_offset bigint, key bytea, value bytea);

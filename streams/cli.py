@@ -211,6 +211,24 @@ def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.switched or (args.no_switch and report.equal) else EXIT_INVALID
 
 
+# bench ----------------------------------------------------------------------------------------
+
+def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.bench import run_bench
+
+    results = asyncio.run(run_bench(settings, args.events, worker=not args.no_worker,
+                                    progress=lambda text: print(text, file=sys.stderr)))
+    baseline = next(m.rate for m in results if m.name.startswith("baseline"))
+    for m in results:
+        if args.json:
+            _emit({"name": m.name, "events": m.events, "seconds": round(m.seconds, 3),
+                   "events_per_s": round(m.rate), "vs_baseline": round(m.rate / baseline, 3)})
+        else:
+            print(f"{m.name:<38}{m.events:>9,} events {m.seconds:>8.2f} s {m.rate:>10,.0f} events/s "
+                  f"{m.rate / baseline:>7.1%} of baseline")
+    return 0
+
+
 # demo (the main job) ----------------------------------------------------------------------------
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -298,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="switch even if tables differ (after a deliberate change of the projection rules)")
     rebuild.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress bar")
     rebuild.set_defaults(func=_cmd_rebuild)
+
+    bench = sub.add_parser("bench", help="measure projection throughput against plain aiokafka + COPY",
+                           description="Publishes about N simulated events to a fresh topic, then measures: a "
+                           "plain aiokafka consumer COPYing raw records into PostgreSQL (the baseline), the same "
+                           "loop through runledger's batch projection, and a real `runledger worker` process "
+                           "(from its first projected event to its last). Uses the running stack; cleans up "
+                           "its schemas.")
+    bench.add_argument("--events", type=int, default=100_000, help="about how many events (default 100000)")
+    bench.add_argument("--no-worker", action="store_true", help="skip the worker process measurement")
+    bench.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="the main job: the embedded stack, a worker and a simulated fleet, end to end",
                           description="Starts the embedded stack (if not running) and a projection worker, appends "
