@@ -79,10 +79,12 @@ def _locked_state(settings: Settings) -> Iterator[dict[str, Any]]:
     with open(state_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = json.loads(path.read_text()) if path.exists() else {}
-        yield state
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(path)
+        try:
+            yield state
+        finally:  # also when a later service fails to start: what did start is recorded, so `down` stops it
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=2))
+            tmp.replace(path)
 
 
 def _alive(record: dict[str, Any] | None) -> bool:
