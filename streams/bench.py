@@ -31,6 +31,7 @@ from projections.pricing import load_tokencost_catalog
 from projections.sql import query, quote_schema
 from projections.store import LogRecord, ProjectionStore, connect, migrate
 from schemas.chain import Head
+from schemas.errors import TransientError
 from streams.fleet import simulate_fleet
 from streams.producer import build_events
 from streams.settings import Settings
@@ -131,9 +132,11 @@ async def _worker(settings: Settings, total: int, timeout: float) -> Measurement
     try:
         deadline, first, projected = time.monotonic() + timeout, None, 0
         while projected < total:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker: {projected} of {total} projected; "
-                                   f"{(worker.stderr.read() if worker.poll() is not None and worker.stderr else b'').decode()}")
+            if worker.poll() is not None:
+                stderr = worker.stderr.read().decode(errors="replace") if worker.stderr else ""
+                raise TransientError(f"the worker exited after projecting {projected} of {total}: {stderr}")
+            if time.monotonic() > deadline:
+                raise TransientError(f"the worker projected {projected} of {total} in {timeout:.0f} s")
             try:
                 projected = await conn.fetchval(count)
             except asyncpg.UndefinedTableError:

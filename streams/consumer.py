@@ -7,7 +7,6 @@ Kafka group commit that follows is only for lag monitoring.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 

@@ -83,7 +83,6 @@ class _Follower:
         self._consumer, self._store, self._topic, self._progress = consumer, store, topic, progress
         self.positions: dict[int, int] = {}
         self.applied = 0
-        self._started_at = 0
 
     async def start(self) -> None:
         partitions = self._consumer.partitions_for_topic(self._topic) or set()
