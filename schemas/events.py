@@ -281,7 +281,10 @@ def parse_event(value: bytes | str | dict[str, Any], *, verify_hash: bool = True
     HashMismatch; all are ``PermanentError``.
     """
     raw = value if isinstance(value, dict) else decode_json(value)
-    plain = is_plain(raw)  # one walk serves the number checks and the hash
+    try:
+        plain = is_plain(raw)  # one walk serves the number checks and the hash
+    except RecursionError:
+        raise InvalidEvent([("data", "nested too deeply")]) from None
     data = validate_data(raw.get("type"), raw.get("data"), plain=plain or None)
     envelope = {k: v for k, v in raw.items() if k != "data"}
     problems = [] if plain else list(unsafe_numbers(envelope))

@@ -127,3 +127,11 @@ def test_format_time_is_utc_with_milliseconds() -> None:
     assert format_time(moment) == "2026-11-22T10:00:00.125Z"
     with pytest.raises(ValueError, match="timezone-aware"):
         format_time(datetime(2026, 11, 22))  # noqa: DTZ001 - the point of the test
+
+
+def test_deeply_nested_data_is_an_invalid_event_not_a_crash() -> None:
+    deep: object = 1
+    for _ in range(900):
+        deep = [deep]
+    with pytest.raises(InvalidEvent, match="nested too deeply"):
+        parse_event({**VECTOR_EVENTS[0], "data": {"workflow": "w", "input": {"x": deep}}})
