@@ -27,7 +27,7 @@ from schemas.chain import Head, link_error
 from schemas.errors import ChainBroken, PermanentError, SeqConflict, TransientError
 from schemas.events import Event, decode_json, parse_event
 
-__all__ = ["NOTIFY_CHANNEL", "BatchResult", "LogRecord", "ProjectionStore", "StoreUnavailable", "connect", "migrate"]
+__all__ = ["NOTIFY_CHANNEL", "BatchResult", "LogRecord", "ProjectionStore", "StoreUnavailable", "connect", "connect_one", "migrate"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ async def connect(database_url: str, schema: str, *, role: str | None = WORKER_R
         return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size,
                                          init=_init_connection, server_settings=server_settings)
     except _TRANSIENT_PG as e:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+
+
+async def connect_one(database_url: str, schema: str) -> asyncpg.Connection:
+    """One connection on ``schema`` as the connecting user (the owner): for reads, waits and admin work."""
+    try:
+        return await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
+    except (OSError, asyncpg.PostgresError) as e:
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
 
 

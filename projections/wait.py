@@ -15,8 +15,8 @@ from typing import Any
 
 import asyncpg
 
-from projections.sql import query, quote_schema
-from projections.store import NOTIFY_CHANNEL, StoreUnavailable
+from projections.sql import query
+from projections.store import NOTIFY_CHANNEL, StoreUnavailable, connect_one
 
 __all__ = ["WaitResult", "wait_projected"]
 
@@ -62,10 +62,7 @@ async def wait_projected(database_url: str, schema: str, stream_id: str, seq: in
             raise ValueError(f"id: {event_id!r} is not a UUID") from None
     started = time.monotonic()
     deadline = started + max(timeout, 0.0)
-    try:
-        conn = await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
-    except (OSError, asyncpg.PostgresError) as e:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+    conn = await connect_one(database_url, schema)
     woken = asyncio.Event()
     try:
         await conn.add_listener(NOTIFY_CHANNEL, lambda *_: woken.set())

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from projections.pricing import load_tokencost_catalog
 from projections.sql import query, quote_schema
-from projections.store import LogRecord, ProjectionStore, connect, migrate
+from projections.store import LogRecord, ProjectionStore, connect, connect_one, migrate
 from schemas.chain import Head
 from schemas.errors import TransientError
 from streams.fleet import simulate_fleet
@@ -94,7 +94,7 @@ async def _consume_all(settings: Settings, total: int, handle: Callable[[list[Lo
 
 
 async def _baseline(settings: Settings, schema: str, total: int) -> Measurement:
-    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": quote_schema(schema)})
+    conn = await connect_one(settings.database_url, schema)
     try:
         await conn.execute(query("bench_create_raw"))
 

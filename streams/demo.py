@@ -22,8 +22,8 @@ import asyncpg
 from tqdm import tqdm
 
 from projections.report import RunSummary, summarize
-from projections.sql import query, quote_schema
-from projections.store import migrate
+from projections.sql import query
+from projections.store import connect_one, migrate
 from schemas.errors import PermanentError, TransientError
 from streams import devstack
 from streams.fleet import Execution, simulate_fleet
@@ -73,10 +73,8 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-async def _wait_projected(settings: Settings, run_tag: str, total: int, worker: _Worker, *, timeout: float,
-                          progress: bool) -> None:
-    conn = await asyncpg.connect(settings.database_url,
-                                 server_settings={"search_path": quote_schema(settings.db_schema)})
+async def _wait_projected(conn: asyncpg.Connection, settings: Settings, run_tag: str, total: int,
+                          worker: _Worker, *, timeout: float, progress: bool) -> None:
     bar = tqdm(total=total, unit="ev", desc="projecting", disable=None if progress else True, file=sys.stderr)
     deadline = time.monotonic() + timeout
     try:
@@ -95,7 +93,6 @@ async def _wait_projected(settings: Settings, run_tag: str, total: int, worker: 
             await asyncio.sleep(0.2)
     finally:
         bar.close()
-        await conn.close()
 
 
 async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker: _Worker, *, timeout: float,
@@ -104,14 +101,13 @@ async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker:
     started = time.monotonic()
     await append_many(settings, [(run.stream_id, e) for run in fleet for e in run.events], progress=progress)
     appended = time.monotonic() - started
-    await _wait_projected(settings, run_tag, total, worker, timeout=timeout, progress=progress)
-    projected = time.monotonic() - started
-    print(f"\nrun {run_tag}: {len(fleet)} executions, {total:,} events appended to {settings.events_topic} in "
-          f"{appended:.1f} s, all projected into schema {settings.db_schema} {projected:.1f} s after the first "
-          f"append", file=out)
-    conn = await asyncpg.connect(settings.database_url,
-                                 server_settings={"search_path": quote_schema(settings.db_schema)})
+    conn = await connect_one(settings.database_url, settings.db_schema)
     try:
+        await _wait_projected(conn, settings, run_tag, total, worker, timeout=timeout, progress=progress)
+        projected = time.monotonic() - started
+        print(f"\nrun {run_tag}: {len(fleet)} executions, {total:,} events appended to {settings.events_topic} "
+              f"in {appended:.1f} s, all projected into schema {settings.db_schema} {projected:.1f} s after the "
+              f"first append", file=out)
         return await summarize(conn, run_tag)
     finally:
         await conn.close()

@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from projections.checksum import table_checksums
 from projections.pricing import load_tokencost_catalog
 from projections.sql import query, quote_schema
-from projections.store import LogRecord, ProjectionStore, StoreUnavailable, connect, migrate
+from projections.store import LogRecord, ProjectionStore, connect, connect_one, migrate
 from schemas.errors import PermanentError, TransientError
 from streams.settings import Settings
 
@@ -146,10 +146,7 @@ async def rebuild(settings: Settings, *, force: bool = False, switch: bool = Tru
     for name in (rebuilt, retired):
         quote_schema(name)  # a name too long for PostgreSQL fails here, before any work
     started = time.monotonic()
-    try:
-        owner = await asyncpg.connect(settings.database_url, server_settings={"search_path": quote_schema(live)})
-    except (OSError, asyncpg.PostgresError) as e:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+    owner = await connect_one(settings.database_url, live)
     try:
         if not await owner.fetchval("SELECT to_regclass('consumer_offsets') IS NOT NULL"):
             raise RebuildFailed(f"schema {live} has no projection tables to rebuild; run a worker or "
