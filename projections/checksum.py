@@ -8,13 +8,15 @@ from projections.sql import quote_schema
 
 __all__ = ["TABLE_KEYS", "table_checksums"]
 
-# Table -> (ordering key, columns left out: when a row was written, and where a copy was read from).
+# Table -> (ordering key, columns left out: when, in which order and after how many deliveries a row was
+# written, and where a copy was read from).
 TABLE_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "executions": ("stream_id", ("updated_at",)),
     "steps": ("stream_id, step_id", ()),
     "costs": ("event_id", ()),
     "artifacts": ("stream_id, artifact_id", ()),
-    "audit_log": ("event_id", ("recorded_at", "kafka_topic", "kafka_partition", "kafka_offset")),
+    "audit_log": ("event_id", ("recorded_at", "kafka_topic", "kafka_partition", "kafka_offset", "attempts",
+                               "applied_order")),
     "stream_heads": ("stream_id", ("updated_at",)),
 }
 

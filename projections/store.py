@@ -2,8 +2,15 @@
 
 ``ProjectionStore.apply_batch`` runs the rules of ``projections.rules`` over a
 batch of log records and writes, in one transaction, the projection rows, the
-audit rows, the stream heads and the Kafka offsets, so that a batch is applied
-entirely or not at all, and applying it again changes nothing.
+audit rows, the stream heads, the dead letters and the Kafka offsets, so that a
+batch is applied entirely or not at all, and applying it again changes nothing.
+
+Every record ends in one outcome (SPEC.md section 6): projected, duplicate,
+parked behind a dead-lettered predecessor, dead-lettered (a permanent failure,
+or retries exhausted), or handed back for retry (its predecessor is not
+projected yet). Records that leave the batch are given to a ``Forward``
+callback inside the transaction, so they are safe in Kafka before the offsets
+that pass them are committed.
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ import asyncio
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -24,10 +32,19 @@ from projections.pricing import ModelPrice, PriceCatalog
 from projections.rules import ExecutionState, Projected, StepState, apply
 from projections.sql import migrations, query, quote_schema
 from schemas.chain import Head, link_error
-from schemas.errors import ChainBroken, PermanentError, SeqConflict, TransientError
+from schemas.errors import (
+    ChainBroken,
+    PermanentError,
+    PredecessorMissing,
+    RetriesExhausted,
+    RunledgerError,
+    SeqConflict,
+    TransientError,
+)
 from schemas.events import Event, decode_json, parse_event
 
-__all__ = ["NOTIFY_CHANNEL", "BatchResult", "LogRecord", "ProjectionStore", "StoreUnavailable", "connect", "connect_one", "migrate"]
+__all__ = ["NOTIFY_CHANNEL", "BatchResult", "DeadLetterCopy", "Failure", "Forward", "LogRecord", "ProjectionStore",
+           "StoreConflict", "StoreTimeout", "StoreUnavailable", "connect", "connect_one", "migrate"]
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +53,102 @@ NOTIFY_CHANNEL = "runledger_projected"
 
 
 class StoreUnavailable(TransientError):
-    """PostgreSQL is unreachable, or the transaction hit a deadlock or serialization failure. Retry."""
+    """PostgreSQL is unreachable or went away mid-transaction. Retry."""
 
     code = "database_unavailable"
 
 
+class StoreConflict(StoreUnavailable):
+    """The transaction lost a deadlock or a serialization check against another one. Retry."""
+
+    code = "database_conflict"
+
+
+class StoreTimeout(StoreUnavailable):
+    """PostgreSQL did not answer in time. Retry."""
+
+    code = "database_timeout"
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
-    """One record as read from the log: where it was, and its bytes."""
+    """One record: where it was read from the log, its bytes, and its failed deliveries so far.
+
+    A record from a retry topic keeps its original log position; ``attempts`` counts
+    the deliveries that failed, ``first_failed`` when the first did. A record being
+    replayed from the dead letters carries its letter's ``dead_letter_id``.
+    """
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes
+    attempts: int = 0
+    first_failed: datetime | None = None
+    dead_letter_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A record that leaves the batch unprojected, with what is known of its event."""
+
+    record: LogRecord
+    error: RunledgerError
+    failed_at: datetime
+    stream_id: str | None = None
+    seq: int | None = None
+    event_id: str | None = None
+    event_type: str | None = None
+    dead_letter_id: int | None = None  # set once the letter row exists
+
+    @property
+    def attempts(self) -> int:
+        return self.record.attempts + 1
+
+    @property
+    def first_failed(self) -> datetime:
+        return self.record.first_failed or self.failed_at
+
+
+DeadLetterCopy = tuple[str, int, int]
+"""(topic, partition, offset) of a dead letter's copy in the dead-letter topic."""
+
+Forward = Callable[[list[Failure], list[Failure]], Awaitable[dict[int, DeadLetterCopy]]]
+"""Sends (to retry, dead letters) to Kafka and returns once they are safe there: letter id -> its copy."""
 
 
 @dataclass(slots=True)
 class BatchResult:
-    """What a batch did: counts by outcome, rejections by reason, and the events projected."""
+    """What a batch did: the events projected, counts by outcome, what left it, and rows written per table."""
 
     projected: list[tuple[str, int]] = field(default_factory=list)
     duplicates: int = 0
     parked: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
+    dead: list[Failure] = field(default_factory=list)
+    retry: list[Failure] = field(default_factory=list)
+    rows: Counter[str] = field(default_factory=Counter)
+    cost_usd: Decimal = Decimal(0)
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Dead letters by reason code."""
+        return Counter(f.error.code for f in self.dead)
 
 
 _TRANSIENT_PG = (asyncpg.PostgresConnectionError, asyncpg.SerializationError, asyncpg.DeadlockDetectedError,
                  asyncpg.UniqueViolationError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+                 asyncpg.QueryCanceledError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
                  ConnectionError, OSError, TimeoutError)
+
+
+def _unavailable(e: BaseException, what: str) -> StoreUnavailable:
+    """The transient store error for a PostgreSQL or network failure."""
+    if isinstance(e, asyncpg.SerializationError | asyncpg.DeadlockDetectedError | asyncpg.UniqueViolationError):
+        return StoreConflict(f"{what}: {e}")
+    if isinstance(e, TimeoutError | asyncpg.QueryCanceledError):
+        return StoreTimeout(f"{what}: timed out ({e or type(e).__name__})")
+    return StoreUnavailable(f"{what}: {e or type(e).__name__}")
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -81,10 +165,10 @@ async def connect(database_url: str, schema: str, *, role: str | None = WORKER_R
     if role is not None:
         server_settings["role"] = role
     try:
-        return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size,
-                                         init=_init_connection, server_settings=server_settings)
+        return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
+                                         command_timeout=60, init=_init_connection, server_settings=server_settings)
     except _TRANSIENT_PG as e:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+        raise _unavailable(e, "cannot connect to PostgreSQL") from e
 
 
 async def connect_one(database_url: str, schema: str) -> asyncpg.Connection:
@@ -120,12 +204,17 @@ async def migrate(database_url: str, schema: str) -> list[str]:
 
 
 class ProjectionStore:
-    """Applies batches of log records to the projection tables of one schema."""
+    """Applies batches of log records to the projection tables of one schema.
 
-    def __init__(self, pool: asyncpg.Pool, catalog: PriceCatalog, group_id: str) -> None:
+    ``max_attempts`` is how many deliveries a record gets before a transient failure
+    becomes the dead letter ``retries_exhausted`` (1 + the retry topics' count).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, catalog: PriceCatalog, group_id: str, *, max_attempts: int = 6) -> None:
         self._pool = pool
         self.catalog = catalog
         self._group_id = group_id
+        self.max_attempts = max_attempts
 
     @staticmethod
     async def save_catalog(pool: asyncpg.Pool, catalog: PriceCatalog) -> None:
@@ -137,35 +226,52 @@ class ProjectionStore:
                 for p in catalog.prices.values()])
 
     @staticmethod
-    async def load_catalog(pool: asyncpg.Pool) -> PriceCatalog | None:
+    async def load_catalog(pool: asyncpg.Pool | asyncpg.Connection) -> PriceCatalog | None:
         """The newest catalog version stored, or None."""
-        async with pool.acquire() as conn:
-            version = await conn.fetchval(query("current_catalog"))
-            if version is None:
-                return None
-            rows = await conn.fetch(query("load_prices"), version)
+        version = await pool.fetchval(query("current_catalog"))
+        if version is None:
+            return None
+        rows = await pool.fetch(query("load_prices"), version)
         return PriceCatalog(version, "database", {
             r["model"]: ModelPrice(r["model"], r["provider"], r["input_usd_per_token"], r["output_usd_per_token"],
                                    r["cached_usd_per_token"]) for r in rows})
 
     async def load_offsets(self, topic: str) -> dict[int, int]:
-        async with self._pool.acquire() as conn:
-            return {r["partition"]: r["next_offset"] for r in await conn.fetch(query("load_offsets"),
-                                                                                 self._group_id, topic)}
-
-    async def apply_batch(self, records: Sequence[LogRecord]) -> BatchResult:
-        """Apply ``records`` in one transaction. Raises StoreUnavailable (transient) only."""
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                # Shared: batches run side by side; `runledger rebuild` takes it exclusively to switch over.
-                await conn.execute(query("apply_lock"))
-                result = await _Batch(conn, self.catalog, self._group_id).run(records)
-                if result.projected or result.rejected:
-                    await conn.execute(query("notify_projected"))  # wakes `runledger wait`, on commit
-                return result
+            async with self._pool.acquire() as conn:
+                return {r["partition"]: r["next_offset"]
+                        for r in await conn.fetch(query("load_offsets"), self._group_id, topic)}
         except _TRANSIENT_PG as e:
-            raise StoreUnavailable(f"batch of {len(records)} records not applied: {e}") from e
+            raise _unavailable(e, "cannot read the stored offsets") from e
 
+    async def apply_batch(self, records: Sequence[LogRecord], *, forward: Forward | None = None) -> BatchResult:
+        """Apply ``records`` in one transaction. Raises StoreUnavailable (transient) only.
+
+        With ``forward``, a record whose predecessor is not projected yet is handed
+        back for retry (until ``max_attempts``), and dead letters get a copy in Kafka;
+        without it (rebuilds, replays, tests), such a record is parked instead.
+        """
+        try:
+            async with self._pool.acquire() as conn:
+                return await self.apply_on(conn, records, forward=forward)
+        except _TRANSIENT_PG as e:
+            raise _unavailable(e, f"batch of {len(records)} records not applied") from e
+
+    async def apply_on(self, conn: asyncpg.Connection, records: Sequence[LogRecord], *,
+                       forward: Forward | None = None) -> BatchResult:
+        """``apply_batch`` on ``conn``: its own transaction, or a savepoint inside the caller's."""
+        async with conn.transaction():
+            # Shared: batches run side by side; `runledger rebuild` takes it exclusively to switch over.
+            await conn.execute(query("apply_lock"))
+            batch = _Batch(conn, self.catalog, self._group_id, self.max_attempts, retry_gaps=forward is not None)
+            result = await batch.run(records)
+            if forward is not None and (result.retry or result.dead):
+                copies = await forward(result.retry, result.dead)
+                await conn.executemany(query("set_dead_letter_copy"),
+                                       [(letter, *copy) for letter, copy in copies.items()])
+            if result.projected or result.dead:
+                await conn.execute(query("notify_projected"))  # wakes `runledger wait`, on commit
+            return result
 
     async def apply_until_done(self, records: Sequence[LogRecord]) -> BatchResult:
         """``apply_batch``, retried with backoff while PostgreSQL is unavailable: nothing is skipped."""
@@ -185,10 +291,13 @@ _Item = tuple[Event, LogRecord, dict[str, Any] | None]
 class _Batch:
     """One transaction's work; see ``ProjectionStore.apply_batch``."""
 
-    def __init__(self, conn: asyncpg.Connection, catalog: PriceCatalog, group_id: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, catalog: PriceCatalog, group_id: str, max_attempts: int, *,
+                 retry_gaps: bool) -> None:
         self.conn, self.catalog, self.group_id = conn, catalog, group_id
+        self.max_attempts, self.retry_gaps = max_attempts, retry_gaps
+        self.now = datetime.now(UTC)
         self.result = BatchResult()
-        self.rejects: list[tuple[Any, ...]] = []
+        self.blocked: set[str] = set()  # streams with a dead letter: later events park behind it
         self.parks: list[tuple[Any, ...]] = []
         self.unparks: list[tuple[Any, ...]] = []
         self.audit: list[tuple[Any, ...]] = []
@@ -198,25 +307,37 @@ class _Batch:
         self.step_rows: list[tuple[Any, ...]] = []
         self.head_rows: list[tuple[Any, ...]] = []
 
-    def reject(self, record: LogRecord, error: PermanentError, event: Event | None = None) -> None:
-        self.result.rejected[error.code] += 1
-        self.rejects.append((error.code, str(error), event.subject if event else None, event.seq if event else None,
-                             event.id if event else None, record.topic, record.partition, record.offset,
-                             record.key, record.value))
+    def fail(self, record: LogRecord, error: RunledgerError, event: Event | None = None,
+             raw: Any = None) -> None:
+        """Send ``record`` out of the batch: to retry if ``error`` is transient and attempts remain, else dead."""
+        if event is not None:
+            known = (event.subject, event.seq, event.id, event.type)
+        else:
+            known = _known_fields(raw)
+        failure = Failure(record, error, self.now, *known)
+        if failure.stream_id is not None and not error.transient:
+            self.blocked.add(failure.stream_id)
+        if error.transient and failure.attempts >= self.max_attempts:
+            failure = replace(failure, error=RetriesExhausted(
+                f"{failure.attempts} attempts from {failure.first_failed:%Y-%m-%dT%H:%M:%SZ}; last: "
+                f"{error.code}: {error}"))
+        (self.result.retry if failure.error.transient else self.result.dead).append(failure)
 
     async def run(self, records: Sequence[LogRecord]) -> BatchResult:
         # Per stream: (event, record, its data as received, or None for an event parked earlier).
         by_stream: dict[str, list[_Item]] = defaultdict(list)
         for record in records:
+            raw = None
             try:
                 raw = decode_json(record.value)
                 event = parse_event(raw)
             except PermanentError as e:
-                self.reject(record, e)
+                self.fail(record, e, raw=raw)
                 continue
             by_stream[event.subject].append((event, record, raw["data"]))
         streams = sorted(by_stream)
         if streams:
+            await self.conn.fetchval(query("lock_streams"), streams)
             await self.project_streams(streams, by_stream)
         await self.write(records)
         return self.result
@@ -228,6 +349,8 @@ class _Batch:
                               await conn.fetch(query("load_steps"), streams))
         ids = [e.id for items in by_stream.values() for e, _, _ in items]
         projected_ids = {r["event_id"] for r in await conn.fetch(query("load_projected_ids"), ids)}
+        blocked = self.blocked
+        blocked.update(r["stream_id"] for r in await conn.fetch(query("open_dead_streams"), streams))
         for row in await conn.fetch(query("load_parked"), streams):
             record = LogRecord(row["kafka_topic"], row["kafka_partition"], row["kafka_offset"],
                                row["stream_id"].encode(), bytes(row["value"]))
@@ -256,12 +379,12 @@ class _Batch:
                         self.unparks.append((event.subject, event.seq, event.id))
                     if problem is not None:
                         error = SeqConflict if problem[0] == "seq_conflict" else ChainBroken
-                        self.reject(record, error(f"{stream} seq {event.seq}: {problem[1]}"), event)
+                        self.fail(record, error(f"{stream} seq {event.seq}: {problem[1]}"), event)
                         continue
                     try:
                         done = apply(state, event, self.catalog)
                     except PermanentError as e:
-                        self.reject(record, e, event)
+                        self.fail(record, e, event)
                         continue
                     state, head, advanced = done.state, Head(event.seq, event.hash), True
                     projected_ids.add(event.id)
@@ -270,10 +393,17 @@ class _Batch:
                     touched[stream].update(done.touched_steps)
                 pending = waiting
             for event, record, data in pending:
-                if data is not None:
-                    self.result.parked += 1
-                    self.parks.append((event.subject, event.seq, event.id, record.value, record.topic,
-                                       record.partition, record.offset))
+                if data is None:
+                    continue  # parked earlier, still waiting
+                # Behind a dead letter of its stream it waits for the replay; otherwise its predecessor is
+                # still on its way (in a retry topic, say), so it follows through the retry topics.
+                if self.retry_gaps and stream not in blocked:
+                    self.fail(record, PredecessorMissing(
+                        f"{stream} seq {event.seq}: seq {head.seq + 1} is not projected yet"), event)
+                    continue
+                self.result.parked += 1
+                self.parks.append((event.subject, event.seq, event.id, record.value, record.topic,
+                                   record.partition, record.offset))
             if state is not None and state.last_seq != heads.get(stream, Head()).seq:
                 states[stream] = state
                 heads[stream] = head
@@ -288,15 +418,16 @@ class _Batch:
         self.audit.append((event.id, event.subject, event.seq, event.type, event.source, event.specversion,
                            event.datacontenttype, event.dataschema, event.traceparent, event.time,
                            data, event.hash, record.value, event.prevhash, record.topic,
-                           record.partition, record.offset))
+                           record.partition, record.offset, record.attempts + 1))
         self.costs += [(c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens,
                         c.output_tokens, c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version,
                         c.occurred_at) for c in done.costs]
+        self.result.cost_usd += sum((c.cost_usd for c in done.costs if c.cost_usd is not None), Decimal(0))
         self.artifacts += [(a.stream_id, a.artifact_id, a.step_id, a.type, a.name, a.uri, a.size_bytes,
                             a.content_type, a.created_at, a.seq) for a in done.artifacts]
 
     async def write(self, records: Sequence[LogRecord]) -> None:
-        conn = self.conn
+        conn, rows = self.conn, self.result.rows
         if self.execution_rows:
             await conn.executemany(query("upsert_execution"), self.execution_rows)
             await conn.executemany(query("upsert_head"), self.head_rows)
@@ -312,19 +443,53 @@ class _Batch:
             await conn.executemany(query("park"), self.parks)
         if self.unparks:
             await conn.executemany(query("unpark"), self.unparks)
-        if self.rejects:
-            await conn.executemany(query("reject"), self.rejects)
+        rows.update({"executions": len(self.execution_rows), "steps": len(self.step_rows),
+                     "audit_log": len(self.audit), "costs": len(self.costs), "artifacts": len(self.artifacts),
+                     "parked_events": len(self.parks) - len(self.unparks)})
+        await self.write_dead_letters()
         ends: dict[tuple[str, int], int] = {}
         for r in records:
-            key = (r.topic, r.partition)
-            ends[key] = max(ends.get(key, 0), r.offset + 1)
+            if r.attempts == 0:  # read from the log now; a retried or replayed record is behind these offsets
+                key = (r.topic, r.partition)
+                ends[key] = max(ends.get(key, 0), r.offset + 1)
         if ends:
             await conn.executemany(query("save_offset"), [(self.group_id, t, p, o) for (t, p), o in ends.items()])
+        self.result.rows = +rows  # only the tables that change
+
+    async def write_dead_letters(self) -> None:
+        recorded = []
+        for f in self.result.dead:
+            r = f.record
+            if r.dead_letter_id is not None:  # a replay that failed again: same letter, one more attempt
+                await self.conn.execute(query("dead_letter_failed_again"), r.dead_letter_id, f.error.code,
+                                        str(f.error), f.failed_at)
+                recorded.append(replace(f, dead_letter_id=r.dead_letter_id))
+                continue
+            letter = await self.conn.fetchval(
+                query("insert_dead_letter"), f.error.code, str(f.error), f.attempts, f.first_failed, f.failed_at,
+                r.topic, r.partition, r.offset, r.key, r.value, f.stream_id, f.seq, f.event_id, f.event_type)
+            if letter is not None:  # None: this record already has an open letter
+                recorded.append(replace(f, dead_letter_id=letter))
+                self.result.rows["dead_letters"] += 1
+        self.result.dead = recorded
+
+
+def _known_fields(raw: Any) -> tuple[str | None, int | None, str | None, str | None]:
+    """(subject, seq, id, type) of a record that is not a valid event, as far as its JSON has them."""
+    if not isinstance(raw, dict):
+        return None, None, None, None
+
+    def text(name: str) -> str | None:
+        value = raw.get(name)
+        return value[:200] if isinstance(value, str) else None
+
+    seq = raw.get("seq")
+    return text("subject"), seq if type(seq) is int and 0 < seq < 2**63 else None, text("id"), text("type")
 
 
 _AUDIT_COLUMNS = ["event_id", "stream_id", "seq", "type", "source", "specversion", "datacontenttype", "dataschema",
                   "traceparent", "time", "data", "hash", "raw", "prevhash", "kafka_topic", "kafka_partition",
-                  "kafka_offset"]
+                  "kafka_offset", "attempts"]
 _COST_COLUMNS = ["event_id", "stream_id", "seq", "step_id", "provider", "model", "input_tokens", "output_tokens",
                  "cached_tokens", "cost_usd", "cost_source", "catalog_version", "occurred_at"]
 

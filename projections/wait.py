@@ -27,8 +27,9 @@ _RECHECK_S = 1.0
 class WaitResult:
     """Where one event stands.
 
-    ``status``: ``projected`` (in the tables), ``rejected`` (never will be; ``reason`` is the
-    code, ``error`` the message), or ``timeout`` (not yet; ``error`` says what it waits for).
+    ``status``: ``projected`` (in the tables), ``rejected`` (a dead letter, ``dead_letter_id``: not
+    unless replayed; ``reason`` is the code, ``error`` the message), or ``timeout`` (not yet;
+    ``error`` says what it waits for).
     """
 
     stream_id: str
@@ -40,6 +41,7 @@ class WaitResult:
     error: str | None = None
     head_seq: int = 0
     waited_s: float = 0.0
+    dead_letter_id: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,7 +97,7 @@ async def _check(conn: asyncpg.Connection, stream_id: str, seq: int, event_id: s
         row = next((r for r in mine if r["status"] == status), None)
         if row is not None:
             return WaitResult(stream_id, seq, status, row["event_id"], row["hash"], row["reason"], row["error"],
-                              head_seq)
+                              head_seq, dead_letter_id=row["rank"] if status == "rejected" else None)
     if any(r["status"] == "parked" for r in mine):
         why = f"parked: it arrived before seq {head_seq + 1}, which is not projected yet"
     elif head_seq >= seq:

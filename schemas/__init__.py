@@ -11,6 +11,8 @@ from schemas.errors import (
     InvalidEvent,
     InvalidJson,
     PermanentError,
+    PredecessorMissing,
+    RetriesExhausted,
     RunledgerError,
     SeqConflict,
     TransientError,
@@ -46,4 +48,6 @@ __all__ = [
     "ChainBroken",
     "SeqConflict",
     "IllegalTransition",
+    "PredecessorMissing",
+    "RetriesExhausted",
 ]

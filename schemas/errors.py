@@ -22,6 +22,8 @@ __all__ = [
     "ChainBroken",
     "SeqConflict",
     "IllegalTransition",
+    "PredecessorMissing",
+    "RetriesExhausted",
     "FieldError",
 ]
 
@@ -111,3 +113,15 @@ class IllegalTransition(PermanentError):
     after the execution ended, or a step event for a step that never started."""
 
     code = "illegal_transition"
+
+
+class PredecessorMissing(TransientError):
+    """The event's ``seq`` arrived before its predecessor was projected: retried until it is."""
+
+    code = "predecessor_missing"
+
+
+class RetriesExhausted(PermanentError):
+    """A transient failure outlasted the retry schedule; the record is dead-lettered with the last error."""
+
+    code = "retries_exhausted"

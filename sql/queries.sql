@@ -70,11 +70,30 @@ ON CONFLICT DO NOTHING;
 -- name: unpark
 DELETE FROM parked_events WHERE stream_id = $1 AND seq = $2 AND event_id = $3::uuid;
 
--- name: reject
-INSERT INTO rejected_events (reason, error, stream_id, seq, event_id, kafka_topic, kafka_partition, kafka_offset,
-    kafka_key, value, rejected_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
-ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING;
+-- name: insert_dead_letter
+-- Returns no row when the record already has an open letter (delivered again after a crash).
+INSERT INTO dead_letters (reason, error, attempts, first_failure_at, last_failure_at, topic, partition, "offset",
+    key, value, stream_id, seq, event_id, event_type)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (topic, partition, "offset", md5(value)) WHERE status = 'dead' DO NOTHING
+RETURNING id;
+
+-- name: set_dead_letter_copy
+UPDATE dead_letters SET dlq_topic = $2, dlq_partition = $3, dlq_offset = $4 WHERE id = $1;
+
+-- name: dead_letter_failed_again
+UPDATE dead_letters SET reason = $2, error = $3, attempts = attempts + 1, last_failure_at = $4,
+    replays = replays + 1
+WHERE id = $1;
+
+-- name: open_dead_streams
+SELECT DISTINCT stream_id FROM dead_letters WHERE stream_id = ANY($1::text[]) AND status = 'dead';
+
+-- name: lock_streams
+-- One transaction at a time per stream (workers, retry agents and replays may meet on one), in one global
+-- order so that two transactions never wait for each other.
+SELECT count(pg_advisory_xact_lock(hashtext('runledger.stream:' || current_schema()), k))
+FROM (SELECT DISTINCT hashtext(s) AS k FROM unnest($1::text[]) AS s ORDER BY k) AS keys;
 
 -- name: save_offset
 INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_at) VALUES ($1, $2, $3, $4, now())
@@ -104,7 +123,8 @@ VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING;
 SELECT 'projected' AS status, event_id::text AS event_id, hash, NULL AS reason, NULL AS error, seq, 0::bigint AS rank
 FROM audit_log WHERE stream_id = $1 AND seq = $2
 UNION ALL
-SELECT 'rejected', event_id, NULL, reason, error, seq, id FROM rejected_events WHERE stream_id = $1 AND seq = $2
+SELECT 'rejected', event_id, NULL, reason, error, seq, id FROM dead_letters
+WHERE stream_id = $1 AND seq = $2 AND status <> 'replayed'
 UNION ALL
 SELECT 'parked', event_id::text, NULL, NULL, NULL, seq, 0 FROM parked_events WHERE stream_id = $1 AND seq = $2
 UNION ALL
@@ -115,7 +135,7 @@ ORDER BY rank DESC;
 
 -- name: run_progress
 SELECT coalesce(sum(seq), 0)::bigint AS projected,
-       (SELECT count(*) FROM rejected_events WHERE left(stream_id, length($1) + 1) = $1 || ':') AS rejected
+       (SELECT count(*) FROM dead_letters WHERE left(stream_id, length($1) + 1) = $1 || ':') AS rejected
 FROM stream_heads WHERE left(stream_id, length($1) + 1) = $1 || ':';
 
 -- name: run_by_status

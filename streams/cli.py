@@ -173,7 +173,7 @@ def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
               f"after {result.waited_s:.3f} s")
     elif result.status == "rejected":
         print(f"rejected: {result.stream_id} seq {result.seq} (event {result.event_id}): "
-              f"{result.reason}: {result.error}")
+              f"{result.reason}: {result.error} (see `runledger dlq show {result.dead_letter_id}`)")
     else:
         print(f"timed out after {result.waited_s:.1f} s: {result.stream_id} seq {result.seq} is {result.error}")
     return {"projected": 0, "rejected": EXIT_INVALID}.get(result.status, EXIT_TIMEOUT)

@@ -82,8 +82,8 @@ async def _wait_projected(conn: asyncpg.Connection, settings: Settings, run_tag:
             projected, rejected = await conn.fetchrow(query("run_progress"), run_tag)
             bar.update(projected - bar.n)
             if rejected:
-                raise PermanentError(f"the worker rejected {rejected} events of run {run_tag}: see the "
-                                     f"rejected_events table of schema {settings.db_schema}")
+                raise PermanentError(f"the worker dead-lettered {rejected} events of run {run_tag}: see "
+                                     "`runledger dlq list`")
             if projected >= total:
                 return
             worker.check_alive()

@@ -115,7 +115,7 @@ async def test_rebuild_switches_under_a_live_worker_and_nothing_is_lost(
         stop.set()
         await worker
         assert await conn.fetchval("SELECT count(*) FROM executions") == 120
-        assert await conn.fetchval("SELECT count(*) FROM rejected_events") == 0
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
         retired = await conn.fetchval(f'SELECT count(*) FROM "{report.retired_schema}".audit_log')
         assert retired < total  # so events were projected after the switch, into the rebuilt tables
         # After the switch the live tables still equal a fresh projection of the whole log.

@@ -63,7 +63,7 @@ async def test_two_workers_split_the_partitions_and_project_everything_once(
             f'SELECT DISTINCT kafka_partition FROM "{schema}".audit_log')}
         assert partitions & split[0] and partitions & split[1]  # type: ignore[operator]  # both did work
         assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".executions') == 80
-        assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".rejected_events') == 0
+        assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".dead_letters') == 0
         # Exactly once: the tables equal one fresh projection of the whole log, row for row.
         report = await rebuild(settings, switch=False)
         assert report.equal and report.checksums["audit_log"][1][0] == total, report.as_dict()

@@ -37,7 +37,7 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
         while time.monotonic() < deadline and worker.poll() is None:
             try:
                 projected = await conn.fetchval(f'SELECT count(*) FROM "{schema}".audit_log')
-                rejected = await conn.fetchval(f'SELECT count(*) FROM "{schema}".rejected_events')
+                rejected = await conn.fetchval(f'SELECT count(*) FROM "{schema}".dead_letters')
                 if projected == total and rejected == 1:
                     break
             except asyncpg.UndefinedTableError:
@@ -51,7 +51,7 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
             status = "timeout" if run.outcome == "timed_out" else run.outcome
             expected[status] = expected.get(status, 0) + 1
         assert statuses == expected
-        reason, value = await conn.fetchrow(f'SELECT reason, value FROM "{schema}".rejected_events')
+        reason, value = await conn.fetchrow(f'SELECT reason, value FROM "{schema}".dead_letters')
         assert (reason, bytes(value)) == ("invalid_json", b"not json")
         assert (await table_checksums(conn, schema))["executions"][0] == 40
     finally:

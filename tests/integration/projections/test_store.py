@@ -113,14 +113,14 @@ async def test_malformed_records_are_kept_and_the_rest_is_applied(store: Project
     assert result.rejected == {"invalid_json": 1, "hash_mismatch": 1, "unknown_type": 1}
     assert sorted(result.projected) == [("exec-2026-11-22-0001", 1), ("tenant:eu.exec_0003", 1),
                                         ("tenant:eu.exec_0003", 2)]
-    kept = await owner.fetch("SELECT reason, value, kafka_offset FROM rejected_events ORDER BY kafka_offset")
+    kept = await owner.fetch('SELECT reason, value FROM dead_letters ORDER BY "offset"')
     assert [(r["reason"], bytes(r["value"])) for r in kept] == [
         ("invalid_json", b"not json at all"), ("hash_mismatch", batch[2]), ("unknown_type", batch[3])]
     # The forked event of stream 0002 has no projected predecessor: it waits (parked), not dropped.
     assert result.parked == 1
     # Applying the same batch again changes nothing.
     again = await store.apply_batch(records(batch))
-    assert again.projected == [] and await owner.fetchval("SELECT count(*) FROM rejected_events") == 3
+    assert again.projected == [] and await owner.fetchval("SELECT count(*) FROM dead_letters") == 3
 
 
 async def test_a_conflicting_seq_and_a_broken_link_are_rejected(store: ProjectionStore,
