@@ -158,7 +158,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def connect(database_url: str, schema: str, *, role: str | None = WORKER_ROLE,
-                  min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+                  min_size: int = 0, max_size: int = 4) -> asyncpg.Pool:
     """A pool whose connections use ``schema`` and act as ``role`` (the worker role by default)."""
     # Startup parameters, not SET: the pool's RESET ALL on release returns to them.
     server_settings = {"search_path": quote_schema(schema)}

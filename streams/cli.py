@@ -152,7 +152,11 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import create_app
+    from streams.topics import ensure_topics, worker_topics
 
+    # Before Faust starts: a worker may start before any producer, and the retry topics need the
+    # log's partition count and infinite retention, not Faust's defaults.
+    asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, worker_topics(settings)))
     app = create_app(settings)
     worker = app.Worker(loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -2,7 +2,8 @@
 
 Offsets that count are those the store writes in the same transaction as the
 projections; on every partition assignment the consumer seeks there. The
-Kafka group commit that follows is only for lag monitoring.
+Kafka group commit that follows marks what is projected or safe in a retry
+topic: the fallback when PostgreSQL is down, and what lag monitoring reads.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from projections.store import BatchResult, LogRecord, ProjectionStore
+from projections.store import BatchResult, LogRecord, ProjectionStore, StoreUnavailable
 
 __all__ = ["BatchConsumer"]
 
 log = logging.getLogger(__name__)
 
-Projector = Callable[[list[LogRecord]], Awaitable[BatchResult]]
+Projector = Callable[[list[LogRecord]], Awaitable[BatchResult | None]]
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -29,7 +30,12 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         return None
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        stored = await self._store.load_offsets(self._topic)
+        try:
+            stored = await self._store.load_offsets(self._topic)
+        except StoreUnavailable as e:
+            # The group's Kafka offsets are never ahead of what is projected or safe in a retry topic.
+            log.warning("%s; starting from the group's committed offsets", e)
+            stored = {}
         for tp in assigned:
             if tp.partition in stored:
                 self._consumer.seek(tp, stored[tp.partition])

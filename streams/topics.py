@@ -8,8 +8,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from schemas.errors import TransientError
+from streams.retry import RetrySchedule, dlq_topic
+from streams.settings import Settings
 
-__all__ = ["ensure_topics"]
+__all__ = ["ensure_topics", "worker_topics"]
 
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -30,3 +32,10 @@ async def ensure_topics(bootstrap_servers: str, topics: Mapping[str, int]) -> No
     for name, code, message in response.topic_errors:
         if code not in (0, _TOPIC_ALREADY_EXISTS):
             raise TransientError(f"cannot create topic {name}: error {code} {message}")
+
+
+def worker_topics(settings: Settings) -> dict[str, int]:
+    """Every topic a worker reads or writes: the log, the retry topics and the dead-letter topic."""
+    schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
+    names = [settings.events_topic, *(topic for _, topic in schedule.topics), dlq_topic(settings.topic_prefix)]
+    return dict.fromkeys(names, settings.event_partitions)

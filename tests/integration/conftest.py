@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from schemas.chain import GENESIS_HASH, compute_hash
 from streams.settings import Settings
+from tests.conftest import VECTORS
+
+T = TypeVar("T")
 
 CHILD = Path(__file__).with_name("append_child.py")
 
@@ -47,3 +59,68 @@ def spawn_child(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     """Run ``append_child.py`` in a process of its own, with the test's RUNLEDGER_* settings."""
     return subprocess.Popen([sys.executable, str(CHILD), *args], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+VECTOR_EVENTS = [orjson.loads(line)["event"] for line in VECTORS.read_bytes().splitlines()]
+FIRST_STREAM = VECTOR_EVENTS[:9]  # execution.started, steps s1 and s2 with costs, execution.completed
+
+
+def rechain(subject: str, events: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``events`` (default: the first vector stream) as a new stream: new subject, ids, prevhashes and hashes."""
+    out, prev = [], GENESIS_HASH
+    for event in events or FIRST_STREAM:
+        event = {**event, "subject": subject, "id": str(uuid.uuid4()), "prevhash": prev}
+        event["hash"] = prev = compute_hash(event)
+        out.append(event)
+    return out
+
+
+def rehashed(event: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``event`` with ``changes`` and a new id, hashed again (so only the changes are wrong, not the hash)."""
+    event = {**event, "id": str(uuid.uuid4()), **changes}
+    event["hash"] = compute_hash(event)
+    return event
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    return Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
+
+
+@contextlib.asynccontextmanager
+async def running_worker(env: dict[str, str]) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A ``runledger worker`` process with ``env``; its log is shown if the test fails.
+
+    It is stopped without blocking the event loop, which may serve its connections (a proxy)."""
+    log = tempfile.TemporaryFile()
+    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env={**os.environ, **env},
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield worker
+    except BaseException:
+        log.seek(0)
+        sys.stderr.write(log.read().decode(errors="replace")[-20000:])
+        raise
+    finally:
+        worker.terminate()
+        try:
+            await asyncio.to_thread(worker.wait, 30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            await asyncio.to_thread(worker.wait)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-20000:])
+            raise AssertionError("the worker did not stop within 30 s of SIGTERM") from None
+        finally:
+            log.close()
+
+
+async def poll(check: Callable[[], Awaitable[T | None]], deadline_s: float, what: str) -> T:
+    """Call ``check`` every 0.25 s until it returns something, or fail after ``deadline_s`` seconds."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = await check()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+        await asyncio.sleep(0.25)

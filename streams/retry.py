@@ -1,0 +1,124 @@
+"""The retry schedule, and the headers that carry a failed record's history between topics.
+
+A record whose delivery failed for a transient reason goes to
+``<prefix>.events.retry.<delay>`` (1s, 2s, 4s, 8s, 16s by default) and, when
+the schedule runs out, to the dead letters; a permanent failure goes straight
+to ``<prefix>.events.dlq``. The record value travels byte for byte; its history
+travels in ``runledger.*`` headers (text, so that kcat and rpk show it):
+
+    runledger.reason, runledger.error, runledger.attempts,
+    runledger.first_failure, runledger.last_failure, runledger.due (retry only),
+    runledger.original.topic, runledger.original.partition, runledger.original.offset,
+    runledger.stream, runledger.seq, runledger.event_id, runledger.type (when known),
+    runledger.dead_letter_id (dead-letter topic only)
+
+Pure: knows nothing of Kafka clients or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from projections.store import Failure, LogRecord
+from schemas.events import format_time
+
+__all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic"]
+
+HEADER = "runledger."
+Headers = list[tuple[str, bytes]]
+
+
+def delay_name(seconds: float) -> str:
+    """A delay as it appears in a topic name: ``1s``, ``16s``, ``500ms``, ``2.5s``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def dlq_topic(prefix: str) -> str:
+    return f"{prefix}.events.dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySchedule:
+    """Where a record goes after its n-th failed delivery: ``delays[n - 1]``, then the dead letters."""
+
+    prefix: str
+    delays: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if any(d <= 0 for d in self.delays):
+            raise ValueError(f"retry_delays: every delay must be above 0 s, not {self.delays}")
+        if len({delay_name(d) for d in self.delays}) != len(self.delays):
+            raise ValueError(f"retry_delays: delays must differ, not {self.delays}")
+
+    def topic(self, delay: float) -> str:
+        return f"{self.prefix}.events.retry.{delay_name(delay)}"
+
+    @property
+    def topics(self) -> list[tuple[float, str]]:
+        return [(d, self.topic(d)) for d in self.delays]
+
+    @property
+    def max_attempts(self) -> int:
+        """Deliveries a record gets: the first, then one per retry topic."""
+        return len(self.delays) + 1
+
+    def after(self, attempts: int) -> tuple[float, str] | None:
+        """(delay, topic) for a record that has failed ``attempts`` times, or None when retries are used up."""
+        if attempts > len(self.delays):
+            return None
+        delay = self.delays[attempts - 1]
+        return delay, self.topic(delay)
+
+
+def failure_headers(failure: Failure, *, due: datetime | None = None) -> Headers:
+    """The ``runledger.*`` headers of a record leaving for a retry topic (with ``due``) or the dead letters."""
+    r = failure.record
+    fields: dict[str, object] = {
+        "reason": failure.error.code, "error": str(failure.error), "attempts": failure.attempts,
+        "first_failure": format_time(failure.first_failed), "last_failure": format_time(failure.failed_at),
+        "due": format_time(due) if due is not None else None,
+        "original.topic": r.topic, "original.partition": r.partition, "original.offset": r.offset,
+        "stream": failure.stream_id, "seq": failure.seq, "event_id": failure.event_id, "type": failure.event_type,
+        "dead_letter_id": failure.dead_letter_id,
+    }
+    return [(HEADER + k, str(v).encode()) for k, v in fields.items() if v is not None]
+
+
+def from_retry_topic(topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
+                     headers: Iterable[tuple[str, bytes]], timestamp: datetime,
+                     delay: float) -> tuple[LogRecord, datetime]:
+    """The record a retry-topic message carries, at its original position, and when it is due.
+
+    Headers that are missing or unreadable (a message someone else wrote) fall back to
+    the message itself: its own position, one failed attempt, due ``delay`` after it was written.
+    """
+    h = {k[len(HEADER):]: v.decode("utf-8", "replace") for k, v in headers if k.startswith(HEADER) and v}
+    try:
+        original = (h["original.topic"], int(h["original.partition"]), int(h["original.offset"]))
+    except (KeyError, ValueError):
+        original = (topic, partition, offset)
+    attempts = _int(h.get("attempts"), 1)
+    first = _time(h.get("first_failure")) or timestamp
+    due = _time(h.get("due")) or timestamp + timedelta(seconds=delay)
+    return LogRecord(*original, key, value, attempts=attempts, first_failed=first), due
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return max(int(text), 1) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
