@@ -443,7 +443,8 @@ class _Batch:
             await conn.executemany(query("park"), self.parks)
         if self.unparks:
             await conn.executemany(query("unpark"), self.unparks)
-        rows.update({"executions": len(self.execution_rows), "steps": len(self.step_rows),
+        rows.update({"executions": len(self.execution_rows), "stream_heads": len(self.head_rows),
+                     "steps": len(self.step_rows),
                      "audit_log": len(self.audit), "costs": len(self.costs), "artifacts": len(self.artifacts),
                      "parked_events": len(self.parks) - len(self.unparks)})
         await self.write_dead_letters()
@@ -454,7 +455,7 @@ class _Batch:
                 ends[key] = max(ends.get(key, 0), r.offset + 1)
         if ends:
             await conn.executemany(query("save_offset"), [(self.group_id, t, p, o) for (t, p), o in ends.items()])
-        self.result.rows = +rows  # only the tables that change
+        self.result.rows = Counter({table: n for table, n in rows.items() if n})  # only the tables that change
 
     async def write_dead_letters(self) -> None:
         recorded = []

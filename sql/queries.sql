@@ -166,3 +166,51 @@ SELECT raw FROM audit_log WHERE left(stream_id, length($1) + 1) = $1 || ':' ORDE
 -- name: bench_create_raw
 -- `runledger bench` baseline: raw records, no processing.
 CREATE TABLE bench_raw (topic text, partition integer, kafka_offset bigint, key bytea, value bytea);
+
+-- Dead letters: `runledger dlq`. A NULL filter argument matches everything.
+
+-- name: dlq_select
+SELECT * FROM dead_letters
+WHERE ($1::bigint[] IS NULL OR id = ANY($1))
+  AND ($2::text[] IS NULL OR reason = ANY($2))
+  AND ($3::text[] IS NULL OR event_type = ANY($3))
+  AND ($4::text[] IS NULL OR stream_id = ANY($4))
+  AND ($5::timestamptz IS NULL OR created_at >= $5)
+  AND ($6::timestamptz IS NULL OR created_at < $6)
+  AND ($7::text[] IS NULL OR status = ANY($7))
+ORDER BY stream_id NULLS LAST, seq NULLS LAST, id
+LIMIT $8;
+
+-- name: dlq_lock_letter
+SELECT status FROM dead_letters WHERE id = $1 FOR UPDATE;
+
+-- name: dlq_mark_replayed
+UPDATE dead_letters SET status = 'replayed', status_at = now(), status_by = $2, replays = replays + 1
+WHERE id = $1 AND status = 'dead';
+
+-- name: dlq_resolve
+UPDATE dead_letters SET status = 'resolved', status_at = now(), status_by = $2, note = $3
+WHERE id = ANY($1::bigint[]) AND status = 'dead'
+RETURNING id;
+
+-- name: dlq_start_replay
+INSERT INTO dlq_replays (run_by, filter, selected) VALUES ($1, $2::text::jsonb, $3) RETURNING id;
+
+-- name: dlq_replay_item
+INSERT INTO dlq_replay_items (replay_id, dead_letter_id, outcome, detail) VALUES ($1, $2, $3, $4)
+ON CONFLICT DO NOTHING;
+
+-- name: dlq_finish_replay
+UPDATE dlq_replays SET finished_at = now(), status = $2, outcomes = $3::text::jsonb WHERE id = $1;
+
+-- name: dlq_replays
+SELECT id, started_at, finished_at, run_by, filter::text AS filter, status, selected, outcomes::text AS outcomes
+FROM dlq_replays ORDER BY id DESC LIMIT $1;
+
+-- name: dlq_letter_replays
+SELECT r.id AS replay_id, r.run_by, i.outcome, i.detail, i.at
+FROM dlq_replay_items i JOIN dlq_replays r ON r.id = i.replay_id
+WHERE i.dead_letter_id = $1 ORDER BY i.at;
+
+-- name: dlq_parked_behind
+SELECT seq FROM parked_events WHERE stream_id = $1 ORDER BY seq;
