@@ -115,6 +115,13 @@ def _retry_agent(app: faust.App, ready: asyncio.Future[BatchHandler], delay: flo
             wait = (max(due for _, due in batch) - datetime.now(UTC)).total_seconds()
             if wait > 0:
                 await asyncio.sleep(min(wait, delay))
-            await handler.handle([record for record, _ in batch])
+            # Faust acks the batch when the body returns or raises: an unexpected error must not get that far.
+            while True:
+                try:
+                    await handler.handle([record for record, _ in batch])
+                    break
+                except Exception:
+                    log.exception("a batch of %s failed unexpectedly; trying it again in 5 s", topic_name)
+                    await asyncio.sleep(5)
 
     app.agent(topic, name=f"retry-{delay_name(delay)}")(retry)

@@ -20,7 +20,7 @@ import orjson
 
 from projections.sql import query
 from schemas.events import format_time
-from streams.retry import HEADER
+from streams.retry import header_values
 
 __all__ = ["STATUSES", "LetterFilter", "letter_json", "parse_time", "resolve", "select_letters", "summary_by_reason"]
 
@@ -119,13 +119,11 @@ def letter_json(row: asyncpg.Record, *, decoded: bool = False) -> dict[str, Any]
 
 def letter_headers(row: asyncpg.Record) -> dict[str, str]:
     """The ``runledger.*`` headers of the letter's copy in the dead-letter topic."""
-    fields = {"reason": row["reason"], "error": row["error"], "attempts": row["attempts"],
-              "first_failure": format_time(row["first_failure_at"]),
-              "last_failure": format_time(row["last_failure_at"]),
-              "original.topic": row["topic"], "original.partition": row["partition"],
-              "original.offset": row["offset"], "stream": row["stream_id"], "seq": row["seq"],
-              "event_id": row["event_id"], "type": row["event_type"], "dead_letter_id": row["id"]}
-    return {HEADER + k: str(v) for k, v in fields.items() if v is not None}
+    return header_values(
+        reason=row["reason"], error=row["error"], attempts=row["attempts"], first_failure=row["first_failure_at"],
+        last_failure=row["last_failure_at"], topic=row["topic"], partition=row["partition"], offset=row["offset"],
+        stream=row["stream_id"], seq=row["seq"], event_id=row["event_id"], event_type=row["event_type"],
+        dead_letter_id=row["id"])
 
 
 def _payload(value: bytes) -> dict[str, Any]:

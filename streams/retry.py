@@ -24,7 +24,8 @@ from datetime import UTC, datetime, timedelta
 from projections.store import Failure, LogRecord
 from schemas.events import format_time
 
-__all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic"]
+__all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic",
+           "header_values"]
 
 HEADER = "runledger."
 Headers = list[tuple[str, bytes]]
@@ -74,18 +75,29 @@ class RetrySchedule:
         return delay, self.topic(delay)
 
 
-def failure_headers(failure: Failure, *, due: datetime | None = None) -> Headers:
-    """The ``runledger.*`` headers of a record leaving for a retry topic (with ``due``) or the dead letters."""
-    r = failure.record
+def header_values(*, reason: str, error: str, attempts: int, first_failure: datetime, last_failure: datetime,
+                  topic: str, partition: int, offset: int, stream: str | None = None, seq: int | None = None,
+                  event_id: str | None = None, event_type: str | None = None, due: datetime | None = None,
+                  dead_letter_id: int | None = None) -> dict[str, str]:
+    """The ``runledger.*`` headers as text, leaving out what is unknown (see the module docstring)."""
     fields: dict[str, object] = {
-        "reason": failure.error.code, "error": str(failure.error), "attempts": failure.attempts,
-        "first_failure": format_time(failure.first_failed), "last_failure": format_time(failure.failed_at),
-        "due": format_time(due) if due is not None else None,
-        "original.topic": r.topic, "original.partition": r.partition, "original.offset": r.offset,
-        "stream": failure.stream_id, "seq": failure.seq, "event_id": failure.event_id, "type": failure.event_type,
-        "dead_letter_id": failure.dead_letter_id,
+        "reason": reason, "error": error, "attempts": attempts, "first_failure": format_time(first_failure),
+        "last_failure": format_time(last_failure), "due": format_time(due) if due is not None else None,
+        "original.topic": topic, "original.partition": partition, "original.offset": offset,
+        "stream": stream, "seq": seq, "event_id": event_id, "type": event_type, "dead_letter_id": dead_letter_id,
     }
-    return [(HEADER + k, str(v).encode()) for k, v in fields.items() if v is not None]
+    return {HEADER + k: str(v) for k, v in fields.items() if v is not None}
+
+
+def failure_headers(failure: Failure, *, due: datetime | None = None) -> Headers:
+    """The headers of a record leaving for a retry topic (with ``due``) or the dead-letter topic."""
+    r = failure.record
+    values = header_values(
+        reason=failure.error.code, error=str(failure.error), attempts=failure.attempts,
+        first_failure=failure.first_failed, last_failure=failure.failed_at, topic=r.topic, partition=r.partition,
+        offset=r.offset, stream=failure.stream_id, seq=failure.seq, event_id=failure.event_id,
+        event_type=failure.event_type, due=due, dead_letter_id=failure.dead_letter_id)
+    return [(k, v.encode()) for k, v in values.items()]
 
 
 def from_retry_topic(topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
