@@ -349,8 +349,7 @@ class _Batch:
                               await conn.fetch(query("load_steps"), streams))
         ids = [e.id for items in by_stream.values() for e, _, _ in items]
         projected_ids = {r["event_id"] for r in await conn.fetch(query("load_projected_ids"), ids)}
-        blocked = self.blocked
-        blocked.update(r["stream_id"] for r in await conn.fetch(query("open_dead_streams"), streams))
+        self.blocked.update(r["stream_id"] for r in await conn.fetch(query("open_dead_streams"), streams))
         for row in await conn.fetch(query("load_parked"), streams):
             record = LogRecord(row["kafka_topic"], row["kafka_partition"], row["kafka_offset"],
                                row["stream_id"].encode(), bytes(row["value"]))
@@ -397,7 +396,7 @@ class _Batch:
                     continue  # parked earlier, still waiting
                 # Behind a dead letter of its stream it waits for the replay; otherwise its predecessor is
                 # still on its way (in a retry topic, say), so it follows through the retry topics.
-                if self.retry_gaps and stream not in blocked:
+                if self.retry_gaps and stream not in self.blocked:
                     self.fail(record, PredecessorMissing(
                         f"{stream} seq {event.seq}: seq {head.seq + 1} is not projected yet"), event)
                     continue
@@ -422,7 +421,6 @@ class _Batch:
         self.costs += [(c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens,
                         c.output_tokens, c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version,
                         c.occurred_at) for c in done.costs]
-        self.result.cost_usd += sum((c.cost_usd for c in done.costs if c.cost_usd is not None), Decimal(0))
         self.artifacts += [(a.stream_id, a.artifact_id, a.step_id, a.type, a.name, a.uri, a.size_bytes,
                             a.content_type, a.created_at, a.seq) for a in done.artifacts]
 
@@ -447,6 +445,7 @@ class _Batch:
                      "steps": len(self.step_rows),
                      "audit_log": len(self.audit), "costs": len(self.costs), "artifacts": len(self.artifacts),
                      "parked_events": len(self.parks) - len(self.unparks)})
+        self.result.cost_usd = sum((c[_COST_USD] for c in self.costs if c[_COST_USD] is not None), Decimal(0))
         await self.write_dead_letters()
         ends: dict[tuple[str, int], int] = {}
         for r in records:
@@ -493,6 +492,7 @@ _AUDIT_COLUMNS = ["event_id", "stream_id", "seq", "type", "source", "specversion
                   "kafka_offset", "attempts"]
 _COST_COLUMNS = ["event_id", "stream_id", "seq", "step_id", "provider", "model", "input_tokens", "output_tokens",
                  "cached_tokens", "cost_usd", "cost_source", "catalog_version", "occurred_at"]
+_COST_USD = _COST_COLUMNS.index("cost_usd")
 
 
 def _load_states(executions: list[asyncpg.Record], steps: list[asyncpg.Record]) -> dict[str, ExecutionState]:

@@ -92,7 +92,7 @@ if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
 return committed
 """
 
-_RELEASE = """
+RELEASE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -107,7 +107,7 @@ class StreamHeads:
         self._lease_ms = lease_ms
         self._stage = redis.register_script(_STAGE)
         self._commit = redis.register_script(_COMMIT)
-        self._release = redis.register_script(_RELEASE)
+        self._release = redis.register_script(RELEASE_IF_HELD)
 
     def _key(self, kind: str, stream_id: str) -> str:
         return f"{self._prefix}:{kind}:{stream_id}"

@@ -32,8 +32,9 @@ import redis.asyncio as redis
 
 from projections.pricing import load_tokencost_catalog
 from projections.sql import query
-from projections.store import BatchResult, LogRecord, ProjectionStore, StoreUnavailable, connect
+from projections.store import BatchResult, LogRecord, ProjectionStore, StoreUnavailable, connect, connect_one
 from schemas.errors import TransientError
+from streams.heads import RELEASE_IF_HELD
 from streams.settings import Settings
 
 __all__ = ["ReplayItem", "ReplayLocked", "ReplayReport", "replay", "run_by"]
@@ -41,7 +42,6 @@ __all__ = ["ReplayItem", "ReplayLocked", "ReplayReport", "replay", "run_by"]
 log = logging.getLogger(__name__)
 
 LOCK_TTL_MS = 30_000
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 
 
@@ -108,7 +108,7 @@ async def _replay_lock(settings: Settings) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError, redis.RedisError):
                 await keeper
             with contextlib.suppress(redis.RedisError):
-                await client.eval(_RELEASE, 1, key, token)
+                await client.eval(RELEASE_IF_HELD, 1, key, token)
     except redis.RedisError as e:
         raise TransientError(f"cannot take the replay lock in Redis ({settings.redis_url}): {e}") from e
     finally:
@@ -145,8 +145,7 @@ async def replay(settings: Settings, letters: list[asyncpg.Record], filter_json:
                     status, report.interrupted = "interrupted", True
                 finally:
                     # A connection interrupted mid-query is unusable: record the end on a fresh one.
-                    end = await asyncpg.connect(settings.database_url,
-                                                server_settings={"search_path": f'"{settings.db_schema}"'})
+                    end = await connect_one(settings.database_url, settings.db_schema)
                     try:
                         await end.execute(query("dlq_finish_replay"), replay_id, status,
                                           orjson.dumps(report.outcomes).decode())

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from streams import devstack
@@ -19,6 +20,7 @@ from streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors" / "chain-v1.jsonl"
+VECTOR_EVENTS = [orjson.loads(line)["event"] for line in VECTORS.read_bytes().splitlines()]
 
 TEST_ENV = {
     "RUNLEDGER_STATE_DIR": str(ROOT / ".runledger" / "test"),

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from schemas.chain import GENESIS_HASH, compute_hash
 from streams.settings import Settings
-from tests.conftest import VECTORS
+from tests.conftest import VECTOR_EVENTS
 
 T = TypeVar("T")
 
@@ -61,7 +61,6 @@ def spawn_child(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-VECTOR_EVENTS = [orjson.loads(line)["event"] for line in VECTORS.read_bytes().splitlines()]
 FIRST_STREAM = VECTOR_EVENTS[:9]  # execution.started, steps s1 and s2 with costs, execution.completed
 
 

@@ -11,9 +11,8 @@ import pytest
 from schemas.chain import compute_hash
 from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, PermanentError, UnknownType
 from schemas.events import EVENT_TYPES, CostIncurred, format_time, parse_event
-from tests.conftest import VECTORS
+from tests.conftest import VECTOR_EVENTS
 
-VECTOR_EVENTS = [orjson.loads(line)["event"] for line in VECTORS.read_bytes().splitlines()]
 
 
 def event(type_: str = "cost.incurred", data: dict[str, Any] | None = None, **attrs: Any) -> dict[str, Any]:

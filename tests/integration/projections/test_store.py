@@ -13,9 +13,9 @@ from projections.checksum import table_checksums
 from projections.store import LogRecord, ProjectionStore, migrate
 from schemas.chain import GENESIS_HASH, compute_hash
 from streams.settings import Settings
-from tests.conftest import VECTORS
+from tests.conftest import VECTOR_EVENTS
 
-VECTOR_VALUES = [orjson.dumps(orjson.loads(line)["event"]) for line in VECTORS.read_bytes().splitlines()]
+VECTOR_VALUES = [orjson.dumps(event) for event in VECTOR_EVENTS]
 
 
 def records(values: list[bytes], start: int = 0, partition: int = 0) -> list[LogRecord]:
