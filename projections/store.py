@@ -1,36 +1,42 @@
-"""The PostgreSQL side of projection: migrations, price catalogs, and applying a batch of records.
+"""Applying a batch of log records to the projection tables, in one transaction.
 
 ``ProjectionStore.apply_batch`` runs the rules of ``projections.rules`` over a
 batch of log records and writes, in one transaction, the projection rows, the
-audit rows, the stream heads, the dead letters and the Kafka offsets, so that a
-batch is applied entirely or not at all, and applying it again changes nothing.
+audit rows, the stream heads, the dead letters, the outbox and the Kafka
+offsets, so that a batch is applied entirely or not at all, and applying it
+again changes nothing.
 
 Every record ends in one outcome (SPEC.md section 6): projected, duplicate,
 parked behind a dead-lettered predecessor, dead-lettered (a permanent failure,
-or retries exhausted), or handed back for retry (its predecessor is not
-projected yet). Records that leave the batch are given to a ``Forward``
-callback inside the transaction, so they are safe in Kafka before the offsets
-that pass them are committed.
+retries exhausted, or data PostgreSQL refuses), or handed back for retry (its
+predecessor is not projected yet). Copies of what leaves the batch for the
+retry topics or the dead-letter topic are rows of ``outbox`` in the same
+transaction; they are published after it commits (``streams.forward``).
+
+A batch that PostgreSQL refuses is split in halves, and each half applied on
+its own, until the record that causes the refusal stands alone: it alone is
+dead-lettered as ``rejected_by_database``, and the rest is projected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import orjson
 
+from projections.db import RejectedByDatabase, StoreConflict, StoreUnavailable, database_error, pg_text
 from projections.pricing import ModelPrice, PriceCatalog
 from projections.rules import ExecutionState, Projected, StepState, apply
-from projections.sql import migrations, query, quote_schema
+from projections.sql import query
 from schemas.chain import Head, link_error
 from schemas.errors import (
     ChainBroken,
@@ -39,35 +45,12 @@ from schemas.errors import (
     RetriesExhausted,
     RunledgerError,
     SeqConflict,
-    TransientError,
 )
-from schemas.events import Event, decode_json, parse_event
+from schemas.events import Event, decode_event, parse_event
 
-__all__ = ["NOTIFY_CHANNEL", "BatchResult", "DeadLetterCopy", "Failure", "Forward", "LogRecord", "ProjectionStore",
-           "StoreConflict", "StoreTimeout", "StoreUnavailable", "connect", "connect_one", "migrate"]
+__all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "ProjectionStore", "Route"]
 
 log = logging.getLogger(__name__)
-
-WORKER_ROLE = "runledger_worker"
-NOTIFY_CHANNEL = "runledger_projected"
-
-
-class StoreUnavailable(TransientError):
-    """PostgreSQL is unreachable or went away mid-transaction. Retry."""
-
-    code = "database_unavailable"
-
-
-class StoreConflict(StoreUnavailable):
-    """The transaction lost a deadlock or a serialization check against another one. Retry."""
-
-    code = "database_conflict"
-
-
-class StoreTimeout(StoreUnavailable):
-    """PostgreSQL did not answer in time. Retry."""
-
-    code = "database_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +93,18 @@ class Failure:
     def first_failed(self) -> datetime:
         return self.record.first_failed or self.failed_at
 
+    @property
+    def message(self) -> str:
+        """The error message as PostgreSQL and Kafka headers can carry it (no U+0000, bounded)."""
+        return pg_text(str(self.error))
 
-DeadLetterCopy = tuple[str, int, int]
-"""(topic, partition, offset) of a dead letter's copy in the dead-letter topic."""
 
-Forward = Callable[[list[Failure], list[Failure]], Awaitable[dict[int, DeadLetterCopy]]]
-"""Sends (to retry, dead letters) to Kafka and returns once they are safe there: letter id -> its copy."""
+OutboxRow = tuple[str, bytes | None, bytes | None, dict[str, str], int | None]
+"""(topic, key, value, headers, dead letter id) of a copy to publish after commit; a dead letter's copy has no
+value here (it is read from its row)."""
+
+Route = Callable[[list[Failure], list[Failure]], list[OutboxRow]]
+"""Where (to retry, dead letters) go: the outbox rows of their copies. Pure; runs inside the transaction."""
 
 
 @dataclass(slots=True)
@@ -135,72 +124,16 @@ class BatchResult:
         """Dead letters by reason code."""
         return Counter(f.error.code for f in self.dead)
 
-
-_TRANSIENT_PG = (asyncpg.PostgresConnectionError, asyncpg.SerializationError, asyncpg.DeadlockDetectedError,
-                 asyncpg.UniqueViolationError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
-                 asyncpg.QueryCanceledError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
-                 ConnectionError, OSError, TimeoutError)
-
-
-def _unavailable(e: BaseException, what: str) -> StoreUnavailable:
-    """The transient store error for a PostgreSQL or network failure."""
-    if isinstance(e, asyncpg.SerializationError | asyncpg.DeadlockDetectedError | asyncpg.UniqueViolationError):
-        return StoreConflict(f"{what}: {e}")
-    if isinstance(e, TimeoutError | asyncpg.QueryCanceledError):
-        return StoreTimeout(f"{what}: timed out ({e or type(e).__name__})")
-    return StoreUnavailable(f"{what}: {e or type(e).__name__}")
+    def merge(self, other: BatchResult) -> BatchResult:
+        """Both results as one (a batch applied in parts)."""
+        return BatchResult(self.projected + other.projected, self.duplicates + other.duplicates,
+                           self.parked + other.parked, self.dead + other.dead, self.retry + other.retry,
+                           self.rows + other.rows, self.cost_usd + other.cost_usd)
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    # Binary jsonb (a version byte, then the text) so that COPY can carry it too.
-    await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
-                              encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
-
-
-async def connect(database_url: str, schema: str, *, role: str | None = WORKER_ROLE,
-                  min_size: int = 0, max_size: int = 4) -> asyncpg.Pool:
-    """A pool whose connections use ``schema`` and act as ``role`` (the worker role by default)."""
-    # Startup parameters, not SET: the pool's RESET ALL on release returns to them.
-    server_settings = {"search_path": quote_schema(schema)}
-    if role is not None:
-        server_settings["role"] = role
-    try:
-        return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
-                                         command_timeout=60, init=_init_connection, server_settings=server_settings)
-    except _TRANSIENT_PG as e:
-        raise _unavailable(e, "cannot connect to PostgreSQL") from e
-
-
-async def connect_one(database_url: str, schema: str) -> asyncpg.Connection:
-    """One connection on ``schema`` as the connecting user (the owner): for reads, waits and admin work."""
-    try:
-        return await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
-    except (OSError, asyncpg.PostgresError) as e:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
-
-
-async def migrate(database_url: str, schema: str) -> list[str]:
-    """Apply the migrations ``schema`` lacks; safe from several processes at once. Returns what ran."""
-    conn = await asyncpg.connect(database_url)
-    applied = []
-    try:
-        quoted = quote_schema(schema)
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('runledger.migrate'))")
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
-            await conn.execute(f"SET LOCAL search_path TO {quoted}")
-            await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
-                               "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for version, name, sql in migrations():
-                if version not in done:
-                    await conn.execute(sql)
-                    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                                       version, name)
-                    applied.append(f"{version:03d}_{name}")
-    finally:
-        await conn.close()
-    return applied
+# A unique-key race with another transaction is retried in place this often before the record is taken
+# for one PostgreSQL refuses (the per-stream locks make a real race rare).
+_CONFLICT_TRIES = 3
 
 
 class ProjectionStore:
@@ -236,42 +169,91 @@ class ProjectionStore:
             r["model"]: ModelPrice(r["model"], r["provider"], r["input_usd_per_token"], r["output_usd_per_token"],
                                    r["cached_usd_per_token"]) for r in rows})
 
-    async def load_offsets(self, topic: str) -> dict[int, int]:
+    async def load_offsets(self, topic: str) -> dict[int, tuple[int, str | None]]:
+        """partition -> (next offset, SHA-256 of the record before it) as stored with the projections."""
         try:
             async with self._pool.acquire() as conn:
-                return {r["partition"]: r["next_offset"]
+                return {r["partition"]: (r["next_offset"], r["last_sha256"])
                         for r in await conn.fetch(query("load_offsets"), self._group_id, topic)}
-        except _TRANSIENT_PG as e:
-            raise _unavailable(e, "cannot read the stored offsets") from e
+        except Exception as e:
+            raise StoreUnavailable(f"cannot read the stored offsets: {e}") from e
 
-    async def apply_batch(self, records: Sequence[LogRecord], *, forward: Forward | None = None) -> BatchResult:
-        """Apply ``records`` in one transaction. Raises StoreUnavailable (transient) only.
+    async def apply_batch(self, records: Sequence[LogRecord], *, route: Route | None = None) -> BatchResult:
+        """Apply ``records`` in one transaction (in parts, if PostgreSQL refuses one of them).
 
-        With ``forward``, a record whose predecessor is not projected yet is handed
-        back for retry (until ``max_attempts``), and dead letters get a copy in Kafka;
-        without it (rebuilds, replays, tests), such a record is parked instead.
+        Raises StoreUnavailable (transient) only. With ``route``, a record whose
+        predecessor is not projected yet is handed back for retry (until ``max_attempts``),
+        and copies of retries and dead letters go to the outbox; without it (rebuilds,
+        replays, tests), such a record is parked instead.
         """
         try:
             async with self._pool.acquire() as conn:
-                return await self.apply_on(conn, records, forward=forward)
-        except _TRANSIENT_PG as e:
-            raise _unavailable(e, f"batch of {len(records)} records not applied") from e
+                return await self.apply_on(conn, records, route=route)
+        except StoreUnavailable:
+            raise
+        except Exception as e:
+            error = database_error(e, f"batch of {len(records)} records not applied")
+            if isinstance(error, StoreUnavailable):
+                raise error from e
+            raise
 
     async def apply_on(self, conn: asyncpg.Connection, records: Sequence[LogRecord], *,
-                       forward: Forward | None = None) -> BatchResult:
-        """``apply_batch`` on ``conn``: its own transaction, or a savepoint inside the caller's."""
-        async with conn.transaction():
-            # Shared: batches run side by side; `runledger rebuild` takes it exclusively to switch over.
-            await conn.execute(query("apply_lock"))
-            batch = _Batch(conn, self.catalog, self._group_id, self.max_attempts, retry_gaps=forward is not None)
-            result = await batch.run(records)
-            if forward is not None and (result.retry or result.dead):
-                copies = await forward(result.retry, result.dead)
-                await conn.executemany(query("set_dead_letter_copy"),
-                                       [(letter, *copy) for letter, copy in copies.items()])
-            if result.projected or result.dead:
-                await conn.execute(query("notify_projected"))  # wakes `runledger wait`, on commit
-            return result
+                       route: Route | None = None) -> BatchResult:
+        """``apply_batch`` on ``conn``: its own transactions, or savepoints inside the caller's."""
+        try:
+            return await self._attempt(conn, records, route)
+        except RejectedByDatabase as e:
+            if len(records) > 1:
+                log.warning("PostgreSQL refused a batch of %d records (%s); applying it in halves", len(records), e)
+                half = len(records) // 2
+                first = await self.apply_on(conn, records[:half], route=route)
+                return first.merge(await self.apply_on(conn, records[half:], route=route))
+            return await self._apply_alone(conn, records[0], route, e)
+
+    async def _apply_alone(self, conn: asyncpg.Connection, record: LogRecord, route: Route | None,
+                           refusal: RejectedByDatabase) -> BatchResult:
+        """One record whose batch PostgreSQL refused: itself, or an event parked behind it that it lets follow."""
+        try:
+            alone = await self._attempt(conn, [record], route, follow_parked=False)
+        except RejectedByDatabase as e:
+            log.warning("PostgreSQL refuses %s[%d]@%d: dead-lettered as rejected_by_database: %s", record.topic,
+                        record.partition, record.offset, e)
+            return await self._attempt(conn, [record], route, refused=e)
+        # The record is not the cause: the parked events that it unblocks are. Each is a record of its own now.
+        streams = sorted({stream for stream, _ in alone.projected})
+        parked = sorted(await conn.fetch(query("load_parked"), streams), key=lambda r: (r["stream_id"], r["seq"]))
+        if not parked:
+            return alone  # refused once, accepted now: nothing to isolate
+        log.warning("PostgreSQL refused %s[%d]@%d with the %d events parked behind it, and accepts it alone (%s): "
+                    "applying those on their own", record.topic, record.partition, record.offset, len(parked), refusal)
+        followers = [LogRecord(r["kafka_topic"], r["kafka_partition"], r["kafka_offset"], r["stream_id"].encode(),
+                               bytes(r["value"]), attempts=1) for r in parked]
+        return alone.merge(await self.apply_on(conn, followers, route=route))
+
+    async def _attempt(self, conn: asyncpg.Connection, records: Sequence[LogRecord], route: Route | None, *,
+                       follow_parked: bool = True, refused: RejectedByDatabase | None = None) -> BatchResult:
+        for tries in range(1, _CONFLICT_TRIES + 1):
+            try:
+                async with conn.transaction():
+                    # Shared: batches run side by side; `runledger rebuild` takes it exclusively to switch over.
+                    await conn.execute(query("apply_lock"))
+                    batch = _Batch(conn, self.catalog, self._group_id, self.max_attempts, route,
+                                   follow_parked=follow_parked, refused=refused)
+                    result = await batch.run(records)
+                    if result.projected or result.dead:
+                        await conn.execute(query("notify_projected"))  # wakes `runledger wait`, on commit
+                    return result
+            except Exception as e:
+                error = database_error(e, f"batch of {len(records)} records not applied")
+                if error is None:
+                    raise
+                if isinstance(error, StoreConflict) and tries < _CONFLICT_TRIES:
+                    await asyncio.sleep(0.05 * tries * (0.5 + random.random()))  # noqa: S311 - jitter
+                    continue
+                if isinstance(e, asyncpg.UniqueViolationError):
+                    error = RejectedByDatabase(pg_text(f"SQLSTATE {e.sqlstate} after {tries} tries: {e}"))
+                raise error from e
+        raise AssertionError("unreachable")
 
     async def apply_until_done(self, records: Sequence[LogRecord]) -> BatchResult:
         """``apply_batch``, retried with backoff while PostgreSQL is unavailable: nothing is skipped."""
@@ -291,10 +273,12 @@ _Item = tuple[Event, LogRecord, dict[str, Any] | None]
 class _Batch:
     """One transaction's work; see ``ProjectionStore.apply_batch``."""
 
-    def __init__(self, conn: asyncpg.Connection, catalog: PriceCatalog, group_id: str, max_attempts: int, *,
-                 retry_gaps: bool) -> None:
+    def __init__(self, conn: asyncpg.Connection, catalog: PriceCatalog, group_id: str, max_attempts: int,
+                 route: Route | None, *, follow_parked: bool, refused: RejectedByDatabase | None) -> None:
         self.conn, self.catalog, self.group_id = conn, catalog, group_id
-        self.max_attempts, self.retry_gaps = max_attempts, retry_gaps
+        self.max_attempts, self.route = max_attempts, route
+        self.retry_gaps = route is not None
+        self.follow_parked, self.refused = follow_parked, refused
         self.now = datetime.now(UTC)
         self.result = BatchResult()
         self.blocked: set[str] = set()  # streams with a dead letter: later events park behind it
@@ -327,12 +311,18 @@ class _Batch:
         # Per stream: (event, record, its data as received, or None for an event parked earlier).
         by_stream: dict[str, list[_Item]] = defaultdict(list)
         for record in records:
-            raw = None
+            raw = event = None
             try:
-                raw = decode_json(record.value)
+                raw = decode_event(record.value)
                 event = parse_event(raw)
             except PermanentError as e:
-                self.fail(record, e, raw=raw)
+                if self.refused is None:
+                    self.fail(record, e, raw=raw)
+                    continue
+            if self.refused is not None:  # this record alone, refused by PostgreSQL whatever it is: it leaves
+                self.fail(record, self.refused, event, raw=raw)
+                if event is not None:  # if it was parked, its letter holds it now
+                    self.unparks.append((event.subject, event.seq, event.id))
                 continue
             by_stream[event.subject].append((event, record, raw["data"]))
         streams = sorted(by_stream)
@@ -350,7 +340,7 @@ class _Batch:
         ids = [e.id for items in by_stream.values() for e, _, _ in items]
         projected_ids = {r["event_id"] for r in await conn.fetch(query("load_projected_ids"), ids)}
         self.blocked.update(r["stream_id"] for r in await conn.fetch(query("open_dead_streams"), streams))
-        for row in await conn.fetch(query("load_parked"), streams):
+        for row in await conn.fetch(query("load_parked"), streams) if self.follow_parked else ():
             record = LogRecord(row["kafka_topic"], row["kafka_partition"], row["kafka_offset"],
                                row["stream_id"].encode(), bytes(row["value"]))
             by_stream[row["stream_id"]].append((parse_event(record.value), record, None))
@@ -388,7 +378,7 @@ class _Batch:
                     state, head, advanced = done.state, Head(event.seq, event.hash), True
                     projected_ids.add(event.id)
                     self.record(done, event, record,
-                                data if data is not None else decode_json(record.value)["data"])
+                                data if data is not None else decode_event(record.value)["data"])
                     touched[stream].update(done.touched_steps)
                 pending = waiting
             for event, record, data in pending:
@@ -447,13 +437,20 @@ class _Batch:
                      "parked_events": len(self.parks) - len(self.unparks)})
         self.result.cost_usd = sum((c[_COST_USD] for c in self.costs if c[_COST_USD] is not None), Decimal(0))
         await self.write_dead_letters()
-        ends: dict[tuple[str, int], int] = {}
+        if self.route is not None and (self.result.retry or self.result.dead):
+            copies = self.route(self.result.retry, self.result.dead)
+            await conn.executemany(query("insert_outbox"), copies)
+            rows["outbox"] = len(copies)
+        last: dict[tuple[str, int], LogRecord] = {}
         for r in records:
             if r.attempts == 0:  # read from the log now; a retried or replayed record is behind these offsets
                 key = (r.topic, r.partition)
-                ends[key] = max(ends.get(key, 0), r.offset + 1)
-        if ends:
-            await conn.executemany(query("save_offset"), [(self.group_id, t, p, o) for (t, p), o in ends.items()])
+                if key not in last or r.offset > last[key].offset:
+                    last[key] = r
+        if last:
+            await conn.executemany(query("save_offset"), [
+                (self.group_id, t, p, r.offset + 1, hashlib.sha256(r.value).hexdigest())
+                for (t, p), r in last.items()])
         self.result.rows = Counter({table: n for table, n in rows.items() if n})  # only the tables that change
 
     async def write_dead_letters(self) -> None:
@@ -462,11 +459,11 @@ class _Batch:
             r = f.record
             if r.dead_letter_id is not None:  # a replay that failed again: same letter, one more attempt
                 await self.conn.execute(query("dead_letter_failed_again"), r.dead_letter_id, f.error.code,
-                                        str(f.error), f.failed_at)
+                                        f.message, f.failed_at)
                 recorded.append(replace(f, dead_letter_id=r.dead_letter_id))
                 continue
             letter = await self.conn.fetchval(
-                query("insert_dead_letter"), f.error.code, str(f.error), f.attempts, f.first_failed, f.failed_at,
+                query("insert_dead_letter"), f.error.code, f.message, f.attempts, f.first_failed, f.failed_at,
                 r.topic, r.partition, r.offset, r.key, r.value, f.stream_id, f.seq, f.event_id, f.event_type)
             if letter is not None:  # None: this record already has an open letter
                 recorded.append(replace(f, dead_letter_id=letter))
@@ -481,7 +478,7 @@ def _known_fields(raw: Any) -> tuple[str | None, int | None, str | None, str | N
 
     def text(name: str) -> str | None:
         value = raw.get(name)
-        return value[:200] if isinstance(value, str) else None
+        return pg_text(value, 200) if isinstance(value, str) else None
 
     seq = raw.get("seq")
     return text("subject"), seq if type(seq) is int and 0 < seq < 2**63 else None, text("id"), text("type")

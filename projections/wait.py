@@ -2,7 +2,10 @@
 
 Workers send a PostgreSQL notification when a batch commits; a waiter wakes on
 it (and re-checks at least once a second, in case a notification is missed),
-so an answer comes within milliseconds of the commit.
+so an answer comes within milliseconds of the commit. A wait that cannot end
+says why: the stream's partition is held back (``stalled``: the log no longer
+matches what was projected, see ``streams.logcheck``), or no worker of the
+group is running.
 """
 
 from __future__ import annotations
@@ -10,17 +13,21 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
+from aiokafka.partitioner import murmur2
 
 from projections.sql import query
-from projections.store import NOTIFY_CHANNEL, StoreUnavailable, connect_one
+from projections.db import NOTIFY_CHANNEL, StoreUnavailable, connect_one
 
-__all__ = ["WaitResult", "wait_projected"]
+__all__ = ["WORKER_GONE_S", "WaitResult", "no_worker", "stream_partition", "wait_projected"]
 
 _RECHECK_S = 1.0
+WORKER_GONE_S = 10.0
+"""A worker not seen for this long counts as stopped (workers refresh their row every 2 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +35,9 @@ class WaitResult:
     """Where one event stands.
 
     ``status``: ``projected`` (in the tables), ``rejected`` (a dead letter, ``dead_letter_id``: not
-    unless replayed; ``reason`` is the code, ``error`` the message), or ``timeout`` (not yet;
-    ``error`` says what it waits for).
+    unless replayed; ``reason`` is the code, ``error`` the message), ``stalled`` (the workers hold the
+    stream's partition back; ``error`` says why and what fixes it), or ``timeout`` (not yet;
+    ``error`` says what it waits for, and if no worker is running).
     """
 
     stream_id: str
@@ -48,12 +56,18 @@ class WaitResult:
 
 
 async def wait_projected(database_url: str, schema: str, stream_id: str, seq: int, *,
-                         event_id: str | None = None, timeout: float = 30.0) -> WaitResult:
+                         event_id: str | None = None, timeout: float = 30.0, group_id: str | None = None,
+                         topic: str | None = None, recheck_s: float = _RECHECK_S,
+                         note: Callable[[str], None] | None = None) -> WaitResult:
     """Return once ``stream_id`` seq ``seq`` is projected or rejected, or after ``timeout`` seconds.
 
     With ``event_id``, only that event counts: another event projected at the same
-    seq (a fork) does not end the wait, and its own rejection does. Raises
-    StoreUnavailable if PostgreSQL cannot be reached, ValueError on bad arguments.
+    seq (a fork) does not end the wait, and its own rejection does. With ``group_id``
+    and ``topic`` (the log), a partition the group's workers hold back ends the wait
+    (``stalled``), and a timeout says whether any worker of the group is running.
+    ``recheck_s``: how often to look without a notification; ``note`` hears at once if
+    no worker is running (the wait goes on: one may start). Raises StoreUnavailable
+    if PostgreSQL cannot be reached, ValueError on bad arguments.
     """
     if seq < 1:
         raise ValueError(f"seq: must be 1 or more, not {seq}")
@@ -66,16 +80,28 @@ async def wait_projected(database_url: str, schema: str, stream_id: str, seq: in
     deadline = started + max(timeout, 0.0)
     conn = await connect_one(database_url, schema)
     woken = asyncio.Event()
+    asked = False  # whether a worker is running, at the start and at the end only
     try:
         await conn.add_listener(NOTIFY_CHANNEL, lambda *_: woken.set())
         while True:
             woken.clear()
             result = await _check(conn, stream_id, seq, event_id)
+            if result.status == "timeout" and group_id is not None and topic is not None:
+                result = await _stalled(conn, result, group_id, topic) or result
             waited = round(time.monotonic() - started, 3)
+            last = time.monotonic() >= deadline
+            if result.status == "timeout" and group_id is not None and (not asked or last):
+                asked = True
+                gone = await no_worker(conn, group_id)
+                if gone and note is not None:
+                    note(gone)
+                    note = None
+                if gone and last:
+                    result = WaitResult(**{**result.as_dict(), "error": f"{result.error}; {gone}"})
             if result.status != "timeout" or time.monotonic() >= deadline:
                 return WaitResult(**{**result.as_dict(), "waited_s": waited})
             try:
-                await asyncio.wait_for(woken.wait(), min(_RECHECK_S, deadline - time.monotonic()))
+                await asyncio.wait_for(woken.wait(), min(recheck_s, deadline - time.monotonic()))
             except TimeoutError:
                 pass
     except (OSError, asyncpg.PostgresConnectionError) as e:
@@ -105,3 +131,33 @@ async def _check(conn: asyncpg.Connection, stream_id: str, seq: int, event_id: s
     else:
         why = f"not projected yet: the stream is projected up to seq {head_seq}"
     return WaitResult(stream_id, seq, "timeout", event_id, error=why, head_seq=head_seq)
+
+
+def stream_partition(stream_id: str, partitions: int) -> int:
+    """The partition of ``stream_id`` in a log of ``partitions`` (the Java client's murmur2, SPEC.md section 1)."""
+    return (murmur2(stream_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+async def _stalled(conn: asyncpg.Connection, result: WaitResult, group_id: str, topic: str) -> WaitResult | None:
+    try:
+        problems = await conn.fetch(query("problems"), group_id, topic)
+    except asyncpg.UndefinedTableError:
+        return None
+    for p in problems:
+        if p["partition"] == stream_partition(result.stream_id, p["partitions"]):
+            return WaitResult(**{**result.as_dict(), "status": "stalled",
+                                 "error": f"the workers hold its partition back: {p['problem']}"})
+    return None
+
+
+async def no_worker(conn: asyncpg.Connection, group_id: str) -> str | None:
+    """Why nothing will be projected if no worker of ``group_id`` is alive, else None."""
+    try:
+        alive = await conn.fetch(query("live_workers"), group_id, WORKER_GONE_S)
+    except asyncpg.UndefinedTableError:
+        alive = []
+    if alive:
+        return None
+    return (f"no worker of group {group_id} is running (none seen in the last {WORKER_GONE_S:.0f} s): start one "
+            "with `runledger worker`")
+

@@ -15,15 +15,28 @@ from schemas.errors import (
     RetriesExhausted,
     RunledgerError,
     SeqConflict,
+    TooLarge,
     TransientError,
     UnknownType,
 )
-from schemas.events import EVENT_TYPES, Event, decode_json, format_time, parse_event, validate_data, validate_stream_id
+from schemas.events import (
+    EVENT_TYPES,
+    MAX_EVENT_BYTES,
+    Event,
+    decode_event,
+    decode_json,
+    format_time,
+    parse_event,
+    validate_data,
+    validate_stream_id,
+)
 
 __all__ = [
     # events
     "EVENT_TYPES",
+    "MAX_EVENT_BYTES",
     "Event",
+    "decode_event",
     "decode_json",
     "format_time",
     "parse_event",
@@ -44,6 +57,7 @@ __all__ = [
     "InvalidJson",
     "InvalidEvent",
     "UnknownType",
+    "TooLarge",
     "HashMismatch",
     "ChainBroken",
     "SeqConflict",

@@ -23,7 +23,7 @@ __all__ = [
     "canonical",
     "compute_hash",
     "link_error",
-    "unsafe_numbers",
+    "unsafe_values",
     "verify_chain",
 ]
 
@@ -33,11 +33,21 @@ GENESIS_HASH = "0" * 64
 MAX_SAFE_INTEGER = 2**53 - 1
 
 
-def unsafe_numbers(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
-    """Yield (field path, reason) for every number JCS cannot canonicalise (SPEC.md section 4)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+_NUL_REASON = "contains U+0000, which PostgreSQL text and jsonb cannot store (SPEC.md section 4)"
+
+
+def unsafe_values(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """Yield (field path, reason) for every value SPEC.md section 4 forbids: a number JCS cannot
+    canonicalise, or a string, value or key, that contains U+0000.
+
+    A key is shown by ``repr`` so that no raw NUL lands in a message or a path.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            yield path, _NUL_REASON
+    elif isinstance(value, bool) or value is None:
         return
-    if isinstance(value, int):
+    elif isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
             yield path, f"integer {value} is outside ±(2^53 − 1)"
     elif isinstance(value, float):
@@ -45,20 +55,27 @@ def unsafe_numbers(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
             yield path, f"{value} is not a finite number"
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from unsafe_numbers(item, f"{path}.{key}" if path else str(key))
+            name = str(key)
+            if "\x00" in name:
+                yield path, f"key {name!r} {_NUL_REASON}"
+                name = repr(name)[1:-1]  # the rest of the object is still checked, under a printable name
+            yield from unsafe_values(item, f"{path}.{name}" if path else name)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            yield from unsafe_numbers(item, f"{path}[{index}]")
+            yield from unsafe_values(item, f"{path}[{index}]")
 
 
 def is_plain(value: Any) -> bool:
-    """Whether ``value`` holds no float, no integer beyond ±(2^53 − 1) and no key outside the Basic
-    Multilingual Plane: the common case, where every number is safe and orjson's sorted output
-    is exactly JCS. (orjson escapes strings as JCS does and writes integers alike; it differs
-    only on floats, ES6 number form, and on such keys, which JCS sorts by UTF-16 code units.)
+    """Whether ``value`` holds no float, no integer beyond ±(2^53 − 1), no key outside the Basic
+    Multilingual Plane and no U+0000 in any string or key: the common case, where every value is
+    allowed and orjson's sorted output is exactly JCS. (orjson escapes strings as JCS does and writes
+    integers alike; it differs only on floats, ES6 number form, and on such keys, which JCS sorts by
+    UTF-16 code units.) If it is False, ``unsafe_values`` says what is forbidden, if anything.
     One walk, no allocation: it runs on every event a worker reads."""
     kind = type(value)
-    if kind is str or kind is bool or value is None:
+    if kind is str:
+        return "\x00" not in value
+    if kind is bool or value is None:
         return True
     if kind is int:
         return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
@@ -66,7 +83,12 @@ def is_plain(value: Any) -> bool:
         for key, item in value.items():
             if not key.isascii() and max(map(ord, key)) > 0xFFFF:
                 return False
-            if not is_plain(item):
+            if "\x00" in key:
+                return False
+            if type(item) is str:  # most values: checked here, which saves a call (the NUL check's cost)
+                if "\x00" in item:
+                    return False
+            elif not is_plain(item):
                 return False
         return True
     if kind is list:

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidJson",
     "InvalidEvent",
     "UnknownType",
+    "TooLarge",
     "HashMismatch",
     "ChainBroken",
     "SeqConflict",
@@ -77,6 +78,13 @@ class UnknownType(InvalidEvent):
     """The event ``type`` is not one of SPEC.md section 5's types."""
 
     code = "unknown_type"
+
+
+class TooLarge(InvalidEvent):
+    """An encoded event is over 512 KiB (SPEC.md section 4): larger content belongs outside the log,
+    named by an ``artifact.created`` ``uri``. Refused by a producer; dead-lettered by a worker."""
+
+    code = "too_large"
 
 
 class HashMismatch(PermanentError):

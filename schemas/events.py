@@ -26,14 +26,16 @@ from pydantic import (
     ValidationError,
 )
 
-from schemas.chain import MAX_SAFE_INTEGER, compute_hash, is_plain, unsafe_numbers
-from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, UnknownType
+from schemas.chain import MAX_SAFE_INTEGER, compute_hash, is_plain, unsafe_values
+from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, TooLarge, UnknownType
 
 __all__ = [
     "EVENT_TYPES",
+    "MAX_EVENT_BYTES",
     "STREAM_ID_PATTERN",
     "Event",
     "Money",
+    "decode_event",
     "decode_json",
     "format_time",
     "parse_event",
@@ -41,6 +43,8 @@ __all__ = [
     "validate_stream_id",
 ]
 
+MAX_EVENT_BYTES = 512 * 1024
+"""The largest encoded event, in bytes of UTF-8 JSON (SPEC.md section 4); larger is ``TooLarge``."""
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 _MONEY = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]{1,12})?")
 _HEX64 = r"^[0-9a-f]{64}$"
@@ -244,7 +248,8 @@ def validate_stream_id(stream_id: object) -> str:
 
 
 def validate_data(event_type: object, data: object, *, plain: bool | None = None) -> EventData:
-    """Validate the ``data`` of an event of ``event_type``; raise UnknownType or InvalidEvent.
+    """Validate the ``data`` of an event of ``event_type``; raise UnknownType or InvalidEvent, which
+    also names any number JCS cannot canonicalise and any string or key containing U+0000.
 
     ``plain``: ``is_plain(data)`` if the caller already knows it.
     """
@@ -253,9 +258,9 @@ def validate_data(event_type: object, data: object, *, plain: bool | None = None
     if not isinstance(data, dict):
         raise InvalidEvent([("data", f"must be a JSON object, not {type(data).__name__}")])
     if not (plain if plain is not None else is_plain(data)):
-        numbers = [(f"data.{path}", reason) for path, reason in unsafe_numbers(data)]
-        if numbers:
-            raise InvalidEvent(numbers)
+        problems = [(f"data.{path}" if path else "data", reason) for path, reason in unsafe_values(data)]
+        if problems:
+            raise InvalidEvent(problems)
     try:
         return _DATA_ADAPTERS[event_type].validate_python(data)  # type: ignore[no-any-return]
     except ValidationError as e:
@@ -273,21 +278,37 @@ def decode_json(value: bytes | str) -> dict[str, Any]:
     return obj
 
 
+def decode_event(value: bytes | str) -> dict[str, Any]:
+    """Decode one encoded event: TooLarge if it is over ``MAX_EVENT_BYTES``, else as ``decode_json``.
+
+    The size is checked first, so an oversized record is refused without being parsed.
+    """
+    if isinstance(value, str):  # isascii is O(1) on a str: most text is counted without encoding it
+        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    else:
+        size = len(value)
+    if size > MAX_EVENT_BYTES:
+        raise TooLarge([("", f"the encoded event is {size:,} bytes; at most {MAX_EVENT_BYTES:,} (512 KiB) are "
+                             f"allowed: put larger content outside the log, named by an artifact.created uri")])
+    return decode_json(value)
+
+
 def parse_event(value: bytes | str | dict[str, Any], *, verify_hash: bool = True) -> Event:
     """Parse and validate one event.
 
     ``value`` is the record value from Kafka (bytes), JSON text, or an already
-    decoded object. Raises InvalidJson, UnknownType, InvalidEvent or
-    HashMismatch; all are ``PermanentError``.
+    decoded object (whose size is not checked: there are no bytes to count).
+    Raises TooLarge, InvalidJson, UnknownType, InvalidEvent or HashMismatch;
+    all are ``PermanentError``.
     """
-    raw = value if isinstance(value, dict) else decode_json(value)
+    raw = value if isinstance(value, dict) else decode_event(value)
     try:
-        plain = is_plain(raw)  # one walk serves the number checks and the hash
+        plain = is_plain(raw)  # one walk serves the number and U+0000 checks and the hash
     except RecursionError:
         raise InvalidEvent([("data", "nested too deeply")]) from None
     data = validate_data(raw.get("type"), raw.get("data"), plain=plain or None)
     envelope = {k: v for k, v in raw.items() if k != "data"}
-    problems = [] if plain else list(unsafe_numbers(envelope))
+    problems = [] if plain else list(unsafe_values(envelope))
     if problems:
         raise InvalidEvent(problems)
     try:

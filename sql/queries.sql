@@ -96,12 +96,67 @@ SELECT count(pg_advisory_xact_lock(hashtext('runledger.stream:' || current_schem
 FROM (SELECT DISTINCT hashtext(s) AS k FROM unnest($1::text[]) AS s ORDER BY k) AS keys;
 
 -- name: save_offset
-INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_at) VALUES ($1, $2, $3, $4, now())
+-- $5: SHA-256 of the record at next_offset - 1. Offsets only move forward here (`runledger offsets reset` is
+-- the one way back).
+INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, last_sha256, updated_at)
+VALUES ($1, $2, $3, $4, $5, now())
 ON CONFLICT (group_id, topic, partition) DO UPDATE
-SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset), updated_at = now();
+SET next_offset = EXCLUDED.next_offset, last_sha256 = EXCLUDED.last_sha256, updated_at = now()
+WHERE EXCLUDED.next_offset > consumer_offsets.next_offset;
 
 -- name: load_offsets
-SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2;
+SELECT partition, next_offset, last_sha256 FROM consumer_offsets WHERE group_id = $1 AND topic = $2;
+
+-- name: reset_offset
+UPDATE consumer_offsets SET next_offset = $4, last_sha256 = NULL, updated_at = now()
+WHERE group_id = $1 AND topic = $2 AND partition = $3;
+
+-- Copies to publish after commit (`streams.forward.Publisher`).
+
+-- name: insert_outbox
+INSERT INTO outbox (topic, key, value, headers, dead_letter_id) VALUES ($1, $2, $3, $4, $5);
+
+-- name: outbox_claim
+-- Other publishers skip the rows one holds; the lock lasts while their copies are sent.
+SELECT o.id, o.topic, o.key, coalesce(o.value, d.value) AS value, o.headers, o.dead_letter_id
+FROM outbox o LEFT JOIN dead_letters d ON d.id = o.dead_letter_id
+ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED;
+
+-- name: outbox_done
+DELETE FROM outbox WHERE id = ANY($1::bigint[]);
+
+-- name: outbox_backlog
+SELECT count(*) AS rows, min(created_at) AS oldest FROM outbox;
+
+-- Partitions a worker will not project (see `streams.logcheck`), and the live workers.
+
+-- name: problem_set
+INSERT INTO log_problems (group_id, topic, partition, partitions, stored_offset, log_start, log_end, problem,
+    detected_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+ON CONFLICT (group_id, topic, partition) DO UPDATE SET partitions = EXCLUDED.partitions,
+    stored_offset = EXCLUDED.stored_offset, log_start = EXCLUDED.log_start, log_end = EXCLUDED.log_end,
+    problem = EXCLUDED.problem, detected_at = CASE WHEN log_problems.problem = EXCLUDED.problem
+        THEN log_problems.detected_at ELSE now() END;
+
+-- name: problem_clear
+DELETE FROM log_problems WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::integer[]);
+
+-- name: problems
+SELECT * FROM log_problems WHERE group_id = $1 AND topic = $2 ORDER BY partition;
+
+-- name: worker_seen
+INSERT INTO workers (worker_id, group_id, host, pid, started_at, seen_at, partitions)
+VALUES ($1, $2, $3, $4, $5, now(), $6)
+ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), partitions = EXCLUDED.partitions;
+
+-- name: worker_gone
+DELETE FROM workers WHERE worker_id = $1;
+
+-- name: live_workers
+-- $2: seconds without a sign of life after which a worker counts as gone.
+SELECT worker_id, host, pid, started_at, seen_at, partitions FROM workers
+WHERE group_id = $1 AND seen_at > now() - make_interval(secs => $2) ORDER BY started_at;
 
 -- name: current_catalog
 SELECT version FROM price_catalogs ORDER BY loaded_at DESC, version DESC LIMIT 1;

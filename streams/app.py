@@ -1,35 +1,50 @@
 """The Faust application of a projection worker: ``create_app(settings)``.
 
-An aiokafka consumer task (``streams.consumer``) reads the log in whole
-batches and sends each through an in-memory channel to the ``project`` agent,
-which applies it in one PostgreSQL transaction and answers with the result. A
-Faust agent reading records one by one manages about 7,000 records/s on two
-cores; batches through a channel keep the agent thin and the path fast.
+Kafka consumer tasks (``streams.consumer``), one for the log and one per retry
+topic, read whole batches and send each through an in-memory channel to the
+``project`` agent, which applies it in one PostgreSQL transaction
+(``streams.forward.BatchHandler``) and answers with the result; only then does
+the consumer commit. A Faust agent reading records one by one manages about
+7,000 records/s on two cores; batches through a channel keep the agent thin and
+the path fast, and the consumers own their commits, so that no cancellation
+acknowledges a record that was not applied.
 
-One Faust agent per retry topic takes what failed for a transient reason,
-waits until it is due, and applies it the same way (``streams.forward``).
+Two more tasks: one publishes what the outbox still holds (copies a crashed
+worker did not send) every few seconds, one keeps this worker's row in
+``workers`` fresh so that ``runledger wait`` and ``runledger dev status`` know
+it is alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import faust
 
+from projections.db import connect, database_error, migrate
 from projections.pricing import load_tokencost_catalog
-from projections.store import BatchResult, LogRecord, ProjectionStore, connect, migrate
-from streams.consumer import BatchConsumer
+from projections.sql import query
+from projections.store import BatchResult, LogRecord, ProjectionStore
+from streams.consumer import LogConsumer, RetryConsumer
 from streams.forward import BatchHandler, Forwarder
-from streams.retry import RetrySchedule, delay_name, from_retry_topic
+from streams.retry import RetrySchedule, delay_name
 from streams.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["HEARTBEAT_S", "create_app"]
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+_SWEEP_S = 5.0
 
 
 @dataclass
@@ -39,8 +54,15 @@ class _Work:
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+@dataclass
+class _Ready:
+    pool: asyncpg.Pool
+    handler: BatchHandler
+    log_consumer: LogConsumer
+
+
 def create_app(settings: Settings) -> faust.App:
-    """A Faust app whose agents project the log, and its retry topics, into ``settings.db_schema``."""
+    """A Faust app whose agent projects the log, and its retry topics, into ``settings.db_schema``."""
     app = faust.App(
         f"{settings.topic_prefix}-worker",
         broker=f"kafka://{settings.kafka_bootstrap_servers.split(',')[0]}",
@@ -49,22 +71,18 @@ def create_app(settings: Settings) -> faust.App:
         topic_replication_factor=1,
         topic_partitions=settings.event_partitions,
         topic_allow_declare=True,
-        # Tansu holds a new join for half the session timeout; Faust's 60 s default
-        # would keep a starting worker idle for 30 s.
         broker_session_timeout=6.0,
         broker_heartbeat_interval=2.0,
         broker_rebalance_timeout=10.0,
         datadir=str(settings.state_dir / "faust"),
-        # On shutdown, do not wait for buffered retry records to be acked: they are delivered again.
-        stream_wait_empty=False,
     )
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     channel = app.channel()
-    ready: asyncio.Future[BatchHandler] = asyncio.Future(loop=app.loop)
+    ready: asyncio.Future[_Ready] = asyncio.Future(loop=app.loop)
 
     @app.agent(channel)
     async def project(works: Any) -> None:
-        handler = await ready
+        handler = (await ready).handler
         async for work in works:
             try:
                 work.done.set_result(await handler.handle(work.records))
@@ -76,9 +94,6 @@ def create_app(settings: Settings) -> faust.App:
         await channel.put(work)
         return await work.done
 
-    for delay, topic_name in schedule.topics:
-        _retry_agent(app, ready, delay, topic_name)
-
     @app.task
     async def consume() -> None:
         await migrate(settings.database_url, settings.db_schema)
@@ -86,42 +101,48 @@ def create_app(settings: Settings) -> faust.App:
         catalog = load_tokencost_catalog()
         await ProjectionStore.save_catalog(pool, catalog)
         store = ProjectionStore(pool, catalog, settings.consumer_group, max_attempts=schedule.max_attempts)
-        forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule)
+        forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule, settings.db_schema)
         await forwarder.start()
-        ready.set_result(BatchHandler(store, forwarder))
-        consumer = BatchConsumer(settings.kafka_bootstrap_servers, settings.events_topic, settings.consumer_group,
-                                 store, send)
+        log_consumer = LogConsumer(settings.kafka_bootstrap_servers, settings.events_topic, settings.consumer_group,
+                                   store, pool, send)
+        ready.set_result(_Ready(pool, BatchHandler(store, forwarder, pool), log_consumer))
+        retries = [RetryConsumer(settings.kafka_bootstrap_servers, topic, delay,
+                                 f"{settings.consumer_group}.retry.{delay_name(delay)}", send)
+                   for delay, topic in schedule.topics]
+        tasks = [asyncio.create_task(c.run()) for c in [log_consumer, *retries]]
         try:
-            await consumer.run()
+            # The first to end (only by an error) ends them all; the worker stops rather than run half-blind.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await forwarder.stop()
             await pool.close()
 
-    return app
+    @app.timer(_SWEEP_S)
+    async def sweep_outbox() -> None:
+        if ready.done():
+            await (await ready).handler.publish()
 
-
-def _retry_agent(app: faust.App, ready: asyncio.Future[BatchHandler], delay: float, topic_name: str) -> None:
-    """The agent of one retry topic: waits until each batch is due, then applies it."""
-    topic = app.topic(topic_name, key_serializer="raw", value_serializer="raw")
-
-    async def retry(stream: Any) -> None:
-        handler = await ready
-        # Faust acks a batch's messages only after the loop body has handled them.
-        async for events in stream.take_events(1000, within=0.2):
-            batch = [from_retry_topic(e.message.topic, e.message.partition, e.message.offset, e.message.key,
-                                      e.message.value or b"", e.message.headers or [],
-                                      datetime.fromtimestamp(e.message.timestamp, UTC), delay) for e in events]
-            # A topic's records are due in the order they were written: wait for the last one.
-            wait = (max(due for _, due in batch) - datetime.now(UTC)).total_seconds()
-            if wait > 0:
-                await asyncio.sleep(min(wait, delay))
-            # Faust acks the batch when the body returns or raises: an unexpected error must not get that far.
+    @app.task
+    async def heartbeat() -> None:
+        worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        started = datetime.now(UTC)
+        state = await ready
+        try:
             while True:
                 try:
-                    await handler.handle([record for record, _ in batch])
-                    break
-                except Exception:
-                    log.exception("a batch of %s failed unexpectedly; trying it again in 5 s", topic_name)
-                    await asyncio.sleep(5)
+                    await state.pool.execute(query("worker_seen"), worker_id, settings.consumer_group,
+                                             socket.gethostname(), os.getpid(), started,
+                                             sorted(state.log_consumer.assigned))
+                except Exception as e:  # noqa: BLE001 - a missed heartbeat is no reason to stop projecting
+                    log.warning("cannot record this worker as alive: %s", database_error(e, "heartbeat") or e)
+                await asyncio.sleep(HEARTBEAT_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(state.pool.execute(query("worker_gone"), worker_id))
 
-    app.agent(topic, name=f"retry-{delay_name(delay)}")(retry)
+    return app

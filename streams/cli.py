@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from schemas.chain import compute_hash, canonical
 from schemas.errors import RunledgerError
-from schemas.events import decode_json, parse_event
+from schemas.events import decode_event, decode_json, parse_event
 from streams import devstack
 from streams.producer import Appended, NewEvent, append_many, check_new_events
 from streams.settings import Settings
@@ -61,15 +61,38 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         else:
             pid = f"pid {service.pid}" if service.pid else ""
             print(f"{service.name:<9} {service.state:<12} {service.url:<52} {pid}")
+    postgres = next(s for s in services if s.name == "postgres")
+    if args.action == "status" and postgres.state in ("running", "external"):
+        _print_health(args, settings)
     return 0
+
+
+def _print_health(args: argparse.Namespace, settings: Settings) -> None:
+    """The workers of the group and the partitions they hold back (dev status)."""
+    from streams.logcheck import projection_health
+
+    try:
+        health = asyncio.run(projection_health(settings))
+    except RunledgerError as e:
+        health = {"error": str(e), "workers": [], "problems": []}
+    if args.json:
+        _emit({"name": "projection", "schema": settings.db_schema, "group": settings.consumer_group, **health})
+        return
+    workers = health["workers"]
+    print(f"{'workers':<9} {len(workers)} running in group {settings.consumer_group}"
+          + "".join(f"; pid {w['pid']} on {w['host']}, partitions {w['partitions']}" for w in workers))
+    for p in health["problems"]:
+        print(f"{'STALLED':<9} partition {p['partition']} since {p['detected_at']}: {p['problem']}")
+    if health.get("error"):
+        print(f"{'workers':<9} unknown: {health['error']}")
 
 
 # hash -----------------------------------------------------------------------------------------
 
 def hash_report(line: str) -> dict[str, Any]:
-    """The ``runledger hash`` verdict on one line of input."""
+    """The ``runledger hash`` verdict on one line of input; a line over 512 KiB is ``too_large``."""
     try:
-        raw = decode_json(line)
+        raw = decode_event(line.rstrip("\r\n"))  # the line's end is not part of the event
     except RunledgerError as e:
         return {"id": None, "hash": None, "canonical": None, "valid": False, "error": f"{e.code}: {e}"}
     try:
@@ -143,7 +166,7 @@ def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 # db, worker ------------------------------------------------------------------------------------
 
 def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from projections.store import migrate
+    from projections.db import migrate
 
     applied = asyncio.run(migrate(settings.database_url, settings.db_schema))
     print(f"schema {settings.db_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
@@ -169,7 +192,9 @@ def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     from projections.wait import wait_projected
 
     result = asyncio.run(wait_projected(settings.database_url, settings.db_schema, args.stream, args.seq,
-                                        event_id=args.id, timeout=args.timeout))
+                                        event_id=args.id, timeout=args.timeout, group_id=settings.consumer_group,
+                                        topic=settings.events_topic,
+                                        note=lambda text: print(f"note: {text}; waiting anyway", file=sys.stderr)))
     if args.json:
         _emit(result.as_dict())
     elif result.status == "projected":
@@ -178,9 +203,48 @@ def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     elif result.status == "rejected":
         print(f"rejected: {result.stream_id} seq {result.seq} (event {result.event_id}): "
               f"{result.reason}: {result.error} (see `runledger dlq show {result.dead_letter_id}`)")
+    elif result.status == "stalled":
+        print(f"stalled: {result.stream_id} seq {result.seq} is not projected: {result.error}")
     else:
         print(f"timed out after {result.waited_s:.1f} s: {result.stream_id} seq {result.seq} is {result.error}")
-    return {"projected": 0, "rejected": EXIT_INVALID}.get(result.status, EXIT_TIMEOUT)
+    return {"projected": 0, "rejected": EXIT_INVALID, "stalled": EXIT_TRANSIENT}.get(result.status, EXIT_TIMEOUT)
+
+
+# offsets --------------------------------------------------------------------------------------
+
+def _cmd_offsets(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.logcheck import check_log, reset_offsets
+
+    if args.action == "check":
+        checks = asyncio.run(check_log(settings))
+        for c in checks:
+            if args.json:
+                _emit(c.as_dict())
+            else:
+                stored = "-" if c.stored is None else f"{c.stored:,}"
+                print(f"partition {c.partition:>3}  projected to {stored:>12}  log {c.start:,}..{c.end:,}  "
+                      f"{c.problem or 'ok'}")
+        return EXIT_INVALID if any(c.problem for c in checks) else 0
+    chosen = [c for c in asyncio.run(check_log(settings)) if c.problem and (not args.partition
+                                                                             or c.partition in args.partition)]
+    if not chosen:
+        print(f"nothing to reset: every partition of {settings.events_topic} matches what group "
+              f"{settings.consumer_group} projected", file=sys.stderr)
+        return 0
+    for c in chosen:
+        print(f"partition {c.partition}: {c.problem}", file=sys.stderr)
+    if not (args.yes or _confirm(f"Project {len(chosen)} partitions again from the start of the log as it is now "
+                                 "(the existing projections are kept)?")):
+        print("nothing reset", file=sys.stderr)
+        return EXIT_USAGE
+    done = asyncio.run(reset_offsets(settings, [c.partition for c in chosen]))
+    for c in done:
+        if args.json:
+            _emit({"partition": c.partition, "from": c.stored, "to": c.start})
+        else:
+            print(f"partition {c.partition}: projected again from offset {c.start} (was {c.stored}); running "
+                  "workers resume it within seconds")
+    return 0
 
 
 # dlq ------------------------------------------------------------------------------------------
@@ -204,7 +268,7 @@ def _letter_filter(args: argparse.Namespace, *, statuses: tuple[str, ...] = ("de
 async def _with_owner(settings: Settings, work: Any) -> Any:
     import asyncpg
 
-    from projections.store import connect_one
+    from projections.db import connect_one
 
     conn = await connect_one(settings.database_url, settings.db_schema)
     try:
@@ -517,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     wait = sub.add_parser("wait", help="wait until an event is projected (read-your-writes)",
                           description="Returns once event SEQ of STREAM is projected into the tables, or says why "
                           "it is not: rejected (with the reason) or timed out (with what it waits for). Exit "
-                          "status 0 projected, 1 rejected, 4 timed out, 3 PostgreSQL unreachable.")
+                          "status 0 projected, 1 rejected, 4 timed out, 3 PostgreSQL unreachable or the stream's "
+                          "partition stalled (the log no longer matches the projection: see `runledger offsets`).")
     wait.add_argument("stream", help="the stream id (the event's subject)")
     wait.add_argument("seq", type=int, help="the event's seq")
     wait.add_argument("--id", help="the event id: only this event counts (another event at the same seq "
@@ -597,6 +662,25 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--limit", type=int, default=20, metavar="N", help="how many (default 20)")
     hist.add_argument("--json", action="store_true", help="one JSON object a line")
     hist.set_defaults(func=_cmd_dlq_history)
+
+    offsets = sub.add_parser(
+        "offsets", help="check the stored offsets against the log; reset them after the log was recreated",
+        description="The offsets that count are stored in PostgreSQL with the projections. A worker refuses to "
+        "project a partition whose log no longer matches them (the log topic was recreated or emptied, as the "
+        "embedded broker's in-memory log is by `runledger dev down`), and says so in `runledger dev status`, "
+        "`runledger wait` and its log. `check` compares every partition; `reset` projects the partitions with a "
+        "problem again from the start of the log as it is now, keeping the projections made so far.")
+    offsets_sub = offsets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = offsets_sub.add_parser("check", help="compare each partition of the log with the stored offsets "
+                                   "(exit status 1 if one does not match)")
+    check.add_argument("--json", action="store_true", help="one JSON object per partition")
+    reset = offsets_sub.add_parser("reset", help="project the partitions whose log does not match again from "
+                                   "its start")
+    reset.add_argument("--partition", type=int, action="append", metavar="N", help="only this partition "
+                       "(repeatable)")
+    reset.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    reset.add_argument("--json", action="store_true", help="one JSON object per partition reset")
+    offsets.set_defaults(func=_cmd_offsets)
 
     rebuild = sub.add_parser(
         "rebuild", help="re-project the whole log into new tables, compare, and switch over",

@@ -1,72 +1,208 @@
-"""Reads the log in whole batches and hands each one to a projector, resuming from PostgreSQL.
+"""The Kafka consumers of a worker: the log, and one per retry topic, each feeding whole batches to a projector.
 
-Offsets that count are those the store writes in the same transaction as the
-projections; on every partition assignment the consumer seeks there. The
-Kafka group commit that follows marks what is projected or safe in a retry
-topic: the fallback when PostgreSQL is down, and what lag monitoring reads.
+Nothing is committed to Kafka before the projector has returned, that is before
+every record of the batch is projected, parked, dead-lettered or safe in a
+retry topic or the outbox; a consumer cancelled at any point (SIGTERM, SIGINT,
+a crash) commits nothing, and what it had read is delivered again. A commit
+that fails because the group rebalanced is logged and ignored: the batch is
+durable in PostgreSQL, and whoever owns the partition now starts after it.
+
+The log's offsets that count are those the store writes in the same
+transaction as the projections; on every partition assignment the consumer
+checks them against the log (``streams.logcheck``) and seeks there. The Kafka
+group commit is the fallback when PostgreSQL is down, and what lag monitoring
+reads. Retry topics have no offsets in PostgreSQL: their group commit is what
+counts, so a record there is read again until its batch is done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
-from projections.store import BatchResult, LogRecord, ProjectionStore, StoreUnavailable
+from projections.db import StoreUnavailable, database_error
+from projections.store import BatchResult, LogRecord, ProjectionStore
+from schemas.events import MAX_EVENT_BYTES
+from streams.logcheck import FIX, check_partitions, save_problems
+from streams.retry import from_retry_topic
 
-__all__ = ["BatchConsumer"]
+__all__ = ["LogConsumer", "RetryConsumer"]
 
 log = logging.getLogger(__name__)
 
 Projector = Callable[[list[LogRecord]], Awaitable[BatchResult | None]]
 
+_RECHECK_S = 5.0  # how often a partition held back by a problem is checked again
+_FETCH_BYTES = 4 * MAX_EVENT_BYTES  # a record over the limit still arrives, and is dead-lettered as too_large
 
-class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, consumer: AIOKafkaConsumer, store: ProjectionStore, topic: str) -> None:
-        self._consumer, self._store, self._topic = consumer, store, topic
+
+def _consumer(bootstrap_servers: str, group_id: str | None) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+        auto_offset_reset="earliest", max_partition_fetch_bytes=_FETCH_BYTES, fetch_max_bytes=4 * _FETCH_BYTES,
+        # Tansu holds a join for half the session timeout of the group's first member.
+        session_timeout_ms=6000, heartbeat_interval_ms=2000)
+
+
+async def _project_until_done(project: Projector, records: list[LogRecord], what: str) -> None:
+    """``project`` the batch; an unexpected error is logged and the batch tried again: never skipped."""
+    pause = 1.0
+    while True:
+        try:
+            await project(records)
+            return
+        except Exception:
+            log.exception("%s: a batch of %d records failed unexpectedly; trying it again in %.0f s", what,
+                          len(records), pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
+
+
+async def _commit(consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, list[Any]], what: str) -> None:
+    offsets = {tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch}
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as e:  # a rebalance took the partitions away meanwhile: the batch is durable anyway
+        log.warning("%s: commit of %s failed (%s: %s); the batch is applied, carrying on", what,
+                    {tp.partition: o for tp, o in offsets.items()}, type(e).__name__, e)
+
+
+class _CheckOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: LogConsumer) -> None:
+        self._owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         return None
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        try:
-            stored = await self._store.load_offsets(self._topic)
-        except StoreUnavailable as e:
-            # The group's Kafka offsets are never ahead of what is projected or safe in a retry topic.
-            log.warning("%s; starting from the group's committed offsets", e)
-            stored = {}
-        for tp in assigned:
-            if tp.partition in stored:
-                self._consumer.seek(tp, stored[tp.partition])
-        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+        await self._owner.assigned_now(assigned)
 
 
-class BatchConsumer:
+class LogConsumer:
     """One consumer-group member of the log: ``run()`` until cancelled."""
 
     def __init__(self, bootstrap_servers: str, topic: str, group_id: str, store: ProjectionStore,
-                 project: Projector, *, max_records: int = 5000) -> None:
-        self.topic = topic
-        self._store, self._project, self._max_records = store, project, max_records
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
-            session_timeout_ms=6000, heartbeat_interval_ms=2000)
-        self.assigned: set[int] = set()
+                 pool: asyncpg.Pool, project: Projector, *, max_records: int = 5000) -> None:
+        self.topic, self._group_id = topic, group_id
+        self._store, self._pool, self._project, self._max_records = store, pool, project, max_records
+        self._consumer = _consumer(bootstrap_servers, group_id)
+        self._checker = _consumer(bootstrap_servers, None)
+        self.held: dict[int, str] = {}  # partitions not projected, and why
+        self._checked_at = 0.0
+
+    @property
+    def assigned(self) -> set[int]:
+        return {tp.partition for tp in self._consumer.assignment()}
 
     async def run(self) -> None:
         await self._consumer.start()
-        self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self._consumer, self._store, self.topic))
+        await self._checker.start()
+        self._consumer.subscribe([self.topic], listener=_CheckOnAssign(self))
         try:
             while True:
-                fetched = await self._consumer.getmany(timeout_ms=500, max_records=self._max_records)
-                self.assigned = {tp.partition for tp in self._consumer.assignment()}
+                if self.held and time.monotonic() - self._checked_at > _RECHECK_S:
+                    await self._check([TopicPartition(self.topic, p) for p in self.held if p in self.assigned])
+                try:
+                    fetched = await self._consumer.getmany(timeout_ms=500, max_records=self._max_records)
+                except KafkaError as e:
+                    log.warning("reading %s: %s; trying again", self.topic, e)
+                    await asyncio.sleep(1)
+                    continue
                 records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
                            for batch in fetched.values() for m in batch]
-                if not records:
+                if records:
+                    await _project_until_done(self._project, records, self.topic)
+                    await _commit(self._consumer, fetched, self.topic)
+        finally:
+            await self._checker.stop()
+            await self._consumer.stop()
+
+    async def assigned_now(self, assigned: list[TopicPartition]) -> None:
+        """Seek each newly assigned partition to its stored offset, or hold it back if the log does not match."""
+        self.held = {}
+        log.info("assigned partitions %s of %s", sorted(tp.partition for tp in assigned), self.topic)
+        await self._check(assigned)
+
+    async def _check(self, tps: list[TopicPartition]) -> None:
+        self._checked_at = time.monotonic()
+        if not tps:
+            self.held = {}
+            return
+        try:
+            stored = await self._store.load_offsets(self.topic)
+        except StoreUnavailable as e:
+            # The group's Kafka offsets are never ahead of what is projected or safe in a retry topic.
+            log.warning("%s; starting from the group's committed offsets", e)
+            return
+        try:
+            checks = await check_partitions(self._checker, self.topic, [tp.partition for tp in tps], stored)
+        except (KafkaError, TimeoutError) as e:
+            log.warning("cannot check partitions %s of %s against the stored offsets (%s); holding them back "
+                        "until it can", [tp.partition for tp in tps], self.topic, e or type(e).__name__)
+            self._consumer.pause(*tps)
+            self.held.update({tp.partition: f"not checked yet: {e or type(e).__name__}" for tp in tps})
+            return
+        for check in checks:
+            tp = TopicPartition(self.topic, check.partition)
+            if check.problem is not None:
+                if check.partition not in self.held:
+                    log.error("not projecting %s partition %d: %s; %s", self.topic, check.partition, check.problem,
+                              FIX)
+                self.held[check.partition] = check.problem
+                self._consumer.pause(tp)
+                continue
+            if check.stored is not None:
+                self._consumer.seek(tp, check.stored)
+            if self.held.pop(check.partition, None) is not None:
+                log.warning("projecting %s partition %d again from offset %s", self.topic, check.partition,
+                            check.stored)
+            self._consumer.resume(tp)
+        partitions = len(self._consumer.partitions_for_topic(self.topic) or ()) or len(checks)
+        try:
+            await save_problems(self._pool, self._group_id, partitions, checks)
+        except Exception as e:
+            log.warning("cannot record the partitions held back in PostgreSQL: %s", database_error(e, "") or e)
+
+
+class RetryConsumer:
+    """Reads one retry topic: waits until each batch is due, then projects it. ``run()`` until cancelled."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, delay: float, group_id: str,
+                 project: Projector) -> None:
+        self.topic, self._delay, self._project = topic, delay, project
+        self._consumer = _consumer(bootstrap_servers, group_id)
+
+    async def run(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe([self.topic])
+        try:
+            while True:
+                try:
+                    fetched = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+                except KafkaError as e:
+                    log.warning("reading %s: %s; trying again", self.topic, e)
+                    await asyncio.sleep(1)
                     continue
-                await self._project(records)
-                await self._consumer.commit({tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch})
+                batch = [from_retry_topic(m.topic, m.partition, m.offset, m.key, m.value or b"", m.headers or [],
+                                          datetime.fromtimestamp(m.timestamp / 1000, UTC), self._delay)
+                         for messages in fetched.values() for m in messages]
+                if not batch:
+                    continue
+                # A topic's records fall due in the order they were written: wait for the last one. Cancelled
+                # here, nothing is committed, and the records are read again after a restart.
+                wait = (max(due for _, due in batch) - datetime.now(UTC)).total_seconds()
+                log.info("%s: %d records, due in %.1f s", self.topic, len(batch), max(wait, 0.0))
+                if wait > 0:
+                    await asyncio.sleep(min(wait, self._delay))
+                await _project_until_done(self._project, [record for record, _ in batch], self.topic)
+                await _commit(self._consumer, fetched, self.topic)
         finally:
             await self._consumer.stop()

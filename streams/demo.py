@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from projections.report import RunSummary, summarize
 from projections.sql import query
-from projections.store import connect_one, migrate
+from projections.db import connect_one, migrate
 from schemas.errors import PermanentError, TransientError
 from streams import devstack
 from streams.fleet import Execution, simulate_fleet
@@ -87,6 +87,10 @@ async def _wait_projected(conn: asyncpg.Connection, settings: Settings, run_tag:
             if projected >= total:
                 return
             worker.check_alive()
+            problems = await conn.fetch(query("problems"), settings.consumer_group, settings.events_topic)
+            if problems:
+                raise DemoFailed(f"the worker does not project {len(problems)} partitions of "
+                                 f"{settings.events_topic}: {problems[0]['problem']}")
             if time.monotonic() > deadline:
                 raise DemoFailed(f"{projected} of {total} events projected after {timeout:.0f} s; the end of "
                                  f"{worker.log_path}:\n{_tail(worker.log_path)}")

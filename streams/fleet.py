@@ -53,7 +53,8 @@ def _cost(rng: random.Random, step_id: str, at: datetime) -> NewEvent:
         "cached_tokens": rng.choice([0, 0, 0, rng.randint(100, 2_000)]),
     }
     if priced:
-        data["cost_usd"] = str(Decimal(rng.randint(1, 500_000)) / Decimal(10**8))
+        # "f": str() of a small Decimal is exponent form ("1.7E-7"), which is not money (SPEC.md 4).
+        data["cost_usd"] = format(Decimal(rng.randint(1, 500_000)) / Decimal(10**8), "f")
     return NewEvent("cost.incurred", data, time=at)
 
 

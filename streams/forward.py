@@ -1,43 +1,62 @@
 """What a worker does with a batch (SPEC.md section 6), and the Kafka side of retries and dead letters.
 
-``Forwarder`` writes records to the retry topics and the dead-letter topic and
-returns once Kafka has acknowledged them. ``BatchHandler.handle`` applies a
-batch and, when PostgreSQL is unavailable, sends the whole batch one step
-along the retry schedule instead of blocking every stream behind it. Records
-that have used up the schedule while PostgreSQL is still down stay where they
-are and are tried again in place: their dead letter needs the database, and an
-outage is not the event's fault.
+``RetrySchedule.route`` turns what leaves a batch into outbox rows (the retry
+topic one step along the schedule, or the dead-letter topic), which the store
+writes in the batch's transaction; ``Forwarder.publish`` sends the outbox to Kafka
+after the commit and deletes what Kafka acknowledged. So the topics never hold
+a copy whose batch rolled back, and no lock is held across a broker round trip.
+A crash between commit and publish leaves rows that the next ``publish`` of any
+worker sends: a copy may arrive twice, never not at all (dead-letter copies
+carry their letter id).
+
+``BatchHandler.handle`` applies a batch and, when PostgreSQL is unavailable,
+sends the whole batch one step along the retry schedule straight to Kafka (there
+is no transaction to write an outbox in) instead of blocking every stream
+behind it. Records that have used up the schedule while PostgreSQL is still
+down stay where they are and are tried again in place: their dead letter needs
+the database, and an outage is not the event's fault.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from projections.store import BatchResult, DeadLetterCopy, Failure, LogRecord, ProjectionStore, StoreUnavailable
+from projections.db import StoreUnavailable
+from projections.sql import query
+from projections.store import BatchResult, Failure, LogRecord, ProjectionStore
 from schemas.errors import TransientError
-from streams.retry import RetrySchedule, dlq_topic, failure_headers
+from schemas.events import MAX_EVENT_BYTES
+from streams.retry import HEADER, RetrySchedule, dlq_topic, failure_headers
 
 __all__ = ["BatchHandler", "Forwarder"]
 
 log = logging.getLogger(__name__)
 
+_SEND_TIMEOUT_S = 30.0
+
 
 class Forwarder:
-    """Sends failed records to the retry topics and the dead-letter topic (a ``projections.store.Forward``)."""
+    """Publishes the outbox to the retry topics and the dead-letter topic, and forwards whole batches while
+    PostgreSQL is down."""
 
-    def __init__(self, bootstrap_servers: str, schedule: RetrySchedule) -> None:
+    def __init__(self, bootstrap_servers: str, schedule: RetrySchedule, schema: str) -> None:
         self.schedule = schedule
         self.dlq_topic = dlq_topic(schedule.prefix)
+        self._schema = schema
         # Tansu refuses idempotent producers (InitProducerId); a duplicate here is harmless anyway.
         self._kafka = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=False,
-                                       linger_ms=5)
+                                       linger_ms=5, max_request_size=2 * MAX_EVENT_BYTES,
+                                       request_timeout_ms=int(_SEND_TIMEOUT_S * 1000))
 
     async def start(self) -> None:
         try:
@@ -48,58 +67,100 @@ class Forwarder:
     async def stop(self) -> None:
         await self._kafka.stop()
 
-    async def __call__(self, retry: list[Failure], dead: list[Failure]) -> dict[int, DeadLetterCopy]:
-        """Send ``retry`` one step along the schedule and ``dead`` to the dead-letter topic; wait for the acks."""
-        now = datetime.now(UTC)
-        sends = []
-        for f in retry:
-            step = self.schedule.after(f.attempts)
-            if step is None:
-                raise ValueError(f"record at attempt {f.attempts} has no retry left")  # the store dead-letters it
-            delay, topic = step
-            sends.append((None, topic, f, failure_headers(f, due=now + timedelta(seconds=delay))))
-        sends += [(f.dead_letter_id, self.dlq_topic, f, failure_headers(f)) for f in dead]
-        try:
-            futures = [(letter, await self._kafka.send(topic, f.record.value, key=f.record.key, headers=headers))
-                       for letter, topic, f, headers in sends]
-            copies = {}
-            for letter, future in futures:
-                meta = await future
-                if letter is not None:
-                    copies[letter] = (meta.topic, meta.partition, meta.offset)
-        except KafkaError as e:
-            raise TransientError(f"cannot forward {len(sends)} failed records to Kafka: {e}") from e
-        for f in retry:
-            log.info("retry %s attempt %d: %s", f.stream_id or f.record.key, f.attempts, f.error.code)
-        for f in dead:
-            log.warning("dead letter %s: %s %s seq %s: %s", f.dead_letter_id, f.error.code, f.stream_id, f.seq,
-                        f.error)
+    async def publish(self, pool: asyncpg.Pool, *, limit: int = 500) -> int:
+        """Send every outbox row to Kafka, oldest first; returns how many. Raises TransientError if Kafka or
+        PostgreSQL fails: what was not acknowledged stays in the outbox for the next call."""
+        sent = 0
+        while True:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    rows = await conn.fetch(query("outbox_claim"), limit)
+                    if not rows:
+                        return sent
+                    copies = await self._send_all(rows)
+                    await conn.executemany(query("set_dead_letter_copy"), copies)
+                    await conn.execute(query("outbox_done"), [r["id"] for r in rows])
+            except (KafkaError, TimeoutError) as e:
+                raise TransientError(f"cannot publish the outbox to Kafka: {e or type(e).__name__}") from e
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+                raise TransientError(f"cannot publish the outbox: {e}") from e
+            sent += len(rows)
+            if len(rows) < limit:
+                return sent
+
+    async def _send_all(self, rows: list[asyncpg.Record]) -> list[tuple[int, str, int, int]]:
+        """Send the rows' copies and wait for every acknowledgement; (letter, topic, partition, offset) per letter."""
+        pending = [(row, await self._send(row, shrink=False)) for row in rows]
+        copies = []
+        for row, future in pending:
+            try:
+                meta = await asyncio.wait_for(future, _SEND_TIMEOUT_S)
+            except MessageSizeTooLargeError:
+                if row["dead_letter_id"] is None:
+                    raise
+                meta = await asyncio.wait_for(await self._send(row, shrink=True), _SEND_TIMEOUT_S)
+            if row["dead_letter_id"] is not None:
+                copies.append((row["dead_letter_id"], meta.topic, meta.partition, meta.offset))
         return copies
 
+    async def _send(self, row: asyncpg.Record, *, shrink: bool) -> asyncio.Future:  # type: ignore[type-arg]
+        value: bytes = bytes(row["value"])
+        headers = dict(row["headers"])
+        letter = row["dead_letter_id"]
+        # A dead letter's copy never fails for its size (SPEC.md section 6): its row holds the bytes.
+        if letter is not None and (shrink or len(value) > MAX_EVENT_BYTES):
+            headers[HEADER + "value_omitted"] = (f"{len(value)} bytes, too large for the topic: the record is in "
+                                                 f"dead_letters row {letter} of schema {self._schema} "
+                                                 f"(`runledger dlq show {letter}`)")
+            value = orjson.dumps({"dead_letter": {"schema": self._schema, "id": letter, "bytes": len(value),
+                                                  "sha256": hashlib.sha256(value).hexdigest()}})
+        key = bytes(row["key"]) if row["key"] is not None else None
+        try:
+            return await self._kafka.send(row["topic"], value, key=key,
+                                          headers=[(k, v.encode()) for k, v in headers.items()])
+        except MessageSizeTooLargeError:
+            if letter is None or shrink:
+                raise
+            return await self._send(row, shrink=True)
+
     async def retry_all(self, records: Sequence[LogRecord], error: TransientError) -> list[LogRecord]:
-        """Send each record one step along the schedule; returns those with no step left (not sent)."""
+        """Send each record one step along the schedule, straight to Kafka (PostgreSQL is down); returns those
+        not sent: no retry step left, or too large for a retry topic (both wait for PostgreSQL in place)."""
         now = datetime.now(UTC)
-        sendable, spent = [], []
+        sends, spent = [], []
         for r in records:
             failure = Failure(r, error, now, r.key.decode("utf-8", "replace") if r.key else None)
-            (sendable if self.schedule.after(failure.attempts) else spent).append(failure)
-        if sendable:
-            await self(sendable, [])
-        return [f.record for f in spent]
+            step = self.schedule.after(failure.attempts)
+            if step is None or len(r.value) > MAX_EVENT_BYTES:
+                spent.append(r)
+                continue
+            delay, topic = step
+            sends.append((topic, r, failure_headers(failure, due=now + timedelta(seconds=delay))))
+        try:
+            futures = [await self._kafka.send(topic, r.value, key=r.key, headers=headers)
+                       for topic, r, headers in sends]
+            for future in futures:
+                await asyncio.wait_for(future, _SEND_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as e:
+            raise TransientError(f"cannot forward {len(sends)} records to the retry topics: {e}") from e
+        return spent
 
 
 class BatchHandler:
     """Applies a batch and routes what fails; never raises for a record, never drops one."""
 
-    def __init__(self, store: ProjectionStore, forwarder: Forwarder) -> None:
-        self._store, self._forwarder = store, forwarder
+    def __init__(self, store: ProjectionStore, forwarder: Forwarder, pool: asyncpg.Pool) -> None:
+        self._store, self._forwarder, self._pool = store, forwarder, pool
 
     async def handle(self, records: Sequence[LogRecord]) -> BatchResult | None:
-        """Apply ``records``; None if PostgreSQL was unavailable and they went to the retry topics instead."""
+        """Apply ``records``; None if PostgreSQL was unavailable and they went to the retry topics instead.
+
+        Returns once every record is projected, parked, dead-lettered or safe in a retry topic (or in the
+        outbox, which is published here after the commit, or later if Kafka is down)."""
         pause = 0.2
         while True:
             try:
-                return await self._store.apply_batch(records, forward=self._forwarder)
+                result = await self._store.apply_batch(records, route=self._forwarder.schedule.route)
             except StoreUnavailable as e:
                 try:
                     records = await self._forwarder.retry_all(records, e)
@@ -109,9 +170,24 @@ class BatchHandler:
                     if not records:
                         log.warning("%s; the batch went to the retry topics", e)
                         return None
-                    log.warning("%s; %d records have used up their retries: trying them again in place", e,
+                    log.warning("%s; %d records cannot go to a retry topic: trying them again in place", e,
                                 len(records))
-            except TransientError as e:  # Kafka unavailable while forwarding: the transaction rolled back
-                log.warning("%s", e)
+            else:
+                for f in result.retry:
+                    log.info("retry %s seq %s attempt %d: %s", f.stream_id, f.seq, f.attempts, f.error.code)
+                for f in result.dead:
+                    log.warning("dead letter %s: %s %s seq %s: %s", f.dead_letter_id, f.error.code, f.stream_id,
+                                f.seq, f.message)
+                if result.rows.get("outbox"):
+                    await self.publish()
+                return result
             await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter
             pause = min(pause * 2, 5.0)
+
+    async def publish(self) -> int:
+        """Publish the outbox; a failure is logged (the rows wait for the next call), never raised."""
+        try:
+            return await self._forwarder.publish(self._pool)
+        except Exception as e:  # noqa: BLE001 - the rows stay; publishing must not stop projecting
+            log.warning("%s; the copies stay in the outbox and are sent later", e)
+            return 0

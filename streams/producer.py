@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from projections.wait import WaitResult, wait_projected
 from schemas.chain import Head, compute_hash
-from schemas.errors import InvalidEvent, PermanentError, TransientError
-from schemas.events import format_time, parse_event, validate_data, validate_stream_id
+from schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientError
+from schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
 from streams.heads import AppendRef, StagedBatch, StreamHeads
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -96,13 +96,22 @@ def _wire_data(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_new_events(stream_id: object, events: Sequence[NewEvent]) -> None:
-    """Validate before anything is reserved or sent: raise InvalidEvent naming the field."""
+    """Validate before anything is reserved or sent: raise InvalidEvent (or TooLarge) naming the field."""
     validate_stream_id(stream_id)
     keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
     if len(keys) != len(set(keys)):
         raise InvalidEvent([("idempotency_key", "repeated within one batch")])
     for event in events:
-        validate_data(event.type, _wire_data(event.data))
+        data = _wire_data(event.data)
+        validate_data(event.type, data)
+        try:
+            size = len(orjson.dumps(data))  # a lower bound of the event's size: the envelope only adds
+        except orjson.JSONEncodeError as e:
+            raise InvalidEvent([("data", f"cannot be encoded as JSON: {e}")]) from None
+        if size > MAX_EVENT_BYTES:
+            raise TooLarge([("data", f"encodes to {size:,} bytes; an event is at most {MAX_EVENT_BYTES:,} "
+                                     f"(512 KiB): put larger content outside the log, named by an "
+                                     f"artifact.created uri")])
         if event.time is not None and event.time.tzinfo is None:
             raise InvalidEvent([("time", "must be timezone-aware (UTC)")])
 
@@ -199,7 +208,8 @@ class EventProducer:
         """Read-your-writes: return once ``appended`` is projected (``status`` "projected"), rejected
         (``reason`` says why), or ``timeout`` seconds have passed (``status`` "timeout")."""
         return await wait_projected(self._settings.database_url, self._settings.db_schema, appended.stream_id,
-                                    appended.seq, event_id=appended.id, timeout=timeout)
+                                    appended.seq, event_id=appended.id, timeout=timeout,
+                                    group_id=self._settings.consumer_group, topic=self._settings.events_topic)
 
     async def _publish(self, stream_id: str, batch: StagedBatch) -> None:
         """Send in order and wait for every acknowledgement, chunk by chunk."""
@@ -243,7 +253,12 @@ def build_events(source: str, stream_id: str, head: Head, events: Sequence[NewEv
         }
         raw["hash"] = prevhash = compute_hash(raw)
         parse_event(raw, verify_hash=False)  # what a worker would refuse is never published
-        values.append(orjson.dumps(raw))
+        value = orjson.dumps(raw)
+        if len(value) > MAX_EVENT_BYTES:  # a worker would dead-letter it; raised before anything is staged
+            raise TooLarge([("", f"stream {stream_id!r} seq {seq}: the encoded event is {len(value):,} bytes; at "
+                                 f"most {MAX_EVENT_BYTES:,} (512 KiB) are allowed: put larger content outside "
+                                 f"the log, named by an artifact.created uri")])
+        values.append(value)
         refs.append(AppendRef(seq, raw["id"], prevhash))
     return StagedBatch(uuid.uuid4().hex, values, refs, [e.idempotency_key for e in events])
 

@@ -30,7 +30,8 @@ from aiokafka.errors import KafkaError
 from projections.checksum import table_checksums
 from projections.pricing import load_tokencost_catalog
 from projections.sql import query, quote_schema
-from projections.store import LogRecord, ProjectionStore, connect, connect_one, migrate
+from projections.db import connect, connect_one, migrate
+from projections.store import LogRecord, ProjectionStore
 from schemas.errors import PermanentError, TransientError
 from streams.settings import Settings
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from projections.store import Failure, LogRecord
+from projections.store import Failure, LogRecord, OutboxRow
 from schemas.events import format_time
 
 __all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic",
@@ -67,6 +67,22 @@ class RetrySchedule:
         """Deliveries a record gets: the first, then one per retry topic."""
         return len(self.delays) + 1
 
+    def route(self, retry: list[Failure], dead: list[Failure]) -> list[OutboxRow]:
+        """The outbox rows (a ``projections.store.Route``) of ``retry``, one step along the schedule, and of
+        ``dead``, to the dead-letter topic (their value is read from their letter's row)."""
+        now = datetime.now(UTC)
+        rows: list[OutboxRow] = []
+        for f in retry:
+            step = self.after(f.attempts)
+            if step is None:
+                raise ValueError(f"record at attempt {f.attempts} has no retry left")  # the store dead-letters it
+            delay, topic = step
+            headers = failure_headers(f, due=now + timedelta(seconds=delay))
+            rows.append((topic, f.record.key, f.record.value, _text(headers), None))
+        dlq = dlq_topic(self.prefix)
+        rows += [(dlq, f.record.key, None, _text(failure_headers(f)), f.dead_letter_id) for f in dead]
+        return rows
+
     def after(self, attempts: int) -> tuple[float, str] | None:
         """(delay, topic) for a record that has failed ``attempts`` times, or None when retries are used up."""
         if attempts > len(self.delays):
@@ -93,7 +109,7 @@ def failure_headers(failure: Failure, *, due: datetime | None = None) -> Headers
     """The headers of a record leaving for a retry topic (with ``due``) or the dead-letter topic."""
     r = failure.record
     values = header_values(
-        reason=failure.error.code, error=str(failure.error), attempts=failure.attempts,
+        reason=failure.error.code, error=failure.message, attempts=failure.attempts,
         first_failure=failure.first_failed, last_failure=failure.failed_at, topic=r.topic, partition=r.partition,
         offset=r.offset, stream=failure.stream_id, seq=failure.seq, event_id=failure.event_id,
         event_type=failure.event_type, due=due, dead_letter_id=failure.dead_letter_id)
@@ -117,6 +133,10 @@ def from_retry_topic(topic: str, partition: int, offset: int, key: bytes | None,
     first = _time(h.get("first_failure")) or timestamp
     due = _time(h.get("due")) or timestamp + timedelta(seconds=delay)
     return LogRecord(*original, key, value, attempts=attempts, first_failed=first), due
+
+
+def _text(headers: Headers) -> dict[str, str]:
+    return {k: v.decode() for k, v in headers}
 
 
 def _int(text: str | None, default: int) -> int:

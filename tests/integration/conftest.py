@@ -85,14 +85,21 @@ def settings_of(env: dict[str, str]) -> Settings:
     return Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
 
 
+def worker_log(worker: subprocess.Popen[bytes]) -> str:
+    """What a ``running_worker`` has logged so far."""
+    fd = worker.log.fileno()  # type: ignore[attr-defined]
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
 @contextlib.asynccontextmanager
-async def running_worker(env: dict[str, str]) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """A ``runledger worker`` process with ``env``; its log is shown if the test fails.
+async def running_worker(env: dict[str, str], *, loglevel: str = "warning") -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A ``runledger worker`` process with ``env``; its log (``worker_log``) is shown if the test fails.
 
     It is stopped without blocking the event loop, which may serve its connections (a proxy)."""
     log = tempfile.TemporaryFile()
-    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env={**os.environ, **env},
-                              stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--loglevel", loglevel],
+                              env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    worker.log = log  # type: ignore[attr-defined]
     try:
         yield worker
     except BaseException:

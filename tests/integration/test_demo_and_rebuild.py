@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from projections.checksum import table_checksums
 from projections.pricing import load_tokencost_catalog
-from projections.store import LogRecord, ProjectionStore, connect, migrate
+from projections.db import connect, migrate
+from projections.store import LogRecord, ProjectionStore
 from streams.fleet import simulate_fleet
 from streams.producer import append_many
 from streams.rebuild import rebuild

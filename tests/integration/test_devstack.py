@@ -55,5 +55,7 @@ def test_status_command_prints_json(stack_env: dict[str, str]) -> None:
     done = subprocess.run([sys.executable, "-m", "streams.cli", "dev", "status", "--json"], env=stack_env,
                           capture_output=True, text=True, check=True)
     rows = [orjson.loads(line) for line in done.stdout.splitlines()]
-    assert {(r["name"], r["state"]) for r in rows} == {("postgres", "running"), ("kafka", "running"),
-                                                       ("redis", "running")}
+    assert {(r["name"], r.get("state")) for r in rows[:3]} == {("postgres", "running"), ("kafka", "running"),
+                                                              ("redis", "running")}
+    # Then the projection's health: the group's live workers and the partitions they hold back.
+    assert rows[3]["name"] == "projection" and rows[3]["workers"] == [] and rows[3]["problems"] == []

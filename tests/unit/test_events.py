@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from schemas.chain import compute_hash
-from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, PermanentError, UnknownType
-from schemas.events import EVENT_TYPES, CostIncurred, format_time, parse_event
+from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, PermanentError, TooLarge, UnknownType
+from schemas.events import EVENT_TYPES, MAX_EVENT_BYTES, CostIncurred, decode_event, format_time, parse_event
 from tests.conftest import VECTOR_EVENTS
 
 
@@ -90,6 +90,14 @@ def _error(raw: Any) -> PermanentError:
         (event(specversion="0.3"), InvalidEvent, "specversion", "1.0"),
         (event(datacontenttype="text/plain"), InvalidEvent, "datacontenttype", "application/json"),
         (event(color="red"), InvalidEvent, "color", "Extra inputs are not permitted"),
+        (event("execution.started", {"workflow": "w", "input": {"note": "a\x00b"}}), InvalidEvent,
+         "data.input.note", "U+0000"),
+        (event("execution.started", {"workflow": "w", "input": {"deeper": {"a\x00b": 1}}}), InvalidEvent,
+         "data.input.deeper", "key 'a\\x00b' contains U+0000"),
+        (event(source="/producers/a\x00b"), InvalidEvent, "source", "U+0000"),
+        (event("step.completed", {"step_id": "s1", "output": {"lines": ["ok", "\x00"]}}), InvalidEvent,
+         "data.output.lines[1]", "U+0000"),
+        (event("step.started", {"step_id": "s\x00", "name": "n"}), InvalidEvent, "data.step_id", "U+0000"),
         ({**event(), "hash": "b" * 64}, HashMismatch, None, "hashes to"),
         (b"{not json", InvalidJson, None, "JSON"),
         (b"[1, 2]", InvalidJson, None, "object"),
@@ -134,3 +142,58 @@ def test_deeply_nested_data_is_an_invalid_event_not_a_crash() -> None:
         deep = [deep]
     with pytest.raises(InvalidEvent, match="nested too deeply"):
         parse_event({**VECTOR_EVENTS[0], "data": {"workflow": "w", "input": {"x": deep}}})
+
+
+def test_u0000_is_refused_from_bytes_too_and_never_lands_in_the_message() -> None:
+    raw = event("execution.started", {"workflow": "w", "input": {"k\x00": "v\x00", "ok": "\x00"}})
+    error = _error(orjson.dumps(raw))  # on the wire as \u0000: decoded, then refused
+    assert isinstance(error, InvalidEvent)
+    nul = "contains U+0000, which PostgreSQL text and jsonb cannot store (SPEC.md section 4)"
+    assert error.errors == [("data.input", f"key 'k\\x00' {nul}"), ("data.input.k\\x00", nul), ("data.input.ok", nul)]
+    assert "\x00" not in str(error)
+
+
+def test_a_key_with_u0000_at_the_top_of_data_is_named_data() -> None:
+    error = _error(event("step.skipped", {"step_id": "s1", "\x00": 1}))
+    assert isinstance(error, InvalidEvent) and error.field == "data" and "key '\\x00'" in error.reason
+
+
+def _padded(size: int, filler: str = "x") -> bytes:
+    """A valid event of exactly ``size`` encoded bytes, padded with ``filler`` (one character)."""
+    def encoded(note: str) -> bytes:
+        return orjson.dumps(event("execution.started", {"workflow": "w", "input": {"note": note}}))
+    room, width = size - len(encoded("")), len(filler.encode())
+    value = encoded(filler * (room // width) + "x" * (room % width))
+    assert len(value) == size
+    return value
+
+
+def test_an_event_of_512_kib_parses_and_one_byte_more_is_too_large() -> None:
+    assert parse_event(_padded(MAX_EVENT_BYTES)).data.input is not None  # type: ignore[union-attr]
+    error = _error(_padded(MAX_EVENT_BYTES + 1))
+    assert type(error) is TooLarge and isinstance(error, InvalidEvent)
+    assert error.code == "too_large" and not error.transient
+    assert "524,289 bytes" in str(error) and "artifact.created" in str(error)
+
+
+def test_text_is_measured_in_utf8_bytes_not_characters() -> None:
+    # 2-byte characters: the limit counts the encoded bytes, as a Kafka record value would.
+    at_limit = _padded(MAX_EVENT_BYTES, "é").decode()
+    assert len(at_limit) < MAX_EVENT_BYTES
+    parse_event(at_limit)
+    over = _padded(MAX_EVENT_BYTES + 1, "é").decode()
+    assert len(over) < MAX_EVENT_BYTES
+    with pytest.raises(TooLarge, match="524,289 bytes"):
+        parse_event(over)
+
+
+def test_too_large_is_refused_before_decoding() -> None:
+    with pytest.raises(TooLarge):
+        decode_event(b"x" * (MAX_EVENT_BYTES + 1))  # not JSON either: the size is checked first
+    with pytest.raises(InvalidJson):
+        decode_event(b"x" * MAX_EVENT_BYTES)
+
+
+def test_a_decoded_object_is_not_measured() -> None:
+    raw = orjson.loads(_padded(MAX_EVENT_BYTES + 1))
+    assert parse_event(raw).seq == 2  # the caller holds no bytes; a producer measures its own encoding

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -59,3 +60,14 @@ def test_fleet_events_chain_as_a_producer_would_chain_them() -> None:
         parse_event(raw)
         chained.append(raw)
     assert verify_chain(chained) == []
+
+
+def test_fleet_money_is_always_a_plain_decimal_string() -> None:
+    # Small costs once came out as "1.7E-7": exponent form is not money (SPEC.md section 4).
+    money = re.compile(r"^(0|[1-9][0-9]*)(\.[0-9]{1,12})?$")
+    for seed in range(1, 101):
+        for run in simulate_fleet(300, seed=seed):
+            check_new_events(run.stream_id, run.events)
+            for event in run.events:
+                if "cost_usd" in event.data:
+                    assert money.match(event.data["cost_usd"]), (seed, run.stream_id, event.data["cost_usd"])

@@ -26,7 +26,8 @@ from aiokafka import AIOKafkaProducer
 import projections.store
 from projections.checksum import table_checksums
 from projections.pricing import load_tokencost_catalog
-from projections.store import LogRecord, ProjectionStore, connect, migrate
+from projections.db import connect, migrate
+from projections.store import LogRecord, ProjectionStore
 from schemas.errors import IllegalTransition
 from streams.forward import BatchHandler, Forwarder
 from streams.replay import replay
@@ -69,14 +70,14 @@ async def _dead_letter_by_bug(settings: Settings, streams: list[str], monkeypatc
     records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in log]
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     pool = await connect(settings.database_url, settings.db_schema)
-    forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule)
+    forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule, settings.db_schema)
     await forwarder.start()
     try:
         store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group,
                                 max_attempts=schedule.max_attempts)
         await ProjectionStore.save_catalog(pool, store.catalog)
         monkeypatch.setattr(projections.store, "apply", buggy)
-        result = await BatchHandler(store, forwarder).handle(records)
+        result = await BatchHandler(store, forwarder, pool).handle(records)
         monkeypatch.setattr(projections.store, "apply", original)
     finally:
         await forwarder.stop()

@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from projections.pricing import load_tokencost_catalog
-from projections.store import ProjectionStore, connect, migrate
+from projections.db import connect, migrate
+from projections.store import ProjectionStore
 from streams.settings import Settings
 
 

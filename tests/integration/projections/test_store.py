@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from projections.checksum import table_checksums
-from projections.store import LogRecord, ProjectionStore, migrate
+from projections.db import migrate
+from projections.store import LogRecord, ProjectionStore
 from schemas.chain import GENESIS_HASH, compute_hash
 from streams.settings import Settings
 from tests.conftest import VECTOR_EVENTS
@@ -74,7 +75,7 @@ async def test_twice_or_shuffled_across_streams_gives_the_same_tables(
     assert shuffled != VECTOR_VALUES
     other = schema + "_b"
     await migrate(settings.database_url, other)
-    from projections.store import connect
+    from projections.db import connect
     pool = await connect(settings.database_url, other)
     try:
         store_b = ProjectionStore(pool, store.catalog, "g")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import asyncpg
 import orjson
 
 from projections.store import ProjectionStore
@@ -75,3 +76,19 @@ async def test_the_wait_command_exit_status_tells_the_outcome(env: dict[str, str
     assert late.returncode == 4 and "timed out" in late.stdout
     bad = await asyncio.to_thread(wait, STREAM, "4", "--id", "nope")
     assert bad.returncode == 2 and "id: 'nope' is not a UUID" in bad.stderr
+
+
+async def test_a_wait_says_when_no_worker_of_the_group_is_running(settings: Settings, pool: asyncpg.Pool,
+                                                                  schema: str) -> None:
+    notes: list[str] = []
+    result = await wait_projected(settings.database_url, schema, STREAM, 1, timeout=1, group_id="g-none",
+                                  topic="t.events", note=notes.append)
+    assert result.status == "timeout" and "no worker of group g-none is running" in (result.error or "")
+    assert len(notes) == 1 and "runledger worker" in notes[0]
+    # A worker that says it is alive silences it.
+    await pool.execute("INSERT INTO workers (worker_id, group_id, host, pid, started_at, seen_at) "
+                              "VALUES ('w1', 'g-live', 'h', 1, now(), now())")
+    notes.clear()
+    result = await wait_projected(settings.database_url, schema, STREAM, 1, timeout=1, group_id="g-live",
+                                  topic="t.events", note=notes.append)
+    assert result.status == "timeout" and "no worker" not in (result.error or "") and notes == []

@@ -1,0 +1,139 @@
+"""PostgreSQL connections, migrations, and what a database failure means.
+
+Every driver or network error is translated here into one of runledger's
+error classes: the database is unavailable or busy (transient: try again
+later), or it refuses this data (``RejectedByDatabase``, permanent: the record
+that caused it is dead-lettered alone, see ``projections.store``).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import orjson
+
+from projections.sql import migrations, quote_schema
+from schemas.errors import PermanentError, RunledgerError, TransientError
+
+__all__ = ["NOTIFY_CHANNEL", "WORKER_ROLE", "RejectedByDatabase", "StoreConflict", "StoreTimeout",
+           "StoreUnavailable", "connect", "connect_one", "database_error", "migrate", "pg_text"]
+
+WORKER_ROLE = "runledger_worker"
+NOTIFY_CHANNEL = "runledger_projected"
+
+
+class StoreUnavailable(TransientError):
+    """PostgreSQL is unreachable, went away mid-transaction, or cannot serve now. Retry."""
+
+    code = "database_unavailable"
+
+
+class StoreConflict(StoreUnavailable):
+    """The transaction lost a deadlock, a serialization check or a unique-key race against another one. Retry."""
+
+    code = "database_conflict"
+
+
+class StoreTimeout(StoreUnavailable):
+    """PostgreSQL did not answer in time. Retry."""
+
+    code = "database_timeout"
+
+
+class RejectedByDatabase(PermanentError):
+    """PostgreSQL refuses to store this data (SQLSTATE classes 22, 23 and others not known to be transient).
+
+    The record is dead-lettered alone with the database's message; the rest of its batch is projected.
+    """
+
+    code = "rejected_by_database"
+
+
+# SQLSTATE classes that say something about the server or the schema, not about the data: connection (08),
+# transaction state (25, 26), authorization (28), missing database or schema (3D, 3F), rollback (40),
+# privileges and missing objects (42: an operator's mistake must not dead-letter every record), resources (53),
+# object state and locks (55), operator intervention (57), system (58), configuration (F0), feature (0A: a
+# cached plan gone stale after a migration).
+_TRANSIENT_CLASSES = frozenset({"08", "25", "26", "28", "3D", "3F", "40", "42", "53", "55", "57", "58", "F0", "0A"})
+_CONFLICTS = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError)
+_NETWORK = (ConnectionError, OSError, TimeoutError, asyncpg.InterfaceError)
+
+
+def database_error(e: BaseException, what: str) -> RunledgerError | None:
+    """The runledger error for a driver, server or network failure, or None if ``e`` is none of those."""
+    if isinstance(e, RunledgerError):
+        return e
+    if isinstance(e, _CONFLICTS):
+        return StoreConflict(f"{what}: {e}")
+    if isinstance(e, TimeoutError | asyncpg.QueryCanceledError):
+        return StoreTimeout(f"{what}: timed out ({e or type(e).__name__})")
+    if isinstance(e, asyncpg.DataError):  # refused while encoding a parameter (an integer out of range, say)
+        return RejectedByDatabase(pg_text(f"{e}"))
+    if isinstance(e, asyncpg.PostgresError):
+        sqlstate = e.sqlstate or ""
+        if sqlstate[:2] in _TRANSIENT_CLASSES:
+            return StoreUnavailable(f"{what}: {sqlstate} {e}")
+        return RejectedByDatabase(pg_text(f"SQLSTATE {sqlstate}: {e}"))
+    if isinstance(e, _NETWORK):
+        return StoreUnavailable(f"{what}: {e or type(e).__name__}")
+    return None
+
+
+def pg_text(text: str, limit: int = 10_000) -> str:
+    """``text`` as PostgreSQL ``text`` and ``jsonb`` accept it: U+0000 written out, at most ``limit`` characters."""
+    text = text.replace("\x00", "\\u0000")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Binary jsonb (a version byte, then the text) so that COPY can carry it too.
+    await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
+                              encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
+
+
+async def connect(database_url: str, schema: str, *, role: str | None = WORKER_ROLE,
+                  min_size: int = 0, max_size: int = 4) -> asyncpg.Pool:
+    """A pool whose connections use ``schema`` and act as ``role`` (the worker role by default)."""
+    # Startup parameters, not SET: the pool's RESET ALL on release returns to them.
+    server_settings = {"search_path": quote_schema(schema)}
+    if role is not None:
+        server_settings["role"] = role
+    try:
+        return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
+                                         command_timeout=60, init=_init_connection, server_settings=server_settings)
+    except (*_NETWORK, asyncpg.PostgresError) as e:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+
+
+async def connect_one(database_url: str, schema: str) -> asyncpg.Connection:
+    """One connection on ``schema`` as the connecting user (the owner): for reads, waits and admin work."""
+    try:
+        return await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
+    except (OSError, asyncpg.PostgresError) as e:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+
+
+async def migrate(database_url: str, schema: str) -> list[str]:
+    """Apply the migrations ``schema`` lacks; safe from several processes at once. Returns what ran."""
+    try:
+        conn = await asyncpg.connect(database_url)
+    except (OSError, asyncpg.PostgresError) as e:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+    applied = []
+    try:
+        quoted = quote_schema(schema)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('runledger.migrate'))")
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+            await conn.execute(f"SET LOCAL search_path TO {quoted}")
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
+                               "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in migrations():
+                if version not in done:
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                                       version, name)
+                    applied.append(f"{version:03d}_{name}")
+    finally:
+        await conn.close()
+    return applied
