@@ -46,9 +46,9 @@ from schemas.errors import (
     RunledgerError,
     SeqConflict,
 )
-from schemas.events import Event, decode_event, parse_event
+from schemas.events import MAX_EVENT_BYTES, Event, decode_event, decode_json, parse_event
 
-__all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "ProjectionStore", "Route"]
+__all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "ProcessingFailed", "ProjectionStore", "Route"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,18 @@ class BatchResult:
                            self.rows + other.rows, self.cost_usd + other.cost_usd)
 
 
+class ProcessingFailed(PermanentError):
+    """runledger's own code failed on this record alone (a bug): it is dead-lettered as it is, to be replayed
+    once the code is fixed, instead of stopping every stream behind it."""
+
+    code = "processing_failed"
+
+
+# Failures that the record causes, found by applying the batch in halves.
+_ISOLATED = (RejectedByDatabase, ProcessingFailed)
+# A record larger than this cannot travel through a retry topic (its copy adds headers): it is dead-lettered.
+_RETRY_BYTES = MAX_EVENT_BYTES + 64 * 1024
+
 # A unique-key race with another transaction is retried in place this often before the record is taken
 # for one PostgreSQL refuses (the per-stream locks make a real race rare).
 _CONFLICT_TRIES = 3
@@ -181,7 +193,8 @@ class ProjectionStore:
     async def apply_batch(self, records: Sequence[LogRecord], *, route: Route | None = None) -> BatchResult:
         """Apply ``records`` in one transaction (in parts, if PostgreSQL refuses one of them).
 
-        Raises StoreUnavailable (transient) only. With ``route``, a record whose
+        Raises StoreUnavailable (transient), or a permanent error only when not even the dead letter of
+        the record that causes a failure can be written (then nothing is). With ``route``, a record whose
         predecessor is not projected yet is handed back for retry (until ``max_attempts``),
         and copies of retries and dead letters go to the outbox; without it (rebuilds,
         replays, tests), such a record is parked instead.
@@ -202,36 +215,36 @@ class ProjectionStore:
         """``apply_batch`` on ``conn``: its own transactions, or savepoints inside the caller's."""
         try:
             return await self._attempt(conn, records, route)
-        except RejectedByDatabase as e:
+        except _ISOLATED as e:
             if len(records) > 1:
-                log.warning("PostgreSQL refused a batch of %d records (%s); applying it in halves", len(records), e)
+                log.warning("a batch of %d records failed (%s: %s); applying it in halves", len(records), e.code, e)
                 half = len(records) // 2
                 first = await self.apply_on(conn, records[:half], route=route)
                 return first.merge(await self.apply_on(conn, records[half:], route=route))
             return await self._apply_alone(conn, records[0], route, e)
 
     async def _apply_alone(self, conn: asyncpg.Connection, record: LogRecord, route: Route | None,
-                           refusal: RejectedByDatabase) -> BatchResult:
-        """One record whose batch PostgreSQL refused: itself, or an event parked behind it that it lets follow."""
+                           refusal: PermanentError) -> BatchResult:
+        """One record whose batch failed: itself the cause, or an event parked behind it that it lets follow."""
         try:
             alone = await self._attempt(conn, [record], route, follow_parked=False)
-        except RejectedByDatabase as e:
-            log.warning("PostgreSQL refuses %s[%d]@%d: dead-lettered as rejected_by_database: %s", record.topic,
-                        record.partition, record.offset, e)
+        except _ISOLATED as e:
+            log.warning("%s[%d]@%d is dead-lettered as %s: %s", record.topic, record.partition, record.offset,
+                        e.code, e)
             return await self._attempt(conn, [record], route, refused=e)
         # The record is not the cause: the parked events that it unblocks are. Each is a record of its own now.
         streams = sorted({stream for stream, _ in alone.projected})
         parked = sorted(await conn.fetch(query("load_parked"), streams), key=lambda r: (r["stream_id"], r["seq"]))
         if not parked:
             return alone  # refused once, accepted now: nothing to isolate
-        log.warning("PostgreSQL refused %s[%d]@%d with the %d events parked behind it, and accepts it alone (%s): "
-                    "applying those on their own", record.topic, record.partition, record.offset, len(parked), refusal)
+        log.warning("%s[%d]@%d failed with the %d events parked behind it, and not alone (%s): applying those on "
+                    "their own", record.topic, record.partition, record.offset, len(parked), refusal)
         followers = [LogRecord(r["kafka_topic"], r["kafka_partition"], r["kafka_offset"], r["stream_id"].encode(),
                                bytes(r["value"]), attempts=1) for r in parked]
         return alone.merge(await self.apply_on(conn, followers, route=route))
 
     async def _attempt(self, conn: asyncpg.Connection, records: Sequence[LogRecord], route: Route | None, *,
-                       follow_parked: bool = True, refused: RejectedByDatabase | None = None) -> BatchResult:
+                       follow_parked: bool = True, refused: PermanentError | None = None) -> BatchResult:
         for tries in range(1, _CONFLICT_TRIES + 1):
             try:
                 async with conn.transaction():
@@ -246,7 +259,8 @@ class ProjectionStore:
             except Exception as e:
                 error = database_error(e, f"batch of {len(records)} records not applied")
                 if error is None:
-                    raise
+                    log.exception("a batch of %d records failed in runledger's own code", len(records))
+                    error = ProcessingFailed(pg_text(f"{type(e).__name__}: {e}"))
                 if isinstance(error, StoreConflict) and tries < _CONFLICT_TRIES:
                     await asyncio.sleep(0.05 * tries * (0.5 + random.random()))  # noqa: S311 - jitter
                     continue
@@ -274,7 +288,7 @@ class _Batch:
     """One transaction's work; see ``ProjectionStore.apply_batch``."""
 
     def __init__(self, conn: asyncpg.Connection, catalog: PriceCatalog, group_id: str, max_attempts: int,
-                 route: Route | None, *, follow_parked: bool, refused: RejectedByDatabase | None) -> None:
+                 route: Route | None, *, follow_parked: bool, refused: PermanentError | None) -> None:
         self.conn, self.catalog, self.group_id = conn, catalog, group_id
         self.max_attempts, self.route = max_attempts, route
         self.retry_gaps = route is not None
@@ -305,6 +319,10 @@ class _Batch:
             failure = replace(failure, error=RetriesExhausted(
                 f"{failure.attempts} attempts from {failure.first_failed:%Y-%m-%dT%H:%M:%SZ}; last: "
                 f"{error.code}: {error}"))
+        elif error.transient and len(record.value) + len(record.key or b"") > _RETRY_BYTES:
+            failure = replace(failure, error=RetriesExhausted(
+                f"a record of {len(record.value) + len(record.key or b''):,} bytes cannot travel through a retry "
+                f"topic; {error.code}: {error}"))
         (self.result.retry if failure.error.transient else self.result.dead).append(failure)
 
     async def run(self, records: Sequence[LogRecord]) -> BatchResult:
@@ -343,7 +361,13 @@ class _Batch:
         for row in await conn.fetch(query("load_parked"), streams) if self.follow_parked else ():
             record = LogRecord(row["kafka_topic"], row["kafka_partition"], row["kafka_offset"],
                                row["stream_id"].encode(), bytes(row["value"]))
-            by_stream[row["stream_id"]].append((parse_event(record.value), record, None))
+            try:
+                event = parse_event(record.value)
+            except PermanentError as e:  # parked under older, looser rules: it leaves the stream now
+                self.fail(record, e, raw=_json_or_none(record.value))
+                self.unparks.append((row["stream_id"], row["seq"], row["event_id"]))
+                continue
+            by_stream[row["stream_id"]].append((event, record, None))
         touched: dict[str, set[str]] = defaultdict(set)
         for stream in streams:
             head = heads.get(stream, Head())
@@ -469,6 +493,13 @@ class _Batch:
                 recorded.append(replace(f, dead_letter_id=letter))
                 self.result.rows["dead_letters"] += 1
         self.result.dead = recorded
+
+
+def _json_or_none(value: bytes) -> Any:
+    try:
+        return decode_json(value)
+    except PermanentError:
+        return None
 
 
 def _known_fields(raw: Any) -> tuple[str | None, int | None, str | None, str | None]:

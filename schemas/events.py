@@ -316,7 +316,10 @@ def parse_event(value: bytes | str | dict[str, Any], *, verify_hash: bool = True
     except ValidationError as e:
         raise InvalidEvent(_field_errors(e)) from None
     if verify_hash:
-        expected = compute_hash(raw, plain=plain)
+        try:
+            expected = compute_hash(raw, plain=plain)
+        except (TypeError, ValueError, RecursionError) as e:  # the encoders' depth limits
+            raise InvalidEvent([("data", f"cannot be canonicalised: {e}")]) from None
         if expected != event.hash:
             raise HashMismatch(expected, event.hash)
     return event

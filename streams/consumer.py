@@ -18,6 +18,7 @@ counts, so a record there is read again until its batch is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,13 +27,13 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from projections.db import StoreUnavailable, database_error
 from projections.store import BatchResult, LogRecord, ProjectionStore
 from schemas.events import MAX_EVENT_BYTES
 from streams.logcheck import FIX, check_partitions, save_problems
-from streams.retry import from_retry_topic
+from streams.retry import from_retry_topic, message_time
 
 __all__ = ["LogConsumer", "RetryConsumer"]
 
@@ -117,7 +118,7 @@ class LogConsumer:
                     await asyncio.sleep(1)
                     continue
                 records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
-                           for batch in fetched.values() for m in batch]
+                           for tp, batch in fetched.items() if tp.partition not in self.held for m in batch]
                 if records:
                     await _project_until_done(self._project, records, self.topic)
                     await _commit(self._consumer, fetched, self.topic)
@@ -127,11 +128,14 @@ class LogConsumer:
 
     async def assigned_now(self, assigned: list[TopicPartition]) -> None:
         """Seek each newly assigned partition to its stored offset, or hold it back if the log does not match."""
+        # Paused before the first await: the fetcher may otherwise start from the group's committed offsets.
+        self._consumer.pause(*assigned)
         self.held = {}
         log.info("assigned partitions %s of %s", sorted(tp.partition for tp in assigned), self.topic)
-        await self._check(assigned)
+        await self._check(assigned, assigned=True)
 
-    async def _check(self, tps: list[TopicPartition]) -> None:
+    async def _check(self, tps: list[TopicPartition], *, assigned: bool = False) -> None:
+        """Seek and resume ``tps`` whose log matches; hold back the others. ``assigned``: just assigned."""
         self._checked_at = time.monotonic()
         if not tps:
             self.held = {}
@@ -139,32 +143,38 @@ class LogConsumer:
         try:
             stored = await self._store.load_offsets(self.topic)
         except StoreUnavailable as e:
-            # The group's Kafka offsets are never ahead of what is projected or safe in a retry topic.
-            log.warning("%s; starting from the group's committed offsets", e)
+            if assigned:  # The group's Kafka offsets are never ahead of what is projected or in a retry topic.
+                log.warning("%s; starting from the group's committed offsets", e)
+                with contextlib.suppress(IllegalStateError, AssertionError):
+                    self._consumer.resume(*(tp for tp in tps if tp.partition in self.assigned))
             return
         try:
             checks = await check_partitions(self._checker, self.topic, [tp.partition for tp in tps], stored)
         except (KafkaError, TimeoutError) as e:
             log.warning("cannot check partitions %s of %s against the stored offsets (%s); holding them back "
                         "until it can", [tp.partition for tp in tps], self.topic, e or type(e).__name__)
-            self._consumer.pause(*tps)
             self.held.update({tp.partition: f"not checked yet: {e or type(e).__name__}" for tp in tps})
             return
-        for check in checks:
+        current = self.assigned  # the group may have rebalanced while we looked
+        for check in (c for c in checks if c.partition in current):
             tp = TopicPartition(self.topic, check.partition)
-            if check.problem is not None:
-                if check.partition not in self.held:
-                    log.error("not projecting %s partition %d: %s; %s", self.topic, check.partition, check.problem,
-                              FIX)
-                self.held[check.partition] = check.problem
-                self._consumer.pause(tp)
+            try:
+                if check.problem is not None:
+                    if check.partition not in self.held:
+                        log.error("not projecting %s partition %d: %s; %s", self.topic, check.partition,
+                                  check.problem, FIX)
+                    self.held[check.partition] = check.problem
+                    self._consumer.pause(tp)
+                    continue
+                if check.stored is not None:
+                    self._consumer.seek(tp, check.stored)
+                self._consumer.resume(tp)
+            except (IllegalStateError, AssertionError) as e:  # taken away meanwhile: its new owner checks it
+                log.info("partition %d of %s changed hands during its check: %s", check.partition, self.topic, e)
                 continue
-            if check.stored is not None:
-                self._consumer.seek(tp, check.stored)
             if self.held.pop(check.partition, None) is not None:
                 log.warning("projecting %s partition %d again from offset %s", self.topic, check.partition,
                             check.stored)
-            self._consumer.resume(tp)
         partitions = len(self._consumer.partitions_for_topic(self.topic) or ()) or len(checks)
         try:
             await save_problems(self._pool, self._group_id, partitions, checks)
@@ -192,7 +202,7 @@ class RetryConsumer:
                     await asyncio.sleep(1)
                     continue
                 batch = [from_retry_topic(m.topic, m.partition, m.offset, m.key, m.value or b"", m.headers or [],
-                                          datetime.fromtimestamp(m.timestamp / 1000, UTC), self._delay)
+                                          message_time(m.timestamp), self._delay)
                          for messages in fetched.values() for m in messages]
                 if not batch:
                     continue

@@ -43,6 +43,7 @@ __all__ = ["BatchHandler", "Forwarder"]
 log = logging.getLogger(__name__)
 
 _SEND_TIMEOUT_S = 30.0
+_KEY_BYTES = 1024  # a longer key of a dead letter's reference copy is replaced by its SHA-256
 
 
 class Forwarder:
@@ -107,14 +108,16 @@ class Forwarder:
         value: bytes = bytes(row["value"])
         headers = dict(row["headers"])
         letter = row["dead_letter_id"]
+        key = bytes(row["key"]) if row["key"] is not None else None
         # A dead letter's copy never fails for its size (SPEC.md section 6): its row holds the bytes.
-        if letter is not None and (shrink or len(value) > MAX_EVENT_BYTES):
+        if letter is not None and (shrink or len(value) + len(key or b"") > MAX_EVENT_BYTES):
+            if key is not None and len(key) > _KEY_BYTES:
+                key = hashlib.sha256(key).hexdigest().encode()
             headers[HEADER + "value_omitted"] = (f"{len(value)} bytes, too large for the topic: the record is in "
                                                  f"dead_letters row {letter} of schema {self._schema} "
                                                  f"(`runledger dlq show {letter}`)")
             value = orjson.dumps({"dead_letter": {"schema": self._schema, "id": letter, "bytes": len(value),
                                                   "sha256": hashlib.sha256(value).hexdigest()}})
-        key = bytes(row["key"]) if row["key"] is not None else None
         try:
             return await self._kafka.send(row["topic"], value, key=key,
                                           headers=[(k, v.encode()) for k, v in headers.items()])
@@ -131,7 +134,7 @@ class Forwarder:
         for r in records:
             failure = Failure(r, error, now, r.key.decode("utf-8", "replace") if r.key else None)
             step = self.schedule.after(failure.attempts)
-            if step is None or len(r.value) > MAX_EVENT_BYTES:
+            if step is None or len(r.value) + len(r.key or b"") > MAX_EVENT_BYTES:
                 spent.append(r)
                 continue
             delay, topic = step

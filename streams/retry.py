@@ -17,6 +17,7 @@ Pure: knows nothing of Kafka clients or PostgreSQL.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,10 +26,12 @@ from projections.store import Failure, LogRecord, OutboxRow
 from schemas.events import format_time
 
 __all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic",
-           "header_values"]
+           "header_values", "message_time"]
 
 HEADER = "runledger."
 Headers = list[tuple[str, bytes]]
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")  # Kafka's topic names
+_MAX_ATTEMPTS = 1000
 
 
 def delay_name(seconds: float) -> str:
@@ -129,7 +132,10 @@ def from_retry_topic(topic: str, partition: int, offset: int, key: bytes | None,
         original = (h["original.topic"], int(h["original.partition"]), int(h["original.offset"]))
     except (KeyError, ValueError):
         original = (topic, partition, offset)
-    attempts = _int(h.get("attempts"), 1)
+    # What PostgreSQL columns and Kafka can hold, or the message's own place: headers are input, not truth.
+    if not (_TOPIC.fullmatch(original[0]) and 0 <= original[1] < 2**31 and 0 <= original[2] < 2**63):
+        original = (topic, partition, offset)
+    attempts = min(_int(h.get("attempts"), 1), _MAX_ATTEMPTS)
     first = _time(h.get("first_failure")) or timestamp
     due = _time(h.get("due")) or timestamp + timedelta(seconds=delay)
     return LogRecord(*original, key, value, attempts=attempts, first_failed=first), due
@@ -151,6 +157,14 @@ def _time(text: str | None) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        return (parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def message_time(timestamp_ms: int) -> datetime:
+    """A Kafka timestamp (ms) as an aware UTC datetime; now if it is out of range."""
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return datetime.now(UTC)

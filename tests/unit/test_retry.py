@@ -9,7 +9,7 @@ import pytest
 from projections.store import Failure, LogRecord
 from schemas.errors import HashMismatch, PredecessorMissing
 from streams.dlq import LetterFilter, parse_time
-from streams.retry import RetrySchedule, delay_name, failure_headers, from_retry_topic
+from streams.retry import RetrySchedule, delay_name, failure_headers, from_retry_topic, message_time
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -48,6 +48,21 @@ def test_a_message_without_headers_is_read_as_a_first_retry_of_itself() -> None:
     back, due = from_retry_topic("rl.events.retry.1s", 0, 7, None, b"junk", [("other", b"x")], NOW, 1.0)
     assert (back.topic, back.offset, back.attempts, back.first_failed, due) == (
         "rl.events.retry.1s", 7, 1, NOW, NOW + timedelta(seconds=1))
+
+
+@pytest.mark.parametrize("headers", [
+    {"original.topic": "rl.events", "original.partition": str(2**31), "original.offset": "1"},
+    {"original.topic": "rl.events", "original.partition": "0", "original.offset": str(2**63)},
+    {"original.topic": "rl\x00events", "original.partition": "0", "original.offset": "1"},
+    {"original.topic": "x" * 300, "original.partition": "-1", "original.offset": "1"},
+], ids=["partition", "offset", "nul", "long"])
+def test_headers_postgres_could_not_store_fall_back_to_the_message_itself(headers: dict[str, str]) -> None:
+    raw = [(f"runledger.{k}", v.encode()) for k, v in headers.items()]
+    raw += [("runledger.attempts", b"99999999999"), ("runledger.first_failure", b"0001-01-01T00:00:00+05:00")]
+    back, _ = from_retry_topic("rl.events.retry.1s", 3, 7, None, b"x", raw, NOW, 1.0)
+    assert (back.topic, back.partition, back.offset, back.first_failed) == ("rl.events.retry.1s", 3, 7, NOW)
+    assert back.attempts == 1000
+    assert message_time(2**62) > NOW and message_time(NOW.timestamp() * 1000) == NOW
 
 
 def test_dead_letter_headers_leave_out_what_is_unknown() -> None:

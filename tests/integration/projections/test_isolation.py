@@ -95,8 +95,10 @@ async def test_what_postgres_cannot_store_is_refused_before_it_gets_there(
     wide = rechain("wide", FIRST_STREAM[:2])
     wide[1] = {**wide[1], "data": {**wide[1]["data"], "order": 2**31}}
     wide = rechain("wide", wide)
+    nested = orjson.dumps({**rechain("deep")[0], "data": {"workflow": "w", "input": "here"}}).replace(
+        b'"here"', b'{"a":' * 300 + b"{}" + b"}" * 300)  # deeper than the JSON encoders go
     values = [orjson.dumps(nul_value), orjson.dumps(nul_key), nul_subject, orjson.dumps(huge),
-              *(orjson.dumps(e) for e in wide)]
+              *(orjson.dumps(e) for e in wide), nested]
     assert len(values[3]) > MAX_EVENT_BYTES
     result = await store.apply_batch([LogRecord("t.events", 0, i, b"k", v) for i, v in enumerate(values)])
 
@@ -107,6 +109,7 @@ async def test_what_postgres_cannot_store_is_refused_before_it_gets_there(
     assert "U+0000" in letters[values[1]]["error"]
     assert letters[values[2]]["stream_id"] == "bad\\u0000stream"  # written out: PostgreSQL text has no U+0000
     assert "524,288" in letters[values[3]]["error"]
+    assert letters[values[-1]]["reason"] == "invalid_event"
     # A step order above 2^31 - 1 is valid (up to 2^53 - 1) and stored.
     assert result.projected == [("wide", 1), ("wide", 2)]
     assert await owner.fetchval("SELECT step_order FROM steps WHERE stream_id = 'wide'") == 2**31
@@ -169,11 +172,11 @@ async def test_a_dead_letter_too_large_for_the_topic_gets_a_reference_copy(
         store: ProjectionStore, owner: asyncpg.Connection, pool: asyncpg.Pool, settings: Any) -> None:
     huge = rechain(f"big-{uuid.uuid4().hex[:6]}")[0]
     huge = rehashed(huge, data={**huge["data"], "input": {"blob": "y" * (2 * 1024 * 1024)}})
-    value = orjson.dumps(huge)
+    value, key = orjson.dumps(huge), b"k" * (1024 * 1024)  # a key that large would not fit either
     forwarder = Forwarder(settings.kafka_bootstrap_servers, RetrySchedule(settings.topic_prefix, (1.0,)), "sch")
     await forwarder.start()
     try:
-        await BatchHandler(store, forwarder, pool).handle([LogRecord("t.events", 0, 0, b"big", value)])
+        await BatchHandler(store, forwarder, pool).handle([LogRecord("t.events", 0, 0, key, value)])
     finally:
         await forwarder.stop()
     letter = await owner.fetchrow("SELECT * FROM dead_letters")
@@ -182,6 +185,42 @@ async def test_a_dead_letter_too_large_for_the_topic_gets_a_reference_copy(
     assert orjson.loads(copy.value)["dead_letter"] == {
         "schema": "sch", "id": letter["id"], "bytes": len(value),
         "sha256": hashlib.sha256(value).hexdigest()}
+    assert copy.key == hashlib.sha256(key).hexdigest().encode() and bytes(letter["key"]) == key
     headers = {k: v.decode() for k, v in copy.headers}
     assert headers["runledger.reason"] == "too_large" and f"dead_letters row {letter['id']}" in \
         headers["runledger.value_omitted"]
+
+
+async def test_a_record_that_runledgers_own_code_fails_on_is_dead_lettered_alone(
+        store: ProjectionStore, owner: asyncpg.Connection, monkeypatch: Any) -> None:
+    import projections.store
+
+    original = projections.store.apply
+
+    def buggy(state: Any, event: Any, catalog: Any) -> Any:
+        if event.subject == "tripwire" and event.type == "step.completed":
+            raise KeyError("a bug")
+        return original(state, event, catalog)
+
+    monkeypatch.setattr(projections.store, "apply", buggy)
+    result = await store.apply_batch(as_records(interleave(stream("fine-1"), stream("tripwire"), stream("fine-2"))))
+    letter = await owner.fetchrow("SELECT * FROM dead_letters")
+    assert (letter["reason"], letter["stream_id"], letter["seq"]) == ("processing_failed", "tripwire", 6)
+    assert "KeyError" in letter["error"] and result.rejected == {"processing_failed": 1}
+    heads = {r["stream_id"]: r["seq"] for r in await owner.fetch("SELECT stream_id, seq FROM stream_heads")}
+    assert heads == {"fine-1": 9, "fine-2": 9, "tripwire": 5}
+
+
+async def test_an_event_parked_under_older_rules_leaves_its_stream_as_a_dead_letter(
+        store: ProjectionStore, owner: asyncpg.Connection) -> None:
+    events = stream("old-parked")
+    await store.apply_batch(as_records(events[:1]))
+    legacy = rehashed({**events[2], "data": {**events[2]["data"], "model": "nul\u0000model"}})
+    await owner.execute("INSERT INTO parked_events (stream_id, seq, event_id, value, kafka_topic, kafka_partition, "
+                        "kafka_offset, parked_at) VALUES ('old-parked', 3, $1, $2, 't.events', 0, 99, now())",
+                        legacy["id"], orjson.dumps(legacy))
+    result = await store.apply_batch(as_records(events[1:2], start=10))
+    assert result.projected == [("old-parked", 2)]
+    letter = await owner.fetchrow("SELECT reason, seq, value FROM dead_letters")
+    assert (letter["reason"], letter["seq"], bytes(letter["value"])) == ("invalid_event", 3, orjson.dumps(legacy))
+    assert await owner.fetchval("SELECT count(*) FROM parked_events") == 0
