@@ -8,6 +8,9 @@ prefix (so its own topics and Redis keys).
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +25,29 @@ ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors" / "chain-v1.jsonl"
 VECTOR_EVENTS = [orjson.loads(line)["event"] for line in VECTORS.read_bytes().splitlines()]
 
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now, below the ephemeral range (which outgoing connections take from)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 30999)  # noqa: S311 - not security
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+_KAFKA, _POSTGRES, _REDIS = free_ports(3)
 TEST_ENV = {
-    "RUNLEDGER_STATE_DIR": str(ROOT / ".runledger" / "test"),
-    "RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:29092",
-    "RUNLEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1:25432/runledger",
-    "RUNLEDGER_REDIS_URL": "redis://127.0.0.1:26379/0",
+    # A stack of the session's own: its own state and free ports, so that two suites, or a `dev up` stack on
+    # any ports, never meet.
+    "RUNLEDGER_STATE_DIR": str(ROOT / ".runledger" / "test" / f"{os.getpid()}-{uuid.uuid4().hex[:6]}"),
+    "RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{_KAFKA}",
+    "RUNLEDGER_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{_POSTGRES}/runledger",
+    "RUNLEDGER_REDIS_URL": f"redis://127.0.0.1:{_REDIS}/0",
     "RUNLEDGER_EVENT_PARTITIONS": "4",
 }
 
@@ -45,7 +66,8 @@ def stack_env() -> Iterator[dict[str, str]]:
     started = [s.name for s in devstack.up(settings) if s.state == "started"]
     yield env
     if started:
-        devstack.down(settings)
+        devstack.down(settings, purge=True)
+        shutil.rmtree(settings.state_dir, ignore_errors=True)
 
 
 @pytest.fixture

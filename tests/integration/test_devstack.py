@@ -13,6 +13,7 @@ import pytest
 
 from streams import devstack
 from streams.settings import Settings
+from tests.conftest import free_ports
 
 
 def _settings(tmp_path: Path, kafka: int, redis: int) -> Settings:
@@ -21,7 +22,7 @@ def _settings(tmp_path: Path, kafka: int, redis: int) -> Settings:
 
 
 def test_up_twice_starts_nothing_twice_and_down_stops_only_that(tmp_path: Path, stack_env: dict[str, str]) -> None:
-    settings = _settings(tmp_path, 21192, 21390)
+    settings = _settings(tmp_path, *free_ports(2))
     first = {s.name: s for s in devstack.up(settings)}
     try:
         assert (first["kafka"].state, first["redis"].state, first["postgres"].state) == (
@@ -44,7 +45,7 @@ def test_a_taken_port_is_a_clear_error_and_starts_nothing(tmp_path: Path) -> Non
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        settings = _settings(tmp_path, port, 21391)
+        settings = _settings(tmp_path, port, free_ports(1)[0])
         with pytest.raises(devstack.DevStackError, match=f"port {port} is already in use") as caught:
             devstack.up(settings)
     assert "RUNLEDGER_EMBEDDED" in str(caught.value)

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from projections.wait import stream_partition
+from tests.conftest import free_ports
 from tests.integration.conftest import read_log, settings_of
 
 
@@ -23,8 +24,9 @@ from tests.integration.conftest import read_log, settings_of
 def own_broker(tmp_path: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
     """The session's PostgreSQL, but a broker and Redis of this test's own, which it may stop."""
     schema = f"lost_{uuid.uuid4().hex[:10]}"
+    kafka, redis = free_ports(2)
     env = {**env, "RUNLEDGER_STATE_DIR": str(tmp_path), "RUNLEDGER_EMBEDDED": "kafka,redis",
-           "RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:21193", "RUNLEDGER_REDIS_URL": "redis://127.0.0.1:21392/0",
+           "RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}", "RUNLEDGER_REDIS_URL": f"redis://127.0.0.1:{redis}/0",
            "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}"}
     yield env
     runledger(env, "dev", "down")
