@@ -19,7 +19,7 @@ import orjson
 from tqdm import tqdm
 
 from schemas.chain import compute_hash, canonical
-from schemas.errors import RunledgerError
+from schemas.errors import PermanentError, RunledgerError
 from schemas.events import decode_event, decode_json, parse_event
 from streams import devstack
 from streams.producer import Appended, NewEvent, append_many, check_new_events
@@ -155,8 +155,11 @@ def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         _emit({"stream": appended.stream_id, "seq": appended.seq, "id": appended.id, "hash": appended.hash,
                "duplicate": appended.duplicate})
 
-    streams = asyncio.run(append_many(settings, items, on_appended=show if args.json else None,
-                                      progress=not args.quiet))
+    try:
+        streams = asyncio.run(append_many(settings, items, on_appended=show if args.json else None,
+                                          progress=not args.quiet))
+    except PermanentError as e:  # refused for what it is (the stream's lifecycle, say): say why, by its code
+        raise InputError(f"{e.code}: {e}") from None
     elapsed = time.monotonic() - started
     print(f"appended {len(items)} events to {streams} streams in {elapsed:.2f} s "
           f"({len(items) / max(elapsed, 1e-9):,.0f} events/s) on topic {settings.events_topic}", file=sys.stderr)

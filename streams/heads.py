@@ -56,6 +56,7 @@ class StagedBatch:
     values: list[bytes]
     refs: list[AppendRef]
     idempotency_keys: list[str | None]
+    last_type: str = ""  # the type of its last event: the head records it for the lifecycle checks
 
     def encode(self) -> bytes:
         return orjson.dumps({
@@ -63,13 +64,14 @@ class StagedBatch:
             "values": [v.decode() for v in self.values],
             "refs": [[r.seq, r.id, r.hash] for r in self.refs],
             "keys": self.idempotency_keys,
+            "type": self.last_type,
         })
 
     @classmethod
     def decode(cls, blob: bytes) -> StagedBatch:
         obj = orjson.loads(blob)
         return cls(obj["batch"], [v.encode() for v in obj["values"]],
-                   [AppendRef(*r) for r in obj["refs"]], obj["keys"])
+                   [AppendRef(*r) for r in obj["refs"]], obj["keys"], obj.get("type", ""))
 
 
 _STAGE = """
@@ -79,12 +81,12 @@ redis.call('HSET', KEYS[2], 'batch', ARGV[2], 'blob', ARGV[3])
 return 1
 """
 
-# KEYS: pending, head, idempotency, lease. ARGV: batch id, last seq, last hash, token, key/value pairs...
+# KEYS: pending, head, idempotency, lease. ARGV: batch id, last seq, last hash, token, last type, key/value pairs...
 _COMMIT = """
 local committed = 0
 if redis.call('HGET', KEYS[1], 'batch') == ARGV[1] then
-  redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'hash', ARGV[3])
-  for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'hash', ARGV[3], 'type', ARGV[5])
+  for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
   redis.call('DEL', KEYS[1])
   committed = 1
 end
@@ -124,8 +126,10 @@ class StreamHeads:
     async def release(self, stream_id: str, token: str) -> None:
         await self._release(keys=[self._key("lease", stream_id)], args=[token])
 
-    async def read(self, stream_id: str, keys: list[str]) -> tuple[Head, StagedBatch | None, dict[str, AppendRef]]:
-        """The committed head, a batch left staged by another producer, and known idempotency keys."""
+    async def read(self, stream_id: str, keys: list[str]) -> tuple[Head, str | None, StagedBatch | None,
+                                                                     dict[str, AppendRef]]:
+        """The committed head and the type of its event (None: not recorded), a batch left staged by another
+        producer, and known idempotency keys."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(self._key("head", stream_id))
         pipe.hget(self._key("pending", stream_id), "blob")
@@ -134,10 +138,11 @@ class StreamHeads:
         results: list[Any] = await pipe.execute()
         head_raw, blob = results[0], results[1]
         head = Head(int(head_raw[b"seq"]), head_raw[b"hash"].decode()) if head_raw else Head()
+        last_type = head_raw[b"type"].decode() if b"type" in head_raw else None
         known = {}
         if keys:
             known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, results[2], strict=True) if v is not None}
-        return head, (StagedBatch.decode(blob) if blob else None), known
+        return head, last_type, (StagedBatch.decode(blob) if blob else None), known
 
     async def stage(self, stream_id: str, token: str, batch: StagedBatch) -> None:
         """Record ``batch`` as about to be published; raise LeaseLost if our lease is gone."""
@@ -157,6 +162,6 @@ class StreamHeads:
         last = batch.refs[-1]
         done = await self._commit(
             keys=[self._key(k, stream_id) for k in ("pending", "head", "idem", "lease")],
-            args=[batch.batch_id, last.seq, last.hash, token, *pairs],
+            args=[batch.batch_id, last.seq, last.hash, token, batch.last_type, *pairs],
         )
         return bool(done)

@@ -29,6 +29,7 @@ from projections.wait import WaitResult, wait_projected
 from schemas.chain import Head, compute_hash
 from schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientError
 from schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
+from schemas.lifecycle import check_lifecycle
 from streams.heads import AppendRef, StagedBatch, StreamHeads
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -168,8 +169,9 @@ class EventProducer:
         ``expected_seq``: the seq the stream must be at now (0: the stream must be
         new), else AppendConflict. Events whose idempotency key was appended before
         are not appended again: their earlier result comes back with
-        ``duplicate=True``. Raises InvalidEvent/UnknownType (nothing published),
-        AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed).
+        ``duplicate=True``. Raises InvalidEvent/UnknownType/TooLarge or IllegalTransition
+        (a first event that is not ``execution.started``, an event after a terminal one: nothing
+        published), AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed).
         """
         check_new_events(stream_id, events)
         if not events:
@@ -178,14 +180,15 @@ class EventProducer:
         await self._heads.acquire(stream_id, token, self._settings.producer_wait_s)
         try:
             keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
-            head, left_behind, known = await self._heads.read(stream_id, keys)
+            head, last_type, left_behind, known = await self._heads.read(stream_id, keys)
             if left_behind is not None:
                 await self._publish(stream_id, left_behind)
                 await self._heads.commit(stream_id, "", left_behind)
-                head, _, known = await self._heads.read(stream_id, keys)
+                head, last_type, _, known = await self._heads.read(stream_id, keys)
             fresh = [e for e in events if e.idempotency_key not in known]
             if fresh and expected_seq is not None and expected_seq != head.seq:
                 raise AppendConflict(stream_id, expected_seq, head.seq)
+            check_lifecycle(stream_id, head.seq, last_type or None, [e.type for e in fresh])
             batch = build_events(self._settings.producer_source, stream_id, head, fresh)
             if batch.refs:
                 await self._heads.stage(stream_id, token, batch)
@@ -203,6 +206,21 @@ class EventProducer:
                 ref, value = next(made)
                 out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, value=value))
         return out
+
+    async def precheck(self, stream_id: str, events: Sequence[NewEvent]) -> None:
+        """Raise IllegalTransition now if ``events`` could not follow the stream's head as it is: a check before
+        a multi-stream append publishes anything (``append_batch`` checks again under the stream's lease)."""
+        keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
+        head, last_type, left_behind, known = await self._heads.read(stream_id, keys)
+        if left_behind is not None:  # published before anything else
+            head, last_type = Head(left_behind.refs[-1].seq, left_behind.refs[-1].hash), left_behind.last_type
+        fresh, seen = [], set(known)
+        for e in events:  # a key seen before is answered as a duplicate, not appended
+            if e.idempotency_key is None or e.idempotency_key not in seen:
+                fresh.append(e.type)
+            if e.idempotency_key is not None:
+                seen.add(e.idempotency_key)
+        check_lifecycle(stream_id, head.seq, last_type or None, fresh)
 
     async def wait_projected(self, appended: Appended, *, timeout: float = 30.0) -> WaitResult:
         """Read-your-writes: return once ``appended`` is projected (``status`` "projected"), rejected
@@ -260,7 +278,8 @@ def build_events(source: str, stream_id: str, head: Head, events: Sequence[NewEv
                                  f"the log, named by an artifact.created uri")])
         values.append(value)
         refs.append(AppendRef(seq, raw["id"], prevhash))
-    return StagedBatch(uuid.uuid4().hex, values, refs, [e.idempotency_key for e in events])
+    return StagedBatch(uuid.uuid4().hex, values, refs, [e.idempotency_key for e in events],
+                       events[-1].type if events else "")
 
 
 def _batches(events: list[NewEvent], size: int = 1000) -> Iterator[list[NewEvent]]:
@@ -290,6 +309,9 @@ async def append_many(settings: Settings, items: Sequence[tuple[str, NewEvent]],
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(items), unit="ev", desc="appending", disable=None if progress else True, file=sys.stderr)
     async with EventProducer(settings) as producer:
+        for stream_id, events in by_stream.items():  # one refused stream, and nothing is published
+            await producer.precheck(stream_id, events)
+
         async def one(stream_id: str, events: list[NewEvent]) -> None:
             async with gate:
                 for batch in _batches(events):

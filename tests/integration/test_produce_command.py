@@ -51,3 +51,22 @@ async def test_one_bad_line_publishes_nothing(env: dict[str, str], settings: Set
         done = _produce(env, [lines[0], bad])
         assert done.returncode == 2 and f"line 2: {message}" in done.stderr, done.stderr
     assert await read_log(settings) == []
+
+
+async def test_events_the_lifecycle_refuses_are_refused_with_the_workers_reason(env: dict[str, str],
+                                                                                settings: Settings) -> None:
+    start = {"stream": "a", "type": "execution.started", "data": {"workflow": "w"}}
+    no_start = {"stream": "b", "type": "step.started", "data": {"step_id": "s", "name": "n"}}
+    done = _produce(env, [start, no_start])
+    assert done.returncode == 2, done.stderr
+    assert "illegal_transition: step.started at seq 1 of 'b': the first event of a stream must be " \
+           "execution.started" in done.stderr
+    ended = [start, {"stream": "a", "type": "execution.completed", "data": {}}]
+    assert _produce(env, ended).returncode == 0
+    assert len(await read_log(settings)) == 2  # the refused file published nothing
+    after = _produce(env, [{"stream": "a", "type": "step.started", "data": {"step_id": "s", "name": "n"}}])
+    assert after.returncode == 2 and "illegal_transition" in after.stderr and \
+        "the execution already ended (execution.completed)" in after.stderr, after.stderr
+    again = _produce(env, [{**start, "stream": "c"}, {**start, "stream": "c"}])
+    assert again.returncode == 2 and "execution.started must be seq 1" in again.stderr
+    assert len(await read_log(settings)) == 2

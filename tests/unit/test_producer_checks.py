@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -74,3 +75,20 @@ def test_data_that_is_not_json_is_an_invalid_event() -> None:
     with pytest.raises(InvalidEvent) as caught:
         check_new_events("exec-1", [NewEvent("step.skipped", {"step_id": "s1", "tags": {"a", "b"}})])
     assert caught.value.field == "data"
+
+
+def test_the_lifecycle_a_head_decides() -> None:
+    from schemas.errors import IllegalTransition
+    from schemas.lifecycle import check_lifecycle
+
+    check_lifecycle("s", 0, None, ["execution.started", "step.started", "execution.completed"])
+    check_lifecycle("s", 4, None, ["step.started"])  # an older head that did not record its type
+    for head, last, types, why in [
+        (0, None, ["step.started"], "the first event of a stream must be execution.started"),
+        (3, "step.started", ["execution.started"], "execution.started must be seq 1"),
+        (3, "execution.failed", ["step.started"], "the execution already ended (execution.failed)"),
+        (0, None, ["execution.started", "execution.cancelled", "cost.incurred"], "already ended"),
+    ]:
+        with pytest.raises(IllegalTransition, match=re.escape(why)) as caught:
+            check_lifecycle("s", head, last, types)
+        assert caught.value.code == "illegal_transition"
