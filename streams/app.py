@@ -9,10 +9,11 @@ the consumer commit. A Faust agent reading records one by one manages about
 the path fast, and the consumers own their commits, so that no cancellation
 acknowledges a record that was not applied.
 
-Two more tasks: one publishes what the outbox still holds (copies a crashed
-worker did not send) every few seconds, one keeps this worker's row in
-``workers`` fresh so that ``runledger wait`` and ``runledger dev status`` know
-it is alive.
+Three more tasks: one publishes what the outbox still holds (copies a crashed
+worker did not send) every few seconds, one publishes batches that producers
+staged but did not publish (``EventProducer.sweep``), and one keeps this
+worker's row in ``workers`` fresh so that ``runledger wait`` and ``runledger dev
+status`` know it is alive.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from projections.pricing import load_tokencost_catalog
 from projections.sql import query
 from projections.store import BatchResult, LogRecord, ProjectionStore
 from streams.consumer import LogConsumer, RetryConsumer
+from schemas.errors import TransientError
 from streams.forward import BatchHandler, Forwarder
+from streams.producer import EventProducer
 from streams.retry import RetrySchedule, delay_name
 from streams.settings import Settings
 
@@ -126,6 +129,20 @@ def create_app(settings: Settings) -> faust.App:
     async def sweep_outbox() -> None:
         if ready.done():
             await (await ready).handler.publish()
+
+    @app.task
+    async def sweep_staged() -> None:
+        """Batches a producer staged but did not publish (it failed or died) reach the log without waiting for
+        another append to their stream: the producer's own sweeper publishes them."""
+        if settings.producer_sweep_s <= 0:
+            return
+        while True:
+            try:
+                async with EventProducer(settings):
+                    await asyncio.Future()  # until the worker stops
+            except TransientError as e:
+                log.warning("cannot sweep staged batches: %s; trying again in 5 s", e)
+                await asyncio.sleep(5)
 
     @app.task
     async def heartbeat() -> None:

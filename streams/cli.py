@@ -213,6 +213,26 @@ def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     return {"projected": 0, "rejected": EXIT_INVALID, "stalled": EXIT_TRANSIENT}.get(result.status, EXIT_TIMEOUT)
 
 
+# heads ----------------------------------------------------------------------------------------
+
+def _cmd_heads(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.producer import EventProducer
+
+    async def sweep() -> list[tuple[str, int, int]]:
+        async with EventProducer(settings.model_copy(update={"producer_sweep_s": 0})) as producer:
+            return await producer.sweep()
+
+    done = asyncio.run(sweep())
+    for stream, first, last in done:
+        if args.json:
+            _emit({"stream": stream, "first_seq": first, "last_seq": last})
+        else:
+            print(f"{stream}: published seq {first}..{last}")
+    if not args.json:
+        print(f"{len(done)} staged batches published", file=sys.stderr)
+    return 0
+
+
 # offsets --------------------------------------------------------------------------------------
 
 def _cmd_offsets(args: argparse.Namespace, settings: Settings) -> int:
@@ -665,6 +685,16 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--limit", type=int, default=20, metavar="N", help="how many (default 20)")
     hist.add_argument("--json", action="store_true", help="one JSON object a line")
     hist.set_defaults(func=_cmd_dlq_history)
+
+    heads = sub.add_parser(
+        "heads", help="the chain heads producers keep in Redis",
+        description="Each stream's head (seq, hash) lives in Redis; an append stages its batch there before "
+        "publishing it. `sweep` publishes every batch a producer staged but did not publish (it failed or died), "
+        "as producers and workers do every RUNLEDGER_PRODUCER_SWEEP_S seconds.")
+    heads_sub = heads.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sweep = heads_sub.add_parser("sweep", help="publish batches left staged now (whose lease has expired)")
+    sweep.add_argument("--json", action="store_true", help="one JSON object per batch published")
+    heads.set_defaults(func=_cmd_heads)
 
     offsets = sub.add_parser(
         "offsets", help="check the stored offsets against the log; reset them after the log was recreated",

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from schemas.chain import Head
 from schemas.errors import TransientError
+from schemas.lifecycle import TERMINAL_TYPES
 
 __all__ = ["AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads"]
 
@@ -58,6 +59,12 @@ class StagedBatch:
     idempotency_keys: list[str | None]
     last_type: str = ""  # the type of its last event: the head records it for the lifecycle checks
 
+    def prefix(self, count: int) -> StagedBatch:
+        """Its first ``count`` events, as the same batch (to commit what the broker took of it)."""
+        last_type = orjson.loads(self.values[count - 1]).get("type", "") if count else ""
+        return StagedBatch(self.batch_id, self.values[:count], self.refs[:count], self.idempotency_keys[:count],
+                           last_type)
+
     def encode(self) -> bytes:
         return orjson.dumps({
             "batch": self.batch_id,
@@ -81,17 +88,25 @@ redis.call('HSET', KEYS[2], 'batch', ARGV[2], 'blob', ARGV[3])
 return 1
 """
 
-# KEYS: pending, head, idempotency, lease. ARGV: batch id, last seq, last hash, token, last type, key/value pairs...
+# KEYS: pending, head, idempotency, lease. ARGV: batch id, last seq, last hash, token, last type, how long the
+# idempotency keys live from now in ms (0: for ever; set once the stream has ended), key/value pairs...
 _COMMIT = """
 local committed = 0
 if redis.call('HGET', KEYS[1], 'batch') == ARGV[1] then
   redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'hash', ARGV[3], 'type', ARGV[5])
-  for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
   redis.call('DEL', KEYS[1])
   committed = 1
 end
 if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
 return committed
+"""
+
+# KEYS: pending. ARGV: batch id. A batch the broker refuses for good is dropped, never published again.
+_DISCARD = """
+if redis.call('HGET', KEYS[1], 'batch') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 RELEASE_IF_HELD = """
@@ -103,12 +118,14 @@ return 0
 class StreamHeads:
     """The Redis side of appending: see the module docstring for the protocol."""
 
-    def __init__(self, redis: Redis, prefix: str, lease_ms: int) -> None:
+    def __init__(self, redis: Redis, prefix: str, lease_ms: int, *, ended_keys_ms: int = 7 * 86_400_000) -> None:
         self._redis = redis
         self._prefix = prefix
         self._lease_ms = lease_ms
+        self._ended_keys_ms = ended_keys_ms
         self._stage = redis.register_script(_STAGE)
         self._commit = redis.register_script(_COMMIT)
+        self._discard = redis.register_script(_DISCARD)
         self._release = redis.register_script(RELEASE_IF_HELD)
 
     def _key(self, kind: str, stream_id: str) -> str:
@@ -118,7 +135,7 @@ class StreamHeads:
         """Take the stream's append lease, waiting up to ``wait_s``; raise StreamBusy after that."""
         key, deadline, pause = self._key("lease", stream_id), time.monotonic() + wait_s, 0.001
         while not await self._redis.set(key, token, nx=True, px=self._lease_ms):
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 raise StreamBusy(f"stream {stream_id!r}: another producer held the append lease for over {wait_s} s")
             await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not security
             pause = min(pause * 2, 0.05)
@@ -153,6 +170,16 @@ class StreamHeads:
         if done != 1:
             raise LeaseLost(f"stream {stream_id!r}: the append lease expired before the batch was staged")
 
+    async def staged_streams(self) -> list[str]:
+        """The streams with a batch staged now (by a producer at work, or one that failed or died)."""
+        prefix = self._key("pending", "")
+        return sorted([key.decode()[len(prefix):] async for key in self._redis.scan_iter(match=prefix + "*",
+                                                                                         count=1000)])
+
+    async def discard(self, stream_id: str, batch: StagedBatch) -> None:
+        """Drop ``batch``, staged but refused by the broker for good (nothing of it is in the log)."""
+        await self._discard(keys=[self._key("pending", stream_id)], args=[batch.batch_id])
+
     async def commit(self, stream_id: str, token: str, batch: StagedBatch) -> bool:
         """Advance the head past ``batch`` and release the lease. False: someone else committed it."""
         pairs: list[str | bytes] = []
@@ -162,6 +189,7 @@ class StreamHeads:
         last = batch.refs[-1]
         done = await self._commit(
             keys=[self._key(k, stream_id) for k in ("pending", "head", "idem", "lease")],
-            args=[batch.batch_id, last.seq, last.hash, token, batch.last_type, *pairs],
+            args=[batch.batch_id, last.seq, last.hash, token, batch.last_type,
+                  self._ended_keys_ms if batch.last_type in TERMINAL_TYPES else 0, *pairs],
         )
         return bool(done)

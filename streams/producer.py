@@ -10,6 +10,8 @@ or reuse a ``seq``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,8 +23,19 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnsupportedForMessageFormatError,
+)
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from tqdm import tqdm
 
 from projections.wait import WaitResult, wait_projected
@@ -30,11 +43,14 @@ from schemas.chain import Head, compute_hash
 from schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientError
 from schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
 from schemas.lifecycle import check_lifecycle
-from streams.heads import AppendRef, StagedBatch, StreamHeads
+from streams.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
-__all__ = ["AppendConflict", "Appended", "EventProducer", "NewEvent", "PublishFailed", "append_many", "build_events"]
+__all__ = ["AppendConflict", "Appended", "EventProducer", "NewEvent", "PublishFailed", "PublishRefused", "append_many",
+           "build_events"]
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
 _CHUNK_BYTES = 512 * 1024
@@ -54,11 +70,29 @@ class AppendConflict(PermanentError):
 
 
 class PublishFailed(TransientError):
-    """The broker did not acknowledge a staged batch. Its outcome is unknown, but it is not lost:
-    the next append to the stream publishes it again (same ids and hashes) before anything else.
-    Retrying with the same idempotency key returns the events once they are in."""
+    """The broker did not acknowledge a staged batch. Its outcome is unknown, but it is not lost: the
+    sweeper (of any producer or worker, every ``RUNLEDGER_PRODUCER_SWEEP_S``), or else the next append to
+    the stream, publishes it again (same ids and hashes). Retrying with the same idempotency key returns
+    the events once they are in."""
 
     code = "publish_failed"
+
+
+class PublishRefused(PermanentError):
+    """The broker refuses the batch for good (too large for it, no such topic, not authorised): nothing of
+    it from ``seq`` on is in the log, and it is not kept. Fix the cause, then append again."""
+
+    code = "publish_refused"
+
+    def __init__(self, message: str, acked: int) -> None:
+        self.acked = acked  # how many leading events of the batch the broker took before it refused
+        super().__init__(message)
+
+
+# What the broker will refuse again however often it is asked.
+_REFUSALS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, InvalidTopicError,
+             TopicAuthorizationFailedError, ClusterAuthorizationFailedError, UnsupportedForMessageFormatError,
+             CorruptRecordException)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +167,7 @@ class EventProducer:
             max_batch_size=_CHUNK_BYTES * 2,
             linger_ms=0,
         )
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await ensure_topics(self._settings.kafka_bootstrap_servers,
@@ -141,8 +176,14 @@ class EventProducer:
             await self._kafka.start()
         except KafkaError as e:
             raise TransientError(f"cannot reach Kafka at {self._settings.kafka_bootstrap_servers}: {e}") from e
+        if self._settings.producer_sweep_s > 0:
+            self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self._kafka.stop()
         await self._redis.aclose()
 
@@ -182,8 +223,11 @@ class EventProducer:
             keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
             head, last_type, left_behind, known = await self._heads.read(stream_id, keys)
             if left_behind is not None:
-                await self._publish(stream_id, left_behind)
-                await self._heads.commit(stream_id, "", left_behind)
+                try:
+                    await self._publish(stream_id, left_behind)
+                    await self._heads.commit(stream_id, "", left_behind)
+                except PublishRefused as e:  # another producer's batch, never acknowledged to anyone: dropped
+                    log.error("%s", e)
                 head, last_type, _, known = await self._heads.read(stream_id, keys)
             fresh = [e for e in events if e.idempotency_key not in known]
             if fresh and expected_seq is not None and expected_seq != head.seq:
@@ -230,24 +274,70 @@ class EventProducer:
                                     group_id=self._settings.consumer_group, topic=self._settings.events_topic)
 
     async def _publish(self, stream_id: str, batch: StagedBatch) -> None:
-        """Send in order and wait for every acknowledgement, chunk by chunk."""
+        """Send in order and wait for every acknowledgement, chunk by chunk. Raises PublishFailed (transient:
+        the batch stays staged) or PublishRefused (permanent: the part the broker did not take is dropped,
+        the part it took is committed)."""
         key, topic = stream_id.encode(), self._settings.events_topic
         headers = [("content-type", CONTENT_TYPE)]
+        acked = 0
         try:
-            start = 0
-            while start < len(batch.values):
-                size, end = 0, start
-                while end < len(batch.values) and (end == start or size < _CHUNK_BYTES):
+            while acked < len(batch.values):
+                size, end = 0, acked
+                while end < len(batch.values) and (end == acked or size < _CHUNK_BYTES):
                     size += len(batch.values[end])
                     end += 1
                 futures = [await self._kafka.send(topic, value, key=key, headers=headers)
-                           for value in batch.values[start:end]]
+                           for value in batch.values[acked:end]]
                 for future in futures:
                     await future
-                start = end
+                    acked += 1
+        except _REFUSALS as e:
+            if acked:
+                await self._heads.commit(stream_id, "", batch.prefix(acked))
+            else:
+                await self._heads.discard(stream_id, batch)
+            raise PublishRefused(f"stream {stream_id!r}: the broker refuses seq {batch.refs[acked].seq}.."
+                                 f"{batch.refs[-1].seq} for good ({type(e).__name__}: {e}); "
+                                 + (f"seq ..{batch.refs[acked - 1].seq} are in the log; " if acked else "")
+                                 + "the rest is not kept", acked) from e
         except KafkaError as e:
             raise PublishFailed(f"stream {stream_id!r}: publishing seq {batch.refs[0].seq}.."
                                 f"{batch.refs[-1].seq} failed: {e}") from e
+
+    async def sweep(self) -> list[tuple[str, int, int]]:
+        """Publish every batch left staged by a producer that failed or died, whose lease has expired, without
+        waiting for the next append to its stream. Returns (stream, first seq, last seq) of each published."""
+        done = []
+        for stream_id in await self._heads.staged_streams():
+            token = uuid.uuid4().hex
+            try:
+                await self._heads.acquire(stream_id, token, 0)
+            except StreamBusy:
+                continue  # a producer at work, or a lease not expired yet: the next sweep
+            try:
+                _, _, left_behind, _ = await self._heads.read(stream_id, [])
+                if left_behind is None:
+                    continue
+                try:
+                    await self._publish(stream_id, left_behind)
+                except PublishRefused as e:
+                    log.error("%s", e)
+                    continue
+                await self._heads.commit(stream_id, "", left_behind)
+                done.append((stream_id, left_behind.refs[0].seq, left_behind.refs[-1].seq))
+                log.warning("published seq %d..%d of stream %r, left staged by a producer that failed or died",
+                            left_behind.refs[0].seq, left_behind.refs[-1].seq, stream_id)
+            finally:
+                await self._heads.release(stream_id, token)
+        return done
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.producer_sweep_s)
+            try:
+                await self.sweep()
+            except (TransientError, RedisError) as e:
+                log.warning("sweeping staged batches: %s", e)
 
 
 def build_events(source: str, stream_id: str, head: Head, events: Sequence[NewEvent]) -> StagedBatch:

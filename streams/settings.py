@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     producer_wait_s: float = Field(
         30.0, gt=0, description="RUNLEDGER_PRODUCER_WAIT_S: how long an append waits for a busy stream"
     )
+    producer_sweep_s: float = Field(
+        5.0, ge=0,
+        description="RUNLEDGER_PRODUCER_SWEEP_S: how often producers and workers publish batches left staged by "
+        "a producer that failed or died (0: never)",
+    )
 
     @field_validator("retry_delays", mode="before")
     @classmethod

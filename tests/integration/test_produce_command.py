@@ -70,3 +70,15 @@ async def test_events_the_lifecycle_refuses_are_refused_with_the_workers_reason(
     again = _produce(env, [{**start, "stream": "c"}, {**start, "stream": "c"}])
     assert again.returncode == 2 and "execution.started must be seq 1" in again.stderr
     assert len(await read_log(settings)) == 2
+
+
+async def test_an_event_over_512_kib_is_refused_before_anything_and_the_stream_goes_on(
+        env: dict[str, str], settings: Settings) -> None:
+    start = {"stream": "big", "type": "execution.started", "data": {"workflow": "w"}}
+    huge = {"stream": "big", "type": "step.started", "data": {"step_id": "s", "name": "x" * 1_200_000}}
+    done = _produce(env, [start, huge])
+    assert done.returncode == 2, done.stderr
+    assert "line 2" in done.stderr and "1,200,0" in done.stderr and "524,288" in done.stderr, done.stderr
+    assert await read_log(settings) == []
+    assert _produce(env, [start, {**huge, "data": {"step_id": "s", "name": "small"}}]).returncode == 0
+    assert [orjson.loads(r.value)["seq"] for r in await read_log(settings)] == [1, 2]

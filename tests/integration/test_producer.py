@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from decimal import Decimal
 
@@ -12,9 +15,9 @@ import pytest
 from schemas.chain import verify_chain
 from schemas.errors import InvalidEvent, UnknownType
 from schemas.events import parse_event
-from streams.producer import AppendConflict, EventProducer, NewEvent
+from streams.producer import AppendConflict, EventProducer, NewEvent, PublishRefused
 from streams.settings import Settings
-from tests.integration.conftest import read_log, spawn_child
+from tests.integration.conftest import poll, read_log, spawn_child
 
 START = NewEvent("execution.started", {"workflow": "w"})
 
@@ -122,3 +125,63 @@ async def test_a_producer_killed_mid_append_blocks_and_forks_nothing(env: dict[s
     copies = [r.value for r in records if orjson.loads(r.value)["seq"] == 2]
     assert len(set(copies)) == 1  # a copy published twice is the very same event, never a fork
     assert len(copies) == (2 if moment == "die-after-publish" else 1)
+
+
+async def test_a_batch_the_broker_refuses_for_good_is_dropped_and_the_stream_goes_on(settings: Settings) -> None:
+    async with EventProducer(settings) as producer:
+        await producer.append("exec-1", "execution.started", {"workflow": "w"})
+        # The broker side of "too large for this topic": the client's own limit, checked as the broker's would be.
+        limit = producer._kafka._max_request_size  # noqa: SLF001
+        producer._kafka._max_request_size = 2000  # noqa: SLF001
+        with pytest.raises(PublishRefused, match="refuses seq 2..2 for good") as refused:
+            await producer.append("exec-1", "step.started", {"step_id": "big", "name": "x" * 3000})
+        assert refused.value.code == "publish_refused" and not refused.value.transient
+        producer._kafka._max_request_size = limit  # noqa: SLF001
+        assert await producer._redis.exists(f"{settings.topic_prefix}:pending:exec-1") == 0  # noqa: SLF001
+        after = await producer.append("exec-1", "step.started", {"step_id": "next", "name": "n"})
+    assert after.seq == 2  # nothing of the refused batch is in the log, so its seq is free
+    events = [orjson.loads(r.value) for r in await read_log(settings)]
+    assert [e["seq"] for e in events] == [1, 2] and verify_chain(events) == []
+
+
+async def test_a_batch_staged_by_a_producer_that_died_reaches_the_log_with_no_other_append(
+        env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {**env, "RUNLEDGER_PRODUCER_LEASE_MS": "500", "RUNLEDGER_PRODUCER_SWEEP_S": "0.5"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    async with EventProducer(settings) as producer:  # its sweeper runs every 0.5 s
+        await producer.append("exec-1", "execution.started", {"workflow": "w"})
+        child = spawn_child(env, "die-before-publish", "exec-1", "1")
+        await asyncio.to_thread(child.communicate, timeout=60)
+        assert child.returncode == -9  # killed with its batch staged, unpublished
+
+        async def published() -> list[dict[str, object]] | None:
+            events = [orjson.loads(r.value) for r in await read_log(settings)]
+            return events if len(events) == 2 else None
+
+        events = await poll(published, 20, "the staged event published by the sweeper")
+    assert [e["seq"] for e in events] == [1, 2] and verify_chain(events) == []
+
+
+async def test_heads_sweep_publishes_what_is_left_staged(env: dict[str, str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {**env, "RUNLEDGER_PRODUCER_LEASE_MS": "300", "RUNLEDGER_PRODUCER_SWEEP_S": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    async with EventProducer(settings) as producer:
+        await producer.append("exec-1", "execution.started", {"workflow": "w"})
+    child = spawn_child(env, "die-before-publish", "exec-1", "1")
+    await asyncio.to_thread(child.communicate, timeout=60)
+
+    async def swept() -> str | None:
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "streams.cli", "heads", "sweep",
+                                                        "--json"], env={**os.environ, **env}, capture_output=True,
+                                       text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout or None
+
+    out = await poll(swept, 20, "heads sweep to publish the staged batch")
+    assert orjson.loads(out) == {"stream": "exec-1", "first_seq": 2, "last_seq": 2}
+    assert [orjson.loads(r.value)["seq"] for r in await read_log(settings)] == [1, 2]
