@@ -216,7 +216,37 @@ def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
 # heads ----------------------------------------------------------------------------------------
 
 def _cmd_heads(args: argparse.Namespace, settings: Settings) -> int:
+    from redis.asyncio import Redis
+
     from streams.producer import EventProducer
+    from streams.recovery import check_heads, recover_heads
+
+    if args.action == "check":
+        rows = asyncio.run(check_heads(settings))
+        for row in rows:
+            if args.json:
+                _emit(row)
+            else:
+                print(f"{row['stream'] or '(all)'}: redis {row['redis']}, log {row['log']}, projected "
+                      f"{row['projected']}: {'; '.join(row['problems'])}")
+        if not args.json:
+            print("heads agree" if not rows else f"{len(rows)} disagreements", file=sys.stderr)
+        return EXIT_INVALID if rows else 0
+    if args.action == "recover":
+        async def recover() -> tuple[int, int]:
+            redis = Redis.from_url(settings.redis_url)
+            try:
+                await redis.delete(f"{settings.topic_prefix}:heads:complete")
+                return await recover_heads(redis, settings)
+            finally:
+                await redis.aclose()
+
+        streams, moved = asyncio.run(recover())
+        if args.json:
+            _emit({"streams": streams, "moved": moved})
+        else:
+            print(f"{streams} streams in the log; {moved} heads moved forward in Redis")
+        return 0
 
     async def sweep() -> list[tuple[str, int, int]]:
         async with EventProducer(settings.model_copy(update={"producer_sweep_s": 0})) as producer:
@@ -687,11 +717,18 @@ def build_parser() -> argparse.ArgumentParser:
     hist.set_defaults(func=_cmd_dlq_history)
 
     heads = sub.add_parser(
-        "heads", help="the chain heads producers keep in Redis",
+        "heads", help="the chain heads producers keep in Redis: check, recover, sweep",
         description="Each stream's head (seq, hash) lives in Redis; an append stages its batch there before "
-        "publishing it. `sweep` publishes every batch a producer staged but did not publish (it failed or died), "
+        "publishing it. If Redis loses its data, producers recover every head from the log before they append "
+        "again (never seq 1 for an existing stream). `check` compares Redis, the log and PostgreSQL; `recover` "
+        "recovers now; `sweep` publishes every batch a producer staged but did not publish (it failed or died), "
         "as producers and workers do every RUNLEDGER_PRODUCER_SWEEP_S seconds.")
     heads_sub = heads.add_subparsers(dest="action", required=True, metavar="ACTION")
+    hcheck = heads_sub.add_parser("check", help="compare the heads in Redis, the log and PostgreSQL (exit status 1 "
+                                  "on any disagreement)")
+    hcheck.add_argument("--json", action="store_true", help="one JSON object per disagreement")
+    hrecover = heads_sub.add_parser("recover", help="move every head in Redis forward to the log's")
+    hrecover.add_argument("--json", action="store_true", help="the counts as one JSON object")
     sweep = heads_sub.add_parser("sweep", help="publish batches left staged now (whose lease has expired)")
     sweep.add_argument("--json", action="store_true", help="one JSON object per batch published")
     heads.set_defaults(func=_cmd_heads)

@@ -25,7 +25,7 @@ from schemas.chain import Head
 from schemas.errors import TransientError
 from schemas.lifecycle import TERMINAL_TYPES
 
-__all__ = ["AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads"]
+__all__ = ["AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState"]
 
 
 class StreamBusy(TransientError):
@@ -115,6 +115,19 @@ return 0
 """
 
 
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """A stream in Redis: its committed head and the type of that event (None: not recorded), a batch left
+    staged by another producer, the known idempotency keys asked for, and whether Redis holds every head
+    (``complete``: else a missing head proves nothing, see ``streams.recovery``)."""
+
+    head: Head
+    last_type: str | None
+    left_behind: StagedBatch | None
+    known: dict[str, AppendRef]
+    complete: bool
+
+
 class StreamHeads:
     """The Redis side of appending: see the module docstring for the protocol."""
 
@@ -143,23 +156,22 @@ class StreamHeads:
     async def release(self, stream_id: str, token: str) -> None:
         await self._release(keys=[self._key("lease", stream_id)], args=[token])
 
-    async def read(self, stream_id: str, keys: list[str]) -> tuple[Head, str | None, StagedBatch | None,
-                                                                     dict[str, AppendRef]]:
-        """The committed head and the type of its event (None: not recorded), a batch left staged by another
-        producer, and known idempotency keys."""
+    async def read(self, stream_id: str, keys: list[str]) -> StreamState:
+        """What Redis knows of the stream now (see ``StreamState``)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(self._key("head", stream_id))
         pipe.hget(self._key("pending", stream_id), "blob")
+        pipe.exists(f"{self._prefix}:heads:complete")
         if keys:
             pipe.hmget(self._key("idem", stream_id), keys)
         results: list[Any] = await pipe.execute()
-        head_raw, blob = results[0], results[1]
+        head_raw, blob, complete = results[0], results[1], bool(results[2])
         head = Head(int(head_raw[b"seq"]), head_raw[b"hash"].decode()) if head_raw else Head()
         last_type = head_raw[b"type"].decode() if b"type" in head_raw else None
         known = {}
         if keys:
-            known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, results[2], strict=True) if v is not None}
-        return head, last_type, (StagedBatch.decode(blob) if blob else None), known
+            known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, results[3], strict=True) if v is not None}
+        return StreamState(head, last_type, StagedBatch.decode(blob) if blob else None, known, complete)
 
     async def stage(self, stream_id: str, token: str, batch: StagedBatch) -> None:
         """Record ``batch`` as about to be published; raise LeaseLost if our lease is gone."""

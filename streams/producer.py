@@ -44,6 +44,7 @@ from schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientErro
 from schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
 from schemas.lifecycle import check_lifecycle
 from streams.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads
+from streams.recovery import recover_heads
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -217,18 +218,24 @@ class EventProducer:
         check_new_events(stream_id, events)
         if not events:
             return []
+        keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
         token = uuid.uuid4().hex
         await self._heads.acquire(stream_id, token, self._settings.producer_wait_s)
         try:
-            keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
-            head, last_type, left_behind, known = await self._heads.read(stream_id, keys)
-            if left_behind is not None:
+            state = await self._heads.read(stream_id, keys)
+            if not state.complete:  # Redis lost its heads: a missing head proves nothing until they are back
+                await self._heads.release(stream_id, token)
+                await self._recover()
+                await self._heads.acquire(stream_id, token, self._settings.producer_wait_s)
+                state = await self._heads.read(stream_id, keys)
+            if state.left_behind is not None:
                 try:
-                    await self._publish(stream_id, left_behind)
-                    await self._heads.commit(stream_id, "", left_behind)
+                    await self._publish(stream_id, state.left_behind)
+                    await self._heads.commit(stream_id, "", state.left_behind)
                 except PublishRefused as e:  # another producer's batch, never acknowledged to anyone: dropped
                     log.error("%s", e)
-                head, last_type, _, known = await self._heads.read(stream_id, keys)
+                state = await self._heads.read(stream_id, keys)
+            head, last_type, known = state.head, state.last_type, state.known
             fresh = [e for e in events if e.idempotency_key not in known]
             if fresh and expected_seq is not None and expected_seq != head.seq:
                 raise AppendConflict(stream_id, expected_seq, head.seq)
@@ -255,16 +262,26 @@ class EventProducer:
         """Raise IllegalTransition now if ``events`` could not follow the stream's head as it is: a check before
         a multi-stream append publishes anything (``append_batch`` checks again under the stream's lease)."""
         keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
-        head, last_type, left_behind, known = await self._heads.read(stream_id, keys)
+        state = await self._heads.read(stream_id, keys)
+        if not state.complete:
+            await self._recover()
+            state = await self._heads.read(stream_id, keys)
+        head, last_type, left_behind = state.head, state.last_type, state.left_behind
         if left_behind is not None:  # published before anything else
             head, last_type = Head(left_behind.refs[-1].seq, left_behind.refs[-1].hash), left_behind.last_type
-        fresh, seen = [], set(known)
+        fresh, seen = [], set(state.known)
         for e in events:  # a key seen before is answered as a duplicate, not appended
             if e.idempotency_key is None or e.idempotency_key not in seen:
                 fresh.append(e.type)
             if e.idempotency_key is not None:
                 seen.add(e.idempotency_key)
         check_lifecycle(stream_id, head.seq, last_type or None, fresh)
+
+    async def _recover(self) -> None:
+        streams, moved = await recover_heads(self._redis, self._settings)
+        if streams:
+            log.warning("Redis had lost its chain heads: recovered %d streams from the log (%d heads moved)",
+                        streams, moved)
 
     async def wait_projected(self, appended: Appended, *, timeout: float = 30.0) -> WaitResult:
         """Read-your-writes: return once ``appended`` is projected (``status`` "projected"), rejected
@@ -315,7 +332,7 @@ class EventProducer:
             except StreamBusy:
                 continue  # a producer at work, or a lease not expired yet: the next sweep
             try:
-                _, _, left_behind, _ = await self._heads.read(stream_id, [])
+                left_behind = (await self._heads.read(stream_id, [])).left_behind
                 if left_behind is None:
                     continue
                 try:

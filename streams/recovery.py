@@ -1,0 +1,175 @@
+"""Chain heads that cannot fork: recovering Redis's heads from the log, and comparing the three places that know.
+
+Redis holds every stream's head while the marker ``<prefix>:heads:complete``
+exists: it is written only after a complete recovery (or on first use), and a
+``FLUSHALL`` or a restart without data removes it with the heads. A producer
+that finds a head missing and the marker gone does not start the stream at seq
+1: it recovers every head first. The log is the truth: every partition is read
+from its start, and each stream's chain is followed from seq 1 (hash and link
+checked) to its last event; a head in Redis is only ever moved forward.
+``runledger heads check`` compares Redis, the log and PostgreSQL's
+``stream_heads``; ``runledger heads recover`` recovers on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+
+from projections.db import StoreUnavailable, connect_one
+from schemas.chain import GENESIS_HASH, compute_hash
+from schemas.errors import TransientError
+from streams.settings import Settings
+
+__all__ = ["LogHead", "check_heads", "log_heads", "recover_heads"]
+
+_LOCK_MS = 120_000
+
+# KEYS: head. ARGV: seq, hash, type. A head only moves forward.
+_FORWARD = """
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+if seq >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'hash', ARGV[2], 'type', ARGV[3])
+return 1
+"""
+
+
+@dataclass(slots=True)
+class LogHead:
+    """A stream's last event in the log, following its chain from seq 1; ``forks``: seqs held by another event."""
+
+    seq: int = 0
+    hash: str = GENESIS_HASH
+    type: str = ""
+    forks: list[int] = field(default_factory=list)
+
+
+def marker_key(prefix: str) -> str:
+    return f"{prefix}:heads:complete"
+
+
+async def log_heads(settings: Settings) -> dict[str, LogHead]:
+    """Every stream's head as the log has it: each partition read from its start, each chain followed."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, max_partition_fetch_bytes=2 * 1024 * 1024)
+    heads: dict[str, LogHead] = {}
+    try:
+        await consumer.start()
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - a topic created since the client started
+        tps = [TopicPartition(settings.events_topic, p)
+               for p in sorted(consumer.partitions_for_topic(settings.events_topic) or ())]
+        if not tps:
+            return heads
+        consumer.assign(tps)
+        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        if any(starts.values()):
+            raise TransientError(f"{settings.events_topic} no longer starts at offset 0 (retention): the heads "
+                                 "cannot be proven from it")
+        await consumer.seek_to_beginning(*tps)
+        todo = {tp for tp in tps if ends[tp] > 0}
+        while todo:
+            for messages in (await consumer.getmany(*todo, timeout_ms=1000, max_records=10_000)).values():
+                for m in messages:
+                    _follow(heads, m.value or b"")
+            todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+    except KafkaError as e:
+        raise TransientError(f"cannot read {settings.events_topic}: {e}") from e
+    finally:
+        await consumer.stop()
+    return heads
+
+
+def _follow(heads: dict[str, LogHead], value: bytes) -> None:
+    try:
+        event = orjson.loads(value)
+        subject, seq, prevhash = event["subject"], event["seq"], event["prevhash"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return  # not an event: it never was a head
+    if not isinstance(subject, str) or not isinstance(seq, int):
+        return
+    head = heads.setdefault(subject, LogHead())
+    if seq <= head.seq:
+        if seq == head.seq and event.get("hash") != head.hash and seq not in head.forks:
+            head.forks.append(seq)
+        return
+    try:
+        valid = seq == head.seq + 1 and prevhash == head.hash and compute_hash(event) == event.get("hash")
+    except (TypeError, ValueError, RecursionError):
+        valid = False
+    if valid:
+        head.seq, head.hash, head.type = seq, event["hash"], str(event.get("type", ""))
+
+
+async def recover_heads(redis: Redis, settings: Settings) -> tuple[int, int]:
+    """Move every head in Redis forward to the log's, then mark Redis complete. Returns (streams in the log,
+    heads moved). One recovery at a time; others wait for it."""
+    lock, token = f"{settings.topic_prefix}:heads:recovering", uuid.uuid4().hex
+    while not await redis.set(lock, token, nx=True, px=_LOCK_MS):
+        await asyncio.sleep(0.2)
+        if await redis.exists(marker_key(settings.topic_prefix)):
+            return 0, 0  # another producer recovered meanwhile
+    try:
+        heads = await log_heads(settings)
+        forward = redis.register_script(_FORWARD)
+        moved = 0
+        for stream, head in heads.items():
+            moved += await forward(keys=[f"{settings.topic_prefix}:head:{stream}"],
+                                   args=[head.seq, head.hash, head.type])
+        await redis.set(marker_key(settings.topic_prefix), orjson.dumps({"streams": len(heads), "moved": moved}))
+        return len(heads), moved
+    finally:
+        with contextlib.suppress(Exception):
+            if await redis.get(lock) == token.encode():
+                await redis.delete(lock)
+
+
+async def check_heads(settings: Settings) -> list[dict[str, Any]]:
+    """One row per stream whose heads disagree: Redis, the log and PostgreSQL's projection (``stream_heads``)."""
+    log = await log_heads(settings)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        complete = bool(await redis.exists(marker_key(settings.topic_prefix)))
+        streams = sorted(log)
+        raw = [await redis.hgetall(f"{settings.topic_prefix}:head:{s}") for s in streams]
+    finally:
+        await redis.aclose()
+    projected: dict[str, int] = {}
+    with contextlib.suppress(StoreUnavailable, asyncpg.UndefinedTableError):
+        conn = await connect_one(settings.database_url, settings.db_schema)
+        try:
+            projected = {r["stream_id"]: r["seq"] for r in await conn.fetch("SELECT stream_id, seq FROM stream_heads")}
+        finally:
+            await conn.close()
+    rows = []
+    for stream, head in zip(streams, raw, strict=True):
+        log_head = log[stream]
+        redis_seq = int(head[b"seq"]) if head else None
+        problems = []
+        if redis_seq is None and complete:
+            problems.append("Redis has no head although it is marked complete: an append would start it at seq 1")
+        elif redis_seq is not None and redis_seq < log_head.seq:
+            problems.append(f"Redis is behind the log (seq {redis_seq} < {log_head.seq}): an append would fork it")
+        elif redis_seq is not None and redis_seq > log_head.seq:
+            problems.append(f"Redis is ahead of the log (seq {redis_seq} > {log_head.seq}): a batch is staged, or "
+                            "events were lost from the log")
+        if log_head.forks:
+            problems.append(f"the log holds two events at seq {', '.join(map(str, log_head.forks))}")
+        if projected.get(stream, 0) > log_head.seq:
+            problems.append(f"PostgreSQL projected seq {projected[stream]}, beyond the log's {log_head.seq}")
+        if problems:
+            rows.append({"stream": stream, "redis": redis_seq, "log": log_head.seq,
+                         "projected": projected.get(stream), "problems": problems})
+    if not complete:
+        rows.append({"stream": None, "redis": None, "log": None, "projected": None,
+                     "problems": ["Redis is not marked complete: its heads are recovered from the log at the next "
+                                  "append, or now with `runledger heads recover`"]})
+    return rows

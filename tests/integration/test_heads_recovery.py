@@ -1,0 +1,102 @@
+"""Redis loses its chain heads (FLUSHALL, a restart without data): producers recover them from the log and never
+start an existing stream again at seq 1; `runledger heads check` then reports clean."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+from redis.asyncio import Redis
+
+from schemas.chain import verify_chain
+from streams import devstack
+from streams.producer import EventProducer, NewEvent
+from streams.settings import Settings
+from tests.conftest import free_ports
+from tests.integration.conftest import read_log
+
+STREAMS = [f"exec-{i}" for i in range(6)]
+
+
+def _step(i: int) -> NewEvent:
+    return NewEvent("step.started", {"step_id": f"s{i}", "name": "n"})
+
+
+async def _open_streams(settings: Settings) -> None:
+    async with EventProducer(settings) as producer:
+        for stream in STREAMS:
+            await producer.append(stream, "execution.started", {"workflow": "w"})
+            await producer.append_batch(stream, [_step(1)])
+
+
+async def _continue_streams(settings: Settings, step: int) -> list[int]:
+    async with EventProducer(settings) as producer:
+        return [(await producer.append_batch(stream, [_step(step)]))[0].seq for stream in STREAMS]
+
+
+def _heads_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams.cli", "heads", "check", "--json"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+async def _assert_one_chain_each(settings: Settings, length: int) -> None:
+    events = [orjson.loads(r.value) for r in await read_log(settings)]
+    assert verify_chain(events) == []  # no fork: every seq once, every link whole
+    assert sorted((e["subject"], e["seq"]) for e in events) == [
+        (s, n) for s in STREAMS for n in range(1, length + 1)]
+
+
+async def test_after_flushall_every_stream_goes_on_at_its_seq(env: dict[str, str], settings: Settings) -> None:
+    await _open_streams(settings)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.flushall()
+    finally:
+        await redis.aclose()
+    assert await _continue_streams(settings, 2) == [3] * len(STREAMS)  # not 1: recovered from the log
+    await _assert_one_chain_each(settings, 3)
+    done = _heads_check(env)
+    assert done.returncode == 0 and done.stdout == "", done.stdout + done.stderr
+
+
+async def test_after_a_redis_restart_without_its_data_every_stream_goes_on(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    (port,) = free_ports(1)
+    env = {**env, "RUNLEDGER_EMBEDDED": "redis", "RUNLEDGER_STATE_DIR": str(tmp_path),
+           "RUNLEDGER_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    settings = Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
+    devstack.up(settings)
+    try:
+        await _open_streams(settings)
+        devstack.down(settings)
+        devstack.up(settings)  # with its append-only file: the heads are still there
+        assert await _continue_streams(settings, 2) == [3] * len(STREAMS)
+        devstack.down(settings, purge=True)  # and now without its data
+        devstack.up(settings)
+        assert await _continue_streams(settings, 3) == [4] * len(STREAMS)
+        await _assert_one_chain_each(settings, 4)
+        done = _heads_check(env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        devstack.down(settings, purge=True)
+
+
+async def test_heads_check_names_a_head_behind_the_log(env: dict[str, str], settings: Settings) -> None:
+    await _open_streams(settings)
+    redis = Redis.from_url(settings.redis_url)
+    try:  # as if Redis had come back from an older snapshot: one head behind the log, still marked complete
+        await redis.hset(f"{settings.topic_prefix}:head:exec-0", mapping={"seq": 1})
+    finally:
+        await redis.aclose()
+    done = _heads_check(env)
+    assert done.returncode == 1
+    [row] = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert (row["stream"], row["redis"], row["log"]) == ("exec-0", 1, 2)
+    assert "an append would fork it" in row["problems"][0]
+    recovered = subprocess.run([sys.executable, "-m", "streams.cli", "heads", "recover", "--json"],
+                               env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert orjson.loads(recovered.stdout) == {"streams": len(STREAMS), "moved": 1}
+    assert _heads_check(env).returncode == 0
