@@ -119,6 +119,11 @@ async def recover_heads(redis: Redis, settings: Settings) -> tuple[int, int]:
             return 0, 0  # another producer recovered meanwhile
     try:
         heads = await log_heads(settings)
+        if heads:  # a log in use (not a first start):
+            # an append that was publishing when Redis lost its data lost its lease with it; the lease is how
+            # long a publish may take, so after it that append's events are in the log, where a scan finds them.
+            await asyncio.sleep(settings.producer_lease_ms / 1000)
+            heads = await log_heads(settings)
         forward = redis.register_script(_FORWARD)
         moved = 0
         for stream, head in heads.items():
