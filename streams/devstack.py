@@ -224,9 +224,9 @@ def _start_redis(settings: Settings, port: int) -> int:
     root = settings.state_dir.resolve() / "redis"
     root.mkdir(parents=True, exist_ok=True)
     log = root / "redis.log"
-    # The append-only file, synced every second: chain heads and idempotency keys survive a restart.
+    # The append-only file, synced on every write: chain heads and idempotency keys survive a restart.
     pid = _spawn([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root),
-                  "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"], log)
+                  "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"], log)
     _wait_for_port(port, pid, log, "redis")
     return pid
 

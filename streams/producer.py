@@ -44,7 +44,7 @@ from schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientErro
 from schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
 from schemas.lifecycle import check_lifecycle
 from streams.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads
-from streams.recovery import recover_heads
+from streams.recovery import forget_if_restarted, recover_heads, stream_in_log
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -177,6 +177,10 @@ class EventProducer:
             await self._kafka.start()
         except KafkaError as e:
             raise TransientError(f"cannot reach Kafka at {self._settings.kafka_bootstrap_servers}: {e}") from e
+        try:
+            await forget_if_restarted(self._redis, self._settings.topic_prefix)
+        except RedisError as e:
+            raise TransientError(f"cannot reach Redis at {self._settings.redis_url}: {e}") from e
         if self._settings.producer_sweep_s > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever())
 
@@ -267,9 +271,11 @@ class EventProducer:
             await self._recover()
             state = await self._heads.read(stream_id, keys)
         head, last_type, left_behind = state.head, state.last_type, state.left_behind
+        seen = set(state.known)
         if left_behind is not None:  # published before anything else
             head, last_type = Head(left_behind.refs[-1].seq, left_behind.refs[-1].hash), left_behind.last_type
-        fresh, seen = [], set(state.known)
+            seen.update(k for k in left_behind.idempotency_keys if k is not None)
+        fresh = []
         for e in events:  # a key seen before is answered as a duplicate, not appended
             if e.idempotency_key is None or e.idempotency_key not in seen:
                 fresh.append(e.type)
@@ -296,30 +302,52 @@ class EventProducer:
         the part it took is committed)."""
         key, topic = stream_id.encode(), self._settings.events_topic
         headers = [("content-type", CONTENT_TYPE)]
-        acked = 0
+        sent, futures = 0, []
         try:
-            while acked < len(batch.values):
-                size, end = 0, acked
-                while end < len(batch.values) and (end == acked or size < _CHUNK_BYTES):
+            while sent < len(batch.values):
+                size, end = 0, sent
+                while end < len(batch.values) and (end == sent or size < _CHUNK_BYTES):
                     size += len(batch.values[end])
                     end += 1
-                futures = [await self._kafka.send(topic, value, key=key, headers=headers)
-                           for value in batch.values[acked:end]]
+                futures = []
+                for value in batch.values[sent:end]:
+                    futures.append(await self._kafka.send(topic, value, key=key, headers=headers))
                 for future in futures:
                     await future
-                    acked += 1
+                sent = end
         except _REFUSALS as e:
-            if acked:
-                await self._heads.commit(stream_id, "", batch.prefix(acked))
-            else:
-                await self._heads.discard(stream_id, batch)
-            raise PublishRefused(f"stream {stream_id!r}: the broker refuses seq {batch.refs[acked].seq}.."
-                                 f"{batch.refs[-1].seq} for good ({type(e).__name__}: {e}); "
-                                 + (f"seq ..{batch.refs[acked - 1].seq} are in the log; " if acked else "")
-                                 + "the rest is not kept", acked) from e
+            await asyncio.gather(*futures, return_exceptions=True)  # what the broker takes, it takes
+            await self._settle_refused(stream_id, batch, e)
         except KafkaError as e:
             raise PublishFailed(f"stream {stream_id!r}: publishing seq {batch.refs[0].seq}.."
                                 f"{batch.refs[-1].seq} failed: {e}") from e
+
+    async def _settle_refused(self, stream_id: str, batch: StagedBatch, error: KafkaError) -> None:
+        """The broker refuses ``batch`` for good: keep what of it the log holds (read it back: an earlier
+        attempt, or part of this one, may have landed), drop the rest. Raises PublishRefused."""
+        try:
+            in_log = await stream_in_log(self._settings, stream_id)
+        except TransientError as e:  # cannot tell what landed: keep it staged, the sweeper tries again
+            raise PublishFailed(f"stream {stream_id!r}: the broker refuses seq {batch.refs[0].seq}.."
+                                f"{batch.refs[-1].seq} ({error}), and the log cannot be read to settle it: {e}"
+                                ) from error
+        landed = [in_log.get(ref.seq) == ref.hash for ref in batch.refs]
+        if all(landed):  # an earlier attempt put it all in the log
+            await self._heads.commit(stream_id, "", batch)
+            return
+        kept = landed.index(False)
+        what = f"stream {stream_id!r}: the broker refuses seq {batch.refs[kept].seq}..{batch.refs[-1].seq} for good " \
+               f"({type(error).__name__}: {error})"
+        if any(landed[kept:]):  # a later event landed without an earlier one: nothing may reuse those seqs
+            raise PublishRefused(f"{what}; the log holds some of them but not seq {batch.refs[kept].seq}: the "
+                                 "batch stays staged (the stream is blocked) until an operator settles it",
+                                 kept) from error
+        if kept:
+            await self._heads.commit(stream_id, "", batch.prefix(kept))
+        else:
+            await self._heads.discard(stream_id, batch)
+        raise PublishRefused(f"{what}; " + (f"seq ..{batch.refs[kept - 1].seq} are in the log; " if kept else "")
+                             + "the rest is not kept", kept) from error
 
     async def sweep(self) -> list[tuple[str, int, int]]:
         """Publish every batch left staged by a producer that failed or died, whose lease has expired, without
@@ -352,6 +380,7 @@ class EventProducer:
         while True:
             await asyncio.sleep(self._settings.producer_sweep_s)
             try:
+                await forget_if_restarted(self._redis, self._settings.topic_prefix)
                 await self.sweep()
             except (TransientError, RedisError) as e:
                 log.warning("sweeping staged batches: %s", e)

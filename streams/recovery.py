@@ -30,7 +30,7 @@ from schemas.chain import GENESIS_HASH, compute_hash
 from schemas.errors import TransientError
 from streams.settings import Settings
 
-__all__ = ["LogHead", "check_heads", "log_heads", "recover_heads"]
+__all__ = ["LogHead", "check_heads", "forget_if_restarted", "log_heads", "recover_heads", "stream_in_log"]
 
 _LOCK_MS = 120_000
 
@@ -59,16 +59,22 @@ def marker_key(prefix: str) -> str:
 
 async def log_heads(settings: Settings) -> dict[str, LogHead]:
     """Every stream's head as the log has it: each partition read from its start, each chain followed."""
+    return {stream: _follow(found) for stream, found in (await _scan(settings)).items()}
+
+
+async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, list[tuple[int, str, str, str]]]:
+    """stream -> (seq, prevhash, hash, type) of each valid event in the log (of ``only`` these streams)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
                                 enable_auto_commit=False, max_partition_fetch_bytes=2 * 1024 * 1024)
-    heads: dict[str, LogHead] = {}
+    events: dict[str, list[tuple[int, str, str, str]]] = {}
+    keys = {s.encode() for s in only} if only is not None else None
     try:
         await consumer.start()
         await consumer._client.force_metadata_update()  # noqa: SLF001 - a topic created since the client started
         tps = [TopicPartition(settings.events_topic, p)
                for p in sorted(consumer.partitions_for_topic(settings.events_topic) or ())]
         if not tps:
-            return heads
+            return events
         consumer.assign(tps)
         starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
         if any(starts.values()):
@@ -79,34 +85,43 @@ async def log_heads(settings: Settings) -> dict[str, LogHead]:
         while todo:
             for messages in (await consumer.getmany(*todo, timeout_ms=1000, max_records=10_000)).values():
                 for m in messages:
-                    _follow(heads, m.value or b"")
+                    if keys is None or m.key in keys:
+                        _collect(events, m.value or b"")
             todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
     except KafkaError as e:
         raise TransientError(f"cannot read {settings.events_topic}: {e}") from e
     finally:
         await consumer.stop()
-    return heads
+    return events
 
 
-def _follow(heads: dict[str, LogHead], value: bytes) -> None:
+def _collect(events: dict[str, list[tuple[int, str, str, str]]], value: bytes) -> None:
+    """Keep a record that is an event whose hash is right; a stream's events may come from several partitions."""
     try:
         event = orjson.loads(value)
-        subject, seq, prevhash = event["subject"], event["seq"], event["prevhash"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        subject, seq, prevhash, claimed = event["subject"], event["seq"], event["prevhash"], event["hash"]
+        valid = isinstance(subject, str) and isinstance(seq, int) and compute_hash(event) == claimed
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
         return  # not an event: it never was a head
-    if not isinstance(subject, str) or not isinstance(seq, int):
-        return
-    head = heads.setdefault(subject, LogHead())
-    if seq <= head.seq:
-        if seq == head.seq and event.get("hash") != head.hash and seq not in head.forks:
-            head.forks.append(seq)
-        return
-    try:
-        valid = seq == head.seq + 1 and prevhash == head.hash and compute_hash(event) == event.get("hash")
-    except (TypeError, ValueError, RecursionError):
-        valid = False
     if valid:
-        head.seq, head.hash, head.type = seq, event["hash"], str(event.get("type", ""))
+        events.setdefault(subject, []).append((seq, prevhash, claimed, str(event.get("type", ""))))
+
+
+def _follow(found: list[tuple[int, str, str, str]]) -> LogHead:
+    """The chain's end, from seq 1, in seq order; a second event at a seq already taken is a fork."""
+    head = LogHead()
+    for seq, prevhash, claimed, event_type in sorted(found):
+        if seq == head.seq and claimed != head.hash:
+            if seq not in head.forks:
+                head.forks.append(seq)
+        elif seq == head.seq + 1 and prevhash == head.hash:
+            head.seq, head.hash, head.type = seq, claimed, event_type
+    return head
+
+
+async def stream_in_log(settings: Settings, stream_id: str) -> dict[int, str]:
+    """seq -> hash of the events of ``stream_id`` in the log (all partitions read: it may span several)."""
+    return {seq: claimed for seq, _, claimed, _ in (await _scan(settings, {stream_id})).get(stream_id, [])}
 
 
 async def recover_heads(redis: Redis, settings: Settings) -> tuple[int, int]:
@@ -129,12 +144,25 @@ async def recover_heads(redis: Redis, settings: Settings) -> tuple[int, int]:
         for stream, head in heads.items():
             moved += await forward(keys=[f"{settings.topic_prefix}:head:{stream}"],
                                    args=[head.seq, head.hash, head.type])
-        await redis.set(marker_key(settings.topic_prefix), orjson.dumps({"streams": len(heads), "moved": moved}))
+        await redis.set(marker_key(settings.topic_prefix), orjson.dumps(
+            {"streams": len(heads), "moved": moved, "run_id": await _run_id(redis)}))
         return len(heads), moved
     finally:
         with contextlib.suppress(Exception):
             if await redis.get(lock) == token.encode():
                 await redis.delete(lock)
+
+
+async def _run_id(redis: Redis) -> str:
+    return str((await redis.info("server")).get("run_id", ""))
+
+
+async def forget_if_restarted(redis: Redis, prefix: str) -> None:
+    """Drop the complete mark if Redis restarted since it was written: a restart may have lost the last
+    writes (the append-only file is synced once a second, a replica may lag), so the heads are proven again."""
+    mark = await redis.get(marker_key(prefix))
+    if mark is not None and orjson.loads(mark).get("run_id") != await _run_id(redis):
+        await redis.delete(marker_key(prefix))
 
 
 async def check_heads(settings: Settings) -> list[dict[str, Any]]:

@@ -185,3 +185,21 @@ async def test_heads_sweep_publishes_what_is_left_staged(env: dict[str, str],
     out = await poll(swept, 20, "heads sweep to publish the staged batch")
     assert orjson.loads(out) == {"stream": "exec-1", "first_seq": 2, "last_seq": 2}
     assert [orjson.loads(r.value)["seq"] for r in await read_log(settings)] == [1, 2]
+
+
+async def test_a_retry_of_a_staged_batch_is_a_duplicate_not_a_lifecycle_error(settings: Settings) -> None:
+    from streams.heads import StreamHeads
+    from streams.producer import build_events
+
+    async with EventProducer(settings) as producer:
+        await producer.append("exec-1", "execution.started", {"workflow": "w"})
+        heads = StreamHeads(producer._redis, settings.topic_prefix, 60_000)  # noqa: SLF001
+        ended = NewEvent("execution.completed", {}, idempotency_key="end")
+        staged = build_events("/t", "exec-1", (await heads.read("exec-1", [])).head, [ended])
+        await heads.acquire("exec-1", "dead", 1)
+        await heads.stage("exec-1", "dead", staged)  # a producer whose publish failed: the batch stays staged
+        await heads.release("exec-1", "dead")
+        await producer.precheck("exec-1", [ended])  # its retry is no illegal second terminal event
+        [again] = await producer.append_batch("exec-1", [ended])
+    assert again.duplicate and again.seq == 2
+    assert [orjson.loads(r.value)["seq"] for r in await read_log(settings)] == [1, 2]

@@ -92,3 +92,12 @@ def test_the_lifecycle_a_head_decides() -> None:
         with pytest.raises(IllegalTransition, match=re.escape(why)) as caught:
             check_lifecycle("s", head, last, types)
         assert caught.value.code == "illegal_transition"
+
+
+def test_recovery_follows_a_chain_in_seq_order_whatever_order_its_partitions_came_in() -> None:
+    from streams.recovery import _follow
+
+    found = [(3, "h2", "h3", "step.started"), (1, "0" * 64, "h1", "execution.started"),
+             (2, "h1", "h2", "step.started"), (2, "h1", "x2", "step.started"), (5, "h4", "h5", "step.started")]
+    head = _follow(found)
+    assert (head.seq, head.hash, head.type, head.forks) == (3, "h3", "step.started", [2])  # seq 4 is missing
