@@ -24,6 +24,7 @@ class RunSummary:
     top_executions: list[dict[str, Any]] = field(default_factory=list)
     chains_checked: int = 0
     broken_chains: list[ChainBreak] = field(default_factory=list)
+    all_runs: dict[str, Any] = field(default_factory=dict)  # executions and events of every run in the schema
 
     @property
     def chains_intact(self) -> int:
@@ -41,6 +42,7 @@ async def summarize(conn: asyncpg.Connection, run_tag: str, *, top: int = 5) -> 
         by_model=[dict(r) for r in await conn.fetch(query("run_by_model"), run_tag)],
         by_workflow=[dict(r) for r in await conn.fetch(query("run_by_workflow"), run_tag)],
         top_executions=[dict(r) for r in await conn.fetch(query("run_top_executions"), run_tag, top)],
+        all_runs=dict(await conn.fetchrow(query("all_runs"))),
     )
     events = [orjson.loads(r["raw"]) for r in await conn.fetch(query("run_audit_events"), run_tag)]
     summary.chains_checked = len({e["subject"] for e in events})

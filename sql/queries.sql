@@ -215,6 +215,9 @@ GROUP BY workflow ORDER BY sum(cost_usd) DESC, workflow;
 SELECT stream_id, workflow, status, cost_usd, budget_usd, unpriced_costs, duration_ms FROM executions
 WHERE left(stream_id, length($1) + 1) = $1 || ':' ORDER BY cost_usd DESC, stream_id LIMIT $2;
 
+-- name: all_runs
+SELECT (SELECT count(*) FROM executions) AS executions, (SELECT coalesce(sum(seq), 0) FROM stream_heads)::bigint AS events;
+
 -- name: run_audit_events
 SELECT raw FROM audit_log WHERE left(stream_id, length($1) + 1) = $1 || ':' ORDER BY stream_id, seq;
 

@@ -60,7 +60,8 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
             _emit(service.as_dict())
         else:
             pid = f"pid {service.pid}" if service.pid else ""
-            print(f"{service.name:<9} {service.state:<12} {service.url:<52} {pid}")
+            detail = f"  {service.detail}" if service.detail else ""
+            print(f"{service.name:<9} {service.state:<12} {service.url:<52} {pid}{detail}")
     postgres = next(s for s in services if s.name == "postgres")
     if args.action == "status" and postgres.state in ("running", "external"):
         _print_health(args, settings)

@@ -167,5 +167,7 @@ def print_summary(summary: RunSummary, out: IO[str] = sys.stdout) -> None:
              f"{_money(r['budget_usd'])}{over}")
     line(f"\nchains checked intact: {summary.chains_intact} of {summary.chains_checked} (every hash recomputed "
          "from the audit log's raw bytes, every link followed)")
+    line(f"the record holds {summary.all_runs['executions']:,} executions ({summary.all_runs['events']:,} events) "
+         "of every run so far")
     for b in summary.broken_chains:
         line(f"  BROKEN {b.subject} at seq {b.seq}: {b.code}: {b.reason}")

