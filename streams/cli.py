@@ -737,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     offsets = sub.add_parser(
         "offsets", help="check the stored offsets against the log; reset them after the log was recreated",
         description="The offsets that count are stored in PostgreSQL with the projections. A worker refuses to "
-        "project a partition whose log no longer matches them (the log topic was recreated or emptied, as the "
-        "embedded broker's in-memory log is by `runledger dev down`), and says so in `runledger dev status`, "
+        "project a partition whose log no longer matches them (the log topic was recreated or emptied, as an "
+        "in-memory broker's log is by a restart), and says so in `runledger dev status`, "
         "`runledger wait` and its log. `check` compares every partition; `reset` projects the partitions with a "
         "problem again from the start of the log as it is now, keeping the projections made so far.")
     offsets_sub = offsets.add_subparsers(dest="action", required=True, metavar="ACTION")
