@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
+from projections.records import pg_text
 from projections.sql import migrations, quote_schema
 from schemas.errors import PermanentError, RunledgerError, TransientError
 
 __all__ = ["NOTIFY_CHANNEL", "WORKER_ROLE", "RejectedByDatabase", "StoreConflict", "StoreTimeout",
-           "StoreUnavailable", "connect", "connect_one", "database_error", "migrate", "pg_text"]
+           "StoreUnavailable", "connect", "connect_one", "database_error", "migrate"]
 
 WORKER_ROLE = "runledger_worker"
 NOTIFY_CHANNEL = "runledger_projected"
@@ -76,12 +77,6 @@ def database_error(e: BaseException, what: str) -> RunledgerError | None:
     if isinstance(e, _NETWORK):
         return StoreUnavailable(f"{what}: {e or type(e).__name__}")
     return None
-
-
-def pg_text(text: str, limit: int = 10_000) -> str:
-    """``text`` as PostgreSQL ``text`` and ``jsonb`` accept it: U+0000 written out, at most ``limit`` characters."""
-    text = text.replace("\x00", "\\u0000")
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -34,7 +34,8 @@ import faust
 from projections.db import connect, database_error, migrate
 from projections.pricing import load_tokencost_catalog
 from projections.sql import query
-from projections.store import BatchResult, LogRecord, ProjectionStore
+from projections.records import BatchResult, LogRecord
+from projections.store import ProjectionStore
 from streams.consumer import LogConsumer, RetryConsumer
 from schemas.errors import TransientError
 from streams.forward import BatchHandler, Forwarder

@@ -30,7 +30,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from projections.pricing import load_tokencost_catalog
 from projections.sql import query, quote_schema
 from projections.db import connect, connect_one, migrate
-from projections.store import LogRecord, ProjectionStore
+from projections.records import LogRecord
+from projections.store import ProjectionStore
 from schemas.chain import Head
 from schemas.errors import TransientError
 from streams.fleet import simulate_fleet

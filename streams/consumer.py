@@ -30,7 +30,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from projections.db import StoreUnavailable, database_error
-from projections.store import BatchResult, LogRecord, ProjectionStore
+from projections.records import BatchResult, LogRecord
+from projections.store import ProjectionStore
 from schemas.events import MAX_EVENT_BYTES
 from streams.logcheck import FIX, check_partitions, save_problems
 from streams.retry import from_retry_topic, message_time

@@ -33,7 +33,8 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from projections.db import StoreUnavailable
 from projections.sql import query
-from projections.store import BatchResult, Failure, LogRecord, ProjectionStore
+from projections.records import BatchResult, Failure, LogRecord
+from projections.store import ProjectionStore
 from schemas.errors import TransientError
 from schemas.events import MAX_EVENT_BYTES
 from streams.retry import HEADER, RetrySchedule, dlq_topic, failure_headers

@@ -31,7 +31,8 @@ from projections.checksum import table_checksums
 from projections.pricing import load_tokencost_catalog
 from projections.sql import query, quote_schema
 from projections.db import connect, connect_one, migrate
-from projections.store import LogRecord, ProjectionStore
+from projections.records import LogRecord
+from projections.store import ProjectionStore
 from schemas.errors import PermanentError, TransientError
 from streams.settings import Settings
 

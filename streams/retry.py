@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from projections.store import Failure, LogRecord, OutboxRow
+from projections.records import Failure, LogRecord, OutboxRow
 from schemas.events import format_time
 
 __all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic",

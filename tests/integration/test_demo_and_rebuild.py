@@ -18,7 +18,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from projections.checksum import table_checksums
 from projections.pricing import load_tokencost_catalog
 from projections.db import connect, migrate
-from projections.store import LogRecord, ProjectionStore
+from projections.records import LogRecord
+from projections.store import ProjectionStore
 from streams.fleet import simulate_fleet
 from streams.producer import append_many
 from streams.rebuild import rebuild

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from projections.store import Failure, LogRecord
+from projections.records import Failure, LogRecord
 from schemas.errors import HashMismatch, PredecessorMissing
 from streams.dlq import LetterFilter, parse_time
 from streams.retry import RetrySchedule, delay_name, failure_headers, from_retry_topic, message_time

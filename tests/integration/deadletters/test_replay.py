@@ -27,7 +27,8 @@ import projections.store
 from projections.checksum import table_checksums
 from projections.pricing import load_tokencost_catalog
 from projections.db import connect, migrate
-from projections.store import LogRecord, ProjectionStore
+from projections.records import LogRecord
+from projections.store import ProjectionStore
 from schemas.errors import IllegalTransition
 from streams.forward import BatchHandler, Forwarder
 from streams.replay import replay

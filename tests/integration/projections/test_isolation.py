@@ -11,7 +11,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from projections.store import LogRecord, ProjectionStore
+from projections.records import LogRecord
+from projections.store import ProjectionStore
 from schemas.events import MAX_EVENT_BYTES
 from streams.forward import BatchHandler, Forwarder
 from streams.retry import RetrySchedule

@@ -11,7 +11,8 @@ import pytest
 
 from projections.checksum import table_checksums
 from projections.db import migrate
-from projections.store import LogRecord, ProjectionStore
+from projections.records import LogRecord
+from projections.store import ProjectionStore
 from schemas.chain import GENESIS_HASH, compute_hash
 from streams.settings import Settings
 from tests.conftest import VECTOR_EVENTS
