@@ -8,11 +8,11 @@ from the network, and its floats are parsed straight to Decimal.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-import importlib.util
 from importlib import metadata
 from pathlib import Path
 

@@ -31,7 +31,7 @@ from schemas.events import (
     StepStarted,
 )
 
-__all__ = ["ArtifactRow", "CostRow", "ExecutionState", "Projected", "StepState", "TERMINAL", "apply"]
+__all__ = ["TERMINAL", "ArtifactRow", "CostRow", "ExecutionState", "Projected", "StepState", "apply"]
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "timeout"})
 _STEP_DONE = frozenset({"completed", "failed", "skipped"})

@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 from aiokafka.partitioner import murmur2
 
-from projections.sql import query
 from projections.db import NOTIFY_CHANNEL, StoreUnavailable, connect_one
+from projections.sql import query
 
 __all__ = ["WORKER_GONE_S", "WaitResult", "no_worker", "stream_partition", "wait_projected"]
 

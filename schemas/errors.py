@@ -12,20 +12,20 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 __all__ = [
-    "RunledgerError",
-    "TransientError",
-    "PermanentError",
-    "InvalidJson",
-    "InvalidEvent",
-    "UnknownType",
-    "TooLarge",
-    "HashMismatch",
     "ChainBroken",
-    "SeqConflict",
+    "FieldError",
+    "HashMismatch",
     "IllegalTransition",
+    "InvalidEvent",
+    "InvalidJson",
+    "PermanentError",
     "PredecessorMissing",
     "RetriesExhausted",
-    "FieldError",
+    "RunledgerError",
+    "SeqConflict",
+    "TooLarge",
+    "TransientError",
+    "UnknownType",
 ]
 
 FieldError = tuple[str, str]

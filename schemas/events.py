@@ -14,12 +14,12 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 import orjson
 from pydantic import (
-    SkipValidation,
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    SkipValidation,
     StrictInt,
     StrictStr,
     TypeAdapter,
@@ -243,7 +243,8 @@ def _field_errors(error: ValidationError, prefix: str = "") -> list[tuple[str, s
 def validate_stream_id(stream_id: object) -> str:
     """Return ``stream_id`` if it is a valid stream id (SPEC.md section 1), else raise InvalidEvent."""
     if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
-        raise InvalidEvent([("subject", f"stream id {stream_id!r} must be 1 to 200 characters from A-Z a-z 0-9 . _ : -")])
+        raise InvalidEvent([("subject", f"stream id {stream_id!r} must be 1 to 200 characters from "
+                                        "A-Z a-z 0-9 . _ : -")])
     return stream_id
 
 

@@ -33,11 +33,11 @@ import faust
 
 from projections.db import connect, database_error, migrate
 from projections.pricing import load_tokencost_catalog
-from projections.sql import query
 from projections.records import BatchResult, LogRecord
+from projections.sql import query
 from projections.store import ProjectionStore
-from streams.consumer import LogConsumer, RetryConsumer
 from schemas.errors import TransientError
+from streams.consumer import LogConsumer, RetryConsumer
 from streams.forward import BatchHandler, Forwarder
 from streams.producer import EventProducer
 from streams.retry import RetrySchedule, delay_name

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from projections.pricing import load_tokencost_catalog
-from projections.sql import query, quote_schema
 from projections.db import connect, connect_one, migrate
+from projections.pricing import load_tokencost_catalog
 from projections.records import LogRecord
+from projections.sql import query, quote_schema
 from projections.store import ProjectionStore
 from schemas.chain import Head
 from schemas.errors import TransientError

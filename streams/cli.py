@@ -18,7 +18,7 @@ from typing import IO, Any
 import orjson
 from tqdm import tqdm
 
-from schemas.chain import compute_hash, canonical
+from schemas.chain import canonical, compute_hash
 from schemas.errors import PermanentError, RunledgerError
 from schemas.events import decode_event, decode_json, parse_event
 from streams import devstack

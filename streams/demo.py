@@ -21,9 +21,9 @@ from typing import IO
 import asyncpg
 from tqdm import tqdm
 
+from projections.db import connect_one, migrate
 from projections.report import RunSummary, summarize
 from projections.sql import query
-from projections.db import connect_one, migrate
 from schemas.errors import PermanentError, TransientError
 from streams import devstack
 from streams.fleet import Execution, simulate_fleet

@@ -32,8 +32,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from projections.db import StoreUnavailable
-from projections.sql import query
 from projections.records import BatchResult, Failure, LogRecord
+from projections.sql import query
 from projections.store import ProjectionStore
 from schemas.errors import TransientError
 from schemas.events import MAX_EVENT_BYTES

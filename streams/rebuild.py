@@ -28,10 +28,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from projections.checksum import table_checksums
-from projections.pricing import load_tokencost_catalog
-from projections.sql import query, quote_schema
 from projections.db import connect, connect_one, migrate
+from projections.pricing import load_tokencost_catalog
 from projections.records import LogRecord
+from projections.sql import query, quote_schema
 from projections.store import ProjectionStore
 from schemas.errors import PermanentError, TransientError
 from streams.settings import Settings

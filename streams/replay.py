@@ -30,10 +30,10 @@ import asyncpg
 import orjson
 import redis.asyncio as redis
 
-from projections.pricing import load_tokencost_catalog
-from projections.sql import query
 from projections.db import StoreUnavailable, connect, connect_one
+from projections.pricing import load_tokencost_catalog
 from projections.records import BatchResult, LogRecord
+from projections.sql import query
 from projections.store import ProjectionStore
 from schemas.errors import TransientError
 from streams.heads import RELEASE_IF_HELD

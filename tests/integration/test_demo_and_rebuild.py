@@ -16,8 +16,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from projections.checksum import table_checksums
-from projections.pricing import load_tokencost_catalog
 from projections.db import connect, migrate
+from projections.pricing import load_tokencost_catalog
 from projections.records import LogRecord
 from projections.store import ProjectionStore
 from streams.fleet import simulate_fleet

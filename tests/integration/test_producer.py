@@ -92,7 +92,7 @@ async def test_eight_concurrent_producer_processes_never_fork_a_chain(env: dict[
         await producer.append("shared", "execution.started", {"workflow": "w"})
     children = [spawn_child(env, "ok", "shared", "500") for _ in range(8)]
     for child in children:
-        out, err = await asyncio.to_thread(child.communicate, timeout=240)
+        _, err = await asyncio.to_thread(child.communicate, timeout=240)
         assert child.returncode == 0, err
     events = [orjson.loads(r.value) for r in await read_log(settings)]
     assert [e["seq"] for e in events] == list(range(1, 4002))
@@ -133,7 +133,7 @@ async def test_a_batch_the_broker_refuses_for_good_is_dropped_and_the_stream_goe
         # The broker side of "too large for this topic": the client's own limit, checked as the broker's would be.
         limit = producer._kafka._max_request_size  # noqa: SLF001
         producer._kafka._max_request_size = 2000  # noqa: SLF001
-        with pytest.raises(PublishRefused, match="refuses seq 2..2 for good") as refused:
+        with pytest.raises(PublishRefused, match=r"refuses seq 2\.\.2 for good") as refused:
             await producer.append("exec-1", "step.started", {"step_id": "big", "name": "x" * 3000})
         assert refused.value.code == "publish_refused" and not refused.value.transient
         producer._kafka._max_request_size = limit  # noqa: SLF001

@@ -14,7 +14,6 @@ from schemas.events import EVENT_TYPES, MAX_EVENT_BYTES, CostIncurred, decode_ev
 from tests.conftest import VECTOR_EVENTS
 
 
-
 def event(type_: str = "cost.incurred", data: dict[str, Any] | None = None, **attrs: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "specversion": "1.0", "id": "0b9e4a52-8e55-4d7e-9f7a-1f0c2b3d4e5f", "source": "/producers/test",

@@ -25,8 +25,8 @@ from aiokafka import AIOKafkaProducer
 
 import projections.store
 from projections.checksum import table_checksums
-from projections.pricing import load_tokencost_catalog
 from projections.db import connect, migrate
+from projections.pricing import load_tokencost_catalog
 from projections.records import LogRecord
 from projections.store import ProjectionStore
 from schemas.errors import IllegalTransition

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from projections.pricing import load_tokencost_catalog
 from projections.db import connect, migrate
+from projections.pricing import load_tokencost_catalog
 from projections.store import ProjectionStore
 from streams.settings import Settings
 
