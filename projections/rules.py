@@ -206,10 +206,10 @@ def apply(state: ExecutionState | None, event: Event, catalog: PriceCatalog) -> 
             new.unpriced_costs += 1
         else:
             new.cost_usd += cost
-        step = new.steps.get(data.step_id) if data.step_id else None
-        if step is not None and cost is not None:
-            new.steps[step.step_id] = dataclasses.replace(step, cost_usd=step.cost_usd + cost)
-            touched = (step.step_id,)
+        costed = new.steps.get(data.step_id) if data.step_id else None
+        if costed is not None and cost is not None:
+            new.steps[costed.step_id] = dataclasses.replace(costed, cost_usd=costed.cost_usd + cost)
+            touched = (costed.step_id,)
     elif isinstance(data, ArtifactCreated):
         artifacts = (ArtifactRow(event.subject, data.artifact_id, data.step_id, data.type, data.name, data.uri,
                                  data.size_bytes, data.content_type, event.time, event.seq),)

@@ -78,7 +78,7 @@ def is_plain(value: Any) -> bool:
     if kind is bool or value is None:
         return True
     if kind is int:
-        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER  # type: ignore[no-any-return]  # an int: a bool
     if kind is dict:
         for key, item in value.items():
             if not key.isascii() and max(map(ord, key)) > 0xFFFF:
@@ -157,7 +157,8 @@ def verify_chain(events: Iterable[Mapping[str, Any]]) -> list[ChainBreak]:
         subject = str(event.get("subject"))
         if subject in broken:
             continue
-        seq = event.get("seq") if isinstance(event.get("seq"), int) else -1
+        raw_seq = event.get("seq")
+        seq = raw_seq if isinstance(raw_seq, int) else -1
         computed = compute_hash(event)
         if event.get("hash") != computed:
             broken[subject] = ChainBreak(
