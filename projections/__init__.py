@@ -1,0 +1,2 @@
+"""The projection: pure rules over events (records of a batch, rules, pricing) and, in ``postgres``, their
+execution against PostgreSQL."""

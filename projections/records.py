@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from schemas.errors import RunledgerError
+from runledger.schemas.errors import RunledgerError
 
 __all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "Route", "pg_text"]
 

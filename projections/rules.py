@@ -13,9 +13,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from projections.pricing import PriceCatalog
-from schemas.errors import IllegalTransition
-from schemas.events import (
+from runledger.projections.pricing import PriceCatalog
+from runledger.schemas.errors import IllegalTransition
+from runledger.schemas.events import (
     ArtifactCreated,
     CostIncurred,
     Event,

@@ -3,8 +3,8 @@
 Knows nothing of Kafka, Faust or PostgreSQL.
 """
 
-from schemas.chain import GENESIS_HASH, ChainBreak, Head, canonical, compute_hash, link_error, verify_chain
-from schemas.errors import (
+from runledger.schemas.chain import GENESIS_HASH, ChainBreak, Head, canonical, compute_hash, link_error, verify_chain
+from runledger.schemas.errors import (
     ChainBroken,
     HashMismatch,
     IllegalTransition,
@@ -19,7 +19,7 @@ from schemas.errors import (
     TransientError,
     UnknownType,
 )
-from schemas.events import (
+from runledger.schemas.events import (
     EVENT_TYPES,
     MAX_EVENT_BYTES,
     Event,

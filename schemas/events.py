@@ -2,7 +2,7 @@
 
 ``parse_event`` turns the bytes of a Kafka record (or an already decoded JSON
 object) into a typed, hash-checked ``Event``, or raises one typed error from
-``schemas.errors`` that names the field and the reason.
+``runledger.schemas.errors`` that names the field and the reason.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pydantic import (
     ValidationError,
 )
 
-from schemas.chain import MAX_SAFE_INTEGER, compute_hash, is_plain, unsafe_values
-from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, TooLarge, UnknownType
+from runledger.schemas.chain import MAX_SAFE_INTEGER, compute_hash, is_plain, unsafe_values
+from runledger.schemas.errors import HashMismatch, InvalidEvent, InvalidJson, TooLarge, UnknownType
 
 __all__ = [
     "EVENT_TYPES",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from schemas.errors import IllegalTransition
+from runledger.schemas.errors import IllegalTransition
 
 __all__ = ["STARTED", "TERMINAL_TYPES", "check_lifecycle"]
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from schemas.errors import TransientError
-from streams.retry import RetrySchedule, dlq_topic
-from streams.settings import Settings
+from runledger.schemas.errors import TransientError
+from runledger.streams.settings import Settings
+from runledger.streams.worker.retry import RetrySchedule, dlq_topic
 
 __all__ = ["ensure_topics", "worker_topics"]
 

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams import devstack
-from streams.settings import Settings
+from runledger.streams.dev import devstack
+from runledger.streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# The command line, run as a child process of this interpreter (the venv under test).
+CLI = (sys.executable, "-m", "runledger.streams.cli")
 VECTORS = ROOT / "tests" / "vectors" / "chain-v1.jsonl"
 VECTOR_EVENTS = [orjson.loads(line)["event"] for line in VECTORS.read_bytes().splitlines()]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from streams.heads import StreamHeads  # noqa: E402
-from streams.producer import EventProducer  # noqa: E402
-from streams.settings import Settings  # noqa: E402
+from runledger.streams.producer.client import EventProducer  # noqa: E402
+from runledger.streams.producer.heads import StreamHeads  # noqa: E402
+from runledger.streams.settings import Settings  # noqa: E402
 
 
 def _die(*_: Any, **__: Any) -> None:

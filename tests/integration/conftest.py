@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from schemas.chain import GENESIS_HASH, compute_hash
-from streams.settings import Settings
-from tests.conftest import VECTOR_EVENTS
+from runledger.schemas.chain import GENESIS_HASH, compute_hash
+from runledger.streams.settings import Settings
+from tests.conftest import CLI, VECTOR_EVENTS
 
 T = TypeVar("T")
 
@@ -96,7 +96,7 @@ async def running_worker(env: dict[str, str], *, loglevel: str = "warning") -> A
 
     It is stopped without blocking the event loop, which may serve its connections (a proxy)."""
     log = tempfile.TemporaryFile()
-    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--loglevel", loglevel],
+    worker = subprocess.Popen([*CLI, "worker", "--loglevel", loglevel],
                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     worker.log = log  # type: ignore[attr-defined]
     try:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import asyncpg
 import orjson
 
-from streams.settings import Settings
+from runledger.streams.settings import Settings
+from tests.conftest import CLI
 
 
 async def test_bench_prints_one_measurement_per_path_and_cleans_up(env: dict[str, str], settings: Settings) -> None:
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "bench", "--events", "1500", "--no-worker", "--json"],
+    done = subprocess.run([*CLI, "bench", "--events", "1500", "--no-worker", "--json"],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     rows = [orjson.loads(line) for line in done.stdout.splitlines()]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,15 +14,16 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from projections.checksum import table_checksums
-from projections.db import connect, migrate
-from projections.pricing import load_tokencost_catalog
-from projections.records import LogRecord
-from projections.store import ProjectionStore
-from streams.fleet import simulate_fleet
-from streams.producer import append_many
-from streams.rebuild import rebuild
-from streams.settings import Settings
+from runledger.projections.postgres.checksum import table_checksums
+from runledger.projections.postgres.db import connect, migrate
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import LogRecord
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import append_many
+from runledger.streams.settings import Settings
+from runledger.streams.tools.rebuild import rebuild
+from tests.conftest import CLI
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ async def live(env: dict[str, str], settings: Settings) -> AsyncIterator[tuple[d
 
 
 def runledger(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env={**os.environ, **env},
+    return subprocess.run([*CLI, *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)
 
 

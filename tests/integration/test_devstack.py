@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import psutil
 import pytest
 
-from streams import devstack
-from streams.settings import Settings
-from tests.conftest import free_ports
+from runledger.streams.dev import devstack
+from runledger.streams.settings import Settings
+from tests.conftest import CLI, free_ports
 
 
 def _settings(tmp_path: Path, kafka: int, redis: int) -> Settings:
@@ -53,7 +52,7 @@ def test_a_taken_port_is_a_clear_error_and_starts_nothing(tmp_path: Path) -> Non
 
 
 def test_status_command_prints_json(stack_env: dict[str, str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "dev", "status", "--json"], env=stack_env,
+    done = subprocess.run([*CLI, "dev", "status", "--json"], env=stack_env,
                           capture_output=True, text=True, check=True)
     rows = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert {(r["name"], r.get("state")) for r in rows[:3]} == {("postgres", "running"), ("kafka", "running"),

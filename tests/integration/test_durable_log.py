@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +15,10 @@ import asyncpg
 import orjson
 import pytest
 
-from schemas.chain import verify_chain
-from streams import devstack
-from streams.producer import EventProducer, NewEvent
-from tests.conftest import free_ports
+from runledger.schemas.chain import verify_chain
+from runledger.streams.dev import devstack
+from runledger.streams.producer.client import EventProducer, NewEvent
+from tests.conftest import CLI, free_ports
 from tests.integration.conftest import poll, read_log, running_worker, settings_of
 
 STREAMS = [f"run-{i:02d}" for i in range(20)]
@@ -40,7 +39,7 @@ def durable(tmp_path: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
 
 
 def runledger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env={**os.environ, **env},
+    return subprocess.run([*CLI, *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 

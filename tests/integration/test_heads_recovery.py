@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 from redis.asyncio import Redis
 
-from schemas.chain import verify_chain
-from streams import devstack
-from streams.producer import EventProducer, NewEvent
-from streams.settings import Settings
-from tests.conftest import free_ports
+from runledger.schemas.chain import verify_chain
+from runledger.streams.dev import devstack
+from runledger.streams.producer.client import EventProducer, NewEvent
+from runledger.streams.settings import Settings
+from tests.conftest import CLI, free_ports
 from tests.integration.conftest import read_log
 
 STREAMS = [f"exec-{i}" for i in range(6)]
@@ -38,7 +37,7 @@ async def _continue_streams(settings: Settings, step: int) -> list[int]:
 
 
 def _heads_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", "heads", "check", "--json"],
+    return subprocess.run([*CLI, "heads", "check", "--json"],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
 
 
@@ -96,7 +95,7 @@ async def test_heads_check_names_a_head_behind_the_log(env: dict[str, str], sett
     [row] = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert (row["stream"], row["redis"], row["log"]) == ("exec-0", 1, 2)
     assert "an append would fork it" in row["problems"][0]
-    recovered = subprocess.run([sys.executable, "-m", "streams.cli", "heads", "recover", "--json"],
+    recovered = subprocess.run([*CLI, "heads", "recover", "--json"],
                                env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert orjson.loads(recovered.stdout) == {"streams": len(STREAMS), "moved": 1}
     assert _heads_check(env).returncode == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ import asyncpg
 import orjson
 import pytest
 
-from projections.wait import stream_partition
-from tests.conftest import free_ports
+from runledger.projections.postgres.wait import stream_partition
+from tests.conftest import CLI, free_ports
 from tests.integration.conftest import read_log, settings_of
 
 
@@ -34,7 +33,7 @@ def own_broker(tmp_path: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
 
 
 def runledger(env: dict[str, str], *args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env={**os.environ, **env},
+    return subprocess.run([*CLI, *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

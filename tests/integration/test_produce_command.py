@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import orjson
 
-from schemas.chain import verify_chain
-from streams.settings import Settings
+from runledger.schemas.chain import verify_chain
+from runledger.streams.settings import Settings
+from tests.conftest import CLI
 from tests.integration.conftest import read_log
 
 
 def _produce(env: dict[str, str], lines: list[dict[str, object]], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", "produce", "--quiet", *args],
+    return subprocess.run([*CLI, "produce", "--quiet", *args],
                           input="\n".join(orjson.dumps(line).decode() for line in lines),
                           env={**os.environ, **env}, capture_output=True, text=True, check=False, timeout=60)
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from decimal import Decimal
 
 import orjson
 import pytest
 
-from schemas.chain import verify_chain
-from schemas.errors import InvalidEvent, UnknownType
-from schemas.events import parse_event
-from streams.producer import AppendConflict, EventProducer, NewEvent, PublishRefused
-from streams.settings import Settings
+from runledger.schemas.chain import verify_chain
+from runledger.schemas.errors import InvalidEvent, UnknownType
+from runledger.schemas.events import parse_event
+from runledger.streams.producer.client import AppendConflict, EventProducer, NewEvent, PublishRefused
+from runledger.streams.settings import Settings
+from tests.conftest import CLI
 from tests.integration.conftest import poll, read_log, spawn_child
 
 START = NewEvent("execution.started", {"workflow": "w"})
@@ -176,7 +176,7 @@ async def test_heads_sweep_publishes_what_is_left_staged(env: dict[str, str],
     await asyncio.to_thread(child.communicate, timeout=60)
 
     async def swept() -> str | None:
-        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "streams.cli", "heads", "sweep",
+        done = await asyncio.to_thread(subprocess.run, [*CLI, "heads", "sweep",
                                                         "--json"], env={**os.environ, **env}, capture_output=True,
                                        text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -188,8 +188,8 @@ async def test_heads_sweep_publishes_what_is_left_staged(env: dict[str, str],
 
 
 async def test_a_retry_of_a_staged_batch_is_a_duplicate_not_a_lifecycle_error(settings: Settings) -> None:
-    from streams.heads import StreamHeads
-    from streams.producer import build_events
+    from runledger.streams.producer.client import build_events
+    from runledger.streams.producer.heads import StreamHeads
 
     async with EventProducer(settings) as producer:
         await producer.append("exec-1", "execution.started", {"workflow": "w"})

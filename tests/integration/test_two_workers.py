@@ -6,18 +6,18 @@ import asyncio
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import asyncpg
 
-from streams.fleet import simulate_fleet
-from streams.producer import append_many
-from streams.rebuild import rebuild
-from streams.settings import Settings
-from streams.topics import ensure_topics
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import append_many
+from runledger.streams.settings import Settings
+from runledger.streams.tools.rebuild import rebuild
+from runledger.streams.topics import ensure_topics
+from tests.conftest import CLI
 
 ASSIGNED = re.compile(r"assigned partitions \[([0-9, ]*)\]")
 
@@ -37,7 +37,7 @@ async def test_two_workers_split_the_partitions_and_project_everything_once(
     workers = []
     for log in logs:
         with log.open("wb") as out:  # the child has its own copy of the descriptor
-            workers.append(subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+            workers.append(subprocess.Popen([*CLI, "worker", "--loglevel", "info"],
                                             env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT))
     conn = await asyncpg.connect(settings.database_url)
     try:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import uuid
 
 import asyncpg
 
-from projections.checksum import table_checksums
-from streams.fleet import simulate_fleet
-from streams.producer import EventProducer
-from streams.settings import Settings
+from runledger.projections.postgres.checksum import table_checksums
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import EventProducer
+from runledger.streams.settings import Settings
+from tests.conftest import CLI
 
 DEADLINE_S = 120
 
@@ -29,7 +29,7 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
             await producer.append_batch(run.stream_id, run.events)
         await producer._kafka.send_and_wait(settings.events_topic, b"not json", key=b"junk")  # noqa: SLF001
     total = sum(len(run.events) for run in fleet)
-    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env={**os.environ, **env},
+    worker = subprocess.Popen([*CLI, "worker"], env={**os.environ, **env},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     conn = await asyncpg.connect(settings.database_url)
     try:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import rfc8785
 
-from schemas.chain import GENESIS_HASH, Head, canonical, compute_hash, link_error, verify_chain
+from runledger.schemas.chain import GENESIS_HASH, Head, canonical, compute_hash, link_error, verify_chain
 from tests.conftest import ROOT, VECTORS
 
 SHARED = Path(os.environ.get("RUNLEDGER_SHARED_DIR", ROOT.parent / "shared")) / "vectors" / "chain-v1.jsonl"

@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas.chain import compute_hash
-from schemas.errors import HashMismatch, InvalidEvent, InvalidJson, PermanentError, TooLarge, UnknownType
-from schemas.events import EVENT_TYPES, MAX_EVENT_BYTES, CostIncurred, decode_event, format_time, parse_event
+from runledger.schemas.chain import compute_hash
+from runledger.schemas.errors import HashMismatch, InvalidEvent, InvalidJson, PermanentError, TooLarge, UnknownType
+from runledger.schemas.events import EVENT_TYPES, MAX_EVENT_BYTES, CostIncurred, decode_event, format_time, parse_event
 from tests.conftest import VECTOR_EVENTS
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import orjson
 
-from streams.cli import hash_report
-from tests.conftest import VECTORS
+from runledger.streams.cli import hash_report
+from tests.conftest import CLI, VECTORS
 
 VECTOR_LINES = [orjson.loads(line) for line in VECTORS.read_bytes().splitlines()]
 
@@ -37,7 +36,7 @@ def test_report_of_an_invalid_event_still_shows_its_hash() -> None:
 
 def test_command_reads_stdin_and_exits_1_on_any_invalid_line() -> None:
     lines = [orjson.dumps(v["event"]).decode() for v in VECTOR_LINES[:3]] + ["not json"]
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "hash"], input="\n".join(lines),
+    done = subprocess.run([*CLI, "hash"], input="\n".join(lines),
                           capture_output=True, text=True, check=False)
     reports = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert [r["valid"] for r in reports] == [True, True, True, False]

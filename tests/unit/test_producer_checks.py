@@ -9,10 +9,10 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas.chain import Head
-from schemas.errors import InvalidEvent, TooLarge
-from schemas.events import MAX_EVENT_BYTES, parse_event
-from streams.producer import NewEvent, build_events, check_new_events
+from runledger.schemas.chain import Head
+from runledger.schemas.errors import InvalidEvent, TooLarge
+from runledger.schemas.events import MAX_EVENT_BYTES, parse_event
+from runledger.streams.producer.client import NewEvent, build_events, check_new_events
 
 NUL = "contains U+0000"
 
@@ -78,8 +78,8 @@ def test_data_that_is_not_json_is_an_invalid_event() -> None:
 
 
 def test_the_lifecycle_a_head_decides() -> None:
-    from schemas.errors import IllegalTransition
-    from schemas.lifecycle import check_lifecycle
+    from runledger.schemas.errors import IllegalTransition
+    from runledger.schemas.lifecycle import check_lifecycle
 
     check_lifecycle("s", 0, None, ["execution.started", "step.started", "execution.completed"])
     check_lifecycle("s", 4, None, ["step.started"])  # an older head that did not record its type
@@ -95,7 +95,7 @@ def test_the_lifecycle_a_head_decides() -> None:
 
 
 def test_recovery_follows_a_chain_in_seq_order_whatever_order_its_partitions_came_in() -> None:
-    from streams.recovery import _follow
+    from runledger.streams.producer.recovery import _follow
 
     found = [(3, "h2", "h3", "step.started"), (1, "0" * 64, "h1", "execution.started"),
              (2, "h1", "h2", "step.started"), (2, "h1", "x2", "step.started"), (5, "h4", "h5", "step.started")]

@@ -6,10 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from projections.records import Failure, LogRecord
-from schemas.errors import HashMismatch, PredecessorMissing
-from streams.dlq import LetterFilter, parse_time
-from streams.retry import RetrySchedule, delay_name, failure_headers, from_retry_topic, message_time
+from runledger.projections.records import Failure, LogRecord
+from runledger.schemas.errors import HashMismatch, PredecessorMissing
+from runledger.streams.tools.dlq import LetterFilter, parse_time
+from runledger.streams.worker.retry import RetrySchedule, delay_name, failure_headers, from_retry_topic, message_time
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

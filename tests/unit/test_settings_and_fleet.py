@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from schemas.chain import GENESIS_HASH, compute_hash, verify_chain
-from schemas.events import format_time, parse_event
-from streams.fleet import simulate_fleet
-from streams.producer import check_new_events
-from streams.settings import Settings
+from runledger.schemas.chain import GENESIS_HASH, compute_hash, verify_chain
+from runledger.schemas.events import format_time, parse_event
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import check_new_events
+from runledger.streams.settings import Settings
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

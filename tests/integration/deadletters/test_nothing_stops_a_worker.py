@@ -15,11 +15,11 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from projections.db import migrate
-from projections.wait import stream_partition
-from streams.fleet import simulate_fleet
-from streams.producer import EventProducer
-from streams.retry import RetrySchedule, header_values
+from runledger.projections.postgres.db import migrate
+from runledger.projections.postgres.wait import stream_partition
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import EventProducer
+from runledger.streams.worker.retry import RetrySchedule, header_values
 from tests.integration.conftest import (
     FIRST_STREAM,
     poll,

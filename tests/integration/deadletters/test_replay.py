@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,17 +22,18 @@ import pytest
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
-import projections.store
-from projections.checksum import table_checksums
-from projections.db import connect, migrate
-from projections.pricing import load_tokencost_catalog
-from projections.records import LogRecord
-from projections.store import ProjectionStore
-from schemas.errors import IllegalTransition
-from streams.forward import BatchHandler, Forwarder
-from streams.replay import replay
-from streams.retry import RetrySchedule, dlq_topic
-from streams.settings import Settings
+from runledger.projections.postgres import store as store_module
+from runledger.projections.postgres.checksum import table_checksums
+from runledger.projections.postgres.db import connect, migrate
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import LogRecord
+from runledger.schemas.errors import IllegalTransition
+from runledger.streams.settings import Settings
+from runledger.streams.tools.replay import replay
+from runledger.streams.worker.outbox import BatchHandler, Forwarder
+from runledger.streams.worker.retry import RetrySchedule, dlq_topic
+from tests.conftest import CLI
 from tests.integration.conftest import read_log, rechain
 
 STATE_TABLES = ("executions", "steps", "costs", "artifacts", "audit_log", "stream_heads")
@@ -52,7 +52,7 @@ async def db(settings: Settings) -> AsyncIterator[tuple[Settings, asyncpg.Connec
 
 async def _dead_letter_by_bug(settings: Settings, streams: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Append the streams and project them with a rule that wrongly refuses ``step.completed``."""
-    original = projections.store.apply
+    original = store_module.apply
 
     def buggy(state: Any, event: Any, catalog: Any) -> Any:
         if event.type == "step.completed":
@@ -77,9 +77,9 @@ async def _dead_letter_by_bug(settings: Settings, streams: list[str], monkeypatc
         store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group,
                                 max_attempts=schedule.max_attempts)
         await ProjectionStore.save_catalog(pool, store.catalog)
-        monkeypatch.setattr(projections.store, "apply", buggy)
+        monkeypatch.setattr(store_module, "apply", buggy)
         result = await BatchHandler(store, forwarder, pool).handle(records)
-        monkeypatch.setattr(projections.store, "apply", original)
+        monkeypatch.setattr(store_module, "apply", original)
     finally:
         await forwarder.stop()
         await pool.close()
@@ -89,7 +89,7 @@ async def _dead_letter_by_bug(settings: Settings, streams: list[str], monkeypatc
 async def runledger(settings: Settings, *args: str) -> tuple[int, str, str]:
     env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix, "RUNLEDGER_DB_SCHEMA": settings.db_schema,
            "RUNLEDGER_CONSUMER_GROUP": settings.consumer_group}
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "streams.cli", *args], env=env,
+    done = await asyncio.to_thread(subprocess.run, [*CLI, *args], env=env,
                                    capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     return done.returncode, done.stdout, done.stderr
 
@@ -186,7 +186,7 @@ async def test_an_interrupted_replay_resumes_and_a_held_lock_refuses(db: tuple[S
 
     env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix, "RUNLEDGER_DB_SCHEMA": settings.db_schema}
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streams.cli", "dlq", "replay", "--yes", "--json", "--rate", "2", env=env,
+        *CLI, "dlq", "replay", "--yes", "--json", "--rate", "2", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert child.stdout is not None
     first = orjson.loads(await asyncio.wait_for(child.stdout.readline(), 60))

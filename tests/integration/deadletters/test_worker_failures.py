@@ -12,9 +12,9 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from streams.fleet import simulate_fleet
-from streams.producer import EventProducer
-from streams.retry import dlq_topic
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import EventProducer
+from runledger.streams.worker.retry import dlq_topic
 from tests.integration.conftest import (
     FIRST_STREAM,
     poll,

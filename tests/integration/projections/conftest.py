@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from projections.db import connect, migrate
-from projections.pricing import load_tokencost_catalog
-from projections.store import ProjectionStore
-from streams.settings import Settings
+from runledger.projections.postgres.db import connect, migrate
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.streams.settings import Settings
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import asyncio
 
 import asyncpg
 
-from projections.sql import query
-from projections.store import ProjectionStore
-from projections.wait import wait_projected
-from streams.settings import Settings
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.postgres.wait import wait_projected
+from runledger.streams.settings import Settings
 from tests.integration.projections.test_isolation import as_records, stream
 
 

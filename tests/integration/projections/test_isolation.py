@@ -11,11 +11,12 @@ from typing import Any
 import asyncpg
 import orjson
 
-from projections.records import LogRecord
-from projections.store import ProjectionStore
-from schemas.events import MAX_EVENT_BYTES
-from streams.forward import BatchHandler, Forwarder
-from streams.retry import RetrySchedule
+from runledger.projections.postgres import store as store_module
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.records import LogRecord
+from runledger.schemas.events import MAX_EVENT_BYTES
+from runledger.streams.worker.outbox import BatchHandler, Forwarder
+from runledger.streams.worker.retry import RetrySchedule
 from tests.integration.conftest import FIRST_STREAM, read_log, rechain, rehashed
 
 POISON_MODEL = "poison-model"
@@ -194,16 +195,14 @@ async def test_a_dead_letter_too_large_for_the_topic_gets_a_reference_copy(
 
 async def test_a_record_that_runledgers_own_code_fails_on_is_dead_lettered_alone(
         store: ProjectionStore, owner: asyncpg.Connection, monkeypatch: Any) -> None:
-    import projections.store
-
-    original = projections.store.apply
+    original = store_module.apply
 
     def buggy(state: Any, event: Any, catalog: Any) -> Any:
         if event.subject == "tripwire" and event.type == "step.completed":
             raise KeyError("a bug")
         return original(state, event, catalog)
 
-    monkeypatch.setattr(projections.store, "apply", buggy)
+    monkeypatch.setattr(store_module, "apply", buggy)
     result = await store.apply_batch(as_records(interleave(stream("fine-1"), stream("tripwire"), stream("fine-2"))))
     letter = await owner.fetchrow("SELECT * FROM dead_letters")
     assert (letter["reason"], letter["stream_id"], letter["seq"]) == ("processing_failed", "tripwire", 6)

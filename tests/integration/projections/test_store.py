@@ -9,12 +9,12 @@ import asyncpg
 import orjson
 import pytest
 
-from projections.checksum import table_checksums
-from projections.db import migrate
-from projections.records import LogRecord
-from projections.store import ProjectionStore
-from schemas.chain import GENESIS_HASH, compute_hash
-from streams.settings import Settings
+from runledger.projections.postgres.checksum import table_checksums
+from runledger.projections.postgres.db import migrate
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.records import LogRecord
+from runledger.schemas.chain import GENESIS_HASH, compute_hash
+from runledger.streams.settings import Settings
 from tests.conftest import VECTOR_EVENTS
 
 VECTOR_VALUES = [orjson.dumps(event) for event in VECTOR_EVENTS]
@@ -76,7 +76,7 @@ async def test_twice_or_shuffled_across_streams_gives_the_same_tables(
     assert shuffled != VECTOR_VALUES
     other = schema + "_b"
     await migrate(settings.database_url, other)
-    from projections.db import connect
+    from runledger.projections.postgres.db import connect
     pool = await connect(settings.database_url, other)
     try:
         store_b = ProjectionStore(pool, store.catalog, "g")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 
 import asyncpg
 import orjson
 
-from projections.store import ProjectionStore
-from projections.wait import wait_projected
-from schemas.chain import compute_hash
-from streams.settings import Settings
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.postgres.wait import wait_projected
+from runledger.schemas.chain import compute_hash
+from runledger.streams.settings import Settings
+from tests.conftest import CLI
 from tests.integration.projections.test_store import VECTOR_VALUES, records
 
 STREAM = "exec-2026-11-22-0001"  # seq 1..9 in the vectors
@@ -66,7 +66,7 @@ async def test_the_wait_command_exit_status_tells_the_outcome(env: dict[str, str
     run_env = {**os.environ, **env, "RUNLEDGER_DB_SCHEMA": schema}
 
     def wait(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "streams.cli", "wait", *args], env=run_env,
+        return subprocess.run([*CLI, "wait", *args], env=run_env,
                               capture_output=True, text=True, timeout=60)
 
     done = await asyncio.to_thread(wait, STREAM, "3", "--json")

@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
-from projections.pricing import ModelPrice, PriceCatalog, load_tokencost_catalog
-from projections.rules import ExecutionState, apply
-from schemas.chain import GENESIS_HASH, compute_hash
-from schemas.errors import IllegalTransition
-from schemas.events import Event, format_time, parse_event
+from runledger.projections.pricing import ModelPrice, PriceCatalog, load_tokencost_catalog
+from runledger.projections.rules import ExecutionState, apply
+from runledger.schemas.chain import GENESIS_HASH, compute_hash
+from runledger.schemas.errors import IllegalTransition
+from runledger.schemas.events import Event, format_time, parse_event
 from tests.conftest import VECTORS
 
 CATALOG = load_tokencost_catalog()

@@ -3,7 +3,7 @@
 Every driver or network error is translated here into one of runledger's
 error classes: the database is unavailable or busy (transient: try again
 later), or it refuses this data (``RejectedByDatabase``, permanent: the record
-that caused it is dead-lettered alone, see ``projections.store``).
+that caused it is dead-lettered alone, see ``runledger.projections.postgres.store``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
-from projections.records import pg_text
-from projections.sql import migrations, quote_schema
-from schemas.errors import PermanentError, RunledgerError, TransientError
+from runledger.projections.postgres.queries import migrations, quote_schema
+from runledger.projections.records import pg_text
+from runledger.schemas.errors import PermanentError, RunledgerError, TransientError
 
 __all__ = ["NOTIFY_CHANNEL", "WORKER_ROLE", "RejectedByDatabase", "StoreConflict", "StoreTimeout",
            "StoreUnavailable", "connect", "connect_one", "database_error", "migrate"]

@@ -9,7 +9,7 @@ durable in PostgreSQL, and whoever owns the partition now starts after it.
 
 The log's offsets that count are those the store writes in the same
 transaction as the projections; on every partition assignment the consumer
-checks them against the log (``streams.logcheck``) and seeks there. The Kafka
+checks them against the log (``runledger.streams.worker.logcheck``) and seeks there. The Kafka
 group commit is the fallback when PostgreSQL is down, and what lag monitoring
 reads. Retry topics have no offsets in PostgreSQL: their group commit is what
 counts, so a record there is read again until its batch is done.
@@ -29,12 +29,12 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from projections.db import StoreUnavailable, database_error
-from projections.records import BatchResult, LogRecord
-from projections.store import ProjectionStore
-from schemas.events import MAX_EVENT_BYTES
-from streams.logcheck import FIX, check_partitions, save_problems
-from streams.retry import from_retry_topic, message_time
+from runledger.projections.postgres.db import StoreUnavailable, database_error
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.records import BatchResult, LogRecord
+from runledger.schemas.events import MAX_EVENT_BYTES
+from runledger.streams.worker.logcheck import FIX, check_partitions, save_problems
+from runledger.streams.worker.retry import from_retry_topic, message_time
 
 __all__ = ["LogConsumer", "RetryConsumer"]
 

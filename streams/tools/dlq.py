@@ -18,9 +18,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from projections.sql import query
-from schemas.events import format_time
-from streams.retry import header_values
+from runledger.projections.postgres.queries import query
+from runledger.schemas.events import format_time
+from runledger.streams.worker.retry import header_values
 
 __all__ = ["STATUSES", "LetterFilter", "letter_json", "parse_time", "resolve", "select_letters", "summary_by_reason"]
 

@@ -1,9 +1,9 @@
 """The Faust application of a projection worker: ``create_app(settings)``.
 
-Kafka consumer tasks (``streams.consumer``), one for the log and one per retry
+Kafka consumer tasks (``runledger.streams.worker.consumer``), one for the log and one per retry
 topic, read whole batches and send each through an in-memory channel to the
 ``project`` agent, which applies it in one PostgreSQL transaction
-(``streams.forward.BatchHandler``) and answers with the result; only then does
+(``runledger.streams.worker.outbox.BatchHandler``) and answers with the result; only then does
 the consumer commit. A Faust agent reading records one by one manages about
 7,000 records/s on two cores; batches through a channel keep the agent thin and
 the path fast, and the consumers own their commits, so that no cancellation
@@ -31,17 +31,17 @@ from typing import Any
 import asyncpg
 import faust
 
-from projections.db import connect, database_error, migrate
-from projections.pricing import load_tokencost_catalog
-from projections.records import BatchResult, LogRecord
-from projections.sql import query
-from projections.store import ProjectionStore
-from schemas.errors import TransientError
-from streams.consumer import LogConsumer, RetryConsumer
-from streams.forward import BatchHandler, Forwarder
-from streams.producer import EventProducer
-from streams.retry import RetrySchedule, delay_name
-from streams.settings import Settings
+from runledger.projections.postgres.db import connect, database_error, migrate
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import BatchResult, LogRecord
+from runledger.schemas.errors import TransientError
+from runledger.streams.producer.client import EventProducer
+from runledger.streams.settings import Settings
+from runledger.streams.worker.consumer import LogConsumer, RetryConsumer
+from runledger.streams.worker.outbox import BatchHandler, Forwarder
+from runledger.streams.worker.retry import RetrySchedule, delay_name
 
 __all__ = ["HEARTBEAT_S", "create_app"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,17 +26,18 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from projections.db import connect, connect_one, migrate
-from projections.pricing import load_tokencost_catalog
-from projections.records import LogRecord
-from projections.sql import query, quote_schema
-from projections.store import ProjectionStore
-from schemas.chain import Head
-from schemas.errors import TransientError
-from streams.fleet import simulate_fleet
-from streams.producer import build_events
-from streams.settings import Settings
-from streams.topics import ensure_topics
+from runledger.projections.postgres.db import connect, connect_one, migrate
+from runledger.projections.postgres.queries import query, quote_schema
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import LogRecord
+from runledger.schemas.chain import Head
+from runledger.schemas.errors import TransientError
+from runledger.streams.dev import WORKER_COMMAND
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import build_events
+from runledger.streams.settings import Settings
+from runledger.streams.topics import ensure_topics
 
 __all__ = ["Measurement", "run_bench"]
 
@@ -127,7 +127,7 @@ async def _projection(settings: Settings, schema: str, total: int) -> Measuremen
 async def _worker(settings: Settings, total: int, timeout: float) -> Measurement:
     env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix, "RUNLEDGER_DB_SCHEMA": settings.db_schema,
            "RUNLEDGER_CONSUMER_GROUP": settings.consumer_group}
-    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
+    worker = subprocess.Popen(WORKER_COMMAND, env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     conn = await asyncpg.connect(settings.database_url)
     count = f"SELECT count(*) FROM {quote_schema(settings.db_schema)}.audit_log"  # a fixed, validated name

@@ -25,11 +25,11 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from projections.db import connect_one
-from projections.sql import query
-from projections.wait import WORKER_GONE_S
-from schemas.errors import PermanentError, TransientError
-from streams.settings import Settings
+from runledger.projections.postgres.db import connect_one
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.wait import WORKER_GONE_S
+from runledger.schemas.errors import PermanentError, TransientError
+from runledger.streams.settings import Settings
 
 __all__ = ["FIX", "PartitionCheck", "check_log", "check_partitions", "projection_health", "reset_offsets",
            "save_problems"]

@@ -30,14 +30,14 @@ import asyncpg
 import orjson
 import redis.asyncio as redis
 
-from projections.db import StoreUnavailable, connect, connect_one
-from projections.pricing import load_tokencost_catalog
-from projections.records import BatchResult, LogRecord
-from projections.sql import query
-from projections.store import ProjectionStore
-from schemas.errors import TransientError
-from streams.heads import RELEASE_IF_HELD
-from streams.settings import Settings
+from runledger.projections.postgres.db import StoreUnavailable, connect, connect_one
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import BatchResult, LogRecord
+from runledger.schemas.errors import TransientError
+from runledger.streams.producer.heads import RELEASE_IF_HELD
+from runledger.streams.settings import Settings
 
 __all__ = ["ReplayItem", "ReplayLocked", "ReplayReport", "replay", "run_by"]
 

@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from schemas.errors import PermanentError
-from streams.settings import Component, Settings
+from runledger.schemas.errors import PermanentError
+from runledger.streams.settings import Component, Settings
 
 __all__ = ["COMPONENTS", "DevStackError", "ServiceStatus", "down", "status", "up"]
 

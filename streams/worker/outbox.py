@@ -31,13 +31,13 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from projections.db import StoreUnavailable
-from projections.records import BatchResult, Failure, LogRecord
-from projections.sql import query
-from projections.store import ProjectionStore
-from schemas.errors import TransientError
-from schemas.events import MAX_EVENT_BYTES
-from streams.retry import HEADER, RetrySchedule, dlq_topic, failure_headers
+from runledger.projections.postgres.db import StoreUnavailable
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.records import BatchResult, Failure, LogRecord
+from runledger.schemas.errors import TransientError
+from runledger.schemas.events import MAX_EVENT_BYTES
+from runledger.streams.worker.retry import HEADER, RetrySchedule, dlq_topic, failure_headers
 
 __all__ = ["BatchHandler", "Forwarder"]
 

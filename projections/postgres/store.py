@@ -1,6 +1,6 @@
 """Applying a batch of log records to the projection tables, in one transaction.
 
-``ProjectionStore.apply_batch`` runs the rules of ``projections.rules`` over a
+``ProjectionStore.apply_batch`` runs the rules of ``runledger.projections.rules`` over a
 batch of log records and writes, in one transaction, the projection rows, the
 audit rows, the stream heads, the dead letters, the outbox and the Kafka
 offsets, so that a batch is applied entirely or not at all, and applying it
@@ -11,7 +11,7 @@ parked behind a dead-lettered predecessor, dead-lettered (a permanent failure,
 retries exhausted, or data PostgreSQL refuses), or handed back for retry (its
 predecessor is not projected yet). Copies of what leaves the batch for the
 retry topics or the dead-letter topic are rows of ``outbox`` in the same
-transaction; they are published after it commits (``streams.forward``).
+transaction; they are published after it commits (``runledger.streams.worker.outbox``).
 
 A batch that PostgreSQL refuses is split in halves, and each half applied on
 its own, until the record that causes the refusal stands alone: it alone is
@@ -33,13 +33,13 @@ from typing import Any
 
 import asyncpg
 
-from projections.db import RejectedByDatabase, StoreConflict, StoreUnavailable, database_error
-from projections.pricing import ModelPrice, PriceCatalog
-from projections.records import BatchResult, Failure, LogRecord, Route, pg_text
-from projections.rules import ExecutionState, Projected, StepState, apply
-from projections.sql import query
-from schemas.chain import Head, link_error
-from schemas.errors import (
+from runledger.projections.postgres.db import RejectedByDatabase, StoreConflict, StoreUnavailable, database_error
+from runledger.projections.postgres.queries import query
+from runledger.projections.pricing import ModelPrice, PriceCatalog
+from runledger.projections.records import BatchResult, Failure, LogRecord, Route, pg_text
+from runledger.projections.rules import ExecutionState, Projected, StepState, apply
+from runledger.schemas.chain import Head, link_error
+from runledger.schemas.errors import (
     ChainBroken,
     PermanentError,
     PredecessorMissing,
@@ -47,7 +47,7 @@ from schemas.errors import (
     RunledgerError,
     SeqConflict,
 )
-from schemas.events import MAX_EVENT_BYTES, Event, decode_event, decode_json, parse_event
+from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, decode_json, parse_event
 
 __all__ = ["ProcessingFailed", "ProjectionStore"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from projections.sql import quote_schema
+from runledger.projections.postgres.queries import quote_schema
 
 __all__ = ["TABLE_KEYS", "table_checksums"]
 

@@ -8,8 +8,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from projections.sql import query
-from schemas.chain import ChainBreak, verify_chain
+from runledger.projections.postgres.queries import query
+from runledger.schemas.chain import ChainBreak, verify_chain
 
 __all__ = ["RunSummary", "summarize"]
 

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from projections.records import Failure, LogRecord, OutboxRow
-from schemas.events import format_time
+from runledger.projections.records import Failure, LogRecord, OutboxRow
+from runledger.schemas.events import format_time
 
 __all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic",
            "header_values", "message_time"]
@@ -71,7 +71,7 @@ class RetrySchedule:
         return len(self.delays) + 1
 
     def route(self, retry: list[Failure], dead: list[Failure]) -> list[OutboxRow]:
-        """The outbox rows (a ``projections.store.Route``) of ``retry``, one step along the schedule, and of
+        """The outbox rows (a ``runledger.projections.records.Route``) of ``retry``, one step along the schedule, and of
         ``dead``, to the dead-letter topic (their value is read from their letter's row)."""
         now = datetime.now(UTC)
         rows: list[OutboxRow] = []

@@ -25,10 +25,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from projections.db import StoreUnavailable, connect_one
-from schemas.chain import GENESIS_HASH, compute_hash
-from schemas.errors import TransientError
-from streams.settings import Settings
+from runledger.projections.postgres.db import StoreUnavailable, connect_one
+from runledger.schemas.chain import GENESIS_HASH, compute_hash
+from runledger.schemas.errors import TransientError
+from runledger.streams.settings import Settings
 
 __all__ = ["LogHead", "check_heads", "forget_if_restarted", "log_heads", "recover_heads", "stream_in_log"]
 

@@ -4,7 +4,7 @@ Workers send a PostgreSQL notification when a batch commits; a waiter wakes on
 it (and re-checks at least once a second, in case a notification is missed),
 so an answer comes within milliseconds of the commit. A wait that cannot end
 says why: the stream's partition is held back (``stalled``: the log no longer
-matches what was projected, see ``streams.logcheck``), or no worker of the
+matches what was projected, see ``runledger.streams.worker.logcheck``), or no worker of the
 group is running.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 from aiokafka.partitioner import murmur2
 
-from projections.db import NOTIFY_CHANNEL, StoreUnavailable, connect_one
-from projections.sql import query
+from runledger.projections.postgres.db import NOTIFY_CHANNEL, StoreUnavailable, connect_one
+from runledger.projections.postgres.queries import query
 
 __all__ = ["WORKER_GONE_S", "WaitResult", "no_worker", "stream_partition", "wait_projected"]
 

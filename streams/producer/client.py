@@ -2,7 +2,7 @@
 
 Assigns ``seq`` and ``prevhash``, hashes, validates against the spec, and
 publishes to ``<prefix>.events`` keyed by stream id, one stream's events in
-``seq`` order. Chain heads are coordinated in Redis (``streams.heads``) so
+``seq`` order. Chain heads are coordinated in Redis (``runledger.streams.producer.heads``) so
 that any number of producers, in any number of processes, never fork a chain
 or reuse a ``seq``.
 """
@@ -38,15 +38,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from projections.wait import WaitResult, wait_projected
-from schemas.chain import Head, compute_hash
-from schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientError
-from schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
-from schemas.lifecycle import check_lifecycle
-from streams.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads
-from streams.recovery import forget_if_restarted, recover_heads, stream_in_log
-from streams.settings import Settings
-from streams.topics import ensure_topics
+from runledger.projections.postgres.wait import WaitResult, wait_projected
+from runledger.schemas.chain import Head, compute_hash
+from runledger.schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientError
+from runledger.schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
+from runledger.schemas.lifecycle import check_lifecycle
+from runledger.streams.producer.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads
+from runledger.streams.producer.recovery import forget_if_restarted, recover_heads, stream_in_log
+from runledger.streams.settings import Settings
+from runledger.streams.topics import ensure_topics
 
 __all__ = ["AppendConflict", "Appended", "EventProducer", "NewEvent", "PublishFailed", "PublishRefused", "append_many",
            "build_events"]

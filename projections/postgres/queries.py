@@ -1,14 +1,17 @@
-"""Loads ``sql/``: numbered migrations and the named queries of ``sql/queries.sql``."""
+"""Loads the SQL shipped in ``runledger.sql`` (the ``sql/`` folder): numbered migrations and the named queries
+of ``queries.sql``. Read as package data, so an installed wheel works outside the repository."""
 
 from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 __all__ = ["SQL_DIR", "migrations", "query", "quote_schema"]
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR: Traversable = files("runledger.sql")
+_MIGRATION = re.compile(r"[0-9]{3}_\w+\.sql")
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -27,8 +30,9 @@ def query(name: str) -> str:
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) for every ``sql/migrations/NNN_name.sql``, in order."""
     out = []
-    for path in sorted((SQL_DIR / "migrations").glob("[0-9][0-9][0-9]_*.sql")):
-        out.append((int(path.name[:3]), path.stem[4:], path.read_text()))
+    for path in sorted((SQL_DIR / "migrations").iterdir(), key=lambda p: p.name):
+        if _MIGRATION.fullmatch(path.name):
+            out.append((int(path.name[:3]), path.name[4:-4], path.read_text()))
     return out
 
 

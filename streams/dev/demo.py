@@ -21,14 +21,14 @@ from typing import IO
 import asyncpg
 from tqdm import tqdm
 
-from projections.db import connect_one, migrate
-from projections.report import RunSummary, summarize
-from projections.sql import query
-from schemas.errors import PermanentError, TransientError
-from streams import devstack
-from streams.fleet import Execution, simulate_fleet
-from streams.producer import append_many
-from streams.settings import Settings
+from runledger.projections.postgres.db import connect_one, migrate
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.report import RunSummary, summarize
+from runledger.schemas.errors import PermanentError, TransientError
+from runledger.streams.dev import WORKER_COMMAND, devstack
+from runledger.streams.dev.fleet import Execution, simulate_fleet
+from runledger.streams.producer.client import append_many
+from runledger.streams.settings import Settings
 
 __all__ = ["DemoFailed", "print_summary", "run_demo"]
 
@@ -46,7 +46,7 @@ class _Worker:
         self.log_path = settings.state_dir / "worker.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], stdin=subprocess.DEVNULL,
+        self._process = subprocess.Popen(WORKER_COMMAND, stdin=subprocess.DEVNULL,
                                          stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

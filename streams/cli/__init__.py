@@ -18,12 +18,12 @@ from typing import IO, Any
 import orjson
 from tqdm import tqdm
 
-from schemas.chain import canonical, compute_hash
-from schemas.errors import PermanentError, RunledgerError
-from schemas.events import decode_event, decode_json, parse_event
-from streams import devstack
-from streams.producer import Appended, NewEvent, append_many, check_new_events
-from streams.settings import Settings
+from runledger.schemas.chain import canonical, compute_hash
+from runledger.schemas.errors import PermanentError, RunledgerError
+from runledger.schemas.events import decode_event, decode_json, parse_event
+from runledger.streams.dev import devstack
+from runledger.streams.producer.client import Appended, NewEvent, append_many, check_new_events
+from runledger.streams.settings import Settings
 
 __all__ = ["main"]
 
@@ -70,7 +70,7 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_health(args: argparse.Namespace, settings: Settings) -> None:
     """The workers of the group and the partitions they hold back (dev status)."""
-    from streams.logcheck import projection_health
+    from runledger.streams.worker.logcheck import projection_health
 
     try:
         health = asyncio.run(projection_health(settings))
@@ -170,7 +170,7 @@ def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 # db, worker ------------------------------------------------------------------------------------
 
 def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from projections.db import migrate
+    from runledger.projections.postgres.db import migrate
 
     applied = asyncio.run(migrate(settings.database_url, settings.db_schema))
     print(f"schema {settings.db_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
@@ -178,8 +178,8 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.app import create_app
-    from streams.topics import ensure_topics, worker_topics
+    from runledger.streams.topics import ensure_topics, worker_topics
+    from runledger.streams.worker.app import create_app
 
     # Before Faust starts: a worker may start before any producer, and the retry topics need the
     # log's partition count and infinite retention, not Faust's defaults.
@@ -193,7 +193,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 # wait -----------------------------------------------------------------------------------------
 
 def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
-    from projections.wait import wait_projected
+    from runledger.projections.postgres.wait import wait_projected
 
     result = asyncio.run(wait_projected(settings.database_url, settings.db_schema, args.stream, args.seq,
                                         event_id=args.id, timeout=args.timeout, group_id=settings.consumer_group,
@@ -219,8 +219,8 @@ def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_heads(args: argparse.Namespace, settings: Settings) -> int:
     from redis.asyncio import Redis
 
-    from streams.producer import EventProducer
-    from streams.recovery import check_heads, recover_heads
+    from runledger.streams.producer.client import EventProducer
+    from runledger.streams.producer.recovery import check_heads, recover_heads
 
     if args.action == "check":
         rows = asyncio.run(check_heads(settings))
@@ -267,7 +267,7 @@ def _cmd_heads(args: argparse.Namespace, settings: Settings) -> int:
 # offsets --------------------------------------------------------------------------------------
 
 def _cmd_offsets(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.logcheck import check_log, reset_offsets
+    from runledger.streams.worker.logcheck import check_log, reset_offsets
 
     if args.action == "check":
         checks = asyncio.run(check_log(settings))
@@ -304,7 +304,7 @@ def _cmd_offsets(args: argparse.Namespace, settings: Settings) -> int:
 # dlq ------------------------------------------------------------------------------------------
 
 def _letter_filter(args: argparse.Namespace, *, statuses: tuple[str, ...] = ("dead",)) -> Any:
-    from streams.dlq import STATUSES, LetterFilter, parse_time
+    from runledger.streams.tools.dlq import STATUSES, LetterFilter, parse_time
 
     def many(values: list[str] | None) -> tuple[str, ...]:
         return tuple(part.strip() for v in values or [] for part in v.split(",") if part.strip())
@@ -322,7 +322,7 @@ def _letter_filter(args: argparse.Namespace, *, statuses: tuple[str, ...] = ("de
 async def _with_owner(settings: Settings, work: Any) -> Any:
     import asyncpg
 
-    from projections.db import connect_one
+    from runledger.projections.postgres.db import connect_one
 
     conn = await connect_one(settings.database_url, settings.db_schema)
     try:
@@ -335,7 +335,7 @@ async def _with_owner(settings: Settings, work: Any) -> Any:
 
 
 def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.dlq import letter_json, select_letters, summary_by_reason
+    from runledger.streams.tools.dlq import letter_json, select_letters, summary_by_reason
 
     letters = _letter_filter(args)
     rows = asyncio.run(_with_owner(settings, lambda conn: select_letters(conn, letters)))
@@ -375,8 +375,8 @@ def _print_summary(rows: list[Any], summary: dict[str, int]) -> None:
 
 
 def _cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
-    from projections.sql import query
-    from streams.dlq import LetterFilter, letter_json, select_letters
+    from runledger.projections.postgres.queries import query
+    from runledger.streams.tools.dlq import LetterFilter, letter_json, select_letters
 
     async def load(conn: Any) -> tuple[Any, list[Any], list[int]]:
         rows = await select_letters(conn, LetterFilter(ids=(args.id,), statuses=()))
@@ -422,8 +422,8 @@ def _confirm(question: str) -> bool:
 def _cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
-    from streams.dlq import select_letters, summary_by_reason
-    from streams.replay import ReplayItem, replay
+    from runledger.streams.tools.dlq import select_letters, summary_by_reason
+    from runledger.streams.tools.replay import ReplayItem, replay
 
     if args.rate is not None and args.rate <= 0:
         raise InputError(f"--rate: must be above 0 events per second, not {args.rate}")
@@ -477,8 +477,8 @@ def _cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_dlq_resolve(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.dlq import resolve, select_letters
-    from streams.replay import run_by
+    from runledger.streams.tools.dlq import resolve, select_letters
+    from runledger.streams.tools.replay import run_by
 
     if not args.note.strip():
         raise InputError("--note: say why these letters need no replay")
@@ -504,7 +504,7 @@ def _cmd_dlq_resolve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_dlq_history(args: argparse.Namespace, settings: Settings) -> int:
-    from projections.sql import query
+    from runledger.projections.postgres.queries import query
 
     rows = asyncio.run(_with_owner(settings, lambda conn: conn.fetch(query("dlq_replays"), args.limit)))
     for r in rows:
@@ -523,7 +523,7 @@ def _cmd_dlq_history(args: argparse.Namespace, settings: Settings) -> int:
 # rebuild --------------------------------------------------------------------------------------
 
 def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.rebuild import rebuild
+    from runledger.streams.tools.rebuild import rebuild
 
     bar = tqdm(unit="ev", desc="re-projecting", disable=True if args.json else None, file=sys.stderr)
 
@@ -554,7 +554,7 @@ def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 # bench ----------------------------------------------------------------------------------------
 
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.bench import run_bench
+    from runledger.streams.dev.bench import run_bench
 
     results = asyncio.run(run_bench(settings, args.events, worker=not args.no_worker,
                                     progress=lambda text: print(text, file=sys.stderr)))
@@ -572,7 +572,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 # demo (the main job) ----------------------------------------------------------------------------
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.demo import run_demo
+    from runledger.streams.dev.demo import run_demo
 
     summary = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout)
     return EXIT_INVALID if summary.broken_chains else 0
@@ -808,6 +808,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"runledger {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from schemas.chain import Head
-from schemas.errors import TransientError
-from schemas.lifecycle import TERMINAL_TYPES
+from runledger.schemas.chain import Head
+from runledger.schemas.errors import TransientError
+from runledger.schemas.lifecycle import TERMINAL_TYPES
 
 __all__ = ["AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState"]
 
@@ -119,7 +119,7 @@ return 0
 class StreamState:
     """A stream in Redis: its committed head and the type of that event (None: not recorded), a batch left
     staged by another producer, the known idempotency keys asked for, and whether Redis holds every head
-    (``complete``: else a missing head proves nothing, see ``streams.recovery``)."""
+    (``complete``: else a missing head proves nothing, see ``runledger.streams.producer.recovery``)."""
 
     head: Head
     last_type: str | None

@@ -27,14 +27,14 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from projections.checksum import table_checksums
-from projections.db import connect, connect_one, migrate
-from projections.pricing import load_tokencost_catalog
-from projections.records import LogRecord
-from projections.sql import query, quote_schema
-from projections.store import ProjectionStore
-from schemas.errors import PermanentError, TransientError
-from streams.settings import Settings
+from runledger.projections.postgres.checksum import table_checksums
+from runledger.projections.postgres.db import connect, connect_one, migrate
+from runledger.projections.postgres.queries import query, quote_schema
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import LogRecord
+from runledger.schemas.errors import PermanentError, TransientError
+from runledger.streams.settings import Settings
 
 __all__ = ["RebuildFailed", "RebuildReport", "rebuild"]
 
