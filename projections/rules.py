@@ -1,13 +1,12 @@
 """Projection rules: pure functions from (stream state, event) to the new state and rows to add.
 
 The state machine of SPEC.md section 5 lives here. Nothing here knows about
-Kafka or PostgreSQL: the store loads states, hands them events in ``seq``
-order, and writes what comes back.
+Kafka or PostgreSQL: the planner hands them loaded states and events in
+``seq`` order; the states change in place (they are the batch's own).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -19,6 +18,7 @@ from runledger.schemas.events import (
     ArtifactCreated,
     CostIncurred,
     Event,
+    EventData,
     ExecutionCancelled,
     ExecutionCompleted,
     ExecutionFailed,
@@ -34,7 +34,6 @@ from runledger.schemas.events import (
 __all__ = ["TERMINAL", "ArtifactRow", "CostRow", "ExecutionState", "Projected", "StepState", "apply"]
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "timeout"})
-_STEP_DONE = frozenset({"completed", "failed", "skipped"})
 
 
 @dataclass(slots=True)
@@ -141,85 +140,100 @@ def _open_step(state: ExecutionState, event: Event, step_id: str, allowed: froze
 
 
 def apply(state: ExecutionState | None, event: Event, catalog: PriceCatalog) -> Projected:
-    """Project one event onto ``state`` (None: the stream has no event yet).
+    """Project one event onto ``state`` (None: the stream has no event yet), changing ``state`` in place.
 
-    ``state`` is not modified; the returned state is a copy. Raises
-    IllegalTransition for what SPEC.md section 5 does not allow. Ordering and
-    chain checks (seq, prevhash) are the caller's: ``apply`` assumes ``event``
-    is the next one of its stream.
+    Every check comes before any change, so an event that raises IllegalTransition
+    (what SPEC.md section 5 does not allow) leaves ``state`` as it was. Ordering and
+    chain checks (seq, prevhash) are the caller's: ``apply`` assumes ``event`` is the
+    next one of its stream.
     """
     data = event.data
     if state is None:
-        if not isinstance(data, ExecutionStarted):
-            raise _illegal(event, "the first event of a stream must be execution.started")
-        if event.seq != 1:
-            raise _illegal(event, "execution.started must be seq 1")
-        return Projected(ExecutionState(
-            stream_id=event.subject, workflow=data.workflow, status="running", started_at=event.time,
-            last_seq=event.seq, last_hash=event.hash, agent_id=data.agent_id, customer_id=data.customer_id,
-            budget_usd=data.budget_usd))
+        return Projected(_started(event, data))
     if isinstance(data, ExecutionStarted):
         raise _illegal(event, "the execution has already started")
     if state.status in TERMINAL:
         raise _illegal(event, f"the execution already ended ({state.status})")
+    if isinstance(data, CostIncurred):
+        done = _cost(state, event, data, catalog)
+    elif isinstance(data, ArtifactCreated):
+        done = Projected(state, artifacts=(ArtifactRow(
+            event.subject, data.artifact_id, data.step_id, data.type, data.name, data.uri, data.size_bytes,
+            data.content_type, event.time, event.seq),))
+    elif isinstance(data, ExecutionCompleted | ExecutionFailed | ExecutionCancelled | ExecutionTimedOut):
+        state.status, state.ended_at = _ENDS[type(data)], event.time
+        if isinstance(data, ExecutionFailed):
+            state.error = data.error.model_dump()
+        done = Projected(state)
+    else:
+        done = Projected(state, (_step(state, event, data),))
+    state.last_seq, state.last_hash = event.seq, event.hash
+    return done
 
-    new = dataclasses.replace(state, steps=dict(state.steps), last_seq=event.seq, last_hash=event.hash)
-    touched: tuple[str, ...] = ()
-    costs: tuple[CostRow, ...] = ()
-    artifacts: tuple[ArtifactRow, ...] = ()
 
+_ENDS: dict[type, str] = {ExecutionCompleted: "completed", ExecutionFailed: "failed",
+                          ExecutionCancelled: "cancelled", ExecutionTimedOut: "timeout"}
+_OPEN = frozenset({"running", "retrying"})
+
+
+def _started(event: Event, data: EventData) -> ExecutionState:
+    if not isinstance(data, ExecutionStarted):
+        raise _illegal(event, "the first event of a stream must be execution.started")
+    if event.seq != 1:
+        raise _illegal(event, "execution.started must be seq 1")
+    return ExecutionState(
+        stream_id=event.subject, workflow=data.workflow, status="running", started_at=event.time,
+        last_seq=event.seq, last_hash=event.hash, agent_id=data.agent_id, customer_id=data.customer_id,
+        budget_usd=data.budget_usd)
+
+
+def _step(state: ExecutionState, event: Event, data: EventData) -> str:
+    """Apply a step event; the id of the step it touched."""
+    steps = state.steps
     if isinstance(data, StepStarted):
-        old = new.steps.get(data.step_id)
+        old = steps.get(data.step_id)
         if old is not None and old.status not in ("pending", "retrying"):
             raise _illegal(event, f"step {data.step_id!r} is already {old.status}")
-        new.steps[data.step_id] = StepState(
+        steps[data.step_id] = StepState(
             data.step_id, "running", data.name, data.order, old.attempts if old else 0,
             old.started_at if old and old.started_at else event.time, None, None,
             old.cost_usd if old else Decimal(0))
-        touched = (data.step_id,)
     elif isinstance(data, StepRetrying):
-        step = _open_step(new, event, data.step_id, frozenset({"running", "retrying"}))
-        new.steps[data.step_id] = dataclasses.replace(step, status="retrying", attempts=data.attempt,
-                                                      error=data.error)
-        touched = (data.step_id,)
+        step = _open_step(state, event, data.step_id, _OPEN)
+        step.status, step.attempts, step.error = "retrying", data.attempt, data.error
     elif isinstance(data, StepCompleted | StepFailed):
-        step = _open_step(new, event, data.step_id, frozenset({"running", "retrying"}))
-        failed = isinstance(data, StepFailed)
-        new.steps[data.step_id] = dataclasses.replace(
-            step, status="failed" if failed else "completed", ended_at=event.time,
-            error=data.error.model_dump() if isinstance(data, StepFailed) else step.error)
-        touched = (data.step_id,)
+        step = _open_step(state, event, data.step_id, _OPEN)
+        step.ended_at = event.time
+        if isinstance(data, StepFailed):
+            step.status, step.error = "failed", data.error.model_dump()
+        else:
+            step.status = "completed"
     elif isinstance(data, StepSkipped):
-        old = new.steps.get(data.step_id)
+        old = steps.get(data.step_id)
         if old is not None and old.status != "pending":
             raise _illegal(event, f"step {data.step_id!r} is {old.status}, it cannot be skipped")
-        new.steps[data.step_id] = StepState(data.step_id, "skipped", ended_at=event.time,
-                                            error={"reason": data.reason} if data.reason else None)
-        touched = (data.step_id,)
-    elif isinstance(data, CostIncurred):
-        costs = (_cost_row(event, data, catalog),)
-        cost = costs[0].cost_usd
-        new.input_tokens += data.input_tokens
-        new.output_tokens += data.output_tokens
-        new.cached_tokens += data.cached_tokens or 0
-        if cost is None:
-            new.unpriced_costs += 1
-        else:
-            new.cost_usd += cost
-        costed = new.steps.get(data.step_id) if data.step_id else None
-        if costed is not None and cost is not None:
-            new.steps[costed.step_id] = dataclasses.replace(costed, cost_usd=costed.cost_usd + cost)
-            touched = (costed.step_id,)
-    elif isinstance(data, ArtifactCreated):
-        artifacts = (ArtifactRow(event.subject, data.artifact_id, data.step_id, data.type, data.name, data.uri,
-                                 data.size_bytes, data.content_type, event.time, event.seq),)
-    elif isinstance(data, ExecutionCompleted | ExecutionFailed | ExecutionCancelled | ExecutionTimedOut):
-        new.status = {ExecutionCompleted: "completed", ExecutionFailed: "failed",
-                      ExecutionCancelled: "cancelled", ExecutionTimedOut: "timeout"}[type(data)]
-        new.ended_at = event.time
-        if isinstance(data, ExecutionFailed):
-            new.error = data.error.model_dump()
-    return Projected(new, touched, costs, artifacts)
+        steps[data.step_id] = StepState(data.step_id, "skipped", ended_at=event.time,
+                                        error={"reason": data.reason} if data.reason else None)
+    else:
+        raise TypeError(f"no projection rule for {event.type}")
+    return data.step_id
+
+
+def _cost(state: ExecutionState, event: Event, data: CostIncurred, catalog: PriceCatalog) -> Projected:
+    row = _cost_row(event, data, catalog)
+    cost = row.cost_usd
+    state.input_tokens += data.input_tokens
+    state.output_tokens += data.output_tokens
+    state.cached_tokens += data.cached_tokens or 0
+    if cost is None:
+        state.unpriced_costs += 1
+        return Projected(state, costs=(row,))
+    state.cost_usd += cost
+    step = state.steps.get(data.step_id) if data.step_id else None
+    if step is None:
+        return Projected(state, costs=(row,))
+    step.cost_usd += cost
+    return Projected(state, (step.step_id,), (row,))
 
 
 def _cost_row(event: Event, data: CostIncurred, catalog: PriceCatalog) -> CostRow:

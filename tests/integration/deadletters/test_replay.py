@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
-from runledger.projections.postgres import store as store_module
+from runledger.projections import planner as planner_module
 from runledger.projections.postgres.checksum import table_checksums
 from runledger.projections.postgres.db import connect, migrate
 from runledger.projections.postgres.store import ProjectionStore
@@ -52,7 +52,7 @@ async def db(settings: Settings) -> AsyncIterator[tuple[Settings, asyncpg.Connec
 
 async def _dead_letter_by_bug(settings: Settings, streams: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Append the streams and project them with a rule that wrongly refuses ``step.completed``."""
-    original = store_module.apply
+    original = planner_module.apply
 
     def buggy(state: Any, event: Any, catalog: Any) -> Any:
         if event.type == "step.completed":
@@ -77,9 +77,9 @@ async def _dead_letter_by_bug(settings: Settings, streams: list[str], monkeypatc
         store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group,
                                 max_attempts=schedule.max_attempts)
         await ProjectionStore.save_catalog(pool, store.catalog)
-        monkeypatch.setattr(store_module, "apply", buggy)
+        monkeypatch.setattr(planner_module, "apply", buggy)
         result = await BatchHandler(store, forwarder, pool).handle(records)
-        monkeypatch.setattr(store_module, "apply", original)
+        monkeypatch.setattr(planner_module, "apply", original)
     finally:
         await forwarder.stop()
         await pool.close()

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from runledger.projections.postgres import store as store_module
+from runledger.projections import planner as planner_module
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.records import LogRecord
 from runledger.schemas.events import MAX_EVENT_BYTES
@@ -195,14 +195,14 @@ async def test_a_dead_letter_too_large_for_the_topic_gets_a_reference_copy(
 
 async def test_a_record_that_runledgers_own_code_fails_on_is_dead_lettered_alone(
         store: ProjectionStore, owner: asyncpg.Connection, monkeypatch: Any) -> None:
-    original = store_module.apply
+    original = planner_module.apply
 
     def buggy(state: Any, event: Any, catalog: Any) -> Any:
         if event.subject == "tripwire" and event.type == "step.completed":
             raise KeyError("a bug")
         return original(state, event, catalog)
 
-    monkeypatch.setattr(store_module, "apply", buggy)
+    monkeypatch.setattr(planner_module, "apply", buggy)
     result = await store.apply_batch(as_records(interleave(stream("fine-1"), stream("tripwire"), stream("fine-2"))))
     letter = await owner.fetchrow("SELECT * FROM dead_letters")
     assert (letter["reason"], letter["stream_id"], letter["seq"]) == ("processing_failed", "tripwire", 6)

@@ -147,8 +147,16 @@ def test_a_retried_step_counts_attempts_and_restarts() -> None:
     assert (step.status, step.attempts) == ("completed", 2)
 
 
-def test_apply_does_not_modify_the_state_it_is_given() -> None:
+def test_an_illegal_event_leaves_the_state_as_it_was() -> None:
     e = Stream()
-    start = apply(None, e("execution.started", workflow="w"), CATALOG).state
-    apply(start, e("step.started", step_id="s", name="n"), CATALOG)
-    assert start.steps == {} and start.last_seq == 1
+    events = [e("execution.started", workflow="w"), e("step.started", step_id="s", name="n"),
+              e("cost.incurred", step_id="s", provider="p", model="m", input_tokens=1, output_tokens=1,
+                cost_usd="0.5")]
+    states, _ = project(events)
+    state = states["exec-1"]
+    before = repr(state)
+    for illegal in [e("step.retrying", step_id="nope", attempt=1), e("step.skipped", step_id="s"),
+                    e("execution.started", workflow="w")]:
+        with pytest.raises(IllegalTransition):
+            apply(state, illegal, CATALOG)
+    assert repr(state) == before and state.last_seq == 3

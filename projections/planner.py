@@ -1,0 +1,321 @@
+"""The batch planner: what becomes of each record of a batch, and the rows to write. Pure: no I/O.
+
+Every record ends in one outcome (SPEC.md section 6): projected, duplicate,
+parked behind a dead-lettered predecessor (or, without retry topics, behind a
+gap), dead-lettered, or handed back for retry (its predecessor is not projected
+yet). The PostgreSQL side decodes nothing and decides nothing: it locks the
+batch's streams, loads what the planner asks for (``Loaded``), and writes the
+``Plan`` it gets back in one transaction.
+
+Within a stream, events apply in ``seq`` order and, for equal ``seq``, in log
+order, so a batch gives the same tables whatever order its records come in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from runledger.projections.pricing import PriceCatalog
+from runledger.projections.records import BatchResult, Failure, LogRecord, pg_text
+from runledger.projections.rules import ExecutionState, Projected, StepState, apply
+from runledger.schemas.chain import Head, link_error
+from runledger.schemas.errors import (
+    ChainBroken,
+    PermanentError,
+    PredecessorMissing,
+    RetriesExhausted,
+    RunledgerError,
+    SeqConflict,
+)
+from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, decode_json, parse_event
+
+__all__ = ["AUDIT_COLUMNS", "COST_COLUMNS", "BatchPlanner", "Loaded", "Parked", "Plan", "Policy"]
+
+# A record larger than this cannot travel through a retry topic (its copy adds headers): it is dead-lettered.
+_RETRY_BYTES = MAX_EVENT_BYTES + 64 * 1024
+
+AUDIT_COLUMNS = ("event_id", "stream_id", "seq", "type", "source", "specversion", "datacontenttype", "dataschema",
+                 "traceparent", "time", "data", "hash", "raw", "prevhash", "kafka_topic", "kafka_partition",
+                 "kafka_offset", "attempts")
+COST_COLUMNS = ("event_id", "stream_id", "seq", "step_id", "provider", "model", "input_tokens", "output_tokens",
+                "cached_tokens", "cost_usd", "cost_source", "catalog_version", "occurred_at")
+_COST_USD = COST_COLUMNS.index("cost_usd")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How a batch treats what it cannot project now.
+
+    ``retry_gaps``: an event whose predecessor is missing goes to the retry topics (the worker); else it parks
+    (rebuilds, replays). ``follow_parked``: events parked earlier on the batch's streams join it.
+    ``refused``: PostgreSQL refused this batch of one record, whatever it is; it is dead-lettered with this error.
+    """
+
+    max_attempts: int = 6
+    retry_gaps: bool = False
+    follow_parked: bool = True
+    refused: PermanentError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """An event parked by an earlier batch, as stored."""
+
+    stream_id: str
+    seq: int
+    event_id: str
+    record: LogRecord
+
+
+@dataclass(slots=True)
+class Loaded:
+    """What the tables hold for the batch's streams, read under their locks. The planner updates ``states``
+    in place."""
+
+    heads: dict[str, Head] = field(default_factory=dict)
+    states: dict[str, ExecutionState] = field(default_factory=dict)
+    projected_ids: set[str] = field(default_factory=set)
+    blocked: set[str] = field(default_factory=set)  # streams with an open dead letter
+    parked: list[Parked] = field(default_factory=list)
+
+
+Row = tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class Plan:
+    """The rows one transaction writes, table by table, and what became of each record (``result``)."""
+
+    result: BatchResult = field(default_factory=BatchResult)
+    executions: list[Row] = field(default_factory=list)
+    steps: list[Row] = field(default_factory=list)
+    heads: list[Row] = field(default_factory=list)
+    audit: list[Row] = field(default_factory=list)
+    costs: list[Row] = field(default_factory=list)
+    artifacts: list[Row] = field(default_factory=list)
+    parks: list[Row] = field(default_factory=list)
+    unparks: list[Row] = field(default_factory=list)
+    offsets: list[tuple[str, int, int, str]] = field(default_factory=list)  # topic, partition, next, SHA-256
+
+    def counts(self) -> dict[str, int]:
+        """Rows written per table, leaving out dead letters and the outbox (the store counts those)."""
+        return {"executions": len(self.executions), "stream_heads": len(self.heads), "steps": len(self.steps),
+                "audit_log": len(self.audit), "costs": len(self.costs), "artifacts": len(self.artifacts),
+                "parked_events": len(self.parks) - len(self.unparks)}
+
+
+# An event of the batch: the event, its record, and its data as received (None for an event parked earlier).
+_Item = tuple[Event, LogRecord, dict[str, Any] | None]
+
+
+class BatchPlanner:
+    """Plans one batch: ``add`` its records, load what ``streams`` and ``event_ids`` name, then ``plan``."""
+
+    def __init__(self, catalog: PriceCatalog, policy: Policy, now: datetime) -> None:
+        self.catalog, self.policy, self.now = catalog, policy, now
+        self.plan_ = Plan()
+        self._by_stream: dict[str, list[_Item]] = defaultdict(list)
+        self._blocked: set[str] = set()
+        self._records: list[LogRecord] = []
+
+    @property
+    def streams(self) -> list[str]:
+        """The streams to lock and load, sorted."""
+        return sorted(self._by_stream)
+
+    @property
+    def event_ids(self) -> list[str]:
+        return [event.id for items in self._by_stream.values() for event, _, _ in items]
+
+    def add(self, records: Iterable[LogRecord]) -> None:
+        """Decode and check ``records``; what is not a valid event leaves the batch here."""
+        refused = self.policy.refused
+        for record in records:
+            self._records.append(record)
+            raw = event = None
+            try:
+                raw = decode_event(record.value)
+                event = parse_event(raw)
+            except PermanentError as e:
+                if refused is None:
+                    self._fail(record, e, raw=raw)
+                    continue
+            if refused is not None:  # this record alone, refused by PostgreSQL whatever it is: it leaves
+                self._fail(record, refused, event, raw=raw)
+                if event is not None:  # if it was parked, its letter holds it now
+                    self.plan_.unparks.append((event.subject, event.seq, event.id))
+                continue
+            assert event is not None and raw is not None
+            self._by_stream[event.subject].append((event, record, raw["data"]))
+
+    def plan(self, loaded: Loaded) -> Plan:
+        """Every record's outcome and the rows to write, given what the tables hold (``loaded``)."""
+        self._blocked |= loaded.blocked
+        if self.policy.follow_parked:
+            self._follow(loaded.parked)
+        touched: dict[str, set[str]] = {}
+        for stream in sorted(self._by_stream):
+            steps = self._project_stream(stream, loaded)
+            if steps is not None:
+                touched[stream] = steps
+        plan, states, heads = self.plan_, loaded.states, loaded.heads
+        plan.executions = [_execution_row(states[s]) for s in touched]
+        plan.steps = [_step_row(s, states[s].steps[step]) for s, steps in touched.items() for step in sorted(steps)]
+        plan.heads = [(s, heads[s].seq, heads[s].hash) for s in touched]
+        plan.offsets = _offsets(self._records)
+        plan.result.cost_usd = sum((c[_COST_USD] for c in plan.costs if c[_COST_USD] is not None), Decimal(0))
+        return plan
+
+    def _follow(self, parked: Sequence[Parked]) -> None:
+        for p in parked:
+            if p.stream_id not in self._by_stream:
+                continue
+            try:
+                event = parse_event(p.record.value)
+            except PermanentError as e:  # parked under older, looser rules: it leaves the stream now
+                self._fail(p.record, e, raw=_json_or_none(p.record.value))
+                self.plan_.unparks.append((p.stream_id, p.seq, p.event_id))
+                continue
+            self._by_stream[p.stream_id].append((event, p.record, None))
+
+    def _project_stream(self, stream: str, loaded: Loaded) -> set[str] | None:
+        """Apply the stream's events in order; the steps touched, or None if the stream did not advance."""
+        plan, result = self.plan_, self.plan_.result
+        start = head = loaded.heads.get(stream, Head())
+        state = loaded.states.get(stream)
+        touched: set[str] = set()
+        pending = sorted(self._by_stream[stream], key=_order)
+        advanced = True
+        while pending and advanced:  # parked events may become applicable as the head moves
+            advanced, waiting = False, []
+            for item in pending:
+                event, record, data = item
+                was_parked = data is None
+                if event.id in loaded.projected_ids:
+                    if was_parked:
+                        plan.unparks.append((event.subject, event.seq, event.id))
+                    else:
+                        result.duplicates += 1
+                    continue
+                problem = link_error(head, {"seq": event.seq, "prevhash": event.prevhash})
+                if problem is not None and problem[0] == "seq_gap":
+                    waiting.append(item)
+                    continue
+                if was_parked:
+                    plan.unparks.append((event.subject, event.seq, event.id))
+                if problem is not None:
+                    error = SeqConflict if problem[0] == "seq_conflict" else ChainBroken
+                    self._fail(record, error(f"{stream} seq {event.seq}: {problem[1]}"), event)
+                    continue
+                try:
+                    done = apply(state, event, self.catalog)
+                except PermanentError as e:
+                    self._fail(record, e, event)
+                    continue
+                state, head, advanced = done.state, Head(event.seq, event.hash), True
+                loaded.projected_ids.add(event.id)
+                self._record(done, event, record, data if data is not None else decode_event(record.value)["data"])
+                touched.update(done.touched_steps)
+            pending = waiting
+        for event, record, data in pending:
+            if data is None:
+                continue  # parked earlier, still waiting
+            # Behind a dead letter of its stream it waits for the replay; otherwise its predecessor is
+            # still on its way (in a retry topic, say), so it follows through the retry topics.
+            if self.policy.retry_gaps and stream not in self._blocked:
+                self._fail(record, PredecessorMissing(
+                    f"{stream} seq {event.seq}: seq {head.seq + 1} is not projected yet"), event)
+                continue
+            result.parked += 1
+            plan.parks.append((event.subject, event.seq, event.id, record.value, record.topic, record.partition,
+                               record.offset))
+        if state is None or head == start:
+            return None
+        loaded.states[stream], loaded.heads[stream] = state, head
+        return touched
+
+    def _record(self, done: Projected, event: Event, record: LogRecord, data: dict[str, Any]) -> None:
+        plan = self.plan_
+        plan.result.projected.append((event.subject, event.seq))
+        plan.audit.append((event.id, event.subject, event.seq, event.type, event.source, event.specversion,
+                           event.datacontenttype, event.dataschema, event.traceparent, event.time,
+                           data, event.hash, record.value, event.prevhash, record.topic,
+                           record.partition, record.offset, record.attempts + 1))
+        plan.costs += [(c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens,
+                        c.output_tokens, c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version,
+                        c.occurred_at) for c in done.costs]
+        plan.artifacts += [(a.stream_id, a.artifact_id, a.step_id, a.type, a.name, a.uri, a.size_bytes,
+                            a.content_type, a.created_at, a.seq) for a in done.artifacts]
+
+    def _fail(self, record: LogRecord, error: RunledgerError, event: Event | None = None, raw: Any = None) -> None:
+        """Send ``record`` out of the batch: to retry if ``error`` is transient and attempts remain, else dead."""
+        known = (event.subject, event.seq, event.id, event.type) if event is not None else _known_fields(raw)
+        failure = Failure(record, error, self.now, *known)
+        if failure.stream_id is not None and not error.transient:
+            self._blocked.add(failure.stream_id)
+        size = len(record.value) + len(record.key or b"")
+        if error.transient and failure.attempts >= self.policy.max_attempts:
+            failure = replace(failure, error=RetriesExhausted(
+                f"{failure.attempts} attempts from {failure.first_failed:%Y-%m-%dT%H:%M:%SZ}; last: "
+                f"{error.code}: {error}"))
+        elif error.transient and size > _RETRY_BYTES:
+            failure = replace(failure, error=RetriesExhausted(
+                f"a record of {size:,} bytes cannot travel through a retry topic; {error.code}: {error}"))
+        result = self.plan_.result
+        (result.retry if failure.error.transient else result.dead).append(failure)
+
+
+def _order(item: _Item) -> tuple[int, str, int, int]:
+    record = item[1]
+    return item[0].seq, record.topic, record.partition, record.offset
+
+
+def _offsets(records: Iterable[LogRecord]) -> list[tuple[str, int, int, str]]:
+    """Per partition read from the log now: the next offset and the SHA-256 of the record before it. A retried
+    or replayed record is behind these offsets and moves none."""
+    last: dict[tuple[str, int], LogRecord] = {}
+    for r in records:
+        if r.attempts == 0:
+            key = (r.topic, r.partition)
+            if key not in last or r.offset > last[key].offset:
+                last[key] = r
+    return [(t, p, r.offset + 1, hashlib.sha256(r.value).hexdigest()) for (t, p), r in last.items()]
+
+
+def _json_or_none(value: bytes) -> Any:
+    try:
+        return decode_json(value)
+    except PermanentError:
+        return None
+
+
+def _known_fields(raw: Any) -> tuple[str | None, int | None, str | None, str | None]:
+    """(subject, seq, id, type) of a record that is not a valid event, as far as its JSON has them."""
+    if not isinstance(raw, dict):
+        return None, None, None, None
+
+    def text(name: str) -> str | None:
+        value = raw.get(name)
+        return pg_text(value, 200) if isinstance(value, str) else None
+
+    seq = raw.get("seq")
+    return text("subject"), seq if type(seq) is int and 0 < seq < 2**63 else None, text("id"), text("type")
+
+
+def _execution_row(s: ExecutionState) -> Row:
+    counts = s.step_counts()
+    return (s.stream_id, s.workflow, s.agent_id, s.customer_id, s.status, s.started_at, s.ended_at, s.duration_ms,
+            len(s.steps), counts["running"], counts["retrying"], counts["completed"], counts["failed"],
+            counts["skipped"], s.input_tokens, s.output_tokens, s.cached_tokens, s.cost_usd, s.unpriced_costs,
+            s.budget_usd, s.error, s.last_seq, s.last_hash)
+
+
+def _step_row(stream: str, s: StepState) -> Row:
+    return (stream, s.step_id, s.name, s.order, s.status, s.attempts, s.started_at, s.ended_at, s.error,
+            s.cost_usd or Decimal(0))
