@@ -123,6 +123,7 @@ class BatchPlanner:
         self._by_stream: dict[str, list[_Item]] = defaultdict(list)
         self._blocked: set[str] = set()
         self._records: list[LogRecord] = []
+        self._artifacts: dict[tuple[str, str], Row] = {}
 
     @property
     def streams(self) -> list[str]:
@@ -168,6 +169,7 @@ class BatchPlanner:
         plan.executions = [_execution_row(states[s]) for s in touched]
         plan.steps = [_step_row(s, states[s].steps[step]) for s, steps in touched.items() for step in sorted(steps)]
         plan.heads = [(s, heads[s].seq, heads[s].hash) for s in touched]
+        plan.artifacts = list(self._artifacts.values())
         plan.offsets = _offsets(self._records)
         plan.result.cost_usd = sum((c[_COST_USD] for c in plan.costs if c[_COST_USD] is not None), Decimal(0))
         return plan
@@ -250,8 +252,9 @@ class BatchPlanner:
         plan.costs += [(c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens,
                         c.output_tokens, c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version,
                         c.occurred_at) for c in done.costs]
-        plan.artifacts += [(a.stream_id, a.artifact_id, a.step_id, a.type, a.name, a.uri, a.size_bytes,
-                            a.content_type, a.created_at, a.seq) for a in done.artifacts]
+        for a in done.artifacts:  # one row per key and batch, the last event's, as the upsert needs
+            self._artifacts[a.stream_id, a.artifact_id] = (a.stream_id, a.artifact_id, a.step_id, a.type, a.name,
+                                                           a.uri, a.size_bytes, a.content_type, a.created_at, a.seq)
 
     def _fail(self, record: LogRecord, error: RunledgerError, event: Event | None = None, raw: Any = None) -> None:
         """Send ``record`` out of the batch: to retry if ``error`` is transient and attempts remain, else dead."""

@@ -25,13 +25,18 @@ SELECT event_id::text FROM audit_log WHERE event_id = ANY($1::uuid[]);
 SELECT stream_id, seq, event_id::text, value, kafka_topic, kafka_partition, kafka_offset
 FROM parked_events WHERE stream_id = ANY($1::text[]);
 
--- name: upsert_execution
+-- Set-based writes: one statement per table and batch, each column an array ($n::type[]) unnested into rows.
+-- A key appears at most once per batch (the planner sees to it), as ON CONFLICT DO UPDATE requires.
+
+-- name: upsert_executions
 INSERT INTO executions (stream_id, workflow, agent_id, customer_id, status, started_at, ended_at, duration_ms,
     steps_total, steps_running, steps_retrying, steps_completed, steps_failed, steps_skipped,
     input_tokens, output_tokens, cached_tokens, cost_usd, unpriced_costs, budget_usd, error,
     last_seq, last_hash, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23,
-    now())
+SELECT *, now() FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+    $7::timestamptz[], $8::bigint[], $9::int[], $10::int[], $11::int[], $12::int[], $13::int[], $14::int[],
+    $15::bigint[], $16::bigint[], $17::bigint[], $18::numeric[], $19::int[], $20::numeric[], $21::jsonb[],
+    $22::bigint[], $23::text[])
 ON CONFLICT (stream_id) DO UPDATE SET
     status = EXCLUDED.status, ended_at = EXCLUDED.ended_at, duration_ms = EXCLUDED.duration_ms,
     steps_total = EXCLUDED.steps_total, steps_running = EXCLUDED.steps_running,
@@ -42,24 +47,27 @@ ON CONFLICT (stream_id) DO UPDATE SET
     unpriced_costs = EXCLUDED.unpriced_costs, error = EXCLUDED.error,
     last_seq = EXCLUDED.last_seq, last_hash = EXCLUDED.last_hash, updated_at = now();
 
--- name: upsert_step
+-- name: upsert_steps
 INSERT INTO steps (stream_id, step_id, name, step_order, status, attempts, started_at, ended_at, error, cost_usd)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
+    $7::timestamptz[], $8::timestamptz[], $9::jsonb[], $10::numeric[])
 ON CONFLICT (stream_id, step_id) DO UPDATE SET
     name = EXCLUDED.name, step_order = EXCLUDED.step_order, status = EXCLUDED.status,
     attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
     error = EXCLUDED.error, cost_usd = EXCLUDED.cost_usd;
 
--- name: upsert_artifact
+-- name: upsert_artifacts
 INSERT INTO artifacts (stream_id, artifact_id, step_id, type, name, uri, size_bytes, content_type, created_at, seq)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+    $8::text[], $9::timestamptz[], $10::bigint[])
 ON CONFLICT (stream_id, artifact_id) DO UPDATE SET
     step_id = EXCLUDED.step_id, type = EXCLUDED.type, name = EXCLUDED.name, uri = EXCLUDED.uri,
     size_bytes = EXCLUDED.size_bytes, content_type = EXCLUDED.content_type,
     created_at = EXCLUDED.created_at, seq = EXCLUDED.seq;
 
--- name: upsert_head
-INSERT INTO stream_heads (stream_id, seq, hash, updated_at) VALUES ($1, $2, $3, now())
+-- name: upsert_heads
+INSERT INTO stream_heads (stream_id, seq, hash, updated_at)
+SELECT *, now() FROM unnest($1::text[], $2::bigint[], $3::text[])
 ON CONFLICT (stream_id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
 
 -- name: park

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -218,16 +219,16 @@ def _parked_record(row: asyncpg.Record, attempts: int = 0) -> LogRecord:
 async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, group_id: str) -> None:
     """Write ``plan``; ``plan.result.rows`` counts the rows written per table, leaving out tables not changed."""
     if plan.executions:
-        await conn.executemany(query("upsert_execution"), plan.executions)
-        await conn.executemany(query("upsert_head"), plan.heads)
+        await conn.execute(query("upsert_executions"), *_columns(plan.executions))
+        await conn.execute(query("upsert_heads"), *_columns(plan.heads))
     if plan.steps:
-        await conn.executemany(query("upsert_step"), plan.steps)
+        await conn.execute(query("upsert_steps"), *_columns(plan.steps))
     if plan.audit:
         await conn.copy_records_to_table("audit_log", records=plan.audit, columns=AUDIT_COLUMNS)
     if plan.costs:
         await conn.copy_records_to_table("costs", records=plan.costs, columns=COST_COLUMNS)
     if plan.artifacts:
-        await conn.executemany(query("upsert_artifact"), plan.artifacts)
+        await conn.execute(query("upsert_artifacts"), *_columns(plan.artifacts))
     if plan.parks:
         await conn.executemany(query("park"), plan.parks)
     if plan.unparks:
@@ -242,6 +243,11 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
     if plan.offsets:
         await conn.executemany(query("save_offset"), [(group_id, *o) for o in plan.offsets])
     result.rows = Counter({table: n for table, n in result.rows.items() if n})
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows as one tuple per column: the arrays a set-based statement unnests."""
+    return list(zip(*rows, strict=True))
 
 
 async def _write_dead_letters(conn: asyncpg.Connection, result: BatchResult) -> None:

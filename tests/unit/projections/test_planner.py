@@ -85,6 +85,16 @@ def test_a_whole_execution_is_projected_with_its_rows() -> None:
     assert plan.offsets[0][:3] == ("events", 0, 10)
 
 
+def test_each_key_gets_one_row_per_batch_the_last_events() -> None:
+    e = Stream("x")
+    values = [e("execution.started", workflow="w"),
+              e("artifact.created", artifact_id="a", type="report", name="first", uri="s3://b/1"),
+              e("artifact.created", artifact_id="a", type="report", name="second", uri="s3://b/2")]
+    plan = planned(records(values))
+    assert [(r[1], r[4], r[9]) for r in plan.artifacts] == [("a", "second", 3)]
+    assert len(plan.executions) == len(plan.heads) == 1 and plan.heads[0][1] == 3
+
+
 def test_an_event_already_projected_is_a_duplicate() -> None:
     values = run("x")
     plan = planned(records(values + values[:2], first=0))
