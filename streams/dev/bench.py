@@ -35,7 +35,7 @@ from runledger.schemas.chain import Head
 from runledger.schemas.errors import TransientError
 from runledger.streams.dev import WORKER_COMMAND
 from runledger.streams.dev.fleet import simulate_fleet
-from runledger.streams.producer.client import build_events
+from runledger.streams.producer.events import build_events
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from runledger.streams.producer.client import NewEvent
+from runledger.streams.producer.events import NewEvent
 
 __all__ = ["Execution", "simulate_fleet"]
 

@@ -4,7 +4,8 @@ Assigns ``seq`` and ``prevhash``, hashes, validates against the spec, and
 publishes to ``<prefix>.events`` keyed by stream id, one stream's events in
 ``seq`` order. Chain heads are coordinated in Redis (``runledger.streams.producer.heads``) so
 that any number of producers, in any number of processes, never fork a chain
-or reuse a ``seq``.
+or reuse a ``seq``. The events themselves are checked and chained without I/O in
+``runledger.streams.producer.events``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -38,18 +37,19 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from runledger.projections.postgres.wait import WaitResult, wait_projected
-from runledger.schemas.chain import Head, compute_hash
-from runledger.schemas.errors import InvalidEvent, PermanentError, TooLarge, TransientError
-from runledger.schemas.events import MAX_EVENT_BYTES, format_time, parse_event, validate_data, validate_stream_id
+from runledger.schemas.chain import Head
+from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.lifecycle import check_lifecycle
-from runledger.streams.producer.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads
+from runledger.streams.producer.events import NewEvent, build_events, check_new_events
+from runledger.streams.producer.heads import StagedBatch, StreamBusy, StreamHeads
 from runledger.streams.producer.recovery import forget_if_restarted, recover_heads, stream_in_log
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
 
-__all__ = ["AppendConflict", "Appended", "EventProducer", "NewEvent", "PublishFailed", "PublishRefused", "append_many",
-           "build_events"]
+if TYPE_CHECKING:
+    from runledger.projections.postgres.wait import WaitResult
+
+__all__ = ["AppendConflict", "Appended", "EventProducer", "PublishFailed", "PublishRefused", "append_many"]
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,6 @@ _REFUSALS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeEr
 
 
 @dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event to append: its type and data; ``seq``, ``prevhash``, ``id`` and ``hash`` are assigned."""
-
-    type: str
-    data: Mapping[str, Any]
-    idempotency_key: str | None = None
-    time: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Appended:
     """An event in the log. ``duplicate``: an earlier append with the same idempotency key made it."""
 
@@ -116,40 +106,6 @@ class Appended:
     hash: str
     duplicate: bool = False
     value: bytes = field(default=b"", repr=False)
-
-
-def _wire_data(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Python callers may pass money as Decimal; on the wire it is a decimal string (SPEC.md 4)."""
-    def convert(value: Any) -> Any:
-        if isinstance(value, Decimal):
-            return format(value, "f")
-        if isinstance(value, Mapping):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [convert(v) for v in value]
-        return value
-    return convert(data)  # type: ignore[no-any-return]
-
-
-def check_new_events(stream_id: object, events: Sequence[NewEvent]) -> None:
-    """Validate before anything is reserved or sent: raise InvalidEvent (or TooLarge) naming the field."""
-    validate_stream_id(stream_id)
-    keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
-    if len(keys) != len(set(keys)):
-        raise InvalidEvent([("idempotency_key", "repeated within one batch")])
-    for event in events:
-        data = _wire_data(event.data)
-        validate_data(event.type, data)
-        try:
-            size = len(orjson.dumps(data))  # a lower bound of the event's size: the envelope only adds
-        except orjson.JSONEncodeError as e:
-            raise InvalidEvent([("data", f"cannot be encoded as JSON: {e}")]) from None
-        if size > MAX_EVENT_BYTES:
-            raise TooLarge([("data", f"encodes to {size:,} bytes; an event is at most {MAX_EVENT_BYTES:,} "
-                                     f"(512 KiB): put larger content outside the log, named by an "
-                                     f"artifact.created uri")])
-        if event.time is not None and event.time.tzinfo is None:
-            raise InvalidEvent([("time", "must be timezone-aware (UTC)")])
 
 
 class EventProducer:
@@ -292,6 +248,9 @@ class EventProducer:
     async def wait_projected(self, appended: Appended, *, timeout: float = 30.0) -> WaitResult:
         """Read-your-writes: return once ``appended`` is projected (``status`` "projected"), rejected
         (``reason`` says why), or ``timeout`` seconds have passed (``status`` "timeout")."""
+        # Imported here: a producer that never waits never loads the PostgreSQL side (asyncpg).
+        from runledger.projections.postgres.wait import wait_projected
+
         return await wait_projected(self._settings.database_url, self._settings.db_schema, appended.stream_id,
                                     appended.seq, event_id=appended.id, timeout=timeout,
                                     group_id=self._settings.consumer_group, topic=self._settings.events_topic)
@@ -384,38 +343,6 @@ class EventProducer:
                 await self.sweep()
             except (TransientError, RedisError) as e:
                 log.warning("sweeping staged batches: %s", e)
-
-
-def build_events(source: str, stream_id: str, head: Head, events: Sequence[NewEvent]) -> StagedBatch:
-    """Chain ``events`` after ``head``: assign seq, prevhash, id and hash; validate each as a worker would."""
-    values, refs = [], []
-    seq, prevhash = head.seq, head.hash
-    now = format_time(datetime.now(UTC))
-    for event in events:
-        seq += 1
-        raw: dict[str, Any] = {
-            "specversion": "1.0",
-            "id": str(uuid.uuid4()),
-            "source": source,
-            "type": event.type,
-            "subject": stream_id,
-            "time": format_time(event.time) if event.time else now,
-            "datacontenttype": "application/json",
-            "seq": seq,
-            "prevhash": prevhash,
-            "data": _wire_data(event.data),
-        }
-        raw["hash"] = prevhash = compute_hash(raw)
-        parse_event(raw, verify_hash=False)  # what a worker would refuse is never published
-        value = orjson.dumps(raw)
-        if len(value) > MAX_EVENT_BYTES:  # a worker would dead-letter it; raised before anything is staged
-            raise TooLarge([("", f"stream {stream_id!r} seq {seq}: the encoded event is {len(value):,} bytes; at "
-                                 f"most {MAX_EVENT_BYTES:,} (512 KiB) are allowed: put larger content outside "
-                                 f"the log, named by an artifact.created uri")])
-        values.append(value)
-        refs.append(AppendRef(seq, raw["id"], prevhash))
-    return StagedBatch(uuid.uuid4().hex, values, refs, [e.idempotency_key for e in events],
-                       events[-1].type if events else "")
 
 
 def _batches(events: list[NewEvent], size: int = 1000) -> Iterator[list[NewEvent]]:

@@ -1,4 +1,4 @@
-"""Chain heads that cannot fork: recovering Redis's heads from the log, and comparing the three places that know.
+"""Chain heads that cannot fork: recovering Redis's heads from the log.
 
 Redis holds every stream's head while the marker ``<prefix>:heads:complete``
 exists: it is written only after a complete recovery (or on first use), and a
@@ -7,8 +7,8 @@ that finds a head missing and the marker gone does not start the stream at seq
 1: it recovers every head first. The log is the truth: every partition is read
 from its start, and each stream's chain is followed from seq 1 (hash and link
 checked) to its last event; a head in Redis is only ever moved forward.
-``runledger heads check`` compares Redis, the log and PostgreSQL's
-``stream_heads``; ``runledger heads recover`` recovers on demand.
+``runledger heads recover`` recovers on demand; ``runledger heads check``
+(``runledger.streams.tools.heads``) compares Redis, the log and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,20 +17,17 @@ import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
-import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from runledger.projections.postgres.db import StoreUnavailable, connect_one
 from runledger.schemas.chain import GENESIS_HASH, compute_hash
 from runledger.schemas.errors import TransientError
 from runledger.streams.settings import Settings
 
-__all__ = ["LogHead", "check_heads", "forget_if_restarted", "log_heads", "recover_heads", "stream_in_log"]
+__all__ = ["LogHead", "forget_if_restarted", "log_heads", "marker_key", "recover_heads", "stream_in_log"]
 
 _LOCK_MS = 120_000
 
@@ -54,6 +51,7 @@ class LogHead:
 
 
 def marker_key(prefix: str) -> str:
+    """The Redis key that says its heads are complete (see above)."""
     return f"{prefix}:heads:complete"
 
 
@@ -171,46 +169,3 @@ async def forget_if_restarted(redis: Redis, prefix: str) -> None:
     mark = await redis.get(marker_key(prefix))
     if mark is not None and orjson.loads(mark).get("run_id") != await _run_id(redis):
         await redis.delete(marker_key(prefix))
-
-
-async def check_heads(settings: Settings) -> list[dict[str, Any]]:
-    """One row per stream whose heads disagree: Redis, the log and PostgreSQL's projection (``stream_heads``)."""
-    log = await log_heads(settings)
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        complete = bool(await redis.exists(marker_key(settings.topic_prefix)))
-        streams = sorted(log)
-        raw = [await redis.hgetall(f"{settings.topic_prefix}:head:{s}") for s in streams]
-    finally:
-        await redis.aclose()
-    projected: dict[str, int] = {}
-    with contextlib.suppress(StoreUnavailable, asyncpg.UndefinedTableError):
-        conn = await connect_one(settings.database_url, settings.db_schema)
-        try:
-            projected = {r["stream_id"]: r["seq"] for r in await conn.fetch("SELECT stream_id, seq FROM stream_heads")}
-        finally:
-            await conn.close()
-    rows = []
-    for stream, head in zip(streams, raw, strict=True):
-        log_head = log[stream]
-        redis_seq = int(head[b"seq"]) if head else None
-        problems = []
-        if redis_seq is None and complete:
-            problems.append("Redis has no head although it is marked complete: an append would start it at seq 1")
-        elif redis_seq is not None and redis_seq < log_head.seq:
-            problems.append(f"Redis is behind the log (seq {redis_seq} < {log_head.seq}): an append would fork it")
-        elif redis_seq is not None and redis_seq > log_head.seq:
-            problems.append(f"Redis is ahead of the log (seq {redis_seq} > {log_head.seq}): a batch is staged, or "
-                            "events were lost from the log")
-        if log_head.forks:
-            problems.append(f"the log holds two events at seq {', '.join(map(str, log_head.forks))}")
-        if projected.get(stream, 0) > log_head.seq:
-            problems.append(f"PostgreSQL projected seq {projected[stream]}, beyond the log's {log_head.seq}")
-        if problems:
-            rows.append({"stream": stream, "redis": redis_seq, "log": log_head.seq,
-                         "projected": projected.get(stream), "problems": problems})
-    if not complete:
-        rows.append({"stream": None, "redis": None, "log": None, "projected": None,
-                     "problems": ["Redis is not marked complete: its heads are recovered from the log at the next "
-                                  "append, or now with `runledger heads recover`"]})
-    return rows

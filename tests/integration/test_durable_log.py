@@ -17,7 +17,8 @@ import pytest
 
 from runledger.schemas.chain import verify_chain
 from runledger.streams.dev import devstack
-from runledger.streams.producer.client import EventProducer, NewEvent
+from runledger.streams.producer.client import EventProducer
+from runledger.streams.producer.events import NewEvent
 from tests.conftest import CLI, free_ports
 from tests.integration.conftest import poll, read_log, running_worker, settings_of
 

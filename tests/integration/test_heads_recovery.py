@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 
 from runledger.schemas.chain import verify_chain
 from runledger.streams.dev import devstack
-from runledger.streams.producer.client import EventProducer, NewEvent
+from runledger.streams.producer.client import EventProducer
+from runledger.streams.producer.events import NewEvent
 from runledger.streams.settings import Settings
 from tests.conftest import CLI, free_ports
 from tests.integration.conftest import read_log

@@ -14,7 +14,8 @@ import pytest
 from runledger.schemas.chain import verify_chain
 from runledger.schemas.errors import InvalidEvent, UnknownType
 from runledger.schemas.events import parse_event
-from runledger.streams.producer.client import AppendConflict, EventProducer, NewEvent, PublishRefused
+from runledger.streams.producer.client import AppendConflict, EventProducer, PublishRefused
+from runledger.streams.producer.events import NewEvent
 from runledger.streams.settings import Settings
 from tests.conftest import CLI
 from tests.integration.conftest import poll, read_log, spawn_child
@@ -188,7 +189,7 @@ async def test_heads_sweep_publishes_what_is_left_staged(env: dict[str, str],
 
 
 async def test_a_retry_of_a_staged_batch_is_a_duplicate_not_a_lifecycle_error(settings: Settings) -> None:
-    from runledger.streams.producer.client import build_events
+    from runledger.streams.producer.events import build_events
     from runledger.streams.producer.heads import StreamHeads
 
     async with EventProducer(settings) as producer:

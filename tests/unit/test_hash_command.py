@@ -6,7 +6,7 @@ import subprocess
 
 import orjson
 
-from runledger.streams.cli import hash_report
+from runledger.streams.cli.events import hash_report
 from tests.conftest import CLI, VECTORS
 
 VECTOR_LINES = [orjson.loads(line) for line in VECTORS.read_bytes().splitlines()]

@@ -12,7 +12,7 @@ import pytest
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import InvalidEvent, TooLarge
 from runledger.schemas.events import MAX_EVENT_BYTES, parse_event
-from runledger.streams.producer.client import NewEvent, build_events, check_new_events
+from runledger.streams.producer.events import NewEvent, build_events, check_new_events
 
 NUL = "contains U+0000"
 

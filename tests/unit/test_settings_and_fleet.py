@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from runledger.schemas.chain import GENESIS_HASH, compute_hash, verify_chain
 from runledger.schemas.events import format_time, parse_event
 from runledger.streams.dev.fleet import simulate_fleet
-from runledger.streams.producer.client import check_new_events
+from runledger.streams.producer.events import check_new_events
 from runledger.streams.settings import Settings
 
 

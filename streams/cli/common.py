@@ -1,0 +1,46 @@
+"""What every command group of the command line shares: exit codes, the input error, JSON output, input lines
+and the confirmation prompt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import IO, Any, TypeAlias
+
+import orjson
+
+from runledger.schemas.errors import RunledgerError
+
+__all__ = ["EXIT_INVALID", "EXIT_TIMEOUT", "EXIT_TRANSIENT", "EXIT_USAGE", "InputError", "Subparsers", "confirm",
+           "emit", "input_lines"]
+
+EXIT_INVALID, EXIT_USAGE, EXIT_TRANSIENT, EXIT_TIMEOUT = 1, 2, 3, 4
+
+# argparse keeps the type of add_subparsers() private; the alias keeps each group's ``register`` readable.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class InputError(RunledgerError):
+    """A line of input is not usable; the message names the line and the field."""
+
+
+def emit(obj: Any) -> None:
+    """One JSON object a line on stdout."""
+    sys.stdout.write(orjson.dumps(obj, default=str).decode() + "\n")
+
+
+def input_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each non-blank line of ``path``, or of stdin for ``-``."""
+    stream: IO[str] = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            if line.strip():
+                yield number, line
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; without one, refuse rather than guess (the caller offers ``--yes``)."""
+    if not sys.stdin.isatty():
+        raise InputError("stdin is not a terminal to confirm on: add --yes")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")

@@ -1,0 +1,93 @@
+"""``runledger heads check|recover|sweep``: the chain heads producers keep in Redis, against the log."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from runledger.streams.cli.common import EXIT_INVALID, Subparsers, emit
+from runledger.streams.settings import Settings
+
+__all__ = ["register"]
+
+
+def register(sub: Subparsers) -> None:
+    heads = sub.add_parser(
+        "heads", help="the chain heads producers keep in Redis: check, recover, sweep",
+        description="Each stream's head (seq, hash) lives in Redis; an append stages its batch there before "
+        "publishing it. If Redis loses its data, producers recover every head from the log before they append "
+        "again (never seq 1 for an existing stream). `check` compares Redis, the log and PostgreSQL; `recover` "
+        "recovers now; `sweep` publishes every batch a producer staged but did not publish (it failed or died), "
+        "as producers and workers do every RUNLEDGER_PRODUCER_SWEEP_S seconds.")
+    heads_sub = heads.add_subparsers(dest="action", required=True, metavar="ACTION")
+    hcheck = heads_sub.add_parser("check", help="compare the heads in Redis, the log and PostgreSQL (exit status 1 "
+                                  "on any disagreement)")
+    hcheck.add_argument("--json", action="store_true", help="one JSON object per disagreement")
+    hrecover = heads_sub.add_parser("recover", help="move every head in Redis forward to the log's")
+    hrecover.add_argument("--json", action="store_true", help="the counts as one JSON object")
+    sweep = heads_sub.add_parser("sweep", help="publish batches left staged now (whose lease has expired)")
+    sweep.add_argument("--json", action="store_true", help="one JSON object per batch published")
+    heads.set_defaults(func=_cmd_heads)
+
+
+def _cmd_heads(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "check":
+        return _check(args, settings)
+    if args.action == "recover":
+        return _recover(args, settings)
+    return _sweep(args, settings)
+
+
+def _check(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.tools.heads import check_heads
+
+    rows = asyncio.run(check_heads(settings))
+    for row in rows:
+        if args.json:
+            emit(row)
+        else:
+            print(f"{row['stream'] or '(all)'}: redis {row['redis']}, log {row['log']}, projected "
+                  f"{row['projected']}: {'; '.join(row['problems'])}")
+    if not args.json:
+        print("heads agree" if not rows else f"{len(rows)} disagreements", file=sys.stderr)
+    return EXIT_INVALID if rows else 0
+
+
+def _recover(args: argparse.Namespace, settings: Settings) -> int:
+    from redis.asyncio import Redis
+
+    from runledger.streams.producer.recovery import marker_key, recover_heads
+
+    async def recover() -> tuple[int, int]:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await redis.delete(marker_key(settings.topic_prefix))
+            return await recover_heads(redis, settings)
+        finally:
+            await redis.aclose()
+
+    streams, moved = asyncio.run(recover())
+    if args.json:
+        emit({"streams": streams, "moved": moved})
+    else:
+        print(f"{streams} streams in the log; {moved} heads moved forward in Redis")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.producer.client import EventProducer
+
+    async def sweep() -> list[tuple[str, int, int]]:
+        async with EventProducer(settings.model_copy(update={"producer_sweep_s": 0})) as producer:
+            return await producer.sweep()
+
+    done = asyncio.run(sweep())
+    for stream, first, last in done:
+        if args.json:
+            emit({"stream": stream, "first_seq": first, "last_seq": last})
+        else:
+            print(f"{stream}: published seq {first}..{last}")
+    if not args.json:
+        print(f"{len(done)} staged batches published", file=sys.stderr)
+    return 0

@@ -1,0 +1,85 @@
+"""``runledger db``, ``runledger worker`` and ``runledger wait``: the projection schema, the worker that fills it,
+and waiting for an event to reach it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from runledger.streams.cli.common import EXIT_INVALID, EXIT_TIMEOUT, EXIT_TRANSIENT, Subparsers, emit
+from runledger.streams.settings import Settings
+
+__all__ = ["register"]
+
+
+def register(sub: Subparsers) -> None:
+    db = sub.add_parser("db", help="database administration",
+                        description="Database administration of the projection schema (RUNLEDGER_DB_SCHEMA).")
+    db_sub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    db_sub.add_parser("migrate", help="apply the migrations in sql/migrations that the schema lacks (idempotent, "
+                      "safe from several processes at once)")
+    db.set_defaults(func=_cmd_db)
+
+    worker = sub.add_parser("worker", help="run a projection worker (Faust); several share the log's partitions",
+                            description="Consumes <prefix>.events in batches and projects every event into "
+                            "PostgreSQL, one transaction per batch, offsets stored with the rows. Run several "
+                            "with the same RUNLEDGER_CONSUMER_GROUP to share the partitions. Stop with Ctrl-C.")
+    worker.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=_cmd_worker)
+
+    wait = sub.add_parser("wait", help="wait until an event is projected (read-your-writes)",
+                          description="Returns once event SEQ of STREAM is projected into the tables, or says why "
+                          "it is not: rejected (with the reason) or timed out (with what it waits for). Exit "
+                          "status 0 projected, 1 rejected, 4 timed out, 3 PostgreSQL unreachable or the stream's "
+                          "partition stalled (the log no longer matches the projection: see `runledger offsets`).")
+    wait.add_argument("stream", help="the stream id (the event's subject)")
+    wait.add_argument("seq", type=int, help="the event's seq")
+    wait.add_argument("--id", help="the event id: only this event counts (another event at the same seq "
+                      "does not end the wait)")
+    wait.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds (default 30)")
+    wait.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    wait.set_defaults(func=_cmd_wait)
+
+
+def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.projections.postgres.db import migrate
+
+    applied = asyncio.run(migrate(settings.database_url, settings.db_schema))
+    print(f"schema {settings.db_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.topics import ensure_topics, worker_topics
+    from runledger.streams.worker.app import create_app
+
+    # Before Faust starts: a worker may start before any producer, and the retry topics need the
+    # log's partition count and infinite retention, not Faust's defaults.
+    asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, worker_topics(settings)))
+    app = create_app(settings)
+    worker = app.Worker(loglevel=args.loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.projections.postgres.wait import wait_projected
+
+    result = asyncio.run(wait_projected(settings.database_url, settings.db_schema, args.stream, args.seq,
+                                        event_id=args.id, timeout=args.timeout, group_id=settings.consumer_group,
+                                        topic=settings.events_topic,
+                                        note=lambda text: print(f"note: {text}; waiting anyway", file=sys.stderr)))
+    if args.json:
+        emit(result.as_dict())
+    elif result.status == "projected":
+        print(f"projected: {result.stream_id} seq {result.seq} (event {result.event_id}, hash {result.hash}) "
+              f"after {result.waited_s:.3f} s")
+    elif result.status == "rejected":
+        print(f"rejected: {result.stream_id} seq {result.seq} (event {result.event_id}): "
+              f"{result.reason}: {result.error} (see `runledger dlq show {result.dead_letter_id}`)")
+    elif result.status == "stalled":
+        print(f"stalled: {result.stream_id} seq {result.seq} is not projected: {result.error}")
+    else:
+        print(f"timed out after {result.waited_s:.1f} s: {result.stream_id} seq {result.seq} is {result.error}")
+    return {"projected": 0, "rejected": EXIT_INVALID, "stalled": EXIT_TRANSIENT}.get(result.status, EXIT_TIMEOUT)
