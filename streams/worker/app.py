@@ -39,7 +39,7 @@ from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.errors import TransientError
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
-from runledger.streams.worker.consumer import LogConsumer, RetryConsumer
+from runledger.streams.worker.consumer import LogConsumer, Projector, RetryConsumer
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
 from runledger.streams.worker.retry import RetrySchedule, delay_name
 
@@ -67,19 +67,7 @@ class _Ready:
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app whose agent projects the log, and its retry topics, into ``settings.db_schema``."""
-    app = faust.App(
-        f"{settings.topic_prefix}-worker",
-        broker=f"kafka://{settings.kafka_bootstrap_servers.split(',')[0]}",
-        web_enabled=False,
-        producer_acks=-1,
-        topic_replication_factor=1,
-        topic_partitions=settings.event_partitions,
-        topic_allow_declare=True,
-        broker_session_timeout=6.0,
-        broker_heartbeat_interval=2.0,
-        broker_rebalance_timeout=10.0,
-        datadir=str(settings.state_dir / "faust"),
-    )
+    app = _faust_app(settings)
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     channel = app.channel()
     ready: asyncio.Future[_Ready] = asyncio.Future(loop=app.loop)
@@ -98,33 +86,11 @@ def create_app(settings: Settings) -> faust.App:
         await channel.put(work)
         return await work.done
 
+    # Faust names each task, timer and agent after its function: these closures keep the names (and what they
+    # share: settings, ready, send), the helpers below do the work.
     @app.task
     async def consume() -> None:
-        await migrate(settings.database_url, settings.db_schema)
-        pool = await connect(settings.database_url, settings.db_schema)
-        catalog = load_tokencost_catalog()
-        await ProjectionStore.save_catalog(pool, catalog)
-        store = ProjectionStore(pool, catalog, settings.consumer_group, max_attempts=schedule.max_attempts)
-        forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule, settings.db_schema)
-        await forwarder.start()
-        log_consumer = LogConsumer(settings.kafka_bootstrap_servers, settings.events_topic, settings.consumer_group,
-                                   store, pool, send)
-        ready.set_result(_Ready(pool, BatchHandler(store, forwarder, pool), log_consumer))
-        retries = [RetryConsumer(settings.kafka_bootstrap_servers, topic, delay,
-                                 f"{settings.consumer_group}.retry.{delay_name(delay)}", send)
-                   for delay, topic in schedule.topics]
-        tasks = [asyncio.create_task(c.run()) for c in [log_consumer, *retries]]
-        try:
-            # The first to end (only by an error) ends them all; the worker stops rather than run half-blind.
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await forwarder.stop()
-            await pool.close()
+        await _consume(settings, schedule, ready, send)
 
     @app.timer(_SWEEP_S)
     async def sweep_outbox() -> None:
@@ -133,34 +99,90 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.task
     async def sweep_staged() -> None:
-        """Batches a producer staged but did not publish (it failed or died) reach the log without waiting for
-        another append to their stream: the producer's own sweeper publishes them."""
-        if settings.producer_sweep_s <= 0:
-            return
-        while True:
-            try:
-                async with EventProducer(settings):
-                    await asyncio.Future()  # until the worker stops
-            except TransientError as e:
-                log.warning("cannot sweep staged batches: %s; trying again in 5 s", e)
-                await asyncio.sleep(5)
+        await _sweep_staged(settings)
 
     @app.task
     async def heartbeat() -> None:
-        worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        started = datetime.now(UTC)
-        state = await ready
-        try:
-            while True:
-                try:
-                    await state.pool.execute(query("worker_seen"), worker_id, settings.consumer_group,
-                                             socket.gethostname(), os.getpid(), started,
-                                             sorted(state.log_consumer.assigned))
-                except Exception as e:  # noqa: BLE001 - a missed heartbeat is no reason to stop projecting
-                    log.warning("cannot record this worker as alive: %s", database_error(e, "heartbeat") or e)
-                await asyncio.sleep(HEARTBEAT_S)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(state.pool.execute(query("worker_gone"), worker_id))
+        await _heartbeat(settings, ready)
 
     return app
+
+
+def _faust_app(settings: Settings) -> faust.App:
+    return faust.App(
+        f"{settings.topic_prefix}-worker",
+        broker=f"kafka://{settings.kafka_bootstrap_servers.split(',')[0]}",
+        web_enabled=False,
+        producer_acks=-1,
+        topic_replication_factor=1,
+        topic_partitions=settings.event_partitions,
+        topic_allow_declare=True,
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=2.0,
+        broker_rebalance_timeout=10.0,
+        datadir=str(settings.state_dir / "faust"),
+    )
+
+
+async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.Future[_Ready],
+                   send: Projector) -> None:
+    """Set up the store and the outbox, make them ``ready`` for the agent, then run the consumers of the log
+    and of each retry topic, which hand their batches to the agent through ``send``."""
+    await migrate(settings.database_url, settings.db_schema)
+    pool = await connect(settings.database_url, settings.db_schema)
+    catalog = load_tokencost_catalog()
+    await ProjectionStore.save_catalog(pool, catalog)
+    store = ProjectionStore(pool, catalog, settings.consumer_group, max_attempts=schedule.max_attempts)
+    forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule, settings.db_schema)
+    await forwarder.start()
+    log_consumer = LogConsumer(settings.kafka_bootstrap_servers, settings.events_topic, settings.consumer_group,
+                               store, pool, send)
+    ready.set_result(_Ready(pool, BatchHandler(store, forwarder, pool), log_consumer))
+    retries = [RetryConsumer(settings.kafka_bootstrap_servers, topic, delay,
+                             f"{settings.consumer_group}.retry.{delay_name(delay)}", send)
+               for delay, topic in schedule.topics]
+    tasks = [asyncio.create_task(c.run()) for c in [log_consumer, *retries]]
+    try:
+        # The first to end (only by an error) ends them all; the worker stops rather than run half-blind.
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await forwarder.stop()
+        await pool.close()
+
+
+async def _sweep_staged(settings: Settings) -> None:
+    """Batches a producer staged but did not publish (it failed or died) reach the log without waiting for
+    another append to their stream: the producer's own sweeper publishes them."""
+    if settings.producer_sweep_s <= 0:
+        return
+    while True:
+        try:
+            async with EventProducer(settings):
+                await asyncio.Future()  # until the worker stops
+        except TransientError as e:
+            log.warning("cannot sweep staged batches: %s; trying again in 5 s", e)
+            await asyncio.sleep(5)
+
+
+async def _heartbeat(settings: Settings, ready: asyncio.Future[_Ready]) -> None:
+    """Keep this worker's row in ``workers`` fresh, with the partitions it holds, until the worker stops."""
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    started = datetime.now(UTC)
+    state = await ready
+    try:
+        while True:
+            try:
+                await state.pool.execute(query("worker_seen"), worker_id, settings.consumer_group,
+                                         socket.gethostname(), os.getpid(), started,
+                                         sorted(state.log_consumer.assigned))
+            except Exception as e:  # noqa: BLE001 - a missed heartbeat is no reason to stop projecting
+                log.warning("cannot record this worker as alive: %s", database_error(e, "heartbeat") or e)
+            await asyncio.sleep(HEARTBEAT_S)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(state.pool.execute(query("worker_gone"), worker_id))

@@ -36,7 +36,7 @@ from runledger.schemas.events import MAX_EVENT_BYTES
 from runledger.streams.worker.logcheck import FIX, check_partitions, save_problems
 from runledger.streams.worker.retry import from_retry_topic, message_time
 
-__all__ = ["LogConsumer", "RetryConsumer"]
+__all__ = ["LogConsumer", "Projector", "RetryConsumer"]
 
 log = logging.getLogger(__name__)
 
