@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from runledger.streams.cli.common import EXIT_INVALID, Subparsers, emit
 from runledger.streams.settings import Settings
@@ -14,15 +15,31 @@ __all__ = ["register"]
 
 
 def register(sub: Subparsers) -> None:
-    bench = sub.add_parser("bench", help="measure projection throughput against plain aiokafka + COPY",
-                           description="Publishes about N simulated events to a fresh topic, then measures: a "
-                           "plain aiokafka consumer COPYing raw records into PostgreSQL (the baseline), the same "
-                           "loop through runledger's batch projection, and a real `runledger worker` process "
-                           "(from its first projected event to its last). Uses the running stack; cleans up "
-                           "its schemas.")
+    bench = sub.add_parser("bench", help="measure throughput against the raw floor, latency and memory",
+                           description="Builds an interleaved workload (a simulated fleet, hundreds of executions "
+                           "under way at once, every event type), publishes it to fresh topics, and measures, "
+                           "ROUNDS times each: the floor (plain aiokafka reading and COPYing the raw records into "
+                           "PostgreSQL), the store (the same loop through runledger's batch projection, no Faust) "
+                           "and real `runledger worker` processes (1 and 2, from the first batch committed to "
+                           "the last). Then the p50/p99 latency from event time to commit with one worker at "
+                           "each of RATES, and with --long one worker's memory over that many events. Prints "
+                           "median, min and max per path and each path's share of the floor. Uses the running "
+                           "stack; drops its schemas afterwards.")
     bench.add_argument("--events", type=int, default=100_000, help="about how many events (default 100000)")
-    bench.add_argument("--no-worker", action="store_true", help="skip the worker process measurement")
-    bench.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    bench.add_argument("--rounds", type=int, default=3, help="rounds of every throughput path (default 3)")
+    bench.add_argument("--workers", type=_counts, default=(1, 2), metavar="N,N",
+                       help="worker processes to measure (default 1,2)")
+    bench.add_argument("--rates", type=_counts, default=(500, 2000, 5000), metavar="R,R",
+                       help="produce rates for the latency runs, events/s (default 500,2000,5000)")
+    bench.add_argument("--rate-seconds", type=float, default=10.0, metavar="S",
+                       help="how long each latency run sends (default 10)")
+    bench.add_argument("--long", type=int, default=0, metavar="N",
+                       help="also run one worker over N events and report its memory (RSS); 1000000 for the "
+                       "issue's target (default: skip)")
+    bench.add_argument("--no-worker", action="store_true",
+                       help="floor and store only: no worker processes, no latency, no memory")
+    bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench.add_argument("--out", type=Path, metavar="DIR", help="also write DIR/bench.json and DIR/bench.png")
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="the main job: the embedded stack, a worker and a simulated fleet, end to end",
@@ -40,19 +57,30 @@ def register(sub: Subparsers) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
-def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.streams.dev.bench import run_bench
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every number must be at least 1")
+    return values
 
-    results = asyncio.run(run_bench(settings, args.events, worker=not args.no_worker,
-                                    progress=lambda text: print(text, file=sys.stderr)))
-    baseline = next(m.rate for m in results if m.name.startswith("baseline"))
-    for m in results:
-        if args.json:
-            emit({"name": m.name, "events": m.events, "seconds": round(m.seconds, 3),
-                  "events_per_s": round(m.rate), "vs_baseline": round(m.rate / baseline, 3)})
-        else:
-            print(f"{m.name:<38}{m.events:>9,} events {m.seconds:>8.2f} s {m.rate:>10,.0f} events/s "
-                  f"{m.rate / baseline:>7.1%} of baseline")
+
+def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.dev.bench import print_report, run_bench, write_report
+
+    report = asyncio.run(run_bench(
+        settings, events=args.events, rounds=args.rounds, workers=() if args.no_worker else args.workers,
+        rates=tuple(float(r) for r in args.rates), rate_seconds=args.rate_seconds, long_events=args.long,
+        command=" ".join(["runledger", *sys.argv[1:]]), progress=lambda text: print(text, file=sys.stderr)))
+    if args.out is not None:
+        for path in write_report(report, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        emit(report)
+    else:
+        print_report(report, sys.stdout)
     return 0
 
 

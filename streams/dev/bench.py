@@ -1,181 +1,72 @@
-"""``runledger bench``: projection throughput, measured against a plain aiokafka + asyncpg COPY consumer.
+"""``runledger bench``: throughput against the raw floor, latency at fixed rates, memory over a long run.
 
-Every run uses a topic, schema and consumer group of its own and removes the
-schemas afterwards. Three consumers read the same records:
-
-- ``baseline``: aiokafka ``getmany`` and ``COPY`` of the raw records into one
-  table, one transaction per batch: the floor cost of moving bytes from Kafka
-  into PostgreSQL.
-- ``projection``: the same reading loop, but each batch goes through
-  ``ProjectionStore.apply_batch`` (parse, hash and chain checks, rules, audit
-  rows, upserts, offsets): the cost of runledger's work, without Faust.
-- ``worker``: a real ``runledger worker`` process (Faust, consumer group),
-  timed from its first projected event to its last, so start-up is excluded.
+``run_bench`` measures what is asked (``benchpaths.py`` has the paths, ``benchlatency.py`` latency and
+memory) and returns one report: printed as a table, written as JSON, drawn as a PNG (``benchchart.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import time
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
-import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+import orjson
 
-from runledger.projections.postgres.db import connect, connect_one, migrate
-from runledger.projections.postgres.queries import query, quote_schema
-from runledger.projections.postgres.store import ProjectionStore
-from runledger.projections.pricing import load_tokencost_catalog
-from runledger.projections.records import LogRecord
-from runledger.schemas.chain import Head
-from runledger.schemas.errors import TransientError
-from runledger.streams.dev import WORKER_COMMAND
-from runledger.streams.dev.fleet import simulate_fleet
-from runledger.streams.producer.events import build_events
+from runledger.streams.dev.benchlatency import latency, memory
+from runledger.streams.dev.benchpaths import BenchRun, Progress, machine
+from runledger.streams.dev.workload import Workload
 from runledger.streams.settings import Settings
-from runledger.streams.topics import ensure_topics
 
-__all__ = ["Measurement", "run_bench"]
-
-_EVENTS_PER_EXECUTION = 15  # about, in the simulated fleet
+__all__ = ["run_bench", "print_report", "write_report"]
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    name: str
-    events: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.events / self.seconds if self.seconds else 0.0
-
-
-async def _publish(settings: Settings, events: int) -> tuple[int, Measurement]:
-    values = []
-    for run in simulate_fleet(max(events // _EVENTS_PER_EXECUTION, 1), seed=1, run_tag=settings.topic_prefix):
-        batch = build_events("/bench", run.stream_id, Head(), run.events)
-        values += [(run.stream_id.encode(), v) for v in batch.values]
-    await ensure_topics(settings.kafka_bootstrap_servers, {settings.events_topic: settings.event_partitions})
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
-                                enable_idempotence=False, linger_ms=5, max_batch_size=256 * 1024)
-    await producer.start()
-    started = time.monotonic()
+async def run_bench(settings: Settings, *, events: int, rounds: int, workers: tuple[int, ...],
+                    rates: tuple[float, ...], rate_seconds: float, long_events: int, command: str,
+                    progress: Progress) -> dict[str, Any]:
+    """Measure throughput (``rounds`` rounds of every path), then, with ``workers``, latency at each of ``rates``
+    and, with ``long_events``, one worker's memory over that many events."""
+    run = BenchRun(settings, progress)
+    report: dict[str, Any] = {"machine": machine(), "command": command}
     try:
-        for start in range(0, len(values), 10_000):
-            futures = [await producer.send(settings.events_topic, value, key=key)
-                       for key, value in values[start:start + 10_000]]
-            await asyncio.gather(*futures)
+        progress(f"building about {events:,} events ...")
+        workload = Workload(events, run_tag=run.settings.topic_prefix)
+        report["throughput"] = await run.throughput(workload, rounds, workers)
+        if workers:
+            report["latency"] = []
+            for rate in rates:
+                progress(f"latency: {rate:,.0f} events/s for {rate_seconds:.0f} s, one worker ...")
+                report["latency"].append(await latency(run, rate, rate_seconds))
+        if workers and long_events:
+            report["memory"] = await memory(run, long_events)
     finally:
-        await producer.stop()
-    return len(values), Measurement("publish (aiokafka producer)", len(values), time.monotonic() - started)
+        await run.close()
+    return report
 
 
-async def _consume_all(settings: Settings, total: int, handle: Callable[[list[LogRecord]], Awaitable[None]]) -> float:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, max_partition_fetch_bytes=4 * 1024 * 1024)
-    await consumer.start()
-    try:
-        consumer.assign([TopicPartition(settings.events_topic, p) for p in range(settings.event_partitions)])
-        await consumer.seek_to_beginning()
-        started, done = time.monotonic(), 0
-        while done < total:
-            fetched = await consumer.getmany(timeout_ms=1000, max_records=5000)
-            batch = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
-                     for messages in fetched.values() for m in messages]
-            if batch:
-                await handle(batch)
-                done += len(batch)
-        return time.monotonic() - started
-    finally:
-        await consumer.stop()
+def print_report(report: dict[str, Any], out: IO[str]) -> None:
+    """The report as tables: events/s per path (median, min, max, share of the floor), latency, memory."""
+    t = report["throughput"]
+    m = report["machine"]
+    print(f"{t['events']:,} events of {t['executions']:,} executions, interleaved; {t['rounds']} rounds; "
+          f"{m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}", file=out)
+    print(f"{'path':<12}{'median/s':>10}{'min/s':>10}{'max/s':>10}   share of floor (median, min-max)", file=out)
+    for name, s in t["events_per_s"].items():
+        share = t["share_of_floor"].get(name)
+        shown = f"   {share['median']:6.1%} ({share['min']:.1%}-{share['max']:.1%})" if share else ""
+        print(f"{name:<12}{s['median']:>10,.0f}{s['min']:>10,.0f}{s['max']:>10,.0f}{shown}", file=out)
+    for row in report.get("latency", []):
+        print(f"latency at {row['rate']:>6,.0f} events/s: p50 {row['p50_ms']:>7.1f} ms, p99 {row['p99_ms']:>7.1f} ms, "
+              f"max {row['max_ms']:>7.1f} ms ({row['events']:,} events)", file=out)
+    if mem := report.get("memory"):
+        print(f"memory over {mem['events']:,} events: RSS {mem['start_mib']} MiB at 5 %, {mem['end_mib']} MiB at "
+              f"the end, max {mem['max_mib']} MiB, growth {mem['growth_mib']} MiB", file=out)
 
 
-async def _baseline(settings: Settings, schema: str, total: int) -> Measurement:
-    conn = await connect_one(settings.database_url, schema)
-    try:
-        await conn.execute(query("bench_create_raw"))
+def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
+    """``bench.json`` and ``bench.png`` in ``directory``."""
+    from runledger.streams.dev.benchchart import draw
 
-        async def copy(batch: list[LogRecord]) -> None:
-            async with conn.transaction():
-                await conn.copy_records_to_table("bench_raw", records=[
-                    (r.topic, r.partition, r.offset, r.key, r.value) for r in batch])
-
-        return Measurement("baseline (aiokafka + COPY)", total, await _consume_all(settings, total, copy))
-    finally:
-        await conn.close()
-
-
-async def _projection(settings: Settings, schema: str, total: int) -> Measurement:
-    await migrate(settings.database_url, schema)
-    pool = await connect(settings.database_url, schema)
-    try:
-        store = ProjectionStore(pool, load_tokencost_catalog(), "bench")
-
-        async def project(batch: list[LogRecord]) -> None:
-            await store.apply_batch(batch)
-
-        return Measurement("projection (apply_batch, no Faust)", total, await _consume_all(settings, total, project))
-    finally:
-        await pool.close()
-
-
-async def _worker(settings: Settings, total: int, timeout: float) -> Measurement:
-    env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix, "RUNLEDGER_DB_SCHEMA": settings.db_schema,
-           "RUNLEDGER_CONSUMER_GROUP": settings.consumer_group}
-    worker = subprocess.Popen(WORKER_COMMAND, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    conn = await asyncpg.connect(settings.database_url)
-    count = f"SELECT count(*) FROM {quote_schema(settings.db_schema)}.audit_log"  # a fixed, validated name
-    try:
-        deadline, first, projected = time.monotonic() + timeout, None, 0
-        while projected < total:
-            if worker.poll() is not None:
-                stderr = worker.stderr.read().decode(errors="replace") if worker.stderr else ""
-                raise TransientError(f"the worker exited after projecting {projected} of {total}: {stderr}")
-            if time.monotonic() > deadline:
-                raise TransientError(f"the worker projected {projected} of {total} in {timeout:.0f} s")
-            try:
-                projected = await conn.fetchval(count)
-            except asyncpg.UndefinedTableError:
-                projected = 0
-            if projected and first is None:
-                first = (time.monotonic(), projected)
-            await asyncio.sleep(0.05)
-        assert first is not None
-        return Measurement("worker (runledger worker, Faust)", total - first[1], time.monotonic() - first[0])
-    finally:
-        worker.terminate()
-        await asyncio.to_thread(worker.communicate, timeout=30)
-        await conn.close()
-
-
-async def run_bench(settings: Settings, events: int, *, worker: bool = True,
-                    progress: Callable[[str], None] = lambda _: None) -> list[Measurement]:
-    """Publish about ``events`` simulated events to a fresh topic and measure each consumer."""
-    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
-    settings = settings.model_copy(update={"topic_prefix": f"bench{stamp}", "db_schema": f"bench_{stamp}",
-                                           "consumer_group": f"bench-{stamp}"})
-    schemas = [f"bench_{stamp}_raw", f"bench_{stamp}_projection", settings.db_schema]
-    progress(f"generating and publishing about {events:,} events to {settings.events_topic} ...")
-    total, published = await _publish(settings, events)
-    results = [published]
-    admin = await asyncpg.connect(settings.database_url)
-    try:
-        await admin.execute(f"CREATE SCHEMA {quote_schema(schemas[0])}")
-        progress("baseline: aiokafka + COPY ...")
-        results.append(await _baseline(settings, schemas[0], total))
-        progress("projection: the same loop through apply_batch ...")
-        results.append(await _projection(settings, schemas[1], total))
-        if worker:
-            progress("worker: a runledger worker process (start-up excluded) ...")
-            results.append(await _worker(settings, total, timeout=600))
-    finally:
-        for schema in schemas:
-            await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(schema)} CASCADE")
-        await admin.close()
-    return results
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = directory / "bench.json", directory / "bench.png"
+    json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    draw(report, png_path)
+    return [json_path, png_path]

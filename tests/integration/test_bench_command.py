@@ -1,9 +1,10 @@
-"""``runledger bench`` runs end to end and prints its figures (the figures themselves are not judged)."""
+"""``runledger bench`` runs every path end to end and reports figures (the figures themselves are not judged)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -12,16 +13,40 @@ from runledger.streams.settings import Settings
 from tests.conftest import CLI
 
 
-async def test_bench_prints_one_measurement_per_path_and_cleans_up(env: dict[str, str], settings: Settings) -> None:
-    done = subprocess.run([*CLI, "bench", "--events", "1500", "--no-worker", "--json"],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr
-    rows = [orjson.loads(line) for line in done.stdout.splitlines()]
-    assert [r["name"].split()[0] for r in rows] == ["publish", "baseline", "projection"]
-    assert len({r["events"] for r in rows}) == 1 and rows[0]["events"] > 1000
-    assert all(r["events_per_s"] > 0 for r in rows)
+async def _no_bench_schemas(settings: Settings) -> None:
     conn = await asyncpg.connect(settings.database_url)
     try:
         assert not await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench\\_%'")
     finally:
         await conn.close()
+
+
+def _bench(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
+    done = subprocess.run([*CLI, "bench", "--json", *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return orjson.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+async def test_floor_and_store_rounds_with_their_spread(env: dict[str, str], settings: Settings) -> None:
+    report = _bench(env, "--events", "1500", "--rounds", "2", "--no-worker")
+    t = report["throughput"]
+    assert t["rounds"] == 2 and t["events"] > 1000 and t["executions"] > 50
+    assert set(t["events_per_s"]) == {"floor", "store"}
+    for s in t["events_per_s"].values():
+        assert len(s["rounds"]) == 2 and 0 < s["min"] <= s["median"] <= s["max"]
+    assert 0 < t["share_of_floor"]["store"]["median"]
+    assert "latency" not in report and report["machine"]["cpus"] >= 1
+    await _no_bench_schemas(settings)
+
+
+async def test_workers_latency_memory_and_chart(env: dict[str, str], settings: Settings, tmp_path: Path) -> None:
+    report = _bench(env, "--events", "1500", "--rounds", "1", "--workers", "1", "--rates", "300",
+                    "--rate-seconds", "2", "--long", "1500", "--out", str(tmp_path))
+    assert set(report["throughput"]["events_per_s"]) == {"floor", "store", "workers_1"}
+    [row] = report["latency"]
+    assert row["rate"] == 300 and row["events"] > 500 and 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert report["memory"]["events"] > 1000 and report["memory"]["samples"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert orjson.loads((tmp_path / "bench.json").read_bytes()) == report
+    await _no_bench_schemas(settings)

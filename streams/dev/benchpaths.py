@@ -1,0 +1,241 @@
+"""``runledger bench``: the paths measured for throughput, and running worker processes under measurement.
+
+Every path reads the same interleaved workload (``workload.py``: hundreds of executions under way at
+once, every event type), several rounds each, and each round has a schema and consumer group of its
+own. The paths:
+
+- ``floor``: aiokafka ``getmany`` and ``COPY`` of the raw records into one table, a transaction per
+  batch: what moving the bytes from Kafka into PostgreSQL costs at least.
+- ``store``: the same loop through ``ProjectionStore.apply_batch`` (decode, checks, hash, rules, writes),
+  in this process: runledger's work without Faust.
+- ``workers_1``, ``workers_2``: real ``runledger worker`` processes of one consumer group. Their rate runs
+  from the first batch committed to the last (offsets as stored with the projection), so that start-up
+  does not count; rebalancing between two workers does.
+
+Latency and memory (``benchlatency.py``) run workers the same way. Every schema is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import psutil
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from runledger.projections.postgres.db import connect, connect_one, migrate
+from runledger.projections.postgres.queries import query, quote_schema
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import LogRecord
+from runledger.schemas.errors import TransientError
+from runledger.streams.dev import WORKER_COMMAND
+from runledger.streams.dev.workload import Workload
+from runledger.streams.settings import Settings
+from runledger.streams.topics import ensure_topics
+
+__all__ = ["BenchRun", "Progress", "check_alive", "committed", "machine", "run_workers", "spread", "start_workers",
+           "stop_workers"]
+
+Progress = Callable[[str], None]
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min and max of one path's rounds, and the rounds themselves."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "rounds": [round(v, 3) for v in values]}
+
+
+class BenchRun:
+    """One benchmark: its own topic prefix and schemas (all dropped by ``close``)."""
+
+    def __init__(self, settings: Settings, progress: Progress) -> None:
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
+        self.stamp, self.progress = stamp, progress
+        self.settings = settings.model_copy(update={"topic_prefix": f"bench{stamp}"})
+        self.schemas: list[str] = []
+
+    def fresh(self, name: str, prefix: str | None = None) -> Settings:
+        """Settings with a schema and consumer group of their own (and a topic prefix, if given)."""
+        schema = f"bench_{self.stamp}_{name}"
+        self.schemas.append(schema)
+        update = {"db_schema": schema, "consumer_group": f"bench-{self.stamp}-{name}"}
+        if prefix is not None:
+            update["topic_prefix"] = f"bench{self.stamp}{prefix}"
+        return self.settings.model_copy(update=update)
+
+    async def close(self) -> None:
+        admin = await asyncpg.connect(self.settings.database_url)
+        try:
+            for schema in self.schemas:
+                await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(schema)} CASCADE")
+        finally:
+            await admin.close()
+
+    async def publish(self, settings: Settings, workload: Workload) -> list[tuple[int, int]]:
+        """Send every record and wait for the acknowledgements; the (partition, offset) of each."""
+        await ensure_topics(settings.kafka_bootstrap_servers, {settings.events_topic: settings.event_partitions})
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
+                                    enable_idempotence=False, linger_ms=5, max_batch_size=256 * 1024)
+        await producer.start()
+        try:
+            positions = []
+            for start in range(0, len(workload), 10_000):
+                futures = [await producer.send(settings.events_topic, value, key=key)
+                           for key, value in workload.records[start:start + 10_000]]
+                positions += [(m.partition, m.offset) for m in await asyncio.gather(*futures)]
+            return positions
+        finally:
+            await producer.stop()
+
+    async def throughput(self, workload: Workload, rounds: int, worker_counts: tuple[int, ...]) -> dict[str, Any]:
+        """Events per second of every path, ``rounds`` times each, and each worker path's share of the floor."""
+        total = len(workload)
+        self.progress(f"publishing {total:,} events of {workload.streams:,} executions, interleaved ...")
+        await self.publish(self.settings, workload)
+        paths: dict[str, list[float]] = {"floor": [], "store": []} | {f"workers_{n}": [] for n in worker_counts}
+        for r in range(1, rounds + 1):
+            self.progress(f"round {r} of {rounds}: floor, store" + "".join(f", {n} worker(s)" for n in worker_counts))
+            paths["floor"].append(total / await self._floor(self.fresh(f"floor{r}"), total))
+            paths["store"].append(total / await self._store(self.fresh(f"store{r}"), total))
+            for n in worker_counts:
+                rate, _ = await run_workers(self.fresh(f"w{n}r{r}"), total, n)
+                paths[f"workers_{n}"].append(rate)
+        report: dict[str, Any] = {"events": total, "executions": workload.streams, "rounds": rounds,
+                                  "events_per_s": {name: spread(v) for name, v in paths.items()}}
+        report["share_of_floor"] = {
+            name: spread([w / f for w, f in zip(v, paths["floor"], strict=True)])
+            for name, v in paths.items() if name != "floor"}
+        return report
+
+    async def _floor(self, settings: Settings, total: int) -> float:
+        conn = await connect_one(settings.database_url, settings.db_schema)
+        try:
+            await conn.execute(f"CREATE SCHEMA {quote_schema(settings.db_schema)}")  # a fixed, validated name
+            await conn.execute(query("bench_create_raw"))
+
+            async def copy(batch: list[LogRecord]) -> None:
+                async with conn.transaction():
+                    await conn.copy_records_to_table("bench_raw", records=[
+                        (r.topic, r.partition, r.offset, r.key, r.value) for r in batch])
+
+            return await _consume_all(settings, total, copy)
+        finally:
+            await conn.close()
+
+    async def _store(self, settings: Settings, total: int) -> float:
+        await migrate(settings.database_url, settings.db_schema)
+        pool = await connect(settings.database_url, settings.db_schema)
+        try:
+            store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group)
+
+            async def project(batch: list[LogRecord]) -> None:
+                await store.apply_batch(batch)
+
+            return await _consume_all(settings, total, project)
+        finally:
+            await pool.close()
+
+
+async def _consume_all(settings: Settings, total: int, handle: Callable[[list[LogRecord]], Awaitable[None]]) -> float:
+    """Seconds to read ``total`` records from the start of the log and hand them over batch by batch."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(settings.events_topic, p) for p in range(settings.event_partitions)])
+        await consumer.seek_to_beginning()
+        started, done = time.monotonic(), 0
+        while done < total:
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            batch = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
+                     for messages in fetched.values() for m in messages]
+            if batch:
+                await handle(batch)
+                done += len(batch)
+        return time.monotonic() - started
+    finally:
+        await consumer.stop()
+
+
+async def committed(conn: asyncpg.Connection, settings: Settings) -> dict[int, int]:
+    """partition -> next offset, as the workers stored it with the projection (nothing before the schema
+    exists). ``conn`` is on the settings' schema (``connect_one``)."""
+    try:
+        rows = await conn.fetch(query("load_offsets"), settings.consumer_group, settings.events_topic)
+    except asyncpg.UndefinedTableError:
+        return {}
+    return {r["partition"]: r["next_offset"] for r in rows}
+
+
+def start_workers(settings: Settings, processes: int) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix, "RUNLEDGER_DB_SCHEMA": settings.db_schema,
+           "RUNLEDGER_CONSUMER_GROUP": settings.consumer_group}
+    return [subprocess.Popen(WORKER_COMMAND, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE) for _ in range(processes)]
+
+
+async def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        await asyncio.to_thread(worker.communicate, timeout=30)
+
+
+def check_alive(workers: list[subprocess.Popen[bytes]], doing: str) -> None:
+    for worker in workers:
+        if worker.poll() is not None:
+            stderr = worker.stderr.read().decode(errors="replace")[-2000:] if worker.stderr else ""
+            raise TransientError(f"a worker exited {doing}: {stderr}")
+
+
+async def run_workers(settings: Settings, total: int, processes: int, *, timeout: float = 1800,
+                      rss_every: float | None = None) -> tuple[float, list[tuple[int, float]]]:
+    """Run ``processes`` workers over the first ``total`` records of the log: their events per second (``_rate``)
+    and, every ``rss_every`` seconds, (committed, their RSS in MiB) samples."""
+    workers = start_workers(settings, processes)
+    conn = await connect_one(settings.database_url, settings.db_schema)
+    marks: list[tuple[float, int]] = []
+    samples: list[tuple[int, float]] = []
+    try:
+        deadline, next_rss = time.monotonic() + timeout, 0.0
+        while not marks or marks[-1][1] < total:
+            check_alive(workers, f"after {marks[-1][1] if marks else 0:,} of {total:,} events")
+            if time.monotonic() > deadline:
+                raise TransientError(f"the workers committed {marks[-1][1] if marks else 0:,} of {total:,} events "
+                                     f"in {timeout:.0f} s")
+            now, done = time.monotonic(), sum((await committed(conn, settings)).values())
+            marks.append((now, done))
+            if rss_every is not None and now >= next_rss:
+                samples.append((done, sum(psutil.Process(w.pid).memory_info().rss for w in workers) / 2**20))
+                next_rss = now + rss_every
+            await asyncio.sleep(0.05)
+    finally:
+        await stop_workers(workers)
+        await conn.close()
+    return _rate(marks, total), samples
+
+
+def _rate(marks: list[tuple[float, int]], total: int) -> float:
+    """Events per second from the first commit to the last: start-up (until the first batch is committed) does
+    not count, rebalancing and every later batch do."""
+    first = next(m for m in marks if m[1] > 0)
+    last = next(m for m in marks if m[1] >= total)
+    if last[0] > first[0]:
+        return (last[1] - first[1]) / (last[0] - first[0])
+    return total / (last[0] - marks[0][0])  # one batch held everything: start-up included, as the least bad
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "system": f"{platform.system()} {platform.release()}"}
