@@ -20,8 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from runledger.projections.postgres.db import NOTIFY_CHANNEL, connect_one
 from runledger.projections.postgres.queries import query
-from runledger.schemas.errors import TransientError
-from runledger.streams.dev.benchpaths import BenchRun, check_alive, committed, run_workers, start_workers, stop_workers
+from runledger.streams.dev.benchpaths import BenchRun, Workers, committed, run_workers
 from runledger.streams.dev.workload import Workload
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
@@ -36,7 +35,7 @@ async def latency(run: BenchRun, rate: float, seconds: float) -> dict[str, Any]:
     settings = run.fresh(f"lat{int(rate)}", prefix=f"lat{int(rate)}")
     count = max(int(rate * seconds), 1)
     await ensure_topics(settings.kafka_bootstrap_servers, {settings.events_topic: settings.event_partitions})
-    workers = start_workers(settings, 1)
+    workers = Workers(settings, 1)
     conn = await connect_one(settings.database_url, settings.db_schema)
     marks: list[tuple[float, dict[int, int]]] = []
     woken = asyncio.Event()
@@ -52,7 +51,7 @@ async def latency(run: BenchRun, rate: float, seconds: float) -> dict[str, Any]:
         finally:
             watcher.cancel()
     finally:
-        await stop_workers(workers)
+        await workers.stop()
         await conn.close()
     delays = sorted(_delays(marks, positions, start.timestamp(), rate))
     return {"rate": rate, "events": len(delays), "seconds": seconds,
@@ -76,11 +75,11 @@ async def memory(run: BenchRun, events: int) -> dict[str, Any]:
             "samples": [(n, round(mib, 1)) for n, mib in samples]}
 
 
-async def _wait_assigned(conn: asyncpg.Connection, settings: Settings, workers: list[Any]) -> None:
+async def _wait_assigned(conn: asyncpg.Connection, settings: Settings, workers: Workers) -> None:
     """Until the worker reports all partitions as its own (its heartbeat), then a moment to seek and resume."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        check_alive(workers, "while starting")
+        workers.check("while starting")
         try:
             rows = await conn.fetch(query("live_workers"), settings.consumer_group, 10)
         except asyncpg.UndefinedTableError:
@@ -89,7 +88,7 @@ async def _wait_assigned(conn: asyncpg.Connection, settings: Settings, workers: 
             await asyncio.sleep(2)
             return
         await asyncio.sleep(0.2)
-    raise TransientError("the worker did not take its partitions within 120 s")
+    raise workers.stuck("the worker did not take its partitions within 120 s")
 
 
 async def _watch(conn: asyncpg.Connection, settings: Settings, woken: asyncio.Event,
@@ -120,15 +119,15 @@ async def _send_on_schedule(settings: Settings, workload: Workload, start: float
 
 
 async def _until_committed(marks: list[tuple[float, dict[int, int]]], positions: list[tuple[int, int]],
-                           workers: list[Any], timeout: float) -> None:
+                           workers: Workers, timeout: float) -> None:
     last: dict[int, int] = {}
     for partition, offset in positions:
         last[partition] = max(last.get(partition, -1), offset)
     deadline = time.monotonic() + timeout
     while not marks or any(marks[-1][1].get(p, 0) <= o for p, o in last.items()):
-        check_alive(workers, "during the latency run")
+        workers.check("during the latency run")
         if time.monotonic() > deadline:
-            raise TransientError(f"not every event was committed {timeout:.0f} s after the last was sent")
+            raise workers.stuck(f"not every event was committed {timeout:.0f} s after the last was sent")
         await asyncio.sleep(0.05)
 
 

@@ -42,8 +42,7 @@ from runledger.streams.dev.workload import Workload
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
 
-__all__ = ["BenchRun", "Progress", "check_alive", "committed", "machine", "run_workers", "spread", "start_workers",
-           "stop_workers"]
+__all__ = ["BenchRun", "Progress", "Workers", "committed", "machine", "run_workers", "spread"]
 
 Progress = Callable[[str], None]
 
@@ -176,50 +175,69 @@ async def committed(conn: asyncpg.Connection, settings: Settings) -> dict[int, i
     return {r["partition"]: r["next_offset"] for r in rows}
 
 
-def start_workers(settings: Settings, processes: int) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix, "RUNLEDGER_DB_SCHEMA": settings.db_schema,
-           "RUNLEDGER_CONSUMER_GROUP": settings.consumer_group}
-    return [subprocess.Popen(WORKER_COMMAND, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE) for _ in range(processes)]
+class Workers:
+    """Worker processes under measurement, each logging (level info) to a file of the bench's own."""
+
+    def __init__(self, settings: Settings, processes: int) -> None:
+        env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix,
+               "RUNLEDGER_DB_SCHEMA": settings.db_schema, "RUNLEDGER_CONSUMER_GROUP": settings.consumer_group}
+        directory = settings.state_dir / "bench"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.logs = [directory / f"{settings.db_schema}-{n}.log" for n in range(processes)]
+        self.processes = []
+        for path in self.logs:
+            with path.open("wb") as out:  # the child keeps its own copy of the descriptor
+                self.processes.append(subprocess.Popen([*WORKER_COMMAND, "--loglevel", "info"], env=env,
+                                                       stdin=subprocess.DEVNULL, stdout=out, stderr=out))
+
+    def check(self, doing: str) -> None:
+        """Raise if a worker exited, with the end of its log."""
+        for process, path in zip(self.processes, self.logs, strict=True):
+            if process.poll() is not None:
+                raise TransientError(f"a worker exited {doing} (exit {process.returncode}); the end of {path}:\n"
+                                     f"{path.read_text(errors='replace')[-3000:]}")
+
+    def stuck(self, why: str) -> TransientError:
+        return TransientError(f"{why}; worker logs: {', '.join(map(str, self.logs))}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    async def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                await asyncio.to_thread(process.wait, timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
 
 
-async def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
-    for worker in workers:
-        worker.terminate()
-    for worker in workers:
-        await asyncio.to_thread(worker.communicate, timeout=30)
-
-
-def check_alive(workers: list[subprocess.Popen[bytes]], doing: str) -> None:
-    for worker in workers:
-        if worker.poll() is not None:
-            stderr = worker.stderr.read().decode(errors="replace")[-2000:] if worker.stderr else ""
-            raise TransientError(f"a worker exited {doing}: {stderr}")
-
-
-async def run_workers(settings: Settings, total: int, processes: int, *, timeout: float = 1800,
+async def run_workers(settings: Settings, total: int, processes: int, *, stall_s: float = 120,
                       rss_every: float | None = None) -> tuple[float, list[tuple[int, float]]]:
     """Run ``processes`` workers over the first ``total`` records of the log: their events per second (``_rate``)
-    and, every ``rss_every`` seconds, (committed, their RSS in MiB) samples."""
-    workers = start_workers(settings, processes)
+    and, every ``rss_every`` seconds, (committed, their RSS in MiB) samples. Raises if nothing is committed for
+    ``stall_s`` seconds."""
+    workers = Workers(settings, processes)
     conn = await connect_one(settings.database_url, settings.db_schema)
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, int]] = [(time.monotonic(), 0)]
     samples: list[tuple[int, float]] = []
     try:
-        deadline, next_rss = time.monotonic() + timeout, 0.0
-        while not marks or marks[-1][1] < total:
-            check_alive(workers, f"after {marks[-1][1] if marks else 0:,} of {total:,} events")
-            if time.monotonic() > deadline:
-                raise TransientError(f"the workers committed {marks[-1][1] if marks else 0:,} of {total:,} events "
-                                     f"in {timeout:.0f} s")
+        next_rss = 0.0
+        while marks[-1][1] < total:
+            workers.check(f"after {marks[-1][1]:,} of {total:,} events")
             now, done = time.monotonic(), sum((await committed(conn, settings)).values())
+            if done == marks[-1][1] and now - next((t for t, d in marks if d == done), now) > stall_s:
+                raise workers.stuck(f"the workers committed nothing for {stall_s:.0f} s, at {done:,} of {total:,}")
             marks.append((now, done))
             if rss_every is not None and now >= next_rss:
-                samples.append((done, sum(psutil.Process(w.pid).memory_info().rss for w in workers) / 2**20))
+                samples.append((done, sum(psutil.Process(pid).memory_info().rss for pid in workers.pids) / 2**20))
                 next_rss = now + rss_every
             await asyncio.sleep(0.05)
     finally:
-        await stop_workers(workers)
+        await workers.stop()
         await conn.close()
     return _rate(marks, total), samples
 
@@ -227,7 +245,7 @@ async def run_workers(settings: Settings, total: int, processes: int, *, timeout
 def _rate(marks: list[tuple[float, int]], total: int) -> float:
     """Events per second from the first commit to the last: start-up (until the first batch is committed) does
     not count, rebalancing and every later batch do."""
-    first = next(m for m in marks if m[1] > 0)
+    first = next(m for m in marks if m[1] > 0)  # marks[0] is the start, with nothing committed
     last = next(m for m in marks if m[1] >= total)
     if last[0] > first[0]:
         return (last[1] - first[1]) / (last[0] - first[0])

@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 import faust
+from faust.app.base import BootStrategy
 
 from runledger.projections.postgres.db import connect, database_error, migrate
 from runledger.projections.postgres.queries import query
@@ -90,6 +91,7 @@ def create_app(settings: Settings) -> faust.App:
     # share: settings, ready, send), the helpers below do the work.
     @app.task
     async def consume() -> None:
+        app.flow_control.resume()  # Faust's consumer would, once assigned; without it, the channel waits forever
         await _consume(settings, schedule, ready, send)
 
     @app.timer(_SWEEP_S)
@@ -108,8 +110,22 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
+class _OwnConsumers(BootStrategy):  # type: ignore[misc]
+    """Faust without its Kafka consumer. The worker reads the log and the retry topics with consumers of its
+    own (``consumer.py``); Faust's would only join a group of its own (for its leader topic) and hold every
+    task back until that group has settled, which the embedded broker's coordinator sometimes never lets
+    happen after members leave (a worker then never starts). Agents, tasks, timers and the channel run
+    without it."""
+
+    enable_kafka_consumer = False
+
+
+class _WorkerApp(faust.App):  # type: ignore[misc]
+    BootStrategy = _OwnConsumers
+
+
 def _faust_app(settings: Settings) -> faust.App:
-    return faust.App(
+    return _WorkerApp(
         f"{settings.topic_prefix}-worker",
         broker=f"kafka://{settings.kafka_bootstrap_servers.split(',')[0]}",
         web_enabled=False,

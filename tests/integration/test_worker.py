@@ -59,3 +59,31 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
         await asyncio.to_thread(worker.communicate, timeout=30)
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+
+
+async def test_a_worker_starts_without_a_faust_group_even_after_others_left(env: dict[str, str]) -> None:
+    """Faust's own consumer group would hold every task back until it settles, which the embedded broker
+    sometimes never lets happen after members leave: the worker reads Kafka only with consumers of its own."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from tests.integration.conftest import poll, running_worker
+
+    settings = Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        for n in range(3):  # workers of one app, each stopped (it leaves its groups) before the next starts
+            group = f"g-{uuid.uuid4().hex[:8]}"
+            async with running_worker({**env, "RUNLEDGER_CONSUMER_GROUP": group}, loglevel="info") as worker:
+                from tests.integration.conftest import worker_log
+
+                async def assigned(w: subprocess.Popen[bytes] = worker) -> bool:
+                    return "assigned partitions" in worker_log(w)
+
+                await poll(assigned, 60, f"worker {n + 1} to be assigned the log's partitions")
+                # Faust's consumer would have created its group's leader topic on start.
+                topics = set(await admin.list_topics())
+                assert settings.events_topic in topics
+                assert not [t for t in topics if t.startswith(f"{settings.topic_prefix}-worker")], topics
+    finally:
+        await admin.close()
