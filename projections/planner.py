@@ -14,6 +14,7 @@ order, so a batch gives the same tables whatever order its records come in.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from runledger.projections.pricing import PriceCatalog
-from runledger.projections.records import BatchResult, Failure, LogRecord, pg_text
+from runledger.projections.records import BatchResult, Failure, LogRecord, ProcessingFailed, pg_text
 from runledger.projections.rules import ExecutionState, Projected, StepState, apply
 from runledger.schemas.chain import Head, link_error
 from runledger.schemas.errors import (
@@ -35,7 +36,10 @@ from runledger.schemas.errors import (
 )
 from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, decode_json, parse_event
 
-__all__ = ["AUDIT_COLUMNS", "COST_COLUMNS", "BatchPlanner", "Loaded", "Parked", "Plan", "Policy"]
+__all__ = ["AUDIT_COLUMNS", "COST_COLUMNS", "BatchPlanner", "Decoded", "Loaded", "Parked", "Plan", "Policy",
+           "as_record", "decode", "decoded"]
+
+log = logging.getLogger(__name__)
 
 # A record larger than this cannot travel through a retry topic (its copy adds headers): it is dead-lettered.
 _RETRY_BYTES = MAX_EVENT_BYTES + 64 * 1024
@@ -61,6 +65,41 @@ class Policy:
     retry_gaps: bool = False
     follow_parked: bool = True
     refused: PermanentError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A record and what its bytes are: the event and the JSON object it was decoded from, or the error that
+    refuses it (with as much of the JSON as was read, to name the stream in its dead letter)."""
+
+    record: LogRecord
+    event: Event | None
+    raw: Any
+    error: PermanentError | None = None
+
+
+def decode(record: LogRecord) -> Decoded:
+    """Decode and check one record (size, JSON, schema, hash). Needs nothing of the tables, so a worker does
+    it for the next batch while the current one commits."""
+    raw = None
+    try:
+        raw = decode_event(record.value)
+        return Decoded(record, parse_event(raw), raw)
+    except PermanentError as e:
+        return Decoded(record, None, raw, e)
+    except Exception as e:  # noqa: BLE001 - a bug in runledger's checks: this record alone is dead-lettered
+        log.exception("%s[%d]@%d: decoding failed in runledger's own code", record.topic, record.partition,
+                      record.offset)
+        return Decoded(record, None, raw, ProcessingFailed(pg_text(f"{type(e).__name__}: {e}")))
+
+
+def as_record(item: LogRecord | Decoded) -> LogRecord:
+    return item.record if isinstance(item, Decoded) else item
+
+
+def decoded(items: Iterable[LogRecord | Decoded]) -> list[Decoded]:
+    """``items`` decoded, those decoded already as they are."""
+    return [item if isinstance(item, Decoded) else decode(item) for item in items]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,26 +173,21 @@ class BatchPlanner:
     def event_ids(self) -> list[str]:
         return [event.id for items in self._by_stream.values() for event, _, _ in items]
 
-    def add(self, records: Iterable[LogRecord]) -> None:
-        """Decode and check ``records``; what is not a valid event leaves the batch here."""
+    def add(self, items: Iterable[Decoded]) -> None:
+        """Take the batch's decoded records; what is not a valid event leaves the batch here."""
         refused = self.policy.refused
-        for record in records:
+        for item in items:
+            record, event, raw = item.record, item.event, item.raw
             self._records.append(record)
-            raw = event = None
-            try:
-                raw = decode_event(record.value)
-                event = parse_event(raw)
-            except PermanentError as e:
-                if refused is None:
-                    self._fail(record, e, raw=raw)
-                    continue
             if refused is not None:  # this record alone, refused by PostgreSQL whatever it is: it leaves
                 self._fail(record, refused, event, raw=raw)
                 if event is not None:  # if it was parked, its letter holds it now
                     self.plan_.unparks.append((event.subject, event.seq, event.id))
-                continue
-            assert event is not None and raw is not None
-            self._by_stream[event.subject].append((event, record, raw["data"]))
+            elif item.error is not None:
+                self._fail(record, item.error, raw=raw)
+            else:
+                assert event is not None  # a Decoded has its event or its error
+                self._by_stream[event.subject].append((event, record, raw["data"]))
 
     def plan(self, loaded: Loaded) -> Plan:
         """Every record's outcome and the rows to write, given what the tables hold (``loaded``)."""

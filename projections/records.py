@@ -9,15 +9,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from runledger.schemas.errors import RunledgerError
+from runledger.schemas.errors import PermanentError, RunledgerError
 
-__all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "Route", "pg_text"]
+__all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "ProcessingFailed", "Route", "pg_text"]
 
 
 def pg_text(text: str, limit: int = 10_000) -> str:
     """``text`` as PostgreSQL ``text`` and ``jsonb`` accept it: U+0000 written out, at most ``limit`` characters."""
     text = text.replace("\x00", "\\u0000")
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class ProcessingFailed(PermanentError):
+    """runledger's own code failed on this record alone (a bug): it is dead-lettered as it is, to be replayed
+    once the code is fixed, instead of stopping every stream behind it."""
+
+    code = "processing_failed"
 
 
 @dataclass(frozen=True, slots=True)

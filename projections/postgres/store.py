@@ -27,25 +27,28 @@ from typing import Any
 
 import asyncpg
 
-from runledger.projections.planner import AUDIT_COLUMNS, COST_COLUMNS, BatchPlanner, Loaded, Parked, Plan, Policy
+from runledger.projections.planner import (
+    AUDIT_COLUMNS,
+    COST_COLUMNS,
+    BatchPlanner,
+    Decoded,
+    Loaded,
+    Parked,
+    Plan,
+    Policy,
+    decoded,
+)
 from runledger.projections.postgres.db import RejectedByDatabase, StoreConflict, StoreUnavailable, database_error
 from runledger.projections.postgres.queries import query
 from runledger.projections.pricing import ModelPrice, PriceCatalog
-from runledger.projections.records import BatchResult, LogRecord, Route, pg_text
+from runledger.projections.records import BatchResult, LogRecord, ProcessingFailed, Route, pg_text
 from runledger.projections.rules import ExecutionState, StepState
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import PermanentError
 
-__all__ = ["ProcessingFailed", "ProjectionStore"]
+__all__ = ["ProjectionStore"]
 
 log = logging.getLogger(__name__)
-
-
-class ProcessingFailed(PermanentError):
-    """runledger's own code failed on this record alone (a bug): it is dead-lettered as it is, to be replayed
-    once the code is fixed, instead of stopping every stream behind it."""
-
-    code = "processing_failed"
 
 
 # Failures that the record causes, found by applying the batch in halves.
@@ -97,8 +100,8 @@ class ProjectionStore:
         except Exception as e:
             raise StoreUnavailable(f"cannot read the stored offsets: {e}") from e
 
-    async def apply_batch(self, records: Sequence[LogRecord], *, route: Route | None = None) -> BatchResult:
-        """Apply ``records`` in one transaction (in parts, if PostgreSQL refuses one of them).
+    async def apply_batch(self, records: Sequence[LogRecord | Decoded], *, route: Route | None = None) -> BatchResult:
+        """Apply ``records`` (decoded already, or not) in one transaction (in parts, if PostgreSQL refuses one).
 
         Raises StoreUnavailable (transient), or a permanent error only when not even the dead letter of
         the record that causes a failure can be written (then nothing is). With ``route``, a record whose
@@ -117,9 +120,10 @@ class ProjectionStore:
                 raise error from e
             raise
 
-    async def apply_on(self, conn: asyncpg.Connection, records: Sequence[LogRecord], *,
+    async def apply_on(self, conn: asyncpg.Connection, records: Sequence[LogRecord | Decoded], *,
                        route: Route | None = None) -> BatchResult:
         """``apply_batch`` on ``conn``: its own transactions, or savepoints inside the caller's."""
+        records = decoded(records)  # once: the halves below reuse it
         try:
             return await self._attempt(conn, records, route)
         except _ISOLATED as e:
@@ -130,15 +134,16 @@ class ProjectionStore:
                 return first.merge(await self.apply_on(conn, records[half:], route=route))
             return await self._apply_alone(conn, records[0], route, e)
 
-    async def _apply_alone(self, conn: asyncpg.Connection, record: LogRecord, route: Route | None,
+    async def _apply_alone(self, conn: asyncpg.Connection, item: Decoded, route: Route | None,
                            refusal: PermanentError) -> BatchResult:
         """One record whose batch failed: itself the cause, or an event parked behind it that it lets follow."""
+        record = item.record
         try:
-            alone = await self._attempt(conn, [record], route, follow_parked=False)
+            alone = await self._attempt(conn, [item], route, follow_parked=False)
         except _ISOLATED as e:
             log.warning("%s[%d]@%d is dead-lettered as %s: %s", record.topic, record.partition, record.offset,
                         e.code, e)
-            return await self._attempt(conn, [record], route, refused=e)
+            return await self._attempt(conn, [item], route, refused=e)
         # The record is not the cause: the parked events that it unblocks are. Each is a record of its own now.
         streams = sorted({stream for stream, _ in alone.projected})
         parked = sorted(await conn.fetch(query("load_parked"), streams), key=lambda r: (r["stream_id"], r["seq"]))
@@ -149,7 +154,7 @@ class ProjectionStore:
         followers = [_parked_record(r, attempts=1) for r in parked]
         return alone.merge(await self.apply_on(conn, followers, route=route))
 
-    async def _attempt(self, conn: asyncpg.Connection, records: Sequence[LogRecord], route: Route | None, *,
+    async def _attempt(self, conn: asyncpg.Connection, records: Sequence[Decoded], route: Route | None, *,
                        follow_parked: bool = True, refused: PermanentError | None = None) -> BatchResult:
         for tries in range(1, _CONFLICT_TRIES + 1):
             try:
@@ -174,7 +179,7 @@ class ProjectionStore:
                 raise error from e
         raise AssertionError("unreachable")
 
-    async def _run(self, conn: asyncpg.Connection, records: Sequence[LogRecord], route: Route | None,
+    async def _run(self, conn: asyncpg.Connection, records: Sequence[Decoded], route: Route | None,
                    policy: Policy) -> BatchResult:
         planner = BatchPlanner(self.catalog, policy, datetime.now(UTC))
         planner.add(records)

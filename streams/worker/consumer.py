@@ -29,6 +29,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
+from runledger.projections.planner import Decoded, decoded
 from runledger.projections.postgres.db import StoreUnavailable, database_error
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.records import BatchResult, LogRecord
@@ -40,7 +41,7 @@ __all__ = ["LogConsumer", "Projector", "RetryConsumer"]
 
 log = logging.getLogger(__name__)
 
-Projector = Callable[[list[LogRecord]], Awaitable[BatchResult | None]]
+Projector = Callable[[list[LogRecord] | list[Decoded]], Awaitable[BatchResult | None]]
 
 _RECHECK_S = 5.0  # how often a partition held back by a problem is checked again
 _FETCH_BYTES = 4 * MAX_EVENT_BYTES  # a record over the limit still arrives, and is dead-lettered as too_large
@@ -54,7 +55,7 @@ def _consumer(bootstrap_servers: str, group_id: str | None) -> AIOKafkaConsumer:
         session_timeout_ms=6000, heartbeat_interval_ms=2000)
 
 
-async def _project_until_done(project: Projector, records: list[LogRecord], what: str) -> None:
+async def _project_until_done(project: Projector, records: list[LogRecord] | list[Decoded], what: str) -> None:
     """``project`` the batch; an unexpected error is logged and the batch tried again: never skipped."""
     pause = 1.0
     while True:
@@ -88,8 +89,21 @@ class _CheckOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._owner.assigned_now(assigned)
 
 
+class _InFlight:
+    """A batch handed to the projector, and what to commit to Kafka once it is applied."""
+
+    def __init__(self, task: asyncio.Task[None], fetched: dict[TopicPartition, list[Any]],
+                 owner: LogConsumer) -> None:
+        self.task, self._fetched, self._owner = task, fetched, owner
+
+    async def done(self) -> None:
+        await self.task
+        await _commit(self._owner._consumer, self._fetched, self._owner.topic)  # noqa: SLF001 - its owner's
+
+
 class LogConsumer:
-    """One consumer-group member of the log: ``run()`` until cancelled."""
+    """One consumer-group member of the log: ``run()`` until cancelled. Batch N+1 is read and decoded while
+    batch N is applied; N+1 is applied only after N is, and each is committed to Kafka after it is applied."""
 
     def __init__(self, bootstrap_servers: str, topic: str, group_id: str, store: ProjectionStore,
                  pool: asyncpg.Pool, project: Projector, *, max_records: int = 5000) -> None:
@@ -108,22 +122,33 @@ class LogConsumer:
         await self._consumer.start()
         await self._checker.start()
         self._consumer.subscribe([self.topic], listener=_CheckOnAssign(self))
+        in_flight: _InFlight | None = None  # the batch being applied while the next is read and decoded
         try:
             while True:
                 if self.held and time.monotonic() - self._checked_at > _RECHECK_S:
                     await self._check([TopicPartition(self.topic, p) for p in self.held if p in self.assigned])
                 try:
-                    fetched = await self._consumer.getmany(timeout_ms=500, max_records=self._max_records)
+                    # With a batch in flight, take only what has arrived: its commit must not wait for more.
+                    fetched = await self._consumer.getmany(timeout_ms=0 if in_flight else 500,
+                                                           max_records=self._max_records)
                 except KafkaError as e:
                     log.warning("reading %s: %s; trying again", self.topic, e)
                     await asyncio.sleep(1)
                     continue
                 records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
                            for tp, batch in fetched.items() if tp.partition not in self.held for m in batch]
-                if records:
-                    await _project_until_done(self._project, records, self.topic)
-                    await _commit(self._consumer, fetched, self.topic)
+                # Decoded while the batch before is still being written: it needs nothing of the tables.
+                items = decoded(records)
+                if in_flight is not None:
+                    await in_flight.done()
+                    in_flight = None
+                if items:
+                    in_flight = _InFlight(asyncio.create_task(_project_until_done(self._project, items, self.topic)),
+                                          fetched, self)
         finally:
+            if in_flight is not None:  # not committed to Kafka: read again, a duplicate where it was applied
+                in_flight.task.cancel()
+                await asyncio.gather(in_flight.task, return_exceptions=True)
             await self._checker.stop()
             await self._consumer.stop()
 

@@ -31,6 +31,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
+from runledger.projections.planner import Decoded, as_record
 from runledger.projections.postgres.db import StoreUnavailable
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
@@ -156,7 +157,7 @@ class BatchHandler:
     def __init__(self, store: ProjectionStore, forwarder: Forwarder, pool: asyncpg.Pool) -> None:
         self._store, self._forwarder, self._pool = store, forwarder, pool
 
-    async def handle(self, records: Sequence[LogRecord]) -> BatchResult | None:
+    async def handle(self, records: Sequence[LogRecord | Decoded]) -> BatchResult | None:
         """Apply ``records``; None if PostgreSQL was unavailable and they went to the retry topics instead.
 
         Returns once every record is projected, parked, dead-lettered or safe in a retry topic (or in the
@@ -167,7 +168,7 @@ class BatchHandler:
                 result = await self._store.apply_batch(records, route=self._forwarder.schedule.route)
             except StoreUnavailable as e:
                 try:
-                    records = await self._forwarder.retry_all(records, e)
+                    records = await self._forwarder.retry_all([as_record(r) for r in records], e)
                 except TransientError as kafka_down:
                     log.warning("%s; and %s", e, kafka_down)
                 else:

@@ -13,7 +13,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runledger.projections.planner import AUDIT_COLUMNS, BatchPlanner, Loaded, Parked, Plan, Policy
+from runledger.projections.planner import AUDIT_COLUMNS, BatchPlanner, Loaded, Parked, Plan, Policy, decoded
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.schemas.chain import GENESIS_HASH, Head, compute_hash
@@ -62,7 +62,7 @@ def records(values: list[bytes], *, partition: int = 0, first: int = 0, attempts
 
 def planned(batch: list[LogRecord], loaded: Loaded | None = None, **policy: Any) -> Plan:
     planner = BatchPlanner(CATALOG, Policy(**policy), NOW)
-    planner.add(batch)
+    planner.add(decoded(batch))
     return planner.plan(loaded or Loaded())
 
 
@@ -206,7 +206,7 @@ class Tables:
 
     def apply(self, batch: list[LogRecord], policy: Policy) -> None:
         planner = BatchPlanner(CATALOG, policy, NOW)
-        planner.add(batch)
+        planner.add(decoded(batch))
         mine = set(planner.streams)
         parked = [Parked(k[0], k[1], k[2], LogRecord(r[4], r[5], r[6], None, r[3]))
                   for k, r in self.rows["parked"].items() if k[0] in mine]
@@ -287,3 +287,21 @@ def test_any_order_duplication_and_split_into_batches_gives_the_same_tables(orde
     for start, end in itertools.pairwise(bounds):
         tables.apply(delivered[start:end], Policy())
     assert tables.snapshot() == reference(False)
+
+
+def test_a_record_runledgers_own_checks_fail_on_is_dead_lettered_alone(monkeypatch: Any) -> None:
+    from runledger.projections import planner as planner_module
+
+    values = run("x")
+    real = planner_module.parse_event
+
+    def buggy(raw: Any) -> Any:
+        if raw["seq"] == 2:
+            raise RuntimeError("a bug")
+        return real(raw)
+
+    monkeypatch.setattr(planner_module, "parse_event", buggy)
+    plan = planned(records(values))
+    assert codes(plan) == ["processing_failed"] and "RuntimeError: a bug" in str(plan.result.dead[0].error)
+    assert plan.result.dead[0].record.offset == 1 and plan.result.projected == [("x", 1)]
+    assert plan.result.parked == len(values) - 2  # behind the letter, as behind any dead letter
