@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 _RETRY_BYTES = MAX_EVENT_BYTES + 64 * 1024
 
 AUDIT_COLUMNS = ("event_id", "stream_id", "seq", "type", "source", "specversion", "datacontenttype", "dataschema",
-                 "traceparent", "time", "data", "hash", "raw", "prevhash", "kafka_topic", "kafka_partition",
-                 "kafka_offset", "attempts")
+                 "traceparent", "time", "hash", "raw", "prevhash", "kafka_topic", "kafka_partition", "kafka_offset",
+                 "attempts")
 COST_COLUMNS = ("event_id", "stream_id", "seq", "step_id", "provider", "model", "input_tokens", "output_tokens",
                 "cached_tokens", "cost_usd", "cost_source", "catalog_version", "occurred_at")
 _COST_USD = COST_COLUMNS.index("cost_usd")
@@ -149,8 +149,8 @@ class Plan:
                 "parked_events": len(self.parks) - len(self.unparks)}
 
 
-# An event of the batch: the event, its record, and its data as received (None for an event parked earlier).
-_Item = tuple[Event, LogRecord, dict[str, Any] | None]
+# An event of the batch: the event, its record, and whether it was parked by an earlier batch.
+_Item = tuple[Event, LogRecord, bool]
 
 
 class BatchPlanner:
@@ -187,7 +187,7 @@ class BatchPlanner:
                 self._fail(record, item.error, raw=raw)
             else:
                 assert event is not None  # a Decoded has its event or its error
-                self._by_stream[event.subject].append((event, record, raw["data"]))
+                self._by_stream[event.subject].append((event, record, False))
 
     def plan(self, loaded: Loaded) -> Plan:
         """Every record's outcome and the rows to write, given what the tables hold (``loaded``)."""
@@ -218,7 +218,7 @@ class BatchPlanner:
                 self._fail(p.record, e, raw=_json_or_none(p.record.value))
                 self.plan_.unparks.append((p.stream_id, p.seq, p.event_id))
                 continue
-            self._by_stream[p.stream_id].append((event, p.record, None))
+            self._by_stream[p.stream_id].append((event, p.record, True))
 
     def _project_stream(self, stream: str, loaded: Loaded) -> set[str] | None:
         """Apply the stream's events in order; the steps touched, or None if the stream did not advance."""
@@ -231,8 +231,7 @@ class BatchPlanner:
         while pending and advanced:  # parked events may become applicable as the head moves
             advanced, waiting = False, []
             for item in pending:
-                event, record, data = item
-                was_parked = data is None
+                event, record, was_parked = item
                 if event.id in loaded.projected_ids:
                     if was_parked:
                         plan.unparks.append((event.subject, event.seq, event.id))
@@ -256,11 +255,11 @@ class BatchPlanner:
                     continue
                 state, head, advanced = done.state, Head(event.seq, event.hash), True
                 loaded.projected_ids.add(event.id)
-                self._record(done, event, record, data if data is not None else decode_event(record.value)["data"])
+                self._record(done, event, record)
                 touched.update(done.touched_steps)
             pending = waiting
-        for event, record, data in pending:
-            if data is None:
+        for event, record, was_parked in pending:
+            if was_parked:
                 continue  # parked earlier, still waiting
             # Behind a dead letter of its stream it waits for the replay; otherwise its predecessor is
             # still on its way (in a retry topic, say), so it follows through the retry topics.
@@ -276,13 +275,13 @@ class BatchPlanner:
         loaded.states[stream], loaded.heads[stream] = state, head
         return touched
 
-    def _record(self, done: Projected, event: Event, record: LogRecord, data: dict[str, Any]) -> None:
+    def _record(self, done: Projected, event: Event, record: LogRecord) -> None:
         plan = self.plan_
         plan.result.projected.append((event.subject, event.seq))
         plan.audit.append((event.id, event.subject, event.seq, event.type, event.source, event.specversion,
                            event.datacontenttype, event.dataschema, event.traceparent, event.time,
-                           data, event.hash, record.value, event.prevhash, record.topic,
-                           record.partition, record.offset, record.attempts + 1))
+                           event.hash, record.value, event.prevhash, record.topic, record.partition, record.offset,
+                           record.attempts + 1))
         plan.costs += [(c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens,
                         c.output_tokens, c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version,
                         c.occurred_at) for c in done.costs]

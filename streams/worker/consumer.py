@@ -43,16 +43,20 @@ log = logging.getLogger(__name__)
 
 Projector = Callable[[list[LogRecord] | list[Decoded]], Awaitable[BatchResult | None]]
 
+_LOG_FETCH_WAIT_MS = 50
 _RECHECK_S = 5.0  # how often a partition held back by a problem is checked again
 _FETCH_BYTES = 4 * MAX_EVENT_BYTES  # a record over the limit still arrives, and is dead-lettered as too_large
 
 
-def _consumer(bootstrap_servers: str, group_id: str | None) -> AIOKafkaConsumer:
+def _consumer(bootstrap_servers: str, group_id: str | None, *, fetch_wait_ms: int = 500) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", max_partition_fetch_bytes=_FETCH_BYTES, fetch_max_bytes=4 * _FETCH_BYTES,
         # Tansu holds a join for half the session timeout of the group's first member.
-        session_timeout_ms=6000, heartbeat_interval_ms=2000)
+        session_timeout_ms=6000, heartbeat_interval_ms=2000,
+        # The embedded broker holds a fetch of an empty partition this long even when records arrive meanwhile:
+        # on the log, it bounds how long a new event waits to be read (p99 at 2,000 events/s: 505 ms with 500).
+        fetch_max_wait_ms=fetch_wait_ms)
 
 
 async def _project_until_done(project: Projector, records: list[LogRecord] | list[Decoded], what: str) -> None:
@@ -109,7 +113,7 @@ class LogConsumer:
                  pool: asyncpg.Pool, project: Projector, *, max_records: int = 5000) -> None:
         self.topic, self._group_id = topic, group_id
         self._store, self._pool, self._project, self._max_records = store, pool, project, max_records
-        self._consumer = _consumer(bootstrap_servers, group_id)
+        self._consumer = _consumer(bootstrap_servers, group_id, fetch_wait_ms=_LOG_FETCH_WAIT_MS)
         self._checker = _consumer(bootstrap_servers, None)
         self.held: dict[int, str] = {}  # partitions not projected, and why
         self._checked_at = 0.0
