@@ -30,6 +30,7 @@ async def run_bench(settings: Settings, *, events: int, rounds: int, workers: tu
         progress(f"building about {events:,} events ...")
         workload = Workload(events, run_tag=run.settings.topic_prefix)
         report["throughput"] = await run.throughput(workload, rounds, workers)
+        del workload  # published: the latency and memory runs build their own
         if workers:
             report["latency"] = []
             for rate in rates:
