@@ -1,2 +1,2 @@
-"""The projection: pure rules over events (records of a batch, rules, pricing) and, in ``postgres``, their
+"""The projection: pure code over events (records of a batch, the planner, rules, pricing) and, in ``postgres``, its
 execution against PostgreSQL."""

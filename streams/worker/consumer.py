@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,16 +94,12 @@ class _CheckOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._owner.assigned_now(assigned)
 
 
+@dataclass(frozen=True, slots=True)
 class _InFlight:
     """A batch handed to the projector, and what to commit to Kafka once it is applied."""
 
-    def __init__(self, task: asyncio.Task[None], fetched: dict[TopicPartition, list[Any]],
-                 owner: LogConsumer) -> None:
-        self.task, self._fetched, self._owner = task, fetched, owner
-
-    async def done(self) -> None:
-        await self.task
-        await _commit(self._owner._consumer, self._fetched, self._owner.topic)  # noqa: SLF001 - its owner's
+    task: asyncio.Task[None]
+    fetched: dict[TopicPartition, list[Any]]
 
 
 class LogConsumer:
@@ -144,11 +141,12 @@ class LogConsumer:
                 # Decoded while the batch before is still being written: it needs nothing of the tables.
                 items = decoded(records)
                 if in_flight is not None:
-                    await in_flight.done()
+                    await in_flight.task
+                    await _commit(self._consumer, in_flight.fetched, self.topic)
                     in_flight = None
                 if items:
                     in_flight = _InFlight(asyncio.create_task(_project_until_done(self._project, items, self.topic)),
-                                          fetched, self)
+                                          fetched)
         finally:
             if in_flight is not None:  # not committed to Kafka: read again, a duplicate where it was applied
                 in_flight.task.cancel()
