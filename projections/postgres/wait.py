@@ -135,7 +135,7 @@ async def _check(conn: asyncpg.Connection, stream_id: str, seq: int, event_id: s
 
 def stream_partition(stream_id: str, partitions: int) -> int:
     """The partition of ``stream_id`` in a log of ``partitions`` (the Java client's murmur2, SPEC.md section 1)."""
-    return (murmur2(stream_id.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(stream_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 async def _stalled(conn: asyncpg.Connection, result: WaitResult, group_id: str, topic: str) -> WaitResult | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ def draw(report: dict[str, Any], path: Path) -> None:
         raise ChartUnavailable("drawing the chart needs matplotlib: pip install 'runledger[bench]'") from None
     panels = [p for p in ("throughput", "latency", "memory") if report.get(p)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    drawers: dict[str, Callable[[Any, Any], None]] = {"throughput": _throughput, "latency": _latency,
+                                                      "memory": _memory}
     for ax, panel in zip(axes[0], panels, strict=True):
-        {"throughput": _throughput, "latency": _latency, "memory": _memory}[panel](ax, report[panel])
+        drawers[panel](ax, report[panel])
     machine = report.get("machine", {})
     fig.suptitle(f"runledger bench · {machine.get('cpus')} CPUs, {machine.get('memory_gib')} GiB · "
                  f"{report.get('command', '')}", fontsize=9)

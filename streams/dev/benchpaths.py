@@ -100,7 +100,8 @@ class BenchRun:
         total = len(workload)
         self.progress(f"publishing {total:,} events of {workload.streams:,} executions, interleaved ...")
         await self.publish(self.settings, workload)
-        paths: dict[str, list[float]] = {"floor": [], "store": []} | {f"workers_{n}": [] for n in worker_counts}
+        names = ["floor", "store", *(f"workers_{n}" for n in worker_counts)]
+        paths: dict[str, list[float]] = {name: [] for name in names}
         for r in range(1, rounds + 1):
             self.progress(f"round {r} of {rounds}: floor, store" + "".join(f", {n} worker(s)" for n in worker_counts))
             paths["floor"].append(total / await self._floor(self.fresh(f"floor{r}"), total))

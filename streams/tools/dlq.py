@@ -81,7 +81,8 @@ class LetterFilter:
 
 async def select_letters(conn: asyncpg.Connection, letters: LetterFilter) -> list[asyncpg.Record]:
     """The matching dead letters in replay order: by stream, then seq; letters of no known stream last."""
-    return await conn.fetch(query("dlq_select"), *letters.args())
+    rows: list[asyncpg.Record] = await conn.fetch(query("dlq_select"), *letters.args())
+    return rows
 
 
 def summary_by_reason(rows: list[asyncpg.Record]) -> dict[str, int]:

@@ -93,7 +93,7 @@ async def _replay_lock(settings: Settings) -> AsyncIterator[None]:
     try:
         if not await client.set(key, token, nx=True, px=LOCK_TTL_MS):
             holder = await client.get(key)
-            who = holder.decode(errors="replace") if holder else "just finished"
+            who = holder.decode(errors="replace") if isinstance(holder, bytes) else holder or "just finished"
             raise ReplayLocked(f"another replay of schema {settings.db_schema} is running ({who}); wait for it, "
                                f"or if it died, for its lock to expire (at most {LOCK_TTL_MS // 1000} s)")
 

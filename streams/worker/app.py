@@ -86,7 +86,7 @@ def create_app(settings: Settings) -> faust.App:
 
     async def send(records: list[LogRecord] | list[Decoded]) -> BatchResult | None:
         work = _Work(records)
-        await channel.put(work)
+        await channel.put(work)  # type: ignore[arg-type]  # a channel carries any object, typed for events
         return await work.done
 
     # Faust names each task, timer and agent after its function: these closures keep the names (and what they
@@ -112,7 +112,7 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-class _OwnConsumers(BootStrategy):  # type: ignore[misc]
+class _OwnConsumers(BootStrategy):
     """Faust without its Kafka consumer. The worker reads the log and the retry topics with consumers of its
     own (``consumer.py``); Faust's would only join a group of its own (for its leader topic) and hold every
     task back until that group has settled, which the embedded broker's coordinator sometimes never lets
@@ -122,7 +122,7 @@ class _OwnConsumers(BootStrategy):  # type: ignore[misc]
     enable_kafka_consumer = False
 
 
-class _WorkerApp(faust.App):  # type: ignore[misc]
+class _WorkerApp(faust.App):
     BootStrategy = _OwnConsumers
 
 
@@ -160,7 +160,8 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
     retries = [RetryConsumer(settings.kafka_bootstrap_servers, topic, delay,
                              f"{settings.consumer_group}.retry.{delay_name(delay)}", send)
                for delay, topic in schedule.topics]
-    tasks = [asyncio.create_task(c.run()) for c in [log_consumer, *retries]]
+    consumers: list[LogConsumer | RetryConsumer] = [log_consumer, *retries]
+    tasks = [asyncio.create_task(c.run()) for c in consumers]
     try:
         # The first to end (only by an error) ends them all; the worker stops rather than run half-blind.
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -25,6 +25,7 @@ import logging
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import orjson
@@ -121,8 +122,9 @@ class Forwarder:
             value = orjson.dumps({"dead_letter": {"schema": self._schema, "id": letter, "bytes": len(value),
                                                   "sha256": hashlib.sha256(value).hexdigest()}})
         try:
-            return await self._kafka.send(row["topic"], value, key=key,
-                                          headers=[(k, v.encode()) for k, v in headers.items()])
+            sent: asyncio.Future[Any] = await self._kafka.send(
+                row["topic"], value, key=key, headers=[(k, v.encode()) for k, v in headers.items()])
+            return sent
         except MessageSizeTooLargeError:
             if letter is None or shrink:
                 raise
