@@ -34,7 +34,7 @@ from runledger.schemas.errors import (
     RunledgerError,
     SeqConflict,
 )
-from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, decode_json, parse_event
+from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, parse_event
 
 __all__ = ["AUDIT_COLUMNS", "COST_COLUMNS", "BatchPlanner", "Decoded", "Loaded", "Parked", "Plan", "Policy",
            "as_record", "decode", "decoded"]
@@ -212,13 +212,13 @@ class BatchPlanner:
         for p in parked:
             if p.stream_id not in self._by_stream:
                 continue
-            try:
-                event = parse_event(p.record.value)
-            except PermanentError as e:  # parked under older, looser rules: it leaves the stream now
-                self._fail(p.record, e, raw=_json_or_none(p.record.value))
+            item = decode(p.record)
+            if item.error is not None:  # parked under older, looser rules: it leaves the stream now
+                self._fail(p.record, item.error, raw=item.raw)
                 self.plan_.unparks.append((p.stream_id, p.seq, p.event_id))
                 continue
-            self._by_stream[p.stream_id].append((event, p.record, True))
+            assert item.event is not None  # a Decoded has its event or its error
+            self._by_stream[p.stream_id].append((item.event, p.record, True))
 
     def _project_stream(self, stream: str, loaded: Loaded) -> set[str] | None:
         """Apply the stream's events in order; the steps touched, or None if the stream did not advance."""
@@ -322,13 +322,6 @@ def _offsets(records: Iterable[LogRecord]) -> list[tuple[str, int, int, str]]:
             if key not in last or r.offset > last[key].offset:
                 last[key] = r
     return [(t, p, r.offset + 1, hashlib.sha256(r.value).hexdigest()) for (t, p), r in last.items()]
-
-
-def _json_or_none(value: bytes) -> Any:
-    try:
-        return decode_json(value)
-    except PermanentError:
-        return None
 
 
 def _known_fields(raw: Any) -> tuple[str | None, int | None, str | None, str | None]:
