@@ -163,7 +163,7 @@ def apply(state: ExecutionState | None, event: Event, catalog: PriceCatalog) -> 
     elif isinstance(data, ExecutionCompleted | ExecutionFailed | ExecutionCancelled | ExecutionTimedOut):
         state.status, state.ended_at = _ENDS[type(data)], event.time
         if isinstance(data, ExecutionFailed):
-            state.error = data.error.model_dump()
+            state.error = dict(data.error)
         done = Projected(state)
     else:
         done = Projected(state, (_step(state, event, data),))
@@ -205,7 +205,7 @@ def _step(state: ExecutionState, event: Event, data: EventData) -> str:
         step = _open_step(state, event, data.step_id, _OPEN)
         step.ended_at = event.time
         if isinstance(data, StepFailed):
-            step.status, step.error = "failed", data.error.model_dump()
+            step.status, step.error = "failed", dict(data.error)
         else:
             step.status = "completed"
     elif isinstance(data, StepSkipped):

@@ -1,40 +1,39 @@
-"""Pydantic models of the runledger event (SPEC.md sections 2, 4, 5) and its parser.
+"""The runledger event (SPEC.md sections 2, 4, 5) as msgspec structs, and its parser.
 
 ``parse_event`` turns the bytes of a Kafka record (or an already decoded JSON
 object) into a typed, hash-checked ``Event``, or raises one typed error from
-``runledger.schemas.errors`` that names the field and the reason.
+``runledger.schemas.errors`` that names every failed field and the reason.
+
+msgspec checks a valid event in one pass in C; the Python callbacks run only for
+the values whose rules are the spec's own (money, times, error objects). When
+that pass refuses an event, ``_field_errors`` checks it field by field against
+the same structs, so the error lists every failed field rather than the first.
 """
 
 from __future__ import annotations
 
 import re
+import typing
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
+import msgspec
 import orjson
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SkipValidation,
-    StrictInt,
-    StrictStr,
-    TypeAdapter,
-    ValidationError,
-)
+from msgspec import Meta, Struct
 
 from runledger.schemas.chain import MAX_SAFE_INTEGER, compute_hash, is_plain, unsafe_values
-from runledger.schemas.errors import HashMismatch, InvalidEvent, InvalidJson, TooLarge, UnknownType
+from runledger.schemas.errors import FieldError, HashMismatch, InvalidEvent, InvalidJson, TooLarge, UnknownType
 
 __all__ = [
     "EVENT_TYPES",
     "MAX_EVENT_BYTES",
     "STREAM_ID_PATTERN",
+    "ErrorInfo",
     "Event",
+    "EventData",
     "Money",
+    "UtcTime",
     "decode_event",
     "decode_json",
     "format_time",
@@ -47,33 +46,73 @@ MAX_EVENT_BYTES = 512 * 1024
 """The largest encoded event, in bytes of UTF-8 JSON (SPEC.md section 4); larger is ``TooLarge``."""
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 _MONEY = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]{1,12})?")
-_HEX64 = r"^[0-9a-f]{64}$"
-_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-_TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+# \Z, not $: Python's $ also matches before a final newline.
+_HEX64 = r"^[0-9a-f]{64}\Z"
+_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
+_TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z"
 
 
-def _money(value: object) -> Decimal:
+class Money(Decimal):
+    """A decimal string in JSON (at most 12 digits after the point), a ``Decimal`` in Python; never a float."""
+
+    __slots__ = ()
+
+
+class UtcTime(datetime):
+    """An RFC 3339 date-time in UTC (``Z`` or ``+00:00``), timezone-aware in Python."""
+
+    __slots__ = ()
+
+
+class ErrorInfo(dict[str, Any]):
+    """An error object: a non-empty string ``type`` and a string ``message``; other members are kept."""
+
+
+class _ErrorShape(Struct):
+    type: Annotated[str, Meta(min_length=1)]
+    message: str
+
+
+def _money(value: object) -> Money:
     if not isinstance(value, str):
         raise ValueError(
             f"money must be a decimal string such as \"0.000125\", not a JSON {type(value).__name__}"
         )
     if not _MONEY.fullmatch(value):
         raise ValueError(f"{value!r} is not a non-negative decimal with at most 12 digits after the point")
-    return Decimal(value)
+    return Money(value)
 
 
-def _utc_time(value: object) -> datetime:
+def _utc_time(value: object) -> UtcTime:
     if not isinstance(value, str):
         raise ValueError("must be an RFC 3339 string such as \"2026-11-22T10:00:00.125Z\"")
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = UtcTime.fromisoformat(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
     if "T" not in value.upper() or parsed.tzinfo is None:
         raise ValueError(f"{value!r} is not an RFC 3339 date-time with a UTC offset")
     if parsed.utcoffset() != timedelta(0):
         raise ValueError(f"{value!r} is not in UTC (use Z or +00:00)")
-    return parsed.astimezone(UTC)
+    return parsed if parsed.tzinfo is UTC else parsed.replace(tzinfo=UTC)
+
+
+def _error_info(value: object) -> ErrorInfo:
+    msgspec.convert(value, _ErrorShape, strict=True)
+    assert isinstance(value, dict)  # _ErrorShape accepts only an object
+    return ErrorInfo(value)
+
+
+_HOOKS: dict[type, typing.Callable[[object], object]] = {Money: _money, UtcTime: _utc_time, ErrorInfo: _error_info}
+
+
+def _decode_hook(kind: type, value: object) -> object:
+    """msgspec's callback for the types whose rules are the spec's own."""
+    try:
+        hook = _HOOKS[kind]
+    except KeyError:
+        raise NotImplementedError(kind) from None
+    return hook(value)
 
 
 def format_time(moment: datetime) -> str:
@@ -83,62 +122,54 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-Money = Annotated[Decimal, BeforeValidator(_money)]
-"""A decimal string in JSON, a ``Decimal`` in Python; never a float."""
-UtcTime = Annotated[datetime, BeforeValidator(_utc_time)]
-Count = Annotated[StrictInt, Field(ge=0, le=MAX_SAFE_INTEGER)]
-Name = Annotated[StrictStr, Field(min_length=1)]
+Count = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
+Name = Annotated[str, Meta(min_length=1)]
 JsonObject = dict[str, Any]
 
 
-class _Data(BaseModel):
-    # Unknown fields in data are kept (audit) and ignored (projections): SPEC.md section 5.
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+class _Data(Struct, frozen=True):
+    """The ``data`` of one event type. Unknown fields are ignored here (projections) and kept in the event's
+    bytes (audit): SPEC.md section 5."""
 
 
-class ErrorInfo(_Data):
-    type: Name
-    message: StrictStr
-
-
-class ExecutionStarted(_Data):
+class ExecutionStarted(_Data, frozen=True):
     workflow: Name
-    agent_id: StrictStr | None = None
-    customer_id: StrictStr | None = None
+    agent_id: str | None = None
+    customer_id: str | None = None
     input: JsonObject | None = None
     budget_usd: Money | None = None
 
 
-class StepStarted(_Data):
+class StepStarted(_Data, frozen=True):
     step_id: Name
     name: Name
-    order: StrictInt | None = None
+    order: int | None = None
     input: JsonObject | None = None
 
 
-class StepRetrying(_Data):
+class StepRetrying(_Data, frozen=True):
     step_id: Name
-    attempt: Annotated[StrictInt, Field(ge=1)]
+    attempt: Annotated[int, Meta(ge=1)]
     max_retries: Count | None = None
     error: JsonObject | None = None
 
 
-class StepCompleted(_Data):
+class StepCompleted(_Data, frozen=True):
     step_id: Name
     output: JsonObject | None = None
 
 
-class StepFailed(_Data):
+class StepFailed(_Data, frozen=True):
     step_id: Name
     error: ErrorInfo
 
 
-class StepSkipped(_Data):
+class StepSkipped(_Data, frozen=True):
     step_id: Name
-    reason: StrictStr | None = None
+    reason: str | None = None
 
 
-class CostIncurred(_Data):
+class CostIncurred(_Data, frozen=True):
     provider: Name
     model: Name
     input_tokens: Count
@@ -148,30 +179,30 @@ class CostIncurred(_Data):
     cost_usd: Money | None = None
 
 
-class ArtifactCreated(_Data):
+class ArtifactCreated(_Data, frozen=True):
     artifact_id: Name
     type: Literal["report", "config", "log", "chart", "dataset", "model", "code", "other"]
     name: Name
     uri: Name
     step_id: Name | None = None
     size_bytes: Count | None = None
-    content_type: StrictStr | None = None
+    content_type: str | None = None
 
 
-class ExecutionCompleted(_Data):
+class ExecutionCompleted(_Data, frozen=True):
     output: JsonObject | None = None
 
 
-class ExecutionFailed(_Data):
+class ExecutionFailed(_Data, frozen=True):
     error: ErrorInfo
 
 
-class ExecutionCancelled(_Data):
-    reason: StrictStr | None = None
+class ExecutionCancelled(_Data, frozen=True):
+    reason: str | None = None
 
 
-class ExecutionTimedOut(_Data):
-    after_seconds: Annotated[StrictInt | float, Field(ge=0)] | None = None
+class ExecutionTimedOut(_Data, frozen=True):
+    after_seconds: Annotated[int, Meta(ge=0)] | Annotated[float, Meta(ge=0)] | None = None
 
 
 EVENT_TYPES: dict[str, type[_Data]] = {
@@ -188,7 +219,7 @@ EVENT_TYPES: dict[str, type[_Data]] = {
     "execution.cancelled": ExecutionCancelled,
     "execution.timed_out": ExecutionTimedOut,
 }
-"""Every event type of SPEC.md section 5, with the model of its ``data``."""
+"""Every event type of SPEC.md section 5, with the struct of its ``data``."""
 
 EventData: TypeAlias = (
     ExecutionStarted | StepStarted | StepRetrying | StepCompleted | StepFailed | StepSkipped
@@ -197,47 +228,87 @@ EventData: TypeAlias = (
 )
 
 
-def _subject(value: str) -> str:
-    if not STREAM_ID_PATTERN.fullmatch(value):
-        raise ValueError("must be 1 to 200 characters from A-Z a-z 0-9 . _ : -")
-    return value
-
-
-StreamId = Annotated[StrictStr, AfterValidator(_subject)]
-
-
-class Event(BaseModel):
+class Event(Struct, frozen=True, forbid_unknown_fields=True):
     """One event, validated: the CloudEvents envelope with its typed ``data``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
     specversion: Literal["1.0"]
-    id: Annotated[StrictStr, Field(pattern=_UUID)]
-    source: Annotated[StrictStr, Field(min_length=1, pattern=r"^\S+$")]
-    type: StrictStr
-    subject: StreamId
+    id: Annotated[str, Meta(pattern=_UUID)]
+    source: Annotated[str, Meta(min_length=1, pattern=r"^\S+\Z")]
+    type: str
+    subject: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,200}\Z")]
     time: UtcTime
     datacontenttype: Literal["application/json"]
-    seq: Annotated[StrictInt, Field(ge=1, le=MAX_SAFE_INTEGER)]
-    prevhash: Annotated[StrictStr, Field(pattern=_HEX64)]
-    hash: Annotated[StrictStr, Field(pattern=_HEX64)]
-    # Validated by type before the envelope (``parse_event``); a union check here would cost more
-    # than the rest of the envelope together.
-    data: SkipValidation[EventData]
-    dataschema: Annotated[StrictStr, Field(min_length=1)] | None = None
-    traceparent: Annotated[StrictStr, Field(pattern=_TRACEPARENT)] | None = None
+    seq: Annotated[int, Meta(ge=1, le=MAX_SAFE_INTEGER)]
+    prevhash: Annotated[str, Meta(pattern=_HEX64)]
+    hash: Annotated[str, Meta(pattern=_HEX64)]
+    # The envelope is checked with ``data`` as it is; ``data`` is checked by its ``type`` (a union of structs
+    # is untagged here: the tag is outside them) and set afterwards.
+    if TYPE_CHECKING:
+        data: EventData
+    else:
+        data: Any
+    dataschema: Annotated[str, Meta(min_length=1)] | None = None
+    traceparent: Annotated[str, Meta(pattern=_TRACEPARENT)] | None = None
 
 
-_DATA_ADAPTERS = {name: TypeAdapter(model) for name, model in EVENT_TYPES.items()}
+_PATTERN_REASONS = {
+    "id": "must be a UUID in lowercase hex form, such as 0b9e4a52-8e55-4d7e-9f7a-1f0c2b3d4e5f",
+    "source": "must be a URI-reference, without white space",
+    "subject": "must be 1 to 200 characters from A-Z a-z 0-9 . _ : -",
+    "prevhash": "must be 64 lowercase hex characters",
+    "hash": "must be 64 lowercase hex characters",
+    "traceparent": "must be a W3C traceparent, such as 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+}
+_AT = re.compile(r"^(?P<reason>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_FIELD = re.compile(r"^Object (?P<what>missing required|contains unknown) field `(?P<name>[^`]*)`$")
 
 
-def _field_errors(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    out = []
-    for item in error.errors(include_url=False):
-        path = ".".join(str(p) for p in item["loc"])
-        reason = item["msg"].removeprefix("Value error, ")
-        out.append((f"{prefix}{path}" if path else prefix.rstrip("."), reason))
-    return out
+def _located(path: str, error: msgspec.ValidationError, kind: object) -> FieldError:
+    """(field path, reason) from msgspec's error about the value at ``path`` of type ``kind``."""
+    match = _AT.match(str(error))
+    assert match is not None  # the pattern matches any text
+    reason, inner = match["reason"], match["path"] or ""
+    path += inner
+    field = _FIELD.match(reason)
+    if field is not None:
+        path = f"{path}.{field['name']}" if path else field["name"]
+        reason = "field required" if field["what"] == "missing required" else "unknown field: not allowed"
+    elif reason.startswith("Expected `str` matching regex"):
+        reason = _PATTERN_REASONS.get(path, reason)
+    elif reason.startswith("Invalid enum value"):
+        literal = next((a for a in typing.get_args(kind) if typing.get_origin(a) is Literal), kind)
+        reason = f"{reason}: must be one of {', '.join(map(repr, typing.get_args(literal)))}"
+    return path, reason
+
+
+def _field_errors(kind: type[Struct], obj: dict[str, Any], prefix: str) -> list[FieldError]:
+    """Every field of ``obj`` that ``kind`` refuses, with its reason (msgspec stops at the first)."""
+    errors: list[FieldError] = []
+    fields = msgspec.structs.fields(kind)
+    for field in fields:
+        if field.encode_name not in obj:
+            if field.required:
+                errors.append((f"{prefix}{field.name}", "field required"))
+            continue
+        try:
+            msgspec.convert(obj[field.encode_name], field.type, strict=True, dec_hook=_decode_hook)
+        except msgspec.ValidationError as e:
+            value = obj[field.encode_name]
+            if field.type is ErrorInfo and isinstance(value, dict):  # every member's error, not the first
+                errors += _field_errors(_ErrorShape, value, f"{prefix}{field.name}.")
+            else:
+                errors.append(_located(f"{prefix}{field.name}", e, field.type))
+    if kind.__struct_config__.forbid_unknown_fields:
+        known = {field.encode_name for field in fields}
+        errors += [(f"{prefix}{key}", "unknown field: not allowed") for key in obj if key not in known]
+    return errors
+
+
+def _convert(obj: dict[str, Any], kind: type[Struct], prefix: str) -> Any:
+    try:
+        return msgspec.convert(obj, kind, strict=True, dec_hook=_decode_hook)
+    except msgspec.ValidationError as e:
+        raise InvalidEvent(_field_errors(kind, obj, prefix) or [_located(prefix.rstrip("."), e, kind)]) from None
 
 
 def validate_stream_id(stream_id: object) -> str:
@@ -262,10 +333,7 @@ def validate_data(event_type: object, data: object, *, plain: bool | None = None
         problems = [(f"data.{path}" if path else "data", reason) for path, reason in unsafe_values(data)]
         if problems:
             raise InvalidEvent(problems)
-    try:
-        return _DATA_ADAPTERS[event_type].validate_python(data)  # type: ignore[return-value]  # one of EventData
-    except ValidationError as e:
-        raise InvalidEvent(_field_errors(e, "data.")) from None
+    return _convert(data, EVENT_TYPES[event_type], "data.")  # type: ignore[no-any-return]  # one of EventData
 
 
 def decode_json(value: bytes | str) -> dict[str, Any]:
@@ -308,14 +376,12 @@ def parse_event(value: bytes | str | dict[str, Any], *, verify_hash: bool = True
     except RecursionError:
         raise InvalidEvent([("data", "nested too deeply")]) from None
     data = validate_data(raw.get("type"), raw.get("data"), plain=plain or None)
-    envelope = {k: v for k, v in raw.items() if k != "data"}
-    problems = [] if plain else list(unsafe_values(envelope))
-    if problems:
-        raise InvalidEvent(problems)
-    try:
-        event = Event.model_validate({**envelope, "data": data})
-    except ValidationError as e:
-        raise InvalidEvent(_field_errors(e)) from None
+    if not plain:
+        problems = list(unsafe_values({k: v for k, v in raw.items() if k != "data"}))
+        if problems:
+            raise InvalidEvent(problems)
+    event: Event = _convert(raw, Event, "")
+    msgspec.structs.force_setattr(event, "data", data)
     if verify_hash:
         try:
             expected = compute_hash(raw, plain=plain)
