@@ -90,6 +90,8 @@ def _utc_time(value: object) -> UtcTime:
         parsed = UtcTime.fromisoformat(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
+    if parsed.tzinfo is UTC and value[10:11] == "T":  # the usual form, as producers write it
+        return parsed
     if "T" not in value.upper() or parsed.tzinfo is None:
         raise ValueError(f"{value!r} is not an RFC 3339 date-time with a UTC offset")
     if parsed.utcoffset() != timedelta(0):
