@@ -45,6 +45,7 @@ __all__ = [
 MAX_EVENT_BYTES = 512 * 1024
 """The largest encoded event, in bytes of UTF-8 JSON (SPEC.md section 4); larger is ``TooLarge``."""
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+_STREAM_ID_RULE = "1 to 200 characters from A-Z a-z 0-9 . _ : -"
 _MONEY = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]{1,12})?")
 # \Z, not $: Python's $ also matches before a final newline.
 _HEX64 = r"^[0-9a-f]{64}\Z"
@@ -237,7 +238,7 @@ class Event(Struct, frozen=True, forbid_unknown_fields=True):
     id: Annotated[str, Meta(pattern=_UUID)]
     source: Annotated[str, Meta(min_length=1, pattern=r"^\S+\Z")]
     type: str
-    subject: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,200}\Z")]
+    subject: Annotated[str, Meta(pattern=rf"^{STREAM_ID_PATTERN.pattern}\Z")]
     time: UtcTime
     datacontenttype: Literal["application/json"]
     seq: Annotated[int, Meta(ge=1, le=MAX_SAFE_INTEGER)]
@@ -256,7 +257,7 @@ class Event(Struct, frozen=True, forbid_unknown_fields=True):
 _PATTERN_REASONS = {
     "id": "must be a UUID in lowercase hex form, such as 0b9e4a52-8e55-4d7e-9f7a-1f0c2b3d4e5f",
     "source": "must be a URI-reference, without white space",
-    "subject": "must be 1 to 200 characters from A-Z a-z 0-9 . _ : -",
+    "subject": f"must be {_STREAM_ID_RULE}",
     "prevhash": "must be 64 lowercase hex characters",
     "hash": "must be 64 lowercase hex characters",
     "traceparent": "must be a W3C traceparent, such as 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
@@ -316,8 +317,7 @@ def _convert(obj: dict[str, Any], kind: type[Struct], prefix: str) -> Any:
 def validate_stream_id(stream_id: object) -> str:
     """Return ``stream_id`` if it is a valid stream id (SPEC.md section 1), else raise InvalidEvent."""
     if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
-        raise InvalidEvent([("subject", f"stream id {stream_id!r} must be 1 to 200 characters from "
-                                        "A-Z a-z 0-9 . _ : -")])
+        raise InvalidEvent([("subject", f"stream id {stream_id!r} must be {_STREAM_ID_RULE}")])
     return stream_id
 
 
