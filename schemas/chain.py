@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 import rfc8785
 
@@ -22,6 +24,7 @@ __all__ = [
     "Head",
     "canonical",
     "compute_hash",
+    "stored_hash",
     "link_error",
     "unsafe_values",
     "verify_chain",
@@ -110,6 +113,47 @@ def canonical(event: Mapping[str, Any], *, plain: bool | None = None) -> bytes:
 def compute_hash(event: Mapping[str, Any], *, plain: bool | None = None) -> str:
     """``lowercase_hex(SHA-256(JCS(event without "hash")))``; ``plain`` as for ``canonical``."""
     return hashlib.sha256(canonical(event, plain=plain)).hexdigest()
+
+
+_floats: list[str] = []  # the floats the decoder saw in the last event it decoded
+
+
+def _float(text: str) -> float:
+    _floats.append(text)
+    return float(text)
+
+
+_DECODER = msgspec.json.Decoder(float_hook=_float)
+_LEAD_BYTES = (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")  # lead a 4-byte UTF-8 sequence: outside the BMP
+_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB]")  # an escaped one: the first half of a pair outside the BMP
+
+
+def _bmp_only(raw: bytes) -> bool:
+    """Whether the JSON bytes hold no character outside the BMP, written out or escaped (a few byte scans)."""
+    if not raw.isascii() and any(lead in raw for lead in _LEAD_BYTES):
+        return False
+    return b"\\u" not in raw or _HIGH_SURROGATE.search(raw) is None
+
+
+def stored_hash(raw: bytes) -> tuple[dict[str, Any], Any, str]:
+    """Decode an event's bytes and hash them: (the event without its ``hash``, the ``hash`` it carries, the hash
+    its content has). For checking stored events fast: the walk ``is_plain`` makes is needed only if the bytes
+    hold a float or a character outside the BMP, which the decoder and one scan of the bytes see.
+
+    Raises ``msgspec.DecodeError`` (not JSON), or what ``canonical`` raises (no JCS form). Not thread-safe.
+    """
+    _floats.clear()
+    event = _DECODER.decode(raw)
+    if type(event) is not dict:
+        raise msgspec.DecodeError(f"a JSON {type(event).__name__}, not an object")
+    carried = event.pop("hash", None)
+    out = None
+    if not _floats and _bmp_only(raw):
+        try:
+            out = orjson.dumps(event, option=orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER)
+        except orjson.JSONEncodeError:
+            out = None  # beyond ±(2^53 - 1), or a lone surrogate: canonical decides
+    return event, carried, hashlib.sha256(out if out is not None else canonical(event)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

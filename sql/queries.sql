@@ -280,3 +280,22 @@ WHERE i.dead_letter_id = $1 ORDER BY i.at;
 
 -- name: dlq_parked_behind
 SELECT seq FROM parked_events WHERE stream_id = $1 ORDER BY seq;
+
+-- Verification reads one snapshot: the streams named by $1 (a stream id, or NULL for all) and $2 (NULL, or only
+-- streams with an event recorded or a head moved since then).
+-- name: verify_count
+SELECT count(*) FROM audit_log
+WHERE ($1::text IS NULL OR stream_id = $1)
+  AND ($2::timestamptz IS NULL OR stream_id IN (SELECT stream_id FROM audit_log WHERE recorded_at >= $2));
+
+-- name: verify_audit
+SELECT stream_id, seq, raw, event_id::text, hash, prevhash FROM audit_log
+WHERE ($1::text IS NULL OR stream_id = $1)
+  AND ($2::timestamptz IS NULL OR stream_id IN (SELECT stream_id FROM audit_log WHERE recorded_at >= $2))
+ORDER BY stream_id, seq, event_id;
+
+-- name: verify_heads
+SELECT stream_id, seq, hash FROM stream_heads
+WHERE ($1::text IS NULL OR stream_id = $1)
+  AND ($2::timestamptz IS NULL OR updated_at >= $2
+       OR stream_id IN (SELECT stream_id FROM audit_log WHERE recorded_at >= $2));

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -11,8 +13,18 @@ from typing import Any
 import orjson
 import pytest
 import rfc8785
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from runledger.schemas.chain import GENESIS_HASH, Head, canonical, compute_hash, link_error, verify_chain
+from runledger.schemas.chain import (
+    GENESIS_HASH,
+    Head,
+    canonical,
+    compute_hash,
+    link_error,
+    stored_hash,
+    verify_chain,
+)
 from tests.conftest import ROOT, VECTORS
 
 SHARED = Path(os.environ.get("RUNLEDGER_SHARED_DIR", ROOT.parent / "shared")) / "vectors" / "chain-v1.jsonl"
@@ -153,3 +165,55 @@ def test_a_forked_prevhash_is_a_broken_chain() -> None:
 def test_link_error_of_the_first_event() -> None:
     assert link_error(Head(), {"seq": 1, "prevhash": GENESIS_HASH}) is None
     assert link_error(Head(), {"seq": 1, "prevhash": "1" * 64})[0] == "chain_broken"  # type: ignore[index]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _JSON, max_size=6))
+def test_the_fast_hash_of_decoded_json_is_the_jcs_hash(body: dict[str, Any]) -> None:
+    try:
+        event = orjson.loads(orjson.dumps(body))  # as it would arrive: decoded from JSON bytes
+    except orjson.JSONEncodeError:
+        assume(False)  # a lone surrogate, or an integer orjson cannot write: never on the wire
+    event["hash"] = "ignored"
+    try:
+        expected = hashlib.sha256(rfc8785.dumps({k: v for k, v in event.items() if k != "hash"})).hexdigest()
+    except (ValueError, TypeError) as e:  # beyond ±(2^53 - 1): JCS has no form for it
+        with pytest.raises(type(e)):
+            compute_hash(event)
+        return
+    assert compute_hash(event) == expected
+
+
+def test_the_hash_takes_the_slow_path_where_orjson_differs() -> None:
+    for data in ({"x": 1.0}, {"x": 1e21}, {"x": [0.1, -2.5e-7]}, {"\U0001f600": 1, "\uffff": 2}):
+        event = orjson.loads(orjson.dumps({"data": data}))
+        assert compute_hash(event) == hashlib.sha256(rfc8785.dumps(event)).hexdigest()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _JSON, max_size=6), st.booleans())
+def test_the_hash_of_stored_bytes_is_the_jcs_hash(body: dict[str, Any], ascii_only: bool) -> None:
+    """Stored bytes as orjson writes them, or with every character outside ASCII escaped (\\uXXXX)."""
+    body.pop("hash", None)
+    try:
+        raw = json.dumps({**body, "hash": "h"}).encode() if ascii_only else orjson.dumps({**body, "hash": "h"})
+        expected = hashlib.sha256(rfc8785.dumps(orjson.loads(orjson.dumps(body)))).hexdigest()
+    except (orjson.JSONEncodeError, ValueError, TypeError):
+        assume(False)  # a lone surrogate, or an integer JCS has no form for: refused before it is stored
+    event, carried, computed = stored_hash(raw)
+    assert (carried, computed) == ("h", expected) and "hash" not in event
+
+
+def test_the_hash_of_stored_bytes_sees_floats_and_keys_outside_the_bmp() -> None:
+    for body in ({"x": 1.0}, {"x": [2, 1e21]}, {"\U0001f600": 1, "\uffff": 2}):
+        expected = hashlib.sha256(rfc8785.dumps(body)).hexdigest()
+        for raw in (orjson.dumps({**body, "hash": "h"}), json.dumps({**body, "hash": "h"}).encode()):
+            assert stored_hash(raw)[2] == expected

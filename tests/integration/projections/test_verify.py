@@ -1,0 +1,89 @@
+"""`runledger verify chains` against tables a database superuser has tampered with."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import asyncpg
+import orjson
+
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.postgres.verify import verify_chains
+from runledger.projections.records import LogRecord
+from runledger.schemas.chain import compute_hash
+from runledger.streams.settings import Settings
+from tests.conftest import CLI, VECTOR_EVENTS
+from tests.integration.conftest import rechain
+
+A, B, C, D, E = "exec-2026-11-22-0001", "exec-2026-11-22-0002", "tenant:eu.exec_0003", "exec-2026-11-22-0004", "extra"
+
+
+async def project(store: ProjectionStore) -> None:
+    events = [*VECTOR_EVENTS, *rechain(E)]
+    result = await store.apply_batch([LogRecord("t.events", 0, i, e["subject"].encode(), orjson.dumps(e))
+                                      for i, e in enumerate(events)])
+    assert len(result.projected) == len(events)
+
+
+async def raw_of(owner: asyncpg.Connection, stream: str, seq: int) -> bytes:
+    return await owner.fetchval("SELECT raw FROM audit_log WHERE stream_id = $1 AND seq = $2", stream, seq)
+
+
+async def tamper(owner: asyncpg.Connection) -> None:
+    """As a superuser: the append-only triggers switched off for this session."""
+    await owner.execute("SET session_replication_role = replica")
+    changed = orjson.loads(await raw_of(owner, A, 3))  # A: one event's data changed, its hash kept
+    changed["data"]["input_tokens"] += 1
+    await owner.execute("UPDATE audit_log SET raw = $1 WHERE stream_id = $2 AND seq = 3", orjson.dumps(changed), A)
+    await owner.execute("DELETE FROM audit_log WHERE stream_id = $1 AND seq = 2", B)  # B: a row deleted
+    one, two = await raw_of(owner, C, 1), await raw_of(owner, C, 2)  # C: two rows' payloads swapped
+    await owner.execute("UPDATE audit_log SET raw = CASE seq WHEN 1 THEN $2::bytea ELSE $3::bytea END "
+                        "WHERE stream_id = $1 AND seq IN (1, 2)", C, two, one)
+    last = orjson.loads(await raw_of(owner, D, 2))  # D: a forged event with a valid hash, appended
+    forged = {**last, "id": str(uuid.uuid4()), "seq": 3, "prevhash": last["hash"], "type": "execution.completed",
+              "data": {}}
+    forged["hash"] = compute_hash(forged)
+    await owner.execute(
+        "INSERT INTO audit_log (event_id, stream_id, seq, type, source, specversion, datacontenttype, time, hash, "
+        "raw, prevhash, kafka_topic, kafka_partition, kafka_offset) SELECT $1::uuid, stream_id, 3, type, source, "
+        "specversion, datacontenttype, time, $2, $3, $4, kafka_topic, kafka_partition, kafka_offset + 1000 "
+        "FROM audit_log WHERE stream_id = $5 AND seq = 2", forged["id"], forged["hash"], orjson.dumps(forged),
+        forged["prevhash"], D)
+    await owner.execute("DELETE FROM audit_log WHERE stream_id = $1", E)  # E: a whole stream deleted
+
+
+async def test_every_tampering_is_named_by_stream_and_seq(settings: Settings, schema: str, store: ProjectionStore,
+                                                         owner: asyncpg.Connection) -> None:
+    await project(store)
+    intact = await verify_chains(settings.database_url, schema)
+    assert intact.intact and (intact.events, intact.streams) == (27, 5)
+    await tamper(owner)
+    report = await verify_chains(settings.database_url, schema)
+    found = {f.stream_id: (f.seq, f.code) for f in report.findings}
+    assert found == {A: (3, "hash_mismatch"), B: (3, "seq_gap"), C: (1, "row_mismatch"), D: (3, "head_mismatch"),
+                     E: (9, "stream_missing")}
+    by_stream = {f.stream_id: f for f in report.findings}
+    assert "seq 2 is missing" in by_stream[B].reason and "column seq is 1" in by_stream[C].reason
+    assert by_stream[A].event_id == VECTOR_EVENTS[2]["id"]
+    only = await verify_chains(settings.database_url, schema, stream=D)
+    assert [(f.stream_id, f.code) for f in only.findings] == [(D, "head_mismatch")] and only.events == 3
+
+
+async def test_the_command_says_where_and_exits_1(settings: Settings, schema: str, store: ProjectionStore,
+                                                  owner: asyncpg.Connection, env: dict[str, str]) -> None:
+    await project(store)
+    run_env = {**os.environ, **env, "RUNLEDGER_DB_SCHEMA": schema}
+    ok = subprocess.run([*CLI, "verify", "chains"], env=run_env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "27 events of 5 streams" in ok.stdout and "intact" in ok.stdout
+    await tamper(owner)
+    human = subprocess.run([*CLI, "verify", "chains", "--stream", A], env=run_env, capture_output=True, text=True,
+                           timeout=120)
+    assert human.returncode == 1 and f"NOT INTACT  {A}  seq 3" in human.stdout and "hash_mismatch" in human.stdout
+    machine = subprocess.run([*CLI, "verify", "chains", "--json"], env=run_env, capture_output=True, text=True,
+                             timeout=120)
+    report = orjson.loads(machine.stdout)
+    assert machine.returncode == 1 and report["intact"] is False and report["events"] == 18
+    assert {f["code"] for f in report["findings"]} == {"hash_mismatch", "seq_gap", "row_mismatch", "head_mismatch",
+                                                       "stream_missing"}
