@@ -124,13 +124,13 @@ def _float(text: str) -> float:
 
 
 _DECODER = msgspec.json.Decoder(float_hook=_float)
-_LEAD_BYTES = (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")  # lead a 4-byte UTF-8 sequence: outside the BMP
 _HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB]")  # an escaped one: the first half of a pair outside the BMP
 
 
 def _bmp_only(raw: bytes) -> bool:
     """Whether the JSON bytes hold no character outside the BMP, written out or escaped (a few byte scans)."""
-    if not raw.isascii() and any(lead in raw for lead in _LEAD_BYTES):
+    # F0-F4 lead a 4-byte UTF-8 sequence; an int is looked for with memchr.
+    if not raw.isascii() and (0xF0 in raw or 0xF1 in raw or 0xF2 in raw or 0xF3 in raw or 0xF4 in raw):
         return False
     return b"\\u" not in raw or _HIGH_SURROGATE.search(raw) is None
 

@@ -68,17 +68,19 @@ class ChainAuditor:
         self._broken = False
 
     def check(self, rows: Iterable[StoredEvent]) -> Iterator[Finding]:
+        count = 0
         for row in rows:
-            self.events += 1
+            count += 1
             if row[0] != self._stream:
                 yield from self._end_stream()
                 self._start_stream(row[0])
-            if self._broken:
+            elif self._broken:
                 continue
             finding = self._check_row(row)
             if finding is not None:
                 self._broken = True
                 yield finding
+        self.events += count
 
     def finish(self) -> Iterator[Finding]:
         """The last stream's end, and every stream the heads name that had no event at all."""
