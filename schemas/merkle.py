@@ -13,8 +13,9 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["EMPTY_ROOT", "ProofError", "TreeState", "consistency_proof", "inclusion_proof", "leaf_hash",
-           "node_hash", "root_of", "verify_consistency", "verify_inclusion"]
+__all__ = ["EMPTY_ROOT", "Node", "ProofError", "Range", "TreeState", "consistency_proof", "consistency_ranges", "fold",
+           "inclusion_proof", "inclusion_ranges", "leaf_hash", "node_hash", "root_of", "subtrees",
+           "verify_consistency", "verify_inclusion"]
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 """The root of the empty tree: SHA-256 of nothing."""
@@ -47,35 +48,88 @@ def root_of(leaves: Sequence[bytes]) -> bytes:
     return node_hash(root_of(leaves[:k]), root_of(leaves[k:]))
 
 
+Node = tuple[int, int]
+"""A perfect subtree as (level, index): the leaves ``index << level`` to ``(index + 1) << level``, exclusive."""
+Range = tuple[int, int]
+"""Leaves ``lo`` to ``hi``, exclusive, whose MTH a proof holds."""
+
+
+def subtrees(lo: int, hi: int) -> list[Node]:
+    """The perfect subtrees that leaves ``lo`` to ``hi`` split into, left to right, largest first (``lo`` a
+    multiple of the largest power of two not over ``hi - lo``, as in every range a proof or a root needs).
+    Their hashes folded from the right give the range's MTH: ``fold``."""
+    nodes = []
+    while lo < hi:
+        level = (hi - lo).bit_length() - 1
+        while lo & ((1 << level) - 1):
+            level -= 1
+        nodes.append((level, lo >> level))
+        lo += 1 << level
+    return nodes
+
+
+def fold(hashes: Sequence[bytes]) -> bytes:
+    """The MTH of a range from the hashes of its ``subtrees``."""
+    if not hashes:
+        return EMPTY_ROOT
+    r = hashes[-1]
+    for h in reversed(hashes[:-1]):
+        r = node_hash(h, r)
+    return r
+
+
+def inclusion_ranges(index: int, size: int) -> list[Range]:
+    """The ranges whose MTHs are PATH(index, D[size]): the audit path of leaf ``index``, leaf side first."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf {index} is not in a tree of {size} leaves")
+    out: list[Range] = []
+    lo, hi = 0, size
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            out.append((lo + k, hi))
+            hi = lo + k
+        else:
+            out.append((lo, lo + k))
+            lo += k
+    return out[::-1]
+
+
+def consistency_ranges(size1: int, size2: int) -> list[Range]:
+    """The ranges whose MTHs are PROOF(size1, D[size2]): that the tree of ``size1`` leaves is a prefix."""
+    if not 0 <= size1 <= size2:
+        raise ValueError(f"a tree of {size1} leaves is not a prefix of one of {size2}")
+    if size1 in (0, size2):
+        return []
+    out: list[Range] = []
+    lo, hi, whole = 0, size2, True
+    while True:
+        if size1 == hi:  # SUBPROOF(m, D[m], b)
+            if not whole:
+                out.append((lo, hi))
+            break
+        k = _split(hi - lo)
+        if size1 <= lo + k:
+            out.append((lo + k, hi))
+            hi = lo + k
+        else:
+            out.append((lo, lo + k))
+            lo, whole = lo + k, False
+    return out[::-1]
+
+
+def _range_roots(ranges: list[Range], leaves: Sequence[bytes]) -> list[bytes]:
+    return [root_of(leaves[lo:hi]) for lo, hi in ranges]
+
+
 def inclusion_proof(index: int, leaves: Sequence[bytes]) -> list[bytes]:
     """PATH(index, leaves): the audit path of leaf ``index`` in the tree over ``leaves`` (leaf hashes)."""
-    if not 0 <= index < len(leaves):
-        raise ValueError(f"leaf {index} is not in a tree of {len(leaves)} leaves")
-    if len(leaves) == 1:
-        return []
-    k = _split(len(leaves))
-    if index < k:
-        return [*inclusion_proof(index, leaves[:k]), root_of(leaves[k:])]
-    return [*inclusion_proof(index - k, leaves[k:]), root_of(leaves[:k])]
+    return _range_roots(inclusion_ranges(index, len(leaves)), leaves)
 
 
 def consistency_proof(size: int, leaves: Sequence[bytes]) -> list[bytes]:
     """PROOF(size, leaves): that the tree of the first ``size`` leaves is a prefix of the tree over ``leaves``."""
-    if not 0 <= size <= len(leaves):
-        raise ValueError(f"a tree of {size} leaves is not a prefix of one of {len(leaves)}")
-    if size in (0, len(leaves)):
-        return []
-    return _subproof(size, leaves, True)
-
-
-def _subproof(m: int, leaves: Sequence[bytes], whole: bool) -> list[bytes]:
-    n = len(leaves)
-    if m == n:
-        return [] if whole else [root_of(leaves)]
-    k = _split(n)
-    if m <= k:
-        return [*_subproof(m, leaves[:k], whole), root_of(leaves[k:])]
-    return [*_subproof(m - k, leaves[k:], False), root_of(leaves[:k])]
+    return _range_roots(consistency_ranges(size, len(leaves)), leaves)
 
 
 def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
@@ -152,20 +206,19 @@ class TreeState:
     size: int = 0
     peaks: list[bytes] = field(default_factory=list)
 
-    def append(self, leaf: bytes) -> None:
-        """Append one leaf hash."""
+    def append(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
+        """Append one leaf hash; the perfect subtrees it completes, as (level, index, hash), the leaf first."""
+        index = self.size
         self.peaks.append(leaf)
-        n = self.size
+        made = [(0, index, leaf)]
+        level, n = 0, index
         while n & 1:  # each carry merges two equal subtrees into one
             right = self.peaks.pop()
             self.peaks[-1] = node_hash(self.peaks[-1], right)
-            n >>= 1
+            level, n = level + 1, n >> 1
+            made.append((level, n, self.peaks[-1]))
         self.size += 1
+        return made
 
     def root(self) -> bytes:
-        if not self.peaks:
-            return EMPTY_ROOT
-        r = self.peaks[-1]
-        for peak in reversed(self.peaks[:-1]):
-            r = node_hash(peak, r)
-        return r
+        return fold(self.peaks)

@@ -299,3 +299,14 @@ SELECT stream_id, seq, hash FROM stream_heads
 WHERE ($1::text IS NULL OR stream_id = $1)
   AND ($2::timestamptz IS NULL OR updated_at >= $2
        OR stream_id IN (SELECT stream_id FROM audit_log WHERE recorded_at >= $2));
+
+-- The transparency log (migration 005): a batch appends its audit rows as leaves under this lock.
+-- name: tlog_lock
+SELECT size FROM tlog_state FOR UPDATE;
+
+-- name: tlog_nodes
+SELECT n.level, n.index, n.hash FROM tlog_nodes n
+JOIN unnest($1::smallint[], $2::bigint[]) AS want(level, index) USING (level, index);
+
+-- name: tlog_grow
+UPDATE tlog_state SET size = $1;

@@ -45,8 +45,11 @@ from runledger.projections.records import BatchResult, LogRecord, ProcessingFail
 from runledger.projections.rules import ExecutionState, StepState
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import PermanentError
+from runledger.schemas.merkle import TreeState, leaf_hash, subtrees
 
 __all__ = ["ProjectionStore"]
+
+_AUDIT_HASH = AUDIT_COLUMNS.index("hash")
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +232,7 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
     if plan.steps:
         await conn.execute(query("upsert_steps"), *_columns(plan.steps))
     if plan.audit:
-        await conn.copy_records_to_table("audit_log", records=plan.audit, columns=AUDIT_COLUMNS)
+        await _append_audit(conn, plan.audit)
     if plan.costs:
         await conn.copy_records_to_table("costs", records=plan.costs, columns=COST_COLUMNS)
     if plan.artifacts:
@@ -248,6 +251,21 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
     if plan.offsets:
         await conn.executemany(query("save_offset"), [(group_id, *o) for o in plan.offsets])
     result.rows = Counter({table: n for table, n in result.rows.items() if n})
+
+
+async def _append_audit(conn: asyncpg.Connection, audit: list[tuple[Any, ...]]) -> None:
+    """The audit rows, each a leaf of the transparency log: the tree's row is locked (the leaves' order is the
+    order batches commit in), its perfect subtrees loaded, and every subtree the leaves complete written."""
+    size = await conn.fetchval(query("tlog_lock"))
+    peaks = subtrees(0, size)
+    stored = {(r["level"], r["index"]): r["hash"] for r in await conn.fetch(
+        query("tlog_nodes"), [level for level, _ in peaks], [index for _, index in peaks])}
+    tree = TreeState(size, [stored[node] for node in peaks])
+    nodes = [node for row in audit for node in tree.append(leaf_hash(bytes.fromhex(row[_AUDIT_HASH])))]
+    await conn.copy_records_to_table("audit_log", records=[(*row, size + i) for i, row in enumerate(audit)],
+                                     columns=(*AUDIT_COLUMNS, "tlog_index"))
+    await conn.copy_records_to_table("tlog_nodes", records=nodes, columns=("level", "index", "hash"))
+    await conn.execute(query("tlog_grow"), tree.size)
 
 
 def _columns(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -18,6 +18,7 @@ from runledger.schemas.merkle import (
     inclusion_proof,
     leaf_hash,
     root_of,
+    subtrees,
     verify_consistency,
     verify_inclusion,
 )
@@ -82,9 +83,11 @@ def test_every_proof_of_trees_up_to_40_leaves_verifies_and_fails_when_any_byte_c
     hashes = [leaf_hash(rng.randbytes(32)) for _ in range(40)]
     state = TreeState()
     for n in range(1, 41):
-        state.append(hashes[n - 1])
+        for level, index, made in state.append(hashes[n - 1]):  # every perfect subtree the leaf completes
+            assert made == root_of(hashes[index << level:(index + 1) << level]) and (index + 1) << level == n
         root = root_of(hashes[:n])
-        assert state.root() == root and state.size == n and len(state.peaks) == n.bit_count()
+        assert state.root() == root and state.size == n
+        assert state.peaks == [root_of(hashes[i << lv:(i + 1) << lv]) for lv, i in subtrees(0, n)]
         for i in range(n):
             proof = inclusion_proof(i, hashes[:n])
             verify_inclusion(i, n, hashes[i], proof, root)
