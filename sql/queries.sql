@@ -302,11 +302,13 @@ WHERE ($1::text IS NULL OR stream_id = $1)
 
 -- The transparency log (migration 005): a batch appends its audit rows as leaves under this lock.
 -- name: tlog_lock
-SELECT size FROM tlog_state FOR UPDATE;
-
--- name: tlog_nodes
-SELECT n.level, n.index, n.hash FROM tlog_nodes n
-JOIN unnest($1::smallint[], $2::bigint[]) AS want(level, index) USING (level, index);
+SELECT size, peaks FROM tlog_state FOR UPDATE;
 
 -- name: tlog_grow
-UPDATE tlog_state SET size = $1;
+UPDATE tlog_state SET size = $1, peaks = $2;
+
+-- name: tlog_head
+SELECT size, peaks FROM tlog_state;
+
+-- name: insert_checkpoint
+INSERT INTO checkpoints (origin, size, root, key_name, note) VALUES ($1, $2, $3, $4, $5) RETURNING id, signed_at;

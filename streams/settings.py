@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="RUNLEDGER_PRODUCER_SWEEP_S: how often producers and workers publish batches left staged by "
         "a producer that failed or died (0: never)",
     )
+    checkpoint_key: Path | None = Field(
+        None, description="RUNLEDGER_CHECKPOINT_KEY: the Ed25519 signer key of the transparency log's checkpoints "
+        "(`runledger keys init` writes it; default <state dir>/checkpoint.key, its verifier key beside it as .pub)")
+    checkpoint_origin: str = Field(
+        "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
+        description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")
 
     @field_validator("retry_delays", mode="before")
     @classmethod
@@ -90,6 +96,14 @@ class Settings(BaseSettings):
     @property
     def events_topic(self) -> str:
         return f"{self.topic_prefix}.events"
+
+    @property
+    def checkpoint_key_path(self) -> Path:
+        return self.checkpoint_key or self.state_dir / "checkpoint.key"
+
+    @property
+    def checkpoints_topic(self) -> str:
+        return f"{self.topic_prefix}.checkpoints"
 
     def port_of(self, component: Component) -> int:
         """The port a component's URL names (the first bootstrap server, for Kafka)."""

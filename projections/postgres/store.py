@@ -45,7 +45,7 @@ from runledger.projections.records import BatchResult, LogRecord, ProcessingFail
 from runledger.projections.rules import ExecutionState, StepState
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import PermanentError
-from runledger.schemas.merkle import TreeState, leaf_hash, subtrees
+from runledger.schemas.merkle import TreeState, leaf_hash
 
 __all__ = ["ProjectionStore"]
 
@@ -255,17 +255,15 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
 
 async def _append_audit(conn: asyncpg.Connection, audit: list[tuple[Any, ...]]) -> None:
     """The audit rows, each a leaf of the transparency log: the tree's row is locked (the leaves' order is the
-    order batches commit in), its perfect subtrees loaded, and every subtree the leaves complete written."""
-    size = await conn.fetchval(query("tlog_lock"))
-    peaks = subtrees(0, size)
-    stored = {(r["level"], r["index"]): r["hash"] for r in await conn.fetch(
-        query("tlog_nodes"), [level for level, _ in peaks], [index for _, index in peaks])}
-    tree = TreeState(size, [stored[node] for node in peaks])
+    order batches commit in), and every perfect subtree the leaves complete is written."""
+    state = await conn.fetchrow(query("tlog_lock"))
+    size = state["size"]
+    tree = TreeState(size, list(state["peaks"]))
     nodes = [node for row in audit for node in tree.append(leaf_hash(bytes.fromhex(row[_AUDIT_HASH])))]
     await conn.copy_records_to_table("audit_log", records=[(*row, size + i) for i, row in enumerate(audit)],
                                      columns=(*AUDIT_COLUMNS, "tlog_index"))
     await conn.copy_records_to_table("tlog_nodes", records=nodes, columns=("level", "index", "hash"))
-    await conn.execute(query("tlog_grow"), tree.size)
+    await conn.execute(query("tlog_grow"), tree.size, tree.peaks)
 
 
 def _columns(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -34,7 +34,8 @@ async def check_tree(owner: asyncpg.Connection) -> int:
     nodes = {(r["level"], r["index"]): r["hash"] for r in await owner.fetch("SELECT * FROM tlog_nodes")}
     assert nodes == {(lv, i): root_of(leaves[i << lv:(i + 1) << lv])
                      for lv in range(size.bit_length()) for i in range(size >> lv)}  # every perfect subtree
-    assert fold([nodes[n] for n in subtrees(0, size)]) == root_of(leaves)
+    peaks = [nodes[n] for n in subtrees(0, size)]
+    assert fold(peaks) == root_of(leaves) and list(await owner.fetchval("SELECT peaks FROM tlog_state")) == peaks
     return int(size)
 
 
@@ -80,7 +81,7 @@ async def test_the_migration_builds_the_tree_of_events_stored_before(settings: S
             listed = ", ".join(columns)
             await conn.execute(f"INSERT INTO audit_log ({listed}) OVERRIDING SYSTEM VALUE SELECT {listed} "
                                f"FROM {quote_schema(owner_schema(owner))}.audit_log")
-        assert await migrate(settings.database_url, name) == ["005_transparency_log"]
+        assert await migrate(settings.database_url, name) == ["005_transparency_log", "006_checkpoints"]
         await conn.execute(f"SET search_path TO {quote_schema(name)}")
         assert await check_tree(conn) == 27
     finally:
