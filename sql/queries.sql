@@ -312,3 +312,13 @@ SELECT size, peaks FROM tlog_state;
 
 -- name: insert_checkpoint
 INSERT INTO checkpoints (origin, size, root, key_name, note) VALUES ($1, $2, $3, $4, $5) RETURNING id, signed_at;
+
+-- name: tlog_nodes
+SELECT n.level, n.index, n.hash FROM tlog_nodes n
+JOIN unnest($1::smallint[], $2::bigint[]) AS want(level, index) USING (level, index);
+
+-- name: tlog_leaf
+SELECT tlog_index, hash, raw FROM audit_log WHERE event_id = $1::uuid;
+
+-- name: covering_checkpoint
+SELECT note FROM checkpoints WHERE size > $1 AND origin = $2 ORDER BY size DESC, id DESC LIMIT 1;

@@ -13,9 +13,10 @@ import asyncpg
 
 from runledger.projections.postgres.queries import query
 from runledger.schemas.checkpoint import Checkpoint, Signer
-from runledger.schemas.merkle import fold
+from runledger.schemas.errors import PermanentError
+from runledger.schemas.merkle import Range, consistency_ranges, fold, inclusion_ranges, subtrees
 
-__all__ = ["KeptCheckpoint", "sign_checkpoint", "tree_head"]
+__all__ = ["KeptCheckpoint", "consistency", "inclusion", "sign_checkpoint", "tree_head"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +41,31 @@ async def sign_checkpoint(conn: asyncpg.Connection, signer: Signer, origin: str)
         note = signer.sign(checkpoint)
         row = await conn.fetchrow(query("insert_checkpoint"), origin, size, root, signer.name, note)
     return KeptCheckpoint(row["id"], checkpoint, note, row["signed_at"])
+
+
+async def _range_roots(conn: asyncpg.Connection, ranges: list[Range]) -> list[bytes]:
+    """The MTH of each range, from the stored perfect subtrees it splits into (one query for all)."""
+    split = [subtrees(lo, hi) for lo, hi in ranges]
+    wanted = sorted({node for nodes in split for node in nodes})
+    stored = {(r["level"], r["index"]): r["hash"] for r in await conn.fetch(
+        query("tlog_nodes"), [level for level, _ in wanted], [index for _, index in wanted])}
+    return [fold([stored[node] for node in nodes]) for nodes in split]
+
+
+async def inclusion(conn: asyncpg.Connection, event_id: str, origin: str) -> tuple[str, bytes, int, list[bytes]]:
+    """(the newest kept checkpoint that covers the event, its stored bytes, its leaf index, the audit path)."""
+    leaf = await conn.fetchrow(query("tlog_leaf"), event_id)
+    if leaf is None:
+        raise PermanentError(f"event {event_id} is not in audit_log")
+    note = await conn.fetchval(query("covering_checkpoint"), leaf["tlog_index"], origin)
+    if note is None:
+        raise PermanentError(f"no checkpoint of {origin} covers event {event_id} (leaf {leaf['tlog_index']}) yet: "
+                             "sign one with `runledger checkpoint`")
+    size = int(note.split("\n")[1])
+    proof = await _range_roots(conn, inclusion_ranges(leaf["tlog_index"], size))
+    return note, bytes(leaf["raw"]), int(leaf["tlog_index"]), proof
+
+
+async def consistency(conn: asyncpg.Connection, old_size: int, new_size: int) -> list[bytes]:
+    """PROOF(old_size, D[new_size]) from the stored tree (``new_size`` at most its size now)."""
+    return await _range_roots(conn, consistency_ranges(old_size, new_size))

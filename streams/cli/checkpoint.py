@@ -1,5 +1,6 @@
-"""``runledger keys init|show`` and ``runledger checkpoint``: the transparency log's signing key, and signed
-checkpoints of it (C2SP tlog-checkpoint notes) kept in ``checkpoints`` and published to ``<prefix>.checkpoints``."""
+"""The transparency log's commands: ``keys init|show`` (its signing key), ``checkpoint`` (a signed tree head, kept
+in ``checkpoints`` and published to ``<prefix>.checkpoints``), ``prove`` and ``prove-consistency`` (proof
+files), and ``verify-proof`` (checks one offline, with the verifier key alone)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-from runledger.schemas.checkpoint import Signer
-from runledger.streams.cli.common import EXIT_USAGE, InputError, Subparsers, emit
+import orjson
+
+from runledger.schemas.checkpoint import CheckpointError, Signer
+from runledger.schemas.merkle import ProofError
+from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, emit
 from runledger.streams.settings import Settings
 
 __all__ = ["load_signer", "register"]
@@ -37,6 +41,33 @@ def register(sub: Subparsers) -> None:
     checkpoint.add_argument("--out", type=Path, metavar="FILE", help="also write the note to FILE")
     checkpoint.add_argument("--json", action="store_true", help="one JSON object instead of the note")
     checkpoint.set_defaults(func=_cmd_checkpoint)
+    prove = sub.add_parser(
+        "prove", help="an inclusion proof of one event under the newest checkpoint that covers it",
+        description="Writes a JSON proof (format runledger-inclusion-proof/1, docs/proofs.md): the signed "
+        "checkpoint, the event's stored bytes, its leaf index and audit path. `runledger verify-proof` (or an "
+        "auditor's own code) checks it with the verifier key alone: no database, no Kafka.")
+    prove.add_argument("event_id", metavar="EVENT_ID")
+    prove.add_argument("--out", type=Path, metavar="FILE", help="write the proof to FILE (default: stdout)")
+    prove.set_defaults(func=_cmd_prove)
+    consistent = sub.add_parser(
+        "prove-consistency", help="a proof that the log now extends a checkpoint kept before",
+        description="Writes a JSON proof (format runledger-consistency-proof/1, docs/proofs.md) that the log of "
+        "checkpoint NEW (default: the newest kept) extends the log of checkpoint OLD: nothing before OLD's size "
+        "was changed, removed or reordered.")
+    consistent.add_argument("old", type=Path, metavar="OLD", help="a checkpoint note file kept before")
+    consistent.add_argument("new", type=Path, nargs="?", metavar="NEW", help="a later checkpoint note file")
+    consistent.add_argument("--out", type=Path, metavar="FILE", help="write the proof to FILE (default: stdout)")
+    consistent.set_defaults(func=_cmd_prove_consistency)
+    check = sub.add_parser(
+        "verify-proof", help="check a proof file offline, with the verifier key alone",
+        description="Checks a runledger-inclusion-proof/1 or runledger-consistency-proof/1 file: the checkpoint "
+        "signatures against the verifier key, the event's hash from its bytes, and the RFC 9162 proof. Exit "
+        "status 0 proven, 1 not (the message says which check failed). Needs no database and no Kafka.")
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument("--key", metavar="KEY", help="the verifier key, or a file holding it (default: the .pub "
+                       "beside RUNLEDGER_CHECKPOINT_KEY)")
+    check.add_argument("--json", action="store_true", help="one JSON object")
+    check.set_defaults(func=_cmd_verify_proof)
 
 
 def load_signer(settings: Settings) -> Signer:
@@ -76,4 +107,57 @@ def _cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
               "root": kept.checkpoint.root.hex(), "signed_at": kept.signed_at, "note": kept.note})
     else:
         sys.stdout.write(kept.note)
+    return 0
+
+
+def _write(document: dict[str, object], out: Path | None) -> None:
+    text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+
+
+def _cmd_prove(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.tools.checkpoints import prove_inclusion
+
+    _write(asyncio.run(prove_inclusion(settings, args.event_id)), args.out)
+    return 0
+
+
+def _cmd_prove_consistency(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.tools.checkpoints import prove_consistency
+
+    old = args.old.read_text()
+    new = args.new.read_text() if args.new else None
+    _write(asyncio.run(prove_consistency(settings, old, new)), args.out)
+    return 0
+
+
+def _cmd_verify_proof(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.schemas.proofs import check_proof
+
+    key = args.key or str(settings.checkpoint_key_path) + ".pub"
+    if Path(key).is_file():
+        key = Path(key).read_text().strip()
+    try:
+        document = orjson.loads(args.file.read_bytes())
+        proven = check_proof(document, key)
+    except (ProofError, CheckpointError, orjson.JSONDecodeError) as e:
+        if args.json:
+            emit({"proven": False, "reason": str(e)})
+        else:
+            print(f"NOT PROVEN  {args.file}: {e}")
+        return EXIT_INVALID
+    cp = proven.checkpoint
+    if args.json:
+        emit({"proven": True, "kind": proven.kind, "origin": cp.origin, "size": cp.size, "root": cp.root.hex(),
+              "event_id": proven.event_id, "leaf_index": proven.leaf_index,
+              "old_size": proven.older.size if proven.older else None})
+    elif proven.older is not None:
+        print(f"PROVEN  the log of {cp.origin} at size {cp.size:,} extends its log at size {proven.older.size:,}: "
+              "nothing before it changed")
+    else:
+        print(f"PROVEN  event {proven.event_id} is leaf {proven.leaf_index:,} of {cp.origin} at size {cp.size:,}")
     return 0

@@ -3,10 +3,13 @@ checks with the verifier key alone."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -15,11 +18,11 @@ from runledger.projections.postgres.db import connect, migrate
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
-from runledger.schemas.checkpoint import Verifier
-from runledger.schemas.merkle import leaf_hash, root_of
+from runledger.schemas.checkpoint import Signer, Verifier
+from runledger.schemas.merkle import TreeState, leaf_hash, root_of
 from runledger.streams.settings import Settings
 from tests.conftest import CLI, VECTOR_EVENTS
-from tests.integration.conftest import read_log
+from tests.integration.conftest import read_log, rechain
 
 
 async def test_a_checkpoint_is_signed_kept_and_published(settings: Settings, env: dict[str, str],
@@ -57,6 +60,55 @@ async def test_a_checkpoint_is_signed_kept_and_published(settings: Settings, env
         assert await conn.fetchval("SELECT note FROM checkpoints WHERE id = $1", report["id"]) == note
         published = await read_log(settings, settings.checkpoints_topic)
         assert [r.value.decode() for r in published if r.value is not None] == [note]
+
+        # More events, a second checkpoint; proofs made from the database, checked offline.
+        await store.apply_batch([LogRecord("t.events", 0, 100 + i, e["subject"].encode(), orjson.dumps(e))
+                                 for i, e in enumerate(rechain("extra"))])
+        assert run("checkpoint", "--out", str(tmp_path / "cp2.txt")).returncode == 0
+        event_id = VECTOR_EVENTS[4]["id"]
+        assert run("prove", event_id, "--out", str(tmp_path / "inc.json")).returncode == 0
+        ok = run("verify-proof", str(tmp_path / "inc.json"), "--key", verifier_key)
+        assert ok.returncode == 0 and f"event {event_id} is leaf" in ok.stdout and "at size 27" in ok.stdout
+        assert run("prove-consistency", str(tmp_path / "cp.txt"), "--out", str(tmp_path / "con.json")).returncode == 0
+        ok = run("verify-proof", str(tmp_path / "con.json"), "--json")  # the key from beside the signer key
+        assert ok.returncode == 0 and orjson.loads(ok.stdout)["old_size"] == 18
+
+        def tampered(name: str, change: Callable[[dict[str, Any]], None]) -> subprocess.CompletedProcess[str]:
+            document = orjson.loads((tmp_path / name).read_bytes())
+            change(document)
+            (tmp_path / "bad.json").write_bytes(orjson.dumps(document))
+            return run("verify-proof", str(tmp_path / "bad.json"), "--key", verifier_key)
+
+        def flip(document: dict[str, Any]) -> None:
+            first = base64.b64decode(document["proof"][0])
+            document["proof"][0] = base64.b64encode(bytes([first[0] ^ 1]) + first[1:]).decode()
+
+        def other_event(document: dict[str, Any]) -> None:
+            document["event"] = base64.b64encode(orjson.dumps(VECTOR_EVENTS[5])).decode()
+
+        for name, change in (("inc.json", flip), ("inc.json", other_event), ("con.json", flip)):
+            bad = tampered(name, change)
+            assert bad.returncode == 1 and "NOT PROVEN" in bad.stdout, (name, bad.stdout)
+        other_key = Signer.generate("runledger.test/log").verifier_key
+        refused = run("verify-proof", str(tmp_path / "inc.json"), "--key", other_key)
+        assert refused.returncode == 1 and "no signature" in refused.stdout
+
+        # A superuser rewrites one event and the whole tree after it, consistently: the proof from the
+        # checkpoint kept before can no longer be made to verify.
+        await conn.execute("SET session_replication_role = replica")
+        leaves = [leaf_hash(bytes.fromhex(h[0])) for h in await conn.fetch(
+            "SELECT hash FROM audit_log ORDER BY tlog_index")]
+        leaves[3] = leaf_hash(b"rewritten")
+        state = TreeState()
+        nodes = [node for leaf in leaves for node in state.append(leaf)]
+        await conn.execute("DELETE FROM tlog_nodes")
+        await conn.copy_records_to_table("tlog_nodes", records=nodes, columns=("level", "index", "hash"))
+        await conn.execute("UPDATE tlog_state SET size = $1, peaks = $2", state.size, state.peaks)
+        assert run("checkpoint", "--out", str(tmp_path / "cp3.txt")).returncode == 0
+        assert run("prove-consistency", str(tmp_path / "cp.txt"), str(tmp_path / "cp3.txt"), "--out",
+                   str(tmp_path / "con3.json")).returncode == 0
+        rewritten = run("verify-proof", str(tmp_path / "con3.json"), "--key", verifier_key)
+        assert rewritten.returncode == 1 and "old root" in rewritten.stdout
     finally:
         await pool.close()
         await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

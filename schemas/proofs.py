@@ -1,0 +1,83 @@
+"""Proof files an auditor checks offline, with the log's verifier key and nothing else.
+
+An inclusion proof shows one event is in the log under a signed checkpoint; a consistency proof shows a
+newer checkpoint's log extends an older one's (nothing before the older size changed). Both are JSON
+objects; the format is documented in ``docs/proofs.md``. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from runledger.schemas.chain import stored_hash
+from runledger.schemas.checkpoint import Checkpoint, Verifier
+from runledger.schemas.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
+
+__all__ = ["CONSISTENCY", "INCLUSION", "Proven", "check_proof", "consistency_document", "inclusion_document"]
+
+INCLUSION = "runledger-inclusion-proof/1"
+CONSISTENCY = "runledger-consistency-proof/1"
+
+
+@dataclass(frozen=True, slots=True)
+class Proven:
+    """What a proof file proved."""
+
+    kind: str
+    checkpoint: Checkpoint
+    older: Checkpoint | None = None
+    event_id: str | None = None
+    leaf_index: int | None = None
+
+
+def _b64(items: list[bytes]) -> list[str]:
+    return [base64.b64encode(item).decode() for item in items]
+
+
+def inclusion_document(note: str, raw: bytes, leaf_index: int, proof: list[bytes]) -> dict[str, Any]:
+    """An inclusion proof of the event ``raw`` (its stored bytes), leaf ``leaf_index`` under ``note``."""
+    return {"format": INCLUSION, "checkpoint": note, "leaf_index": leaf_index,
+            "event": base64.b64encode(raw).decode(), "proof": _b64(proof)}
+
+
+def consistency_document(old: str, new: str, proof: list[bytes]) -> dict[str, Any]:
+    return {"format": CONSISTENCY, "old_checkpoint": old, "new_checkpoint": new, "proof": _b64(proof)}
+
+
+def check_proof(document: dict[str, Any], verifier_key: str) -> Proven:
+    """Check a proof document against the verifier key; raise ProofError or CheckpointError saying why not."""
+    verifier = Verifier(verifier_key)
+    try:
+        proof = [base64.b64decode(p, validate=True) for p in document["proof"]]
+        if document.get("format") == INCLUSION:
+            return _inclusion(document, verifier, proof)
+        if document.get("format") == CONSISTENCY:
+            old = verifier.open(document["old_checkpoint"])
+            new = verifier.open(document["new_checkpoint"], origin=old.origin)
+            verify_consistency(old.size, new.size, old.root, new.root, proof)
+            return Proven(CONSISTENCY, new, older=old)
+    except (KeyError, TypeError, binascii.Error) as e:
+        raise ProofError(f"not a runledger proof document: {type(e).__name__}: {e}") from None
+    raise ProofError(f"unknown proof format {document.get('format')!r}; known: {INCLUSION}, {CONSISTENCY}")
+
+
+def _inclusion(document: dict[str, Any], verifier: Verifier, proof: list[bytes]) -> Proven:
+    checkpoint = verifier.open(document["checkpoint"])
+    raw = base64.b64decode(document["event"], validate=True)
+    try:
+        event, carried, computed = stored_hash(raw)
+    except (msgspec.DecodeError, ValueError, TypeError) as e:
+        raise ProofError(f"the event in the proof cannot be read: {e}") from None
+    if carried != computed:
+        raise ProofError(f"the event carries hash {carried}, its content hashes to {computed}")
+    index = document["leaf_index"]
+    if not isinstance(index, int):
+        raise ProofError("leaf_index must be an integer")
+    verify_inclusion(index, checkpoint.size, leaf_hash(bytes.fromhex(computed)), proof, checkpoint.root)
+    return Proven(INCLUSION, checkpoint, event_id=str(event.get("id")), leaf_index=index)
+
