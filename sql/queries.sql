@@ -322,3 +322,8 @@ SELECT tlog_index, hash, raw FROM audit_log WHERE event_id = $1::uuid;
 
 -- name: covering_checkpoint
 SELECT note FROM checkpoints WHERE size > $1 AND origin = $2 ORDER BY size DESC, id DESC LIMIT 1;
+
+-- name: verify_leaves
+SELECT a.tlog_index, a.stream_id, a.seq, a.event_id::text, a.raw, n.hash FROM audit_log a
+LEFT JOIN tlog_nodes n ON n.level = 0 AND n.index = a.tlog_index
+WHERE a.tlog_index < $1 ORDER BY a.tlog_index;

@@ -16,9 +16,10 @@ from typing import Any
 from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.queries import query
 from runledger.schemas.chain import Head
-from runledger.schemas.verify import ChainAuditor, Finding
+from runledger.schemas.checkpoint import Checkpoint
+from runledger.schemas.verify import ChainAuditor, Finding, TreeAuditor
 
-__all__ = ["ChainReport", "verify_chains"]
+__all__ = ["ChainReport", "verify_chains", "verify_checkpoint"]
 
 _CHUNK = 10_000
 
@@ -65,5 +66,28 @@ async def verify_chains(database_url: str, schema: str, *, stream: str | None = 
     finally:
         await conn.close()
     report.events, report.streams = auditor.events, auditor.streams
+    report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    return report
+
+
+async def verify_checkpoint(database_url: str, schema: str, checkpoint: Checkpoint,
+                            progress: Callable[[int, int], None] | None = None) -> ChainReport:
+    """Recompute the transparency log's first ``checkpoint.size`` leaves from the stored events' bytes and
+    compare the root with the checkpoint's: is the log the one that was signed?"""
+    report = ChainReport()
+    started, cpu = time.perf_counter(), time.process_time()
+    auditor = TreeAuditor(checkpoint)
+    conn = await connect_one(database_url, schema)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            cursor = await conn.cursor(query("verify_leaves"), checkpoint.size)
+            while rows := await cursor.fetch(_CHUNK):
+                report.findings += auditor.check([tuple(r) for r in rows])
+                if progress is not None:
+                    progress(auditor.events, checkpoint.size)
+            report.findings += auditor.finish()
+    finally:
+        await conn.close()
+    report.events = auditor.events
     report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     return report

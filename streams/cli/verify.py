@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from tqdm import tqdm
 
-from runledger.streams.cli.common import EXIT_INVALID, Subparsers, emit
+from runledger.schemas.checkpoint import Checkpoint, Verifier
+from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit
 from runledger.streams.settings import Settings
 
 __all__ = ["register"]
@@ -25,9 +27,17 @@ def _utc(text: str) -> datetime:
 def register(sub: Subparsers) -> None:
     verify = sub.add_parser(
         "verify", help="recompute every hash and link of the stored record and say where it is not intact",
-        description="Checks the record without trusting the tables. Exit status 0 intact, 1 something is not "
-        "(each finding names the stream, seq and event id, the check that failed and why).")
-    checks = verify.add_subparsers(dest="check", required=True, metavar="CHECK")
+        description="Checks the record without trusting the tables: `verify chains`, or `verify --checkpoint "
+        "FILE`, which recomputes the transparency log's leaves from the stored events' bytes up to a "
+        "checkpoint kept before and compares the root with the one it signed (a stream rewritten with a "
+        "consistent new chain, or deleted whole, is caught there). Exit status 0 intact, 1 something is not "
+        "(each finding names the stream, seq and event id, or the leaf, the check that failed and why).")
+    verify.add_argument("--checkpoint", type=Path, metavar="FILE", help="a signed checkpoint note kept before")
+    verify.add_argument("--key", metavar="KEY", help="with --checkpoint: the verifier key, or a file holding it "
+                        "(default: the .pub beside RUNLEDGER_CHECKPOINT_KEY)")
+    verify.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress "
+                        "bar")
+    checks = verify.add_subparsers(dest="check", metavar="CHECK")
     chains = checks.add_parser(
         "chains", help="every stream of audit_log, from its stored bytes",
         description="Reads audit_log in one snapshot, stream by stream in seq order, and recomputes each "
@@ -44,11 +54,16 @@ def register(sub: Subparsers) -> None:
                         "2026-11-22T10:00:00Z; each is checked whole")
     chains.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress bar")
     verify.set_defaults(func=_cmd_verify)
+    verify.set_defaults(usage=verify.format_usage)
 
 
 def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.projections.postgres.verify import verify_chains
+    from runledger.projections.postgres.verify import verify_chains, verify_checkpoint
 
+    if (args.check is None) == (args.checkpoint is None):
+        print(f"{args.usage().strip()}\nrunledger verify: give either CHECK (chains) or --checkpoint FILE",
+              file=sys.stderr)
+        return EXIT_USAGE
     bar = tqdm(unit="ev", desc="verifying", disable=True if args.json else None, file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
@@ -56,8 +71,12 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         bar.update(done - bar.n)
 
     try:
-        report = asyncio.run(verify_chains(settings.database_url, settings.db_schema, stream=args.stream,
-                                           since=args.since, progress=progress))
+        if args.checkpoint is not None:
+            checkpoint = _open_checkpoint(args, settings)
+            report = asyncio.run(verify_checkpoint(settings.database_url, settings.db_schema, checkpoint, progress))
+        else:
+            report = asyncio.run(verify_chains(settings.database_url, settings.db_schema, stream=args.stream,
+                                               since=args.since, progress=progress))
     finally:
         bar.close()
     if args.json:
@@ -66,9 +85,19 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         for f in report.findings:
             seq = f"seq {f.seq}" if f.seq is not None else "no seq"
             event = f" (event {f.event_id})" if f.event_id else ""
-            print(f"NOT INTACT  {f.stream_id}  {seq}{event}  {f.code}: {f.reason}")
+            where = f"{f.stream_id}  {seq}{event}" if f.stream_id else "the log"
+            print(f"NOT INTACT  {where}  {f.code}: {f.reason}")
         rate = report.as_dict()
-        print(f"{report.events:,} events of {report.streams:,} streams checked in {report.seconds:.2f} s "
+        streams = f" of {report.streams:,} streams" if report.streams else ""
+        print(f"{report.events:,} events{streams} checked in {report.seconds:.2f} s "
               f"({rate['events_per_s'] or 0:,} events/s; {rate['events_per_cpu_s'] or 0:,} per CPU second of this "
               f"process): " + ("intact" if report.intact else f"{len(report.findings)} streams not intact"))
     return 0 if report.intact else EXIT_INVALID
+
+
+def _open_checkpoint(args: argparse.Namespace, settings: Settings) -> Checkpoint:
+    """The checkpoint in ``--checkpoint``, its signature checked with the verifier key (CheckpointError if not)."""
+    key = args.key or f"{settings.checkpoint_key_path}.pub"
+    if Path(key).is_file():
+        key = Path(key).read_text().strip()
+    return Verifier(key).open(args.checkpoint.read_text(), origin=settings.checkpoint_origin)

@@ -113,3 +113,53 @@ async def test_a_checkpoint_is_signed_kept_and_published(settings: Settings, env
         await pool.close()
         await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await conn.close()
+
+
+async def test_verify_against_a_checkpoint_catches_a_rewritten_stream_and_a_deleted_one(
+        settings: Settings, env: dict[str, str], tmp_path: Path) -> None:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    await migrate(settings.database_url, schema)
+    pool = await connect(settings.database_url, schema)
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
+    try:
+        store = ProjectionStore(pool, load_tokencost_catalog(), "test-group")
+        events = [*VECTOR_EVENTS, *rechain("extra")]
+        await store.apply_batch([LogRecord("t.events", 0, i, e["subject"].encode(), orjson.dumps(e))
+                                 for i, e in enumerate(events)])
+        run_env = {**os.environ, **env, "RUNLEDGER_DB_SCHEMA": schema,
+                   "RUNLEDGER_CHECKPOINT_KEY": str(tmp_path / "checkpoint.key")}
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, *args], env=run_env, capture_output=True, text=True, timeout=120)
+
+        assert run("keys", "init").returncode == 0
+        assert run("checkpoint", "--out", str(tmp_path / "cp.txt")).returncode == 0
+        intact = run("verify", "--checkpoint", str(tmp_path / "cp.txt"))
+        assert intact.returncode == 0 and "27 events checked" in intact.stdout, intact.stdout + intact.stderr
+        assert run("verify").returncode == 2  # a check or a checkpoint
+
+        # A superuser rewrites stream "extra" with a consistent new chain: new data, hashes, links, heads.
+        await conn.execute("SET session_replication_role = replica")
+        rows = await conn.fetch("SELECT event_id::text, raw FROM audit_log WHERE stream_id = 'extra' ORDER BY seq")
+        rewritten = rechain("extra", [{**orjson.loads(r["raw"]), "source": "/producers/forger"} for r in rows])
+        for row, event in zip(rows, rewritten, strict=True):
+            await conn.execute("UPDATE audit_log SET raw = $1, hash = $2, prevhash = $3, event_id = $4::uuid "
+                               "WHERE event_id = $5::uuid", orjson.dumps(event), event["hash"], event["prevhash"],
+                               event["id"], row["event_id"])
+        await conn.execute("UPDATE stream_heads SET hash = $1 WHERE stream_id = 'extra'", rewritten[-1]["hash"])
+        chains = run("verify", "chains")
+        assert chains.returncode == 0  # the chain alone cannot tell: it is consistent
+        caught = run("verify", "--checkpoint", str(tmp_path / "cp.txt"), "--json")
+        report = orjson.loads(caught.stdout)
+        assert caught.returncode == 1 and [f["code"] for f in report["findings"]] == ["leaf_changed", "root_mismatch"]
+        assert (report["findings"][0]["stream_id"], report["findings"][0]["seq"]) == ("extra", 1)
+
+        # A whole stream deleted, its head with it.
+        await conn.execute("DELETE FROM audit_log WHERE stream_id = $1", VECTOR_EVENTS[0]["subject"])
+        await conn.execute("DELETE FROM stream_heads WHERE stream_id = $1", VECTOR_EVENTS[0]["subject"])
+        caught = run("verify", "--checkpoint", str(tmp_path / "cp.txt"))
+        assert caught.returncode == 1 and "leaf_missing" in caught.stdout
+    finally:
+        await pool.close()
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()
