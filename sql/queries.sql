@@ -313,6 +313,14 @@ SELECT size, peaks FROM tlog_state;
 -- name: insert_checkpoint
 INSERT INTO checkpoints (origin, size, root, key_name, note) VALUES ($1, $2, $3, $4, $5) RETURNING id, signed_at;
 
+-- name: checkpoint_try_lock
+SELECT pg_try_advisory_xact_lock(hashtext('runledger.checkpoint:' || current_schema()));
+
+-- name: checkpoint_due
+-- Not if one was signed within the interval ($2 seconds), nor if the tree has not grown since the last.
+SELECT NOT EXISTS (SELECT 1 FROM checkpoints WHERE origin = $1
+                   AND (signed_at > now() - make_interval(secs => $2) OR size = (SELECT size FROM tlog_state)));
+
 -- name: tlog_nodes
 SELECT n.level, n.index, n.hash FROM tlog_nodes n
 JOIN unnest($1::smallint[], $2::bigint[]) AS want(level, index) USING (level, index);

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     checkpoint_key: Path | None = Field(
         None, description="RUNLEDGER_CHECKPOINT_KEY: the Ed25519 signer key of the transparency log's checkpoints "
         "(`runledger keys init` writes it; default <state dir>/checkpoint.key, its verifier key beside it as .pub)")
+    checkpoint_interval_s: float = Field(
+        60.0, ge=0, description="RUNLEDGER_CHECKPOINT_INTERVAL_S: how often a worker signs a checkpoint when the "
+        "log has grown (one worker per interval; 0: only `runledger checkpoint`)")
     checkpoint_origin: str = Field(
         "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
         description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")

@@ -35,7 +35,8 @@ async def ensure_topics(bootstrap_servers: str, topics: Mapping[str, int]) -> No
 
 
 def worker_topics(settings: Settings) -> dict[str, int]:
-    """Every topic a worker reads or writes: the log, the retry topics and the dead-letter topic."""
+    """Every topic a worker reads or writes: the log, the retry topics, the dead-letter topic, and the
+    checkpoints (one partition: in the order they are signed)."""
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     names = [settings.events_topic, *(topic for _, topic in schedule.topics), dlq_topic(settings.topic_prefix)]
-    return dict.fromkeys(names, settings.event_partitions)
+    return {**dict.fromkeys(names, settings.event_partitions), settings.checkpoints_topic: 1}

@@ -16,7 +16,7 @@ from runledger.schemas.checkpoint import Checkpoint, Signer
 from runledger.schemas.errors import PermanentError
 from runledger.schemas.merkle import Range, consistency_ranges, fold, inclusion_ranges, subtrees
 
-__all__ = ["KeptCheckpoint", "consistency", "inclusion", "sign_checkpoint", "tree_head"]
+__all__ = ["KeptCheckpoint", "consistency", "inclusion", "sign_checkpoint", "sign_if_due", "tree_head"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +33,28 @@ async def tree_head(conn: asyncpg.Connection) -> tuple[int, bytes]:
     return int(row["size"]), fold(list(row["peaks"]))
 
 
-async def sign_checkpoint(conn: asyncpg.Connection, signer: Signer, origin: str) -> KeptCheckpoint:
-    """Sign the tree head as it is now, keep the signed note in ``checkpoints``, and return it."""
+async def sign_checkpoint(conn: asyncpg.Connection, signer: Signer, origin: str, topic: str) -> KeptCheckpoint:
+    """Sign the tree head as it is now, keep the signed note in ``checkpoints`` and put it in the outbox for
+    ``topic``, in one transaction; the outbox publishes it once that commits."""
     async with conn.transaction():
         size, root = await tree_head(conn)
         checkpoint = Checkpoint(origin, size, root)
         note = signer.sign(checkpoint)
         row = await conn.fetchrow(query("insert_checkpoint"), origin, size, root, signer.name, note)
+        await conn.execute(query("insert_outbox"), topic, origin.encode(), note.encode(), {}, None)
     return KeptCheckpoint(row["id"], checkpoint, note, row["signed_at"])
+
+
+async def sign_if_due(pool: asyncpg.Pool, signer: Signer, origin: str, topic: str,
+                      interval_s: float) -> KeptCheckpoint | None:
+    """What a worker does on its checkpoint timer: sign unless another worker is signing, one was signed
+    within the interval, or the tree has not grown since the last."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(query("checkpoint_try_lock")):
+            return None
+        if not await conn.fetchval(query("checkpoint_due"), origin, interval_s):
+            return None
+        return await sign_checkpoint(conn, signer, origin, topic)
 
 
 async def _range_roots(conn: asyncpg.Connection, ranges: list[Range]) -> list[bytes]:

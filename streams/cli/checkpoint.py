@@ -17,7 +17,7 @@ from runledger.schemas.merkle import ProofError
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, emit
 from runledger.streams.settings import Settings
 
-__all__ = ["load_signer", "register"]
+__all__ = ["register"]
 
 
 def register(sub: Subparsers) -> None:
@@ -70,18 +70,20 @@ def register(sub: Subparsers) -> None:
     check.set_defaults(func=_cmd_verify_proof)
 
 
-def load_signer(settings: Settings) -> Signer:
-    path = settings.checkpoint_key_path
-    try:
-        return Signer.from_private_key(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"no checkpoint key at {path}: create one with `runledger keys init`") from None
+def _signer(settings: Settings) -> Signer:
+    from runledger.streams.tools.checkpoints import checkpoint_signer
+
+    signer = checkpoint_signer(settings)
+    if signer is None:
+        raise InputError(f"no checkpoint key at {settings.checkpoint_key_path}: create one with "
+                         "`runledger keys init`")
+    return signer
 
 
 def _cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     path = settings.checkpoint_key_path
     if args.action == "show":
-        print(load_signer(settings).verifier_key)
+        print(_signer(settings).verifier_key)
         return 0
     if path.exists() and not args.force:
         print(f"runledger keys: {path} exists; --force replaces it", file=sys.stderr)
@@ -99,7 +101,7 @@ def _cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.tools.checkpoints import publish_checkpoint
 
-    kept = asyncio.run(publish_checkpoint(settings, load_signer(settings)))
+    kept = asyncio.run(publish_checkpoint(settings, _signer(settings)))
     if args.out:
         args.out.write_text(kept.note)
     if args.json:

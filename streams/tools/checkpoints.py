@@ -5,40 +5,45 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-
-from runledger.projections.postgres.db import connect_one
+from runledger.projections.postgres.db import connect, connect_one
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.tlog import KeptCheckpoint, consistency, inclusion, sign_checkpoint
 from runledger.schemas.checkpoint import Signer
-from runledger.schemas.errors import PermanentError, TransientError
+from runledger.schemas.errors import PermanentError
 from runledger.schemas.proofs import consistency_document, inclusion_document
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
+from runledger.streams.worker.outbox import Forwarder
+from runledger.streams.worker.retry import RetrySchedule
 
-__all__ = ["prove_consistency", "prove_inclusion", "publish_checkpoint"]
+__all__ = ["checkpoint_signer", "prove_consistency", "prove_inclusion", "publish_checkpoint"]
+
+
+def checkpoint_signer(settings: Settings) -> Signer | None:
+    """The signer key in ``RUNLEDGER_CHECKPOINT_KEY``, or None if there is none (`runledger keys init`)."""
+    try:
+        return Signer.from_private_key(settings.checkpoint_key_path.read_text())
+    except FileNotFoundError:
+        return None
 
 
 async def publish_checkpoint(settings: Settings, signer: Signer) -> KeptCheckpoint:
-    """Sign and keep a checkpoint, then publish its note to ``<prefix>.checkpoints`` (key: the origin)."""
-    conn = await connect_one(settings.database_url, settings.db_schema)
-    try:
-        kept = await sign_checkpoint(conn, signer, settings.checkpoint_origin)
-    finally:
-        await conn.close()
+    """Sign and keep a checkpoint, then publish its note to ``<prefix>.checkpoints`` through the outbox
+    (key: the origin); if Kafka fails, the outbox keeps it for the workers to publish."""
     await ensure_topics(settings.kafka_bootstrap_servers, {settings.checkpoints_topic: 1})
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
-                                enable_idempotence=False)  # Tansu refuses idempotent producers
+    pool = await connect(settings.database_url, settings.db_schema, max_size=1)
+    forwarder = Forwarder(settings.kafka_bootstrap_servers, RetrySchedule(settings.topic_prefix,
+                                                                          settings.retry_delays), settings.db_schema)
     try:
-        await producer.start()
-        await producer.send_and_wait(settings.checkpoints_topic, kept.note.encode(),
-                                     key=settings.checkpoint_origin.encode())
-    except KafkaError as e:
-        raise TransientError(f"checkpoint {kept.id} is kept in PostgreSQL, but publishing it to "
-                             f"{settings.checkpoints_topic} failed: {e}") from e
+        async with pool.acquire() as conn:
+            kept = await sign_checkpoint(conn, signer, settings.checkpoint_origin, settings.checkpoints_topic)
+        await forwarder.start()
+        try:
+            await forwarder.publish(pool)
+        finally:
+            await forwarder.stop()
     finally:
-        await producer.stop()
+        await pool.close()
     return kept
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -37,11 +38,13 @@ from runledger.projections.planner import Decoded
 from runledger.projections.postgres.db import connect, database_error, migrate
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.postgres.tlog import sign_if_due
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.errors import TransientError
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
+from runledger.streams.tools.checkpoints import checkpoint_signer
 from runledger.streams.worker.consumer import LogConsumer, Projector, RetryConsumer
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
 from runledger.streams.worker.retry import RetrySchedule, delay_name
@@ -100,6 +103,11 @@ def create_app(settings: Settings) -> faust.App:
     async def sweep_outbox() -> None:
         if ready.done():
             await (await ready).handler.publish()
+
+    @app.timer(settings.checkpoint_interval_s or 3600.0)
+    async def sign_checkpoints() -> None:
+        if settings.checkpoint_interval_s and ready.done():
+            await _sign_checkpoint(settings, (await ready).pool)
 
     @app.task
     async def sweep_staged() -> None:
@@ -196,6 +204,28 @@ async def _sweep_staged(settings: Settings) -> None:
         except TransientError as e:
             log.warning("cannot sweep staged batches: %s; trying again in 5 s", e)
             await asyncio.sleep(5)
+
+
+async def _sign_checkpoint(settings: Settings, pool: asyncpg.Pool) -> None:
+    """Sign a checkpoint if one is due (one worker per interval); the outbox publishes it. Without a key the
+    timer does nothing, and says so once."""
+    signer = checkpoint_signer(settings)
+    if signer is None:
+        _warn_unsigned(str(settings.checkpoint_key_path))
+        return
+    try:
+        kept = await sign_if_due(pool, signer, settings.checkpoint_origin, settings.checkpoints_topic,
+                                 settings.checkpoint_interval_s * 0.9)  # the timer's jitter must not skip one
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+        log.warning("signing a checkpoint: %s; trying at the next interval", database_error(e, "checkpoint") or e)
+        return
+    if kept is not None:
+        log.info("signed checkpoint %d of %s at size %d", kept.id, kept.checkpoint.origin, kept.checkpoint.size)
+
+
+@functools.cache
+def _warn_unsigned(path: str) -> None:
+    log.warning("no checkpoint key at %s: checkpoints are not signed on an interval (`runledger keys init`)", path)
 
 
 async def _heartbeat(settings: Settings, ready: asyncio.Future[_Ready]) -> None:

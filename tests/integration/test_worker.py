@@ -7,21 +7,28 @@ import os
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import asyncpg
 
 from runledger.projections.postgres.checksum import table_checksums
+from runledger.schemas.checkpoint import Signer
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 from tests.conftest import CLI
+from tests.integration.conftest import read_log
 
 DEADLINE_S = 120
 
 
-async def test_worker_projects_everything_appended_and_survives_bad_records(env: dict[str, str]) -> None:
+async def test_worker_projects_everything_appended_and_survives_bad_records(env: dict[str, str],
+                                                                           tmp_path: Path) -> None:
     schema = f"w_{uuid.uuid4().hex[:12]}"
-    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}"}
+    key = tmp_path / "checkpoint.key"
+    key.write_text(Signer.generate("runledger.local/log").private_key)
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
+           "RUNLEDGER_CHECKPOINT_KEY": str(key), "RUNLEDGER_CHECKPOINT_INTERVAL_S": "1"}
     settings = Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
     fleet = simulate_fleet(40, seed=2, run_tag=schema)
     async with EventProducer(settings) as producer:
@@ -54,6 +61,14 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
         reason, value = await conn.fetchrow(f'SELECT reason, value FROM "{schema}".dead_letters')
         assert (reason, bytes(value)) == ("invalid_json", b"not json")
         assert (await table_checksums(conn, schema))["executions"][0] == 40
+        # Its checkpoint timer signs the tree once it stops growing, and the outbox publishes the note.
+        deadline, size = time.monotonic() + 30, None
+        while time.monotonic() < deadline and size != total:
+            size = await conn.fetchval(f'SELECT max(size) FROM "{schema}".checkpoints')
+            await asyncio.sleep(0.5)
+        assert size == total
+        published = await read_log(settings, settings.checkpoints_topic)
+        assert str(total) in [r.value.decode().split("\n")[1] for r in published if r.value]
     finally:
         worker.terminate()
         await asyncio.to_thread(worker.communicate, timeout=30)

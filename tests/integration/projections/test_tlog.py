@@ -4,6 +4,7 @@ any size from O(log n) rows; and migration 005 building it for events stored bef
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 
 import asyncpg
@@ -12,7 +13,9 @@ import orjson
 from runledger.projections.postgres.db import connect, migrate
 from runledger.projections.postgres.queries import migrations, quote_schema
 from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.postgres.tlog import sign_if_due
 from runledger.projections.records import LogRecord
+from runledger.schemas.checkpoint import Signer, Verifier
 from runledger.schemas.merkle import fold, leaf_hash, root_of, subtrees
 from runledger.streams.settings import Settings
 from tests.conftest import VECTOR_EVENTS
@@ -92,3 +95,21 @@ async def test_the_migration_builds_the_tree_of_events_stored_before(settings: S
 def owner_schema(owner: asyncpg.Connection) -> str:
     settings = owner.get_settings()
     return str(settings.search_path).strip('"')
+
+
+async def test_a_checkpoint_is_signed_when_due_by_one_worker_at_a_time(pool: asyncpg.Pool, store: ProjectionStore,
+                                                                      owner: asyncpg.Connection) -> None:
+    signer = Signer.generate("runledger.test/log")
+    sign = functools.partial(sign_if_due, pool, signer, "runledger.test/log", "t.checkpoints")
+    await store.apply_batch(records(VECTOR_EVENTS))
+    first = await sign(60.0)
+    assert first is not None and first.checkpoint.size == 18
+    assert await sign(60.0) is None  # one within the interval
+    assert await sign(0.0) is None  # the tree has not grown
+    await store.apply_batch(records(rechain("extra"), 100))
+    signed = [kept for kept in await asyncio.gather(*(sign(0.0) for _ in range(4))) if kept is not None]
+    assert [kept.checkpoint.size for kept in signed] == [27]  # four workers' timers at once: one signs
+    verifier = Verifier(signer.verifier_key)
+    notes = [bytes(r["value"]).decode() for r in await owner.fetch(
+        "SELECT value FROM outbox WHERE topic = 't.checkpoints' ORDER BY id")]
+    assert [verifier.open(n).size for n in notes] == [18, 27]  # published by the outbox once committed
