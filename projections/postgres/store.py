@@ -231,8 +231,6 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
         await conn.execute(query("upsert_heads"), *_columns(plan.heads))
     if plan.steps:
         await conn.execute(query("upsert_steps"), *_columns(plan.steps))
-    if plan.audit:
-        await _append_audit(conn, plan.audit)
     if plan.costs:
         await conn.copy_records_to_table("costs", records=plan.costs, columns=COST_COLUMNS)
     if plan.artifacts:
@@ -250,6 +248,8 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
         result.rows["outbox"] = len(copies)
     if plan.offsets:
         await conn.executemany(query("save_offset"), [(group_id, *o) for o in plan.offsets])
+    if plan.audit:  # last: the tree's lock, which every worker's batch takes, is held until commit
+        await _append_audit(conn, plan.audit)
     result.rows = Counter({table: n for table, n in result.rows.items() if n})
 
 
