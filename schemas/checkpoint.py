@@ -42,6 +42,21 @@ class Checkpoint:
     size: int
     root: bytes
 
+    @classmethod
+    def parse(cls, note: str) -> Checkpoint:
+        """The origin, size and root a checkpoint note's text states; its signatures are not looked at here
+        (``Verifier.open`` checks them)."""
+        lines = note.partition("\n\n")[0].split("\n")
+        if len(lines) < 3:
+            raise CheckpointError("a checkpoint has an origin, a size and a root hash, one per line")
+        try:
+            root = base64.b64decode(lines[2], validate=True)
+        except binascii.Error:
+            raise CheckpointError("the checkpoint's root hash cannot be read") from None
+        if not lines[1].isdigit() or len(root) != 32:
+            raise CheckpointError("the checkpoint's size must be a decimal number and its root 32 bytes")
+        return cls(lines[0], int(lines[1]), root)
+
     def body(self) -> bytes:
         """The signed text: origin, size and root, one per line."""
         if not self.origin or "\n" in self.origin:
@@ -149,15 +164,7 @@ class Verifier:
 
     def open(self, note: str, origin: str | None = None) -> Checkpoint:
         """The checkpoint ``note`` holds, if this key signed it (and its origin is ``origin``, when given)."""
-        lines = self.open_note(note).split("\n")[:-1]
-        if len(lines) < 3:
-            raise CheckpointError("a checkpoint has an origin, a size and a root hash, one per line")
-        try:
-            size, root = int(lines[1]), base64.b64decode(lines[2], validate=True)
-        except (ValueError, binascii.Error):
-            raise CheckpointError("the checkpoint's size or root hash cannot be read") from None
-        if size < 0 or not lines[1].isdigit() or len(root) != 32:
-            raise CheckpointError("the checkpoint's size must be a decimal number and its root 32 bytes")
-        if origin is not None and lines[0] != origin:
-            raise CheckpointError(f"the checkpoint is of log {lines[0]!r}, not {origin!r}")
-        return Checkpoint(lines[0], size, root)
+        checkpoint = Checkpoint.parse(self.open_note(note))
+        if origin is not None and checkpoint.origin != origin:
+            raise CheckpointError(f"the checkpoint is of log {checkpoint.origin!r}, not {origin!r}")
+        return checkpoint

@@ -145,9 +145,8 @@ def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes],
             raise ProofError("the proof is longer than the path from the leaf to the root")
         if fn & 1 or fn == sn:
             r = node_hash(p, r)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn, sn = fn >> 1, sn >> 1
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
         else:
             r = node_hash(r, p)
         fn, sn = fn >> 1, sn >> 1
@@ -184,9 +183,8 @@ def verify_consistency(size1: int, size2: int, root1: bytes, root2: bytes, proof
             raise ProofError("the proof is longer than the trees need")
         if fn & 1 or fn == sn:
             fr, sr = node_hash(c, fr), node_hash(c, sr)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn, sn = fn >> 1, sn >> 1
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
         else:
             sr = node_hash(sr, c)
         fn, sn = fn >> 1, sn >> 1

@@ -75,7 +75,7 @@ async def inclusion(conn: asyncpg.Connection, event_id: str, origin: str) -> tup
     if note is None:
         raise PermanentError(f"no checkpoint of {origin} covers event {event_id} (leaf {leaf['tlog_index']}) yet: "
                              "sign one with `runledger checkpoint`")
-    size = int(note.split("\n")[1])
+    size = Checkpoint.parse(note).size
     proof = await _range_roots(conn, inclusion_ranges(leaf["tlog_index"], size))
     return note, bytes(leaf["raw"]), int(leaf["tlog_index"]), proof
 

@@ -139,10 +139,9 @@ def _cmd_prove_consistency(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_verify_proof(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.schemas.proofs import check_proof
+    from runledger.streams.tools.checkpoints import verifier_key
 
-    key = args.key or str(settings.checkpoint_key_path) + ".pub"
-    if Path(key).is_file():
-        key = Path(key).read_text().strip()
+    key = verifier_key(settings, args.key)
     try:
         document = orjson.loads(args.file.read_bytes())
         proven = check_proof(document, key)

@@ -97,7 +97,7 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 def _open_checkpoint(args: argparse.Namespace, settings: Settings) -> Checkpoint:
     """The checkpoint in ``--checkpoint``, its signature checked with the verifier key (CheckpointError if not)."""
-    key = args.key or f"{settings.checkpoint_key_path}.pub"
-    if Path(key).is_file():
-        key = Path(key).read_text().strip()
-    return Verifier(key).open(args.checkpoint.read_text(), origin=settings.checkpoint_origin)
+    from runledger.streams.tools.checkpoints import verifier_key
+
+    verifier = Verifier(verifier_key(settings, args.key))
+    return verifier.open(args.checkpoint.read_text(), origin=settings.checkpoint_origin)

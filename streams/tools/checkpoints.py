@@ -3,12 +3,13 @@ it and publish it to Kafka; proofs from the stored tree."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from runledger.projections.postgres.db import connect, connect_one
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.tlog import KeptCheckpoint, consistency, inclusion, sign_checkpoint
-from runledger.schemas.checkpoint import Signer
+from runledger.schemas.checkpoint import Checkpoint, Signer
 from runledger.schemas.errors import PermanentError
 from runledger.schemas.proofs import consistency_document, inclusion_document
 from runledger.streams.settings import Settings
@@ -16,7 +17,14 @@ from runledger.streams.topics import ensure_topics
 from runledger.streams.worker.outbox import Forwarder
 from runledger.streams.worker.retry import RetrySchedule
 
-__all__ = ["checkpoint_signer", "prove_consistency", "prove_inclusion", "publish_checkpoint"]
+__all__ = ["checkpoint_signer", "prove_consistency", "prove_inclusion", "publish_checkpoint", "verifier_key"]
+
+
+def verifier_key(settings: Settings, key: str | None) -> str:
+    """The verifier key ``key`` names: the key itself, or a file holding it; by default the ``.pub`` file
+    beside the signer key."""
+    key = key or f"{settings.checkpoint_key_path}.pub"
+    return Path(key).read_text().strip() if Path(key).is_file() else key
 
 
 def checkpoint_signer(settings: Settings) -> Signer | None:
@@ -64,12 +72,7 @@ async def prove_consistency(settings: Settings, old: str, new: str | None) -> di
             new = await conn.fetchval(query("covering_checkpoint"), -1, settings.checkpoint_origin)
             if new is None:
                 raise PermanentError("no checkpoint is kept yet: sign one with `runledger checkpoint`")
-        sizes = []
-        for note in (old, new):
-            lines = note.split("\n")
-            if len(lines) < 3 or not lines[1].isdigit():
-                raise PermanentError("a checkpoint note starts with its origin and its size, one per line")
-            sizes.append(int(lines[1]))
+        sizes = [Checkpoint.parse(note).size for note in (old, new)]
         if sizes[0] > sizes[1]:
             raise PermanentError(f"the old checkpoint ({sizes[0]}) is larger than the new one ({sizes[1]})")
         proof = await consistency(conn, sizes[0], sizes[1])
