@@ -24,7 +24,7 @@ from typing import Any
 
 from runledger.projections.pricing import PriceCatalog
 from runledger.projections.records import BatchResult, Failure, LogRecord, ProcessingFailed, pg_text
-from runledger.projections.rules import ExecutionState, Projected, StepState, apply
+from runledger.projections.rules import ArtifactRow, CostRow, ExecutionState, Projected, StepState, apply
 from runledger.schemas.chain import Head, link_error
 from runledger.schemas.errors import (
     ChainBroken,
@@ -36,8 +36,9 @@ from runledger.schemas.errors import (
 )
 from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, parse_event
 
-__all__ = ["AUDIT_COLUMNS", "COST_COLUMNS", "BatchPlanner", "Decoded", "Loaded", "Parked", "Plan", "Policy",
-           "as_record", "decode", "decoded"]
+__all__ = ["ARTIFACT_COLUMNS", "AUDIT_COLUMNS", "COST_COLUMNS", "EXECUTION_COLUMNS", "STEP_COLUMNS", "BatchPlanner",
+           "Decoded", "Loaded", "Parked", "Plan", "Policy", "artifact_row", "as_record", "cost_row", "decode",
+           "decoded", "execution_row", "step_row"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ AUDIT_COLUMNS = ("event_id", "stream_id", "seq", "type", "source", "specversion"
 COST_COLUMNS = ("event_id", "stream_id", "seq", "step_id", "provider", "model", "input_tokens", "output_tokens",
                 "cached_tokens", "cost_usd", "cost_source", "catalog_version", "occurred_at")
 _COST_USD = COST_COLUMNS.index("cost_usd")
+# The rows' columns, in the order of the tuples below (and of the upserts in sql/queries.sql).
+EXECUTION_COLUMNS = ("stream_id", "workflow", "agent_id", "customer_id", "status", "started_at", "ended_at",
+                     "duration_ms", "steps_total", "steps_running", "steps_retrying", "steps_completed",
+                     "steps_failed", "steps_skipped", "input_tokens", "output_tokens", "cached_tokens", "cost_usd",
+                     "unpriced_costs", "budget_usd", "error", "last_seq", "last_hash")
+STEP_COLUMNS = ("stream_id", "step_id", "name", "step_order", "status", "attempts", "started_at", "ended_at", "error",
+                "cost_usd")
+ARTIFACT_COLUMNS = ("stream_id", "artifact_id", "step_id", "type", "name", "uri", "size_bytes", "content_type",
+                    "created_at", "seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +210,8 @@ class BatchPlanner:
             if steps is not None:
                 touched[stream] = steps
         plan, states, heads = self.plan_, loaded.states, loaded.heads
-        plan.executions = [_execution_row(states[s]) for s in touched]
-        plan.steps = [_step_row(s, states[s].steps[step]) for s, steps in touched.items() for step in sorted(steps)]
+        plan.executions = [execution_row(states[s]) for s in touched]
+        plan.steps = [step_row(s, states[s].steps[step]) for s, steps in touched.items() for step in sorted(steps)]
         plan.heads = [(s, heads[s].seq, heads[s].hash) for s in touched]
         plan.artifacts = list(self._artifacts.values())
         plan.offsets = _offsets(self._records)
@@ -282,12 +292,9 @@ class BatchPlanner:
                            event.datacontenttype, event.dataschema, event.traceparent, event.time,
                            event.hash, record.value, event.prevhash, record.topic, record.partition, record.offset,
                            record.attempts + 1))
-        plan.costs += [(c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens,
-                        c.output_tokens, c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version,
-                        c.occurred_at) for c in done.costs]
+        plan.costs += [cost_row(c) for c in done.costs]
         for a in done.artifacts:  # one row per key and batch, the last event's, as the upsert needs
-            self._artifacts[a.stream_id, a.artifact_id] = (a.stream_id, a.artifact_id, a.step_id, a.type, a.name,
-                                                           a.uri, a.size_bytes, a.content_type, a.created_at, a.seq)
+            self._artifacts[a.stream_id, a.artifact_id] = artifact_row(a)
 
     def _fail(self, record: LogRecord, error: RunledgerError, event: Event | None = None, raw: Any = None) -> None:
         """Send ``record`` out of the batch: to retry if ``error`` is transient and attempts remain, else dead."""
@@ -337,7 +344,7 @@ def _known_fields(raw: Any) -> tuple[str | None, int | None, str | None, str | N
     return text("subject"), seq if type(seq) is int and 0 < seq < 2**63 else None, text("id"), text("type")
 
 
-def _execution_row(s: ExecutionState) -> Row:
+def execution_row(s: ExecutionState) -> Row:
     counts = s.step_counts()
     return (s.stream_id, s.workflow, s.agent_id, s.customer_id, s.status, s.started_at, s.ended_at, s.duration_ms,
             len(s.steps), counts["running"], counts["retrying"], counts["completed"], counts["failed"],
@@ -345,6 +352,16 @@ def _execution_row(s: ExecutionState) -> Row:
             s.budget_usd, s.error, s.last_seq, s.last_hash)
 
 
-def _step_row(stream: str, s: StepState) -> Row:
+def step_row(stream: str, s: StepState) -> Row:
     return (stream, s.step_id, s.name, s.order, s.status, s.attempts, s.started_at, s.ended_at, s.error,
             s.cost_usd or Decimal(0))
+
+
+def cost_row(c: CostRow) -> Row:
+    return (c.event_id, c.stream_id, c.seq, c.step_id, c.provider, c.model, c.input_tokens, c.output_tokens,
+            c.cached_tokens, c.cost_usd, c.cost_source, c.catalog_version, c.occurred_at)
+
+
+def artifact_row(a: ArtifactRow) -> Row:
+    return (a.stream_id, a.artifact_id, a.step_id, a.type, a.name, a.uri, a.size_bytes, a.content_type, a.created_at,
+            a.seq)

@@ -335,3 +335,42 @@ SELECT note FROM checkpoints WHERE size > $1 AND origin = $2 ORDER BY size DESC,
 SELECT a.tlog_index, a.stream_id, a.seq, a.event_id::text, a.raw, n.hash FROM audit_log a
 LEFT JOIN tlog_nodes n ON n.level = 0 AND n.index = a.tlog_index
 WHERE a.tlog_index < $1 ORDER BY a.tlog_index;
+
+-- `runledger verify projection`: every catalog version, and the rows of the streams named by $1 (an array).
+-- name: verify_prices
+SELECT version, model, provider, input_usd_per_token, output_usd_per_token, cached_usd_per_token
+FROM model_prices ORDER BY version, model;
+
+-- name: verify_executions
+SELECT stream_id, workflow, agent_id, customer_id, status, started_at, ended_at, duration_ms, steps_total,
+       steps_running, steps_retrying, steps_completed, steps_failed, steps_skipped, input_tokens, output_tokens,
+       cached_tokens, cost_usd, unpriced_costs, budget_usd, error, last_seq, last_hash
+FROM executions WHERE stream_id = ANY($1::text[]);
+
+-- name: verify_steps
+SELECT stream_id, step_id, name, step_order, status, attempts, started_at, ended_at, error, cost_usd
+FROM steps WHERE stream_id = ANY($1::text[]);
+
+-- name: verify_costs
+SELECT event_id::text, stream_id, seq, step_id, provider, model, input_tokens, output_tokens, cached_tokens,
+       cost_usd, cost_source, catalog_version, occurred_at
+FROM costs WHERE stream_id = ANY($1::text[]);
+
+-- name: verify_artifacts
+SELECT stream_id, artifact_id, step_id, type, name, uri, size_bytes, content_type, created_at, seq
+FROM artifacts WHERE stream_id = ANY($1::text[]);
+
+-- name: verify_orphans
+-- Projection rows of streams that have no stored event at all ($1: one stream, or NULL for all).
+SELECT 'executions' AS "table", stream_id, stream_id AS key FROM executions e
+WHERE ($1::text IS NULL OR stream_id = $1) AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.stream_id = e.stream_id)
+UNION ALL
+SELECT 'steps', stream_id, step_id FROM steps s
+WHERE ($1::text IS NULL OR stream_id = $1) AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.stream_id = s.stream_id)
+UNION ALL
+SELECT 'costs', stream_id, event_id::text FROM costs c
+WHERE ($1::text IS NULL OR stream_id = $1) AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.stream_id = c.stream_id)
+UNION ALL
+SELECT 'artifacts', stream_id, artifact_id FROM artifacts r
+WHERE ($1::text IS NULL OR stream_id = $1) AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.stream_id = r.stream_id)
+ORDER BY 1, 2, 3;

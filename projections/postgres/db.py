@@ -99,10 +99,14 @@ async def connect(database_url: str, schema: str, *, role: str | None = WORKER_R
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
 
 
-async def connect_one(database_url: str, schema: str) -> asyncpg.Connection:
-    """One connection on ``schema`` as the connecting user (the owner): for reads, waits and admin work."""
+async def connect_one(database_url: str, schema: str, *, decode_jsonb: bool = False) -> asyncpg.Connection:
+    """One connection on ``schema`` as the connecting user (the owner): for reads, waits and admin work.
+    ``decode_jsonb``: jsonb values as Python objects, as the workers' pool has them (else as JSON text)."""
     try:
-        return await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
+        conn = await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
+        if decode_jsonb:
+            await _init_connection(conn)
+        return conn
     except (OSError, asyncpg.PostgresError) as e:
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from dataclasses import replace
 
 import asyncpg
 import orjson
 
 from runledger.projections.postgres.store import ProjectionStore
-from runledger.projections.postgres.verify import verify_chains
+from runledger.projections.postgres.verify import verify_chains, verify_projection
 from runledger.projections.records import LogRecord
 from runledger.schemas.chain import compute_hash
 from runledger.streams.settings import Settings
@@ -88,3 +89,49 @@ async def test_the_command_says_where_and_exits_1(settings: Settings, schema: st
     assert machine.returncode == 1 and report["intact"] is False and report["events"] == 18
     assert {f["code"] for f in report["findings"]} == {"hash_mismatch", "seq_gap", "row_mismatch", "head_mismatch",
                                                        "stream_missing"}
+
+
+async def test_projection_tampering_is_named_by_table_and_row(settings: Settings, schema: str, pool: asyncpg.Pool,
+                                                              store: ProjectionStore, owner: asyncpg.Connection,
+                                                              env: dict[str, str]) -> None:
+    await ProjectionStore.save_catalog(pool, store.catalog)  # as a worker does when it starts
+    await project(store)
+    intact = await verify_projection(settings.database_url, schema)
+    assert intact.intact, [f.reason for f in intact.findings]
+    assert (intact.events, intact.streams) == (27, 5)
+    priced = VECTOR_EVENTS[4]["id"]  # A seq 5: priced from the catalog
+    # The cost row alone is changed: the execution's and the step's totals still say what the events give.
+    await owner.execute("UPDATE costs SET cost_usd = cost_usd + 0.01 WHERE event_id = $1", priced)
+    await owner.execute("UPDATE executions SET input_tokens = 1 WHERE stream_id = $1", B)
+    await owner.execute("DELETE FROM steps WHERE stream_id = $1 AND step_id = 's2'", A)
+    await owner.execute("INSERT INTO artifacts (stream_id, artifact_id, type, name, uri, created_at, seq) "
+                        "VALUES ($1, 'forged', 'file', 'f', 's3://x', now(), 2)", C)
+    await owner.execute("INSERT INTO executions (stream_id, workflow, status, started_at, last_seq, last_hash, "
+                        "updated_at) VALUES ('ghost', 'w', 'running', now(), 1, 'x', now())")
+    report = await verify_projection(settings.database_url, schema)
+    found = {(f.table, f.key, f.code) for f in report.findings}
+    assert found == {("costs", priced, "row_differs"), ("executions", B, "row_differs"), ("steps", "s2", "row_missing"),
+                     ("artifacts", "forged", "row_extra"), ("executions", "ghost", "row_extra")}
+    by_key = {f.key: f for f in report.findings}
+    assert by_key[priced].stream_id == A and by_key[priced].seq == 5 and by_key[priced].event_id == priced
+    assert "cost_usd is Decimal(" in by_key[priced].reason
+    assert "input_tokens is 1" in by_key[B].reason
+    assert by_key[B].reason.startswith(f"executions row stream_id={B!r}: ")
+    only = await verify_projection(settings.database_url, schema, stream=C)
+    assert [(f.table, f.key) for f in only.findings] == [("artifacts", "forged")] and only.events == 3
+    command = subprocess.run([*CLI, "verify", "projection", "--json"], env={**os.environ, **env,
+                             "RUNLEDGER_DB_SCHEMA": schema}, capture_output=True, text=True, timeout=120)
+    assert command.returncode == 1, command.stderr
+    assert {(f["table"], f["key"]) for f in orjson.loads(command.stdout)["findings"]} == {k[:2] for k in found}
+
+
+async def test_the_projection_check_prices_with_the_catalog_version_the_row_names(
+        settings: Settings, schema: str, pool: asyncpg.Pool, store: ProjectionStore) -> None:
+    await ProjectionStore.save_catalog(pool, store.catalog)
+    await project(store)
+    newer = replace(store.catalog, version="newer", prices={
+        model: replace(price, input=price.input * 2) for model, price in store.catalog.prices.items()})
+    await ProjectionStore.save_catalog(pool, newer)  # a later worker brought new prices
+    assert await ProjectionStore.load_catalog(pool) is not None
+    report = await verify_projection(settings.database_url, schema)
+    assert report.intact, [f.as_dict() for f in report.findings]
