@@ -4,7 +4,8 @@
 the same way) and reports, for each stream that is not intact, the first event where it stops being so and
 why: bytes that are not JSON, a hash that does not match the bytes, columns that say something else than the
 bytes, a missing first event, a gap, a repeated ``seq``, a broken ``prevhash`` link, or a stream head (the
-tables' ``stream_heads``) that is not where the stream ends. Pure: no I/O.
+tables' ``stream_heads``) that is not where the stream ends. ``LogAuditor`` makes the same checks over the log
+topic's records as they come, streams interleaved, out of ``seq`` order and with retried copies. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from runledger.schemas.chain import GENESIS_HASH, Head, stored_hash
 from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.merkle import TreeState, leaf_hash
 
-__all__ = ["ChainAuditor", "Finding", "StoredEvent", "TreeAuditor"]
+__all__ = ["ChainAuditor", "Finding", "LogAuditor", "LogEntry", "StoredEvent", "TreeAuditor"]
 
 
 class StoredEvent(NamedTuple):
@@ -46,12 +47,14 @@ class Finding:
     event_id: str | None
     code: str  # not_json | hash_mismatch | row_mismatch | first_missing | seq_gap | seq_duplicate | chain_broken
     #            | head_mismatch | head_missing | stream_missing; against a checkpoint: leaf_missing | leaf_changed
-    #            | log_shorter | root_mismatch
+    #            | log_shorter | root_mismatch; in the log topic: not_event | log_start_deleted
     reason: str
+    partition: int | None = None  # where in the log topic, for a finding of the log's records
+    offset: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"stream_id": self.stream_id, "seq": self.seq, "event_id": self.event_id, "code": self.code,
-                "reason": self.reason}
+                "reason": self.reason, "partition": self.partition, "offset": self.offset}
 
 
 class ChainAuditor:
@@ -155,6 +158,168 @@ def _row_mismatch(row: StoredEvent, event: dict[str, Any], carried: Any) -> Find
         if column != "raw" and value is not None and value != stored:
             return _found(row, "row_mismatch", f"column {column} is {value!r}, the event's bytes say {stored!r}")
     raise AssertionError("called for a row whose columns all match")
+
+
+class LogEntry(NamedTuple):
+    """One record of the log topic: where it is, its key and its value (None for a record without one)."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class _Held(NamedTuple):
+    """An event that came before its predecessor: kept until the predecessor links, or reported at the end."""
+
+    event_id: str | None
+    hash: str
+    prevhash: Any
+    partition: int
+    offset: int
+
+
+class _Chain:
+    """One stream of the log, as far as its events have linked."""
+
+    __slots__ = ("broken", "hash", "hashes", "pending", "seq")
+
+    def __init__(self) -> None:
+        self.seq, self.hash = 0, GENESIS_HASH  # the last linked event
+        # The digest of every linked event, seq n at [32 (n - 1), 32 n): a copy that comes after later events
+        # (a producer retried a whole batch) is told from a fork only by the hash of the event it repeats.
+        self.hashes = bytearray()
+        self.pending: dict[int, _Held] = {}
+        self.broken = False
+
+
+class LogAuditor:
+    """Feed it the log topic's records with ``check``, each partition's in offset order (streams interleaved, in
+    any order of partitions); ``finish`` once at the end.
+
+    A stream's events may come out of ``seq`` order (a worker parks one until its predecessor comes): an event
+    is held until its predecessor links. An event may come more than once (a producer retries): a copy with the
+    hash of the event seen at its ``seq`` is counted in ``duplicates``, not reported; another event at that
+    ``seq`` is a fork. A stream is reported once, at its first problem, with the record's partition and offset;
+    a record that is not an event belongs to no stream and is reported with stream id "". Memory: 32 bytes per
+    linked event, and the events that wait for their predecessor.
+
+    Counts: ``records`` read, ``events`` among them (copies included), ``duplicates`` among those, ``streams``.
+    """
+
+    def __init__(self) -> None:
+        self.records = self.events = self.duplicates = self.streams = 0
+        self._chains: dict[str, _Chain] = {}
+
+    def check(self, records: Iterable[LogEntry]) -> Iterator[Finding]:
+        for record in records:
+            self.records += 1
+            finding = self._check_record(record)
+            if finding is not None:
+                yield finding
+
+    def finish(self) -> Iterator[Finding]:
+        """Each stream with events that never linked: the first of them, and the ``seq`` that is missing."""
+        for stream in sorted(s for s, c in self._chains.items() if c.pending and not c.broken):
+            chain = self._chains[stream]
+            seq = min(chain.pending)
+            held = chain.pending[seq]
+            if chain.seq == 0:
+                yield _in_log(held.partition, held.offset, stream, seq, held.event_id, "first_missing",
+                              f"the stream's first event in the log is seq {seq}: seq 1 (execution.started) is "
+                              "not in the log")
+            else:
+                yield _in_log(held.partition, held.offset, stream, seq, held.event_id, "seq_gap",
+                              f"seq {seq} never links: seq {chain.seq + 1} is not in the log (the stream is intact "
+                              f"up to seq {chain.seq})")
+
+    def _check_record(self, record: LogEntry) -> Finding | None:
+        partition, offset, key, value = record
+        try:
+            event, carried, computed = stored_hash(value or b"")
+            unhashable = None
+        except msgspec.DecodeError as e:
+            return _in_log(partition, offset, "", None, None, "not_json",
+                           f"the record (key {key!r}) is not a JSON object: {e}")
+        except (TypeError, ValueError, RecursionError) as e:
+            event, carried, computed, unhashable = _decoded(value or b""), None, "", e
+        subject, seq, event_id = event.get("subject"), event.get("seq"), event.get("id")
+        if type(subject) is not str or type(seq) is not int:
+            return _in_log(partition, offset, "", None, None, "not_event",
+                           f"the record (key {key!r}) is JSON but not an event: no string subject and integer seq")
+        event_id = event_id if type(event_id) is str else None
+        chain = self._chains.get(subject)
+        if chain is None:
+            chain = self._chains[subject] = _Chain()
+            self.streams += 1
+        self.events += 1
+        if chain.broken:
+            return None
+        if unhashable is not None or carried != computed:
+            reason = (f"the event cannot be canonicalised: {unhashable}" if unhashable is not None else
+                      f"the event carries hash {carried}, its bytes hash to {computed}")
+            return self._break(chain, _in_log(partition, offset, subject, seq, event_id, "hash_mismatch", reason))
+        if seq < 1:
+            return self._break(chain, _in_log(partition, offset, subject, seq, event_id, "chain_broken",
+                                              f"seq {seq}: a stream's seq runs from 1"))
+        if seq == chain.seq + 1:  # the common case first
+            return self._link(chain, subject, seq, event_id, computed, event.get("prevhash"), partition, offset)
+        fork = None
+        if seq <= chain.seq:
+            seen = chain.hashes[32 * (seq - 1):32 * seq].hex()
+            if seen != computed:
+                fork = f"the event linked at seq {seq} before hashes to {seen}"
+        elif (held := chain.pending.get(seq)) is not None:
+            if held.hash != computed:
+                fork = (f"the event {held.event_id} at partition {held.partition} offset {held.offset} hashes to "
+                        f"{held.hash}")
+        else:
+            chain.pending[seq] = _Held(event_id, computed, event.get("prevhash"), partition, offset)
+            return None
+        if fork is None:
+            self.duplicates += 1
+            return None
+        return self._break(chain, _in_log(partition, offset, subject, seq, event_id, "seq_duplicate",
+                                          f"seq {seq} is in the log twice with different content (a fork): this "
+                                          f"event hashes to {computed}, {fork}"))
+
+    def _link(self, chain: _Chain, stream: str, seq: int, event_id: str | None, computed: str, prevhash: Any,
+              partition: int, offset: int) -> Finding | None:
+        """Link the event that follows the chain's last, then each held event that follows it in turn."""
+        while True:
+            if prevhash != chain.hash:
+                return self._break(chain, _in_log(partition, offset, stream, seq, event_id, "chain_broken",
+                                                  f"prevhash {prevhash} is not the hash {chain.hash} of seq "
+                                                  f"{chain.seq}"))
+            chain.seq, chain.hash = seq, computed
+            chain.hashes += bytes.fromhex(computed)
+            if not chain.pending:
+                return None
+            held = chain.pending.pop(seq + 1, None)
+            if held is None:
+                return None
+            seq += 1
+            event_id, computed, prevhash, partition, offset = held
+
+    def _break(self, chain: _Chain, finding: Finding) -> Finding:
+        chain.broken = True
+        chain.hashes, chain.pending = bytearray(), {}  # its later events are counted, not checked
+        return finding
+
+
+def _in_log(partition: int, offset: int, stream_id: str, seq: int | None, event_id: str | None, code: str,
+            reason: str) -> Finding:
+    return Finding(stream_id, seq, event_id, code, f"partition {partition} offset {offset}: {reason}", partition,
+                   offset)
+
+
+def _decoded(raw: bytes) -> dict[str, Any]:
+    """The JSON object ``raw`` holds, for naming an event that cannot be hashed ({} if not even that)."""
+    try:
+        event = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return {}
+    return event if type(event) is dict else {}
 
 
 class TreeAuditor:

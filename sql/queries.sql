@@ -6,6 +6,10 @@ SELECT pg_advisory_xact_lock_shared(hashtext('runledger.apply:' || current_schem
 -- name: switch_lock
 SELECT pg_advisory_xact_lock(hashtext('runledger.apply:' || $1));
 
+-- name: switch_lock_timeout
+-- How long the switch-over waits for a lock before it gives up (this transaction only).
+SELECT set_config('lock_timeout', $1, true);
+
 -- name: notify_projected
 SELECT pg_notify('runledger_projected', current_schema());
 

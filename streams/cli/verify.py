@@ -1,4 +1,5 @@
-"""``runledger verify chains``: prove the stored record intact, or name the stream and seq where it is not."""
+"""``runledger verify``: prove the stored record, or the log it was projected from, intact, or name the stream and
+seq where it is not."""
 
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ def _utc(text: str) -> datetime:
 def register(sub: Subparsers) -> None:
     verify = sub.add_parser(
         "verify", help="recompute every hash and link of the stored record and say where it is not intact",
-        description="Checks the record without trusting the tables: `verify chains`, or `verify --checkpoint "
-        "FILE`, which recomputes the transparency log's leaves from the stored events' bytes up to a "
-        "checkpoint kept before and compares the root with the one it signed (a stream rewritten with a "
-        "consistent new chain, or deleted whole, is caught there). Exit status 0 intact, 1 something is not "
-        "(each finding names the stream, seq and event id, or the leaf, the check that failed and why).")
+        description="Checks the record without trusting the tables: `verify chains`, `verify log` (the log topic "
+        "itself, without the database), or `verify --checkpoint FILE`, which recomputes the transparency log's "
+        "leaves from the stored events' bytes up to a checkpoint kept before and compares the root with the one "
+        "it signed (a stream rewritten with a consistent new chain, or deleted whole, is caught there). Exit "
+        "status 0 intact, 1 something is not (each finding names the stream, seq and event id, or the leaf, or "
+        "the log's partition and offset, the check that failed and why).")
     verify.add_argument("--checkpoint", type=Path, metavar="FILE", help="a signed checkpoint note kept before")
     verify.add_argument("--key", metavar="KEY", help="with --checkpoint: the verifier key, or a file holding it "
                         "(default: the .pub beside RUNLEDGER_CHECKPOINT_KEY)")
@@ -52,7 +54,8 @@ def register(sub: Subparsers) -> None:
     chains.add_argument("--since", type=_utc, metavar="TIME",
                         help="only streams with an event recorded (or a head moved) since TIME, e.g. "
                         "2026-11-22T10:00:00Z; each is checked whole")
-    chains.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress bar")
+    chains.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the report as one JSON object, no progress bar")
     projection = checks.add_parser(
         "projection", help="the projection tables against what the rules give from audit_log",
         description="Reads one snapshot and, stream by stream, applies the projection rules to the stored events "
@@ -65,17 +68,31 @@ def register(sub: Subparsers) -> None:
     projection.add_argument("--since", type=_utc, metavar="TIME",
                             help="only streams with an event recorded since TIME, e.g. 2026-11-22T10:00:00Z; each "
                             "is checked whole (rows of streams with no event at all are then not looked for)")
-    projection.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress "
-                            "bar")
+    projection.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print the report as one JSON object, no progress bar")
+    log = checks.add_parser(
+        "log", help="every stream of the log topic, from its records, without the database",
+        description="Reads every partition of the log topic (<prefix>.events) from its start up to where it "
+        "ends when the check starts (producers may keep appending), and recomputes each event's hash (SPEC.md "
+        "section 3) from the record's bytes, following each stream's chain as its events come: out of seq order "
+        "(held until the predecessor comes) and more than once (a copy of an event already seen, same id and "
+        "hash, is a producer's retry: counted, not reported). A stream is reported at its first problem, with the "
+        "record's partition and offset: hash_mismatch (the bytes were changed), seq_duplicate (another event at "
+        "a seq already taken: a fork), chain_broken (a prevhash does not link), first_missing and seq_gap (an "
+        "event never came). A record that is not an event is not_json or not_event; a partition whose first "
+        "records retention deleted is log_start_deleted, and the rest is still checked. Exit status 2 if the "
+        "topic does not exist.")
+    log.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="print the report as one JSON object, no progress bar")
     verify.set_defaults(func=_cmd_verify)
-    verify.set_defaults(usage=verify.format_usage)
+    verify.set_defaults(usage=verify.format_usage, checks=", ".join(checks.choices))
 
 
 def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.projections.postgres.verify import verify_chains, verify_checkpoint, verify_projection
 
     if (args.check is None) == (args.checkpoint is None):
-        print(f"{args.usage().strip()}\nrunledger verify: give either CHECK (chains) or --checkpoint FILE",
+        print(f"{args.usage().strip()}\nrunledger verify: give either CHECK ({args.checks}) or --checkpoint FILE",
               file=sys.stderr)
         return EXIT_USAGE
     bar = tqdm(unit="ev", desc="verifying", disable=True if args.json else None, file=sys.stderr)
@@ -88,6 +105,10 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         if args.checkpoint is not None:
             checkpoint = _open_checkpoint(args, settings)
             report = asyncio.run(verify_checkpoint(settings.database_url, settings.db_schema, checkpoint, progress))
+        elif args.check == "log":
+            from runledger.streams.tools.verifylog import verify_log
+
+            report = asyncio.run(verify_log(settings, progress))
         else:
             check = verify_projection if args.check == "projection" else verify_chains
             report = asyncio.run(check(settings.database_url, settings.db_schema, stream=args.stream,

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from runledger.schemas.chain import GENESIS_HASH, compute_hash
 from runledger.schemas.errors import TransientError
+from runledger.streams.kafka import stop_consumer
 from runledger.streams.settings import Settings
 
 __all__ = ["LogHead", "forget_if_restarted", "log_heads", "marker_key", "recover_heads", "stream_in_log"]
@@ -97,7 +98,7 @@ async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, l
     except KafkaError as e:
         raise TransientError(f"cannot read {settings.events_topic}: {e}") from e
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
     return events
 
 

@@ -35,6 +35,7 @@ from runledger.projections.postgres.db import StoreUnavailable, database_error
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.events import MAX_EVENT_BYTES
+from runledger.streams.kafka import stop_consumer
 from runledger.streams.worker.logcheck import FIX, check_partitions, save_problems
 from runledger.streams.worker.retry import from_retry_topic, message_time
 
@@ -151,8 +152,8 @@ class LogConsumer:
             if in_flight is not None:  # not committed to Kafka: read again, a duplicate where it was applied
                 in_flight.task.cancel()
                 await asyncio.gather(in_flight.task, return_exceptions=True)
-            await self._checker.stop()
-            await self._consumer.stop()
+            await stop_consumer(self._checker)
+            await stop_consumer(self._consumer)
 
     async def assigned_now(self, assigned: list[TopicPartition]) -> None:
         """Seek each newly assigned partition to its stored offset, or hold it back if the log does not match."""
@@ -243,4 +244,4 @@ class RetryConsumer:
                 await _project_until_done(self._project, [record for record, _ in batch], self.topic)
                 await _commit(self._consumer, fetched, self.topic)
         finally:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)

@@ -29,9 +29,10 @@ from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.wait import WORKER_GONE_S
 from runledger.schemas.errors import PermanentError, TransientError
+from runledger.streams.kafka import stop_consumer
 from runledger.streams.settings import Settings
 
-__all__ = ["FIX", "PartitionCheck", "check_log", "check_partitions", "projection_health", "reset_offsets",
+__all__ = ["FIX", "PartitionCheck", "Stored", "check_log", "check_partitions", "projection_health", "reset_offsets",
            "save_problems"]
 
 T = TypeVar("T")
@@ -155,7 +156,7 @@ async def _with_log(settings: Settings, work: Callable[[AIOKafkaConsumer, asyncp
         raise PermanentError(f"schema {settings.db_schema} has no projection tables: run `runledger db migrate` "
                              "(or start a worker) first") from None
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
         await conn.close()
 
 

@@ -8,22 +8,26 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from runledger.projections.postgres.checksum import table_checksums
 from runledger.projections.postgres.db import connect, migrate
+from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import append_many
 from runledger.streams.settings import Settings
+from runledger.streams.tools import rebuild as rebuild_module
 from runledger.streams.tools.rebuild import rebuild
 from tests.conftest import CLI
+from tests.integration.conftest import poll, rechain
 
 
 @pytest.fixture
@@ -46,7 +50,7 @@ def runledger(env: dict[str, str], *args: str, timeout: float = 240) -> subproce
 
 
 async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], Settings]) -> None:
-    env, settings = live
+    env, _ = live
     demo = await asyncio.to_thread(runledger, env, "demo", "--executions", "40", "--seed", "3")
     assert demo.returncode == 0, demo.stderr
     for heading in ("executions by status", "spend by model", "spend by workflow", "most expensive executions"):
@@ -59,12 +63,10 @@ async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], 
     report = orjson.loads(done.stdout)
     assert report["switched"] and report["equal"]
     assert report["tables"]["executions"]["rebuilt_rows"] == 40
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        assert await table_checksums(conn, settings.db_schema) == await table_checksums(
-            conn, report["retired_schema"])
-    finally:
-        await conn.close()
+    again = await asyncio.to_thread(runledger, env, "rebuild", "--no-switch", "--json")
+    assert again.returncode == 0, again.stderr
+    assert orjson.loads(again.stdout)["tables"] == {  # the switched-in tables, as a projection of the log anew
+        table: {**row, "live_md5": row["rebuilt_md5"]} for table, row in report["tables"].items()}
 
 
 async def _live_worker(settings: Settings, stop: asyncio.Event) -> None:
@@ -118,11 +120,149 @@ async def test_rebuild_switches_under_a_live_worker_and_nothing_is_lost(
         await worker
         assert await conn.fetchval("SELECT count(*) FROM executions") == 120
         assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
-        retired = await conn.fetchval(f'SELECT count(*) FROM "{report.retired_schema}".audit_log')
-        assert retired < total  # so events were projected after the switch, into the rebuilt tables
+        retired = await conn.fetchval(f'SELECT count(*) FROM "{report.retired_schema}".costs')
+        assert retired < await conn.fetchval("SELECT count(*) FROM costs")  # so the switch came before the end
+        assert report.lock_held_s is not None and report.lock_held_s < 1.0
         # After the switch the live tables still equal a fresh projection of the whole log.
         again = await rebuild(settings, switch=False)
         assert again.equal and again.checksums["audit_log"][0][0] == total
     finally:
         stop.set()
         await conn.close()
+
+
+async def _project_all(settings: Settings, total: int, *, letters: int = 0) -> None:
+    """Run the worker's path until ``total`` events are projected and ``letters`` records dead-lettered."""
+    stop = asyncio.Event()
+    worker = asyncio.create_task(_live_worker(settings, stop))
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
+    try:
+        async def done() -> bool:
+            return (await conn.fetchval("SELECT count(*) FROM audit_log") == total
+                    and await conn.fetchval("SELECT count(*) FROM dead_letters") == letters)
+
+        await poll(done, 60, f"{total} events projected and {letters} letters")
+    finally:
+        stop.set()
+        await worker
+        await conn.close()
+
+
+async def _append_runs(settings: Settings, runs: int, seed: int) -> int:
+    fleet = simulate_fleet(runs, seed=seed, run_tag=f"{settings.db_schema}-{seed}")
+    await append_many(settings, [(r.stream_id, e) for r in fleet for e in r.events], progress=False)
+    return sum(len(r.events) for r in fleet)
+
+
+async def _rows(conn: asyncpg.Connection, sql: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in await conn.fetch(sql)]
+
+
+async def test_letters_resolutions_replays_and_the_transparency_log_survive_the_switch(
+        live: tuple[dict[str, str], Settings], tmp_path: Path) -> None:
+    env, settings = live
+    env = {**env, "RUNLEDGER_CHECKPOINT_KEY": str(tmp_path / "checkpoint.key")}
+    await migrate(settings.database_url, settings.db_schema)
+    total = await _append_runs(settings, 20, seed=6)
+    first, second = rechain(f"{settings.db_schema}-tampered")[:2]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=False)
+    await producer.start()
+    try:  # two records that fail for good, and an event parked behind one of them
+        await producer.send_and_wait(settings.events_topic, b"not json", key=b"junk")
+        for event in ({**first, "hash": "0" * 64}, second):
+            await producer.send_and_wait(settings.events_topic, orjson.dumps(event), key=first["subject"].encode())
+    finally:
+        await producer.stop()
+    await _project_all(settings, total, letters=2)
+    resolved = runledger(env, "dlq", "resolve", "--reason", "invalid_json", "--note", "junk from a test", "--yes")
+    assert resolved.returncode == 0, resolved.stderr
+    replayed = runledger(env, "dlq", "replay", "--stream", first["subject"], "--yes", "--quiet")
+    assert replayed.returncode in (0, 1), replayed.stderr  # it fails again: the bytes are what they were
+    for args in (("keys", "init"), ("checkpoint", "--out", str(tmp_path / "before.note"))):
+        assert (done := runledger(env, *args)).returncode == 0, done.stderr
+    kept = ("SELECT * FROM dead_letters ORDER BY id", "SELECT * FROM dlq_replays ORDER BY id",
+            "SELECT * FROM dlq_replay_items ORDER BY replay_id, dead_letter_id", "SELECT * FROM checkpoints",
+            "SELECT * FROM tlog_state", "SELECT stream_id, seq, event_id FROM parked_events",
+            "SELECT event_id, tlog_index, recorded_at FROM audit_log ORDER BY tlog_index")
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
+    try:
+        before = [await _rows(conn, sql) for sql in kept]
+        assert {r["status"] for r in await conn.fetch("SELECT status FROM dead_letters")} == {"resolved", "dead"}
+        assert before[1] and before[2] and before[5], "a replay, its item and a parked event to carry over"
+        report = await rebuild(settings)
+        assert report.switched and report.equal, report.as_dict()
+        assert [await _rows(conn, sql) for sql in kept] == before
+    finally:
+        await conn.close()
+    for check in (("verify", "--checkpoint", str(tmp_path / "before.note")), ("verify", "chains"),
+                  ("verify", "projection")):
+        verified = runledger(env, *check)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+async def test_a_batch_in_flight_makes_the_switch_give_way_instead_of_stalling_the_workers(
+        live: tuple[dict[str, str], Settings]) -> None:
+    _, settings = live
+    await migrate(settings.database_url, settings.db_schema)
+    await _project_all(settings, await _append_runs(settings, 30, seed=7))
+    path = {"search_path": settings.db_schema}
+    batch, worker, watcher = [await asyncpg.connect(settings.database_url, server_settings=path) for _ in range(3)]
+    waits: list[float] = []
+    switching = asyncio.Event()
+
+    async def long_batch() -> None:
+        """A worker's batch that holds the apply lock for 2.5 s from the moment the rebuild wants to switch."""
+        async with batch.transaction():
+            await batch.execute(query("apply_lock"))
+
+            async def switch_waiting() -> bool:
+                return bool(await watcher.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                                   "AND mode = 'ExclusiveLock' AND NOT granted"))
+
+            await poll(switch_waiting, 120, "the rebuild to ask for the apply lock")
+            switching.set()
+            await asyncio.sleep(2.5)  # the batch's own work, not a wait for a result
+
+    async def other_batches() -> None:
+        """Another worker, taking the apply lock for batch after batch: how long does each wait?"""
+        while True:
+            started = time.monotonic()
+            async with worker.transaction():
+                await worker.execute(query("apply_lock"))
+            waits.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+
+    holding = asyncio.create_task(long_batch())
+    others = asyncio.create_task(other_batches())
+    try:
+        report = await rebuild(settings)
+        await holding
+    finally:
+        others.cancel()
+        holding.cancel()
+        for conn in (batch, worker, watcher):
+            await conn.close()
+    assert max(waits) < 1.0, f"a batch waited {max(waits):.2f} s for the apply lock"
+    assert switching.is_set() and report.switched and report.switch_tries > 1, report.as_dict()
+
+
+async def test_an_interrupted_rebuild_resumes_where_it_stopped(live: tuple[dict[str, str], Settings],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _, settings = live
+    await migrate(settings.database_url, settings.db_schema)
+    total = await _append_runs(settings, 40, seed=8)
+    await _project_all(settings, total)
+    monkeypatch.setattr(rebuild_module, "_FETCH_RECORDS", 50)  # small batches, so that it can stop midway
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_midway(done: int, _: int) -> None:
+        if done >= 100:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        await rebuild(settings, progress=stop_midway)
+    report = await rebuild(settings)
+    assert report.switched and report.equal, report.as_dict()
+    assert 100 <= report.resumed_from < total and report.records == total - report.resumed_from

@@ -78,3 +78,22 @@ async def test_demo_after_dev_down_names_the_cause_and_the_fix_works(own_broker:
                                    [orjson.loads(r.value)["id"] for r in log]) == len(log)
     finally:
         await conn.close()
+
+
+def test_a_rebuild_refuses_a_log_that_no_longer_holds_what_was_projected(own_broker: dict[str, str]) -> None:
+    env = own_broker
+    first = runledger(env, "demo", "--executions", "6", "--timeout", "120")
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = runledger(env, "rebuild", "--no-switch", "--json")
+    assert kept.returncode == 0 and orjson.loads(kept.stdout)["equal"], kept.stdout + kept.stderr
+    assert runledger(env, "dev", "down").returncode == 0  # the log is gone; the projections stay
+    assert runledger(env, "dev", "up").returncode == 0
+    resumed = runledger(env, "rebuild")  # where the kept rebuild stopped, the log has nothing now
+    assert resumed.returncode == 2 and "recreated or emptied" in resumed.stderr, resumed.stdout + resumed.stderr
+    assert "--fresh" in resumed.stderr
+    fresh = runledger(env, "rebuild", "--fresh")  # from offset 0, up to offsets the log does not reach
+    assert fresh.returncode == 2 and "recreated or emptied" in fresh.stderr, fresh.stdout + fresh.stderr
+    refilled = runledger(env, "demo", "--executions", "6", "--timeout", "120")  # a new log, as long as the old
+    assert refilled.returncode == 3, refilled.stderr[-3000:]
+    again = runledger(env, "rebuild", "--fresh")  # would re-project other records than the live tables hold
+    assert again.returncode == 2 and "recreated" in again.stderr and "offsets check" in again.stderr, again.stderr

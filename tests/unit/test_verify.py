@@ -12,7 +12,7 @@ import pytest
 from runledger.schemas.chain import Head, compute_hash
 from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.merkle import leaf_hash, root_of
-from runledger.schemas.verify import ChainAuditor, Finding, StoredEvent, TreeAuditor
+from runledger.schemas.verify import ChainAuditor, Finding, LogAuditor, LogEntry, StoredEvent, TreeAuditor
 from tests.conftest import VECTOR_EVENTS
 
 
@@ -124,3 +124,131 @@ def test_the_tree_auditor_recomputes_the_signed_root() -> None:
     assert audit(signed, forged) == ["leaf_changed", "root_mismatch"]
     assert audit(signed, [*rows[:5], (5, "x", 6, "id", rows[5][4].replace(b'"seq":6', b'"seq":7'), None),
                           *rows[6:]]) == ["hash_mismatch", "root_mismatch"]
+
+
+# The log auditor: the log topic's records as a worker reads them, partition by partition.
+
+S = [e for e in VECTOR_EVENTS if e["subject"] == STREAM]  # seq 1..9
+OTHERS = [e for e in VECTOR_EVENTS if e["subject"] != STREAM]
+
+
+def forged(event: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``event`` with ``changes`` and a new id, hashed again: a valid event that is not the one in the log."""
+    event = {**event, "id": str(uuid.uuid4()), **changes}
+    event["hash"] = compute_hash(event)
+    return event
+
+
+def as_log(values: list[dict[str, Any] | bytes]) -> list[LogEntry]:
+    """``values`` appended to a log of two partitions, each stream keyed to one, and read partition by partition;
+    the streams interleaved as ``values`` interleave them."""
+    partitions: list[list[LogEntry]] = [[], []]
+    for value in values:
+        subject = value["subject"] if isinstance(value, dict) else "?"
+        p = sum(subject.encode()) % 2
+        partitions[p].append(LogEntry(p, len(partitions[p]), subject.encode(),
+                                      orjson.dumps(value) if isinstance(value, dict) else value))
+    return partitions[0] + partitions[1]
+
+
+def interleaved(*streams: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for events in itertools.zip_longest(*streams) for e in events if e is not None]
+
+
+def audit_log(values: list[dict[str, Any] | bytes]) -> tuple[list[Finding], LogAuditor]:
+    auditor = LogAuditor()
+    log = as_log(values)
+    found = [*auditor.check(log[:7]), *auditor.check(log[7:]), *auditor.finish()]  # fed in two chunks
+    assert auditor.records == len(log)
+    return found, auditor
+
+
+def log_codes(values: list[dict[str, Any] | bytes]) -> list[tuple[str, int | None, str]]:
+    return codes(audit_log(values)[0])
+
+
+def where(values: list[dict[str, Any] | bytes], value: dict[str, Any] | bytes) -> tuple[int, int]:
+    """The partition and offset ``as_log`` gives ``value`` (its first copy)."""
+    raw = orjson.dumps(value) if isinstance(value, dict) else value
+    return next((r.partition, r.offset) for r in as_log(values) if r.value == raw)
+
+
+def test_interleaved_streams_of_the_log_are_intact() -> None:
+    streams = [[e for e in VECTOR_EVENTS if e["subject"] == s] for s in dict.fromkeys(e["subject"]
+                                                                                      for e in VECTOR_EVENTS)]
+    values: list[dict[str, Any] | bytes] = [*interleaved(*streams)]
+    assert {r.partition for r in as_log(values)} == {0, 1}  # the streams are spread over both partitions
+    found, auditor = audit_log(values)
+    assert found == []
+    assert (auditor.records, auditor.events, auditor.duplicates, auditor.streams) == (18, 18, 0, 4)
+
+
+def test_retried_copies_are_counted_not_reported() -> None:
+    # A batch sent again after later events, the last event twice, and a copy of an event still held.
+    values: list[dict[str, Any] | bytes] = [*S[:6], *S[:3], S[6], S[6], S[8], S[8], S[7], *OTHERS, S[1]]
+    found, auditor = audit_log(values)
+    assert found == []
+    assert (auditor.records, auditor.events, auditor.duplicates, auditor.streams) == (24, 24, 6, 4)
+
+
+def test_events_that_come_before_their_predecessor_are_held_until_it_comes() -> None:
+    values: list[dict[str, Any] | bytes] = [*interleaved(list(reversed(S)), OTHERS)]
+    assert audit_log(values)[0] == []
+    assert log_codes([S[0], S[2], S[1], S[4], S[3], *S[5:]]) == []
+
+
+FORK = forged(S[3], data={**S[3]["data"], "input_tokens": 1})  # valid, linked to seq 3, not the seq 4 logged
+
+
+@pytest.mark.parametrize("values", [[S[0], S[1], S[3], FORK, S[2], *S[4:]], [*S[:4], FORK, *S[4:]],
+                                    [*S[:8], FORK, S[8], *OTHERS]], ids=["held", "last", "linked-before"])
+def test_another_event_at_a_taken_seq_is_a_fork(values: list[dict[str, Any] | bytes]) -> None:
+    [finding] = audit_log(values)[0]
+    assert (finding.stream_id, finding.seq, finding.event_id, finding.code) == (STREAM, 4, FORK["id"],
+                                                                                "seq_duplicate")
+    assert (finding.partition, finding.offset) == where(values, FORK)
+    assert f"partition {finding.partition} offset {finding.offset}: seq 4 is in the log twice" in finding.reason
+    assert FORK["hash"] in finding.reason and S[3]["hash"] in finding.reason
+
+
+def test_a_missing_event_is_a_gap_or_a_missing_start_at_the_end() -> None:
+    values: list[dict[str, Any] | bytes] = [*S[:4], *S[5:], *OTHERS]
+    [finding] = audit_log(values)[0]
+    assert (finding.stream_id, finding.seq, finding.event_id, finding.code) == (STREAM, 6, S[5]["id"], "seq_gap")
+    assert "seq 5 is not in the log (the stream is intact up to seq 4)" in finding.reason
+    assert (finding.partition, finding.offset) == where(values, S[5])
+    assert log_codes([*S[1:], *OTHERS]) == [(STREAM, 2, "first_missing")]
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["in-order", "before-its-predecessor"])
+def test_a_prevhash_that_does_not_link_is_a_broken_chain(held: bool) -> None:
+    relinked = forged(S[5], prevhash="f" * 64)
+    values: list[dict[str, Any] | bytes] = [*S[:4], *([relinked, S[4]] if held else [S[4], relinked]), *S[6:]]
+    [finding] = audit_log(values)[0]
+    assert (finding.stream_id, finding.seq, finding.code) == (STREAM, 6, "chain_broken")
+    assert (finding.partition, finding.offset) == where(values, relinked)
+    assert f"prevhash {'f' * 64} is not the hash {S[4]['hash']} of seq 5" in finding.reason
+
+
+@pytest.mark.parametrize(("change", "reason"), [({"data": {**S[3]["data"], "input_tokens": 1}}, "hash to"),
+                                                ({"data": {"n": 2**60}}, "cannot be canonicalised")],
+                         ids=["changed", "uncanonical"])
+def test_a_changed_event_is_a_hash_mismatch_and_its_stream_is_reported_once(change: dict[str, Any],
+                                                                           reason: str) -> None:
+    changed = {**S[3], **change}  # the hash it carries is the original's
+    values: list[dict[str, Any] | bytes] = [*S[:3], changed, *S[4:], forged(S[5]), *OTHERS]
+    [finding] = audit_log(values)[0]
+    assert (finding.stream_id, finding.seq, finding.event_id, finding.code) == (STREAM, 4, S[3]["id"],
+                                                                                "hash_mismatch")
+    assert reason in finding.reason and (finding.partition, finding.offset) == where(values, changed)
+
+
+def test_records_that_are_not_events_belong_to_no_stream() -> None:
+    values: list[dict[str, Any] | bytes] = [*S[:2], b"{not json", b"[1, 2]", b'{"subject": "x", "seq": "1"}',
+                                            *S[2:]]
+    found, auditor = audit_log(values)
+    assert codes(found) == [("", None, "not_json"), ("", None, "not_json"), ("", None, "not_event")]
+    assert [(f.partition, f.offset) for f in found] == [where(values, v) for v in values[2:5]]
+    assert found[0].reason.startswith(f"partition {found[0].partition} offset {found[0].offset}: the record")
+    assert (auditor.records, auditor.events, auditor.streams) == (12, 9, 1)
+    assert found[0].as_dict()["partition"] == found[0].partition

@@ -1,0 +1,29 @@
+"""What every Kafka client of runledger needs beyond aiokafka's own API: a consumer stop that always ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer
+
+__all__ = ["stop_consumer"]
+
+log = logging.getLogger(__name__)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, *, grace_s: float = 5.0) -> None:
+    """``consumer.stop()``, made sure to end.
+
+    aiokafka 0.14's fetch routine swallows the cancellation that stops it when it arrives while the routine
+    waits for the fetches it cancelled after an assignment change (``contextlib.suppress(CancelledError)``
+    in ``Fetcher._fetch_requests_routine``), and ``stop()`` then waits for it for ever. Cancelled once more,
+    the routine ends.
+    """
+    stopping = asyncio.ensure_future(consumer.stop())
+    while not (await asyncio.wait({stopping}, timeout=grace_s))[0]:
+        routine = getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None)
+        if isinstance(routine, asyncio.Task) and not routine.done():
+            log.warning("the Kafka consumer did not stop within %.0f s: cancelling its fetch routine again", grace_s)
+            routine.cancel()
+    stopping.result()
