@@ -128,11 +128,11 @@ _HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB]")  # an escaped one: the first h
 
 
 def _bmp_only(raw: bytes) -> bool:
-    """Whether the JSON bytes hold no character outside the BMP, written out or escaped (a few byte scans)."""
-    # F0-F4 lead a 4-byte UTF-8 sequence; an int is looked for with memchr.
+    """Whether the JSON bytes hold no character outside the BMP, written out or escaped (byte scans in C)."""
+    # F0-F4 lead a 4-byte UTF-8 sequence; an int is looked for with memchr, so 92 is "\\".
     if not raw.isascii() and (0xF0 in raw or 0xF1 in raw or 0xF2 in raw or 0xF3 in raw or 0xF4 in raw):
         return False
-    return b"\\u" not in raw or _HIGH_SURROGATE.search(raw) is None
+    return 92 not in raw or _HIGH_SURROGATE.search(raw) is None
 
 
 def stored_hash(raw: bytes) -> tuple[dict[str, Any], Any, str]:

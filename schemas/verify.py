@@ -114,9 +114,15 @@ class ChainAuditor:
         if carried != computed:
             return _found(row, "hash_mismatch", f"the event carries hash {carried}, its bytes hash to {computed}")
         stream_id, seq, _, event_id, hash_column, prevhash = row
-        if (stream_id != event.get("subject") or seq != event.get("seq") or event_id not in (None, event.get("id"))
-                or hash_column not in (None, computed) or prevhash not in (None, event.get("prevhash"))):
+        get = event.get
+        linked = get("prevhash")
+        if (stream_id != get("subject") or seq != get("seq") or (event_id is not None and event_id != get("id"))
+                or (hash_column is not None and hash_column != computed)
+                or (prevhash is not None and prevhash != linked)):
             return _row_mismatch(row, event, carried)
+        if seq == self._seq + 1 and linked == self._hash:  # the usual case: the next event, linked
+            self._seq, self._hash, self._last_id = seq, computed, event_id
+            return None
         if seq == self._seq and seq > 0:
             return _found(row, "seq_duplicate", f"seq {seq} is stored twice (events {self._last_id} and "
                                                 f"{event_id})")
@@ -125,11 +131,7 @@ class ChainAuditor:
                                                 "missing")
         if seq != self._seq + 1:
             return _found(row, "seq_gap", f"seq {seq} follows seq {self._seq}: seq {self._seq + 1} is missing")
-        if event.get("prevhash") != self._hash:
-            return _found(row, "chain_broken", f"prevhash {event.get('prevhash')} is not the hash {self._hash} of "
-                                               f"seq {self._seq}")
-        self._seq, self._hash, self._last_id = seq, computed, event_id
-        return None
+        return _found(row, "chain_broken", f"prevhash {linked} is not the hash {self._hash} of seq {self._seq}")
 
     def _end_stream(self) -> Iterator[Finding]:
         stream = self._stream

@@ -9,6 +9,7 @@ import sys
 from tqdm import tqdm
 
 from runledger.streams.cli.common import EXIT_INVALID, Subparsers, emit
+from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
 
 __all__ = ["register"]
@@ -40,6 +41,7 @@ def register(sub: Subparsers) -> None:
 def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.tools.rebuild import rebuild
 
+    tune_gc()
     bar = tqdm(unit="ev", desc="re-projecting", disable=True if args.json else None, file=sys.stderr)
 
     def progress(done: int, total: int) -> None:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from runledger.schemas.checkpoint import Checkpoint, Verifier
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit
+from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
 
 __all__ = ["register"]
@@ -95,6 +96,7 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{args.usage().strip()}\nrunledger verify: give either CHECK ({args.checks}) or --checkpoint FILE",
               file=sys.stderr)
         return EXIT_USAGE
+    tune_gc()
     bar = tqdm(unit="ev", desc="verifying", disable=True if args.json else None, file=sys.stderr)
 
     def progress(done: int, total: int) -> None:

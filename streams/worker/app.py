@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
 import socket
@@ -43,6 +42,7 @@ from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.errors import TransientError
 from runledger.streams.producer.client import EventProducer
+from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
 from runledger.streams.tools.checkpoints import checkpoint_signer
 from runledger.streams.worker.consumer import LogConsumer, Projector, RetryConsumer
@@ -164,7 +164,7 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
     log_consumer = LogConsumer(settings.kafka_bootstrap_servers, settings.events_topic, settings.consumer_group,
                                store, pool, send)
     ready.set_result(_Ready(pool, BatchHandler(store, forwarder, pool), log_consumer))
-    _tune_gc()
+    tune_gc()
     retries = [RetryConsumer(settings.kafka_bootstrap_servers, topic, delay,
                              f"{settings.consumer_group}.retry.{delay_name(delay)}", send)
                for delay, topic in schedule.topics]
@@ -181,15 +181,6 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
         await asyncio.gather(*tasks, return_exceptions=True)
         await forwarder.stop()
         await pool.close()
-
-
-def _tune_gc() -> None:
-    """What start-up made (modules, Faust, the price catalog) goes to the permanent generation, and young
-    collections run less often: full collections over the worker's heap otherwise cost several µs per event,
-    while a batch's objects are freed by reference counting anyway."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
 
 
 async def _sweep_staged(settings: Settings) -> None:

@@ -217,3 +217,13 @@ def test_the_hash_of_stored_bytes_sees_floats_and_keys_outside_the_bmp() -> None
         expected = hashlib.sha256(rfc8785.dumps(body)).hexdigest()
         for raw in (orjson.dumps({**body, "hash": "h"}), json.dumps({**body, "hash": "h"}).encode()):
             assert stored_hash(raw)[2] == expected
+
+
+def test_the_hash_of_stored_bytes_refuses_integers_jcs_has_no_form_for() -> None:
+    largest = 2**53 - 1
+    for value in (largest, -largest, 10**15, 0):
+        raw = orjson.dumps({"data": {"n": value}, "hash": "h"})
+        assert stored_hash(raw)[2] == hashlib.sha256(rfc8785.dumps({"data": {"n": value}})).hexdigest()
+    for value in (largest + 2, -(largest + 2), 10**20):
+        with pytest.raises(ValueError):
+            stored_hash(b'{"data":{"n":%d},"hash":"h"}' % value)
