@@ -8,15 +8,19 @@ workers keep writing, and streams the rows in (stream, seq) order through a pure
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
+from runledger.projections.attestations import Attestations, fingerprint
 from runledger.projections.consistency import TABLES, ProjectionAuditor, RowFinding, StreamRows, empty_rows
 from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.queries import query
@@ -25,9 +29,13 @@ from runledger.schemas.chain import Head
 from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.verify import ChainAuditor, Finding, TreeAuditor
 
-__all__ = ["ChainReport", "verify_chains", "verify_checkpoint", "verify_projection"]
+__all__ = ["ChainReport", "ProjectionReport", "verify_chains", "verify_checkpoint", "verify_projection"]
 
 _CHUNK = 10_000
+_DERIVES = tuple(importlib.import_module(f"runledger.{name}") for name in (
+    "projections.consistency", "projections.planner", "projections.rules", "projections.pricing",
+    "projections.records", "schemas.events", "schemas.chain", "schemas.errors"))
+"""The modules whose code decides the expected rows: a change to any of them voids every attestation."""
 
 
 @dataclass(slots=True)
@@ -99,30 +107,58 @@ async def verify_checkpoint(database_url: str, schema: str, checkpoint: Checkpoi
     return report
 
 
+@dataclass(slots=True)
+class ProjectionReport(ChainReport):
+    """A projection check: ``events`` and ``streams`` are those covered; ``derived_*`` those derived again and
+    compared row by row (the rest matched an attestation); ``note`` why no attestation could be used."""
+
+    derived_events: int = 0
+    derived_streams: int = 0
+    note: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**ChainReport.as_dict(self), "derived_events": self.derived_events,
+                "derived_streams": self.derived_streams, "note": self.note}
+
+
 async def verify_projection(database_url: str, schema: str, *, stream: str | None = None,
-                            since: datetime | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> ChainReport:
+                            since: datetime | None = None, attestations: Path | None = None, full: bool = False,
+                            progress: Callable[[int, int], None] | None = None) -> ProjectionReport:
     """Compare the projection tables of ``schema`` with the rows the rules give from ``audit_log``'s events
-    (one stream, or those touched ``since``; rows of streams with no event at all are found unless ``since``)."""
-    report = ChainReport()
+    (one stream, or those touched ``since``; rows of streams with no event at all are found unless ``since``).
+
+    ``attestations``: the file of streams found intact before (``runledger.projections.attestations``): a
+    stream whose events and rows have an attested digest is not derived again; the file is updated with the
+    streams found intact now. ``full``: derive every stream, whatever the file says (and rewrite it).
+    """
+    report = ProjectionReport()
     started, cpu = time.perf_counter(), time.process_time()
     conn = await connect_one(database_url, schema, decode_jsonb=True)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            auditor = ProjectionAuditor(*await _catalogs(conn))
+            await conn.execute(query("verify_session"))
+            prices = await conn.fetch(query("verify_prices"))
+            auditor = ProjectionAuditor(*await _catalogs(conn, prices))
+            known = Attestations(_database(database_url, schema), fingerprint(_DERIVES, map(tuple, prices)))
+            if attestations is not None and not full:
+                known, report.note = Attestations.load(attestations, known.database, known.fingerprint)
             total = await conn.fetchval(query("verify_count"), stream, since)
-            cursor = await conn.cursor(query("verify_audit"), stream, since)
-            events: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
+            covered = 0
+            derive: dict[str, str] = {}  # stream -> its digest, for the streams to derive
+            cursor = await conn.cursor(query("verify_digests"), stream, since)
             while rows := await cursor.fetch(_CHUNK):
-                for row in rows:
-                    events[row[0]].append((row[1], row[3], row[2]))
-                last = rows[-1][0]
-                ready = {s: e for s, e in events.items() if s != last}  # the last stream may go on in the next chunk
-                report.findings += await _check_streams(conn, auditor, ready)
-                events = defaultdict(list, {last: events[last]})
+                for stream_id, events, digest in rows:
+                    covered += events
+                    report.streams += 1
+                    if known.streams.get(stream_id) != digest:
+                        derive[stream_id] = digest
+                        report.derived_events += events
+                if report.derived_events - auditor.events >= _CHUNK:
+                    report.findings += await _derive(conn, auditor, derive, known)
+                    derive = {}
                 if progress is not None:
-                    progress(auditor.events, total)
-            report.findings += await _check_streams(conn, auditor, events)
+                    progress(covered, total)
+            report.findings += await _derive(conn, auditor, derive, known)
             if since is None:
                 report.findings += [
                     RowFinding(r["stream_id"], None, r["key"] if r["table"] == "costs" else None, "row_extra",
@@ -131,15 +167,42 @@ async def verify_projection(database_url: str, schema: str, *, stream: str | Non
                     for r in await conn.fetch(query("verify_orphans"), stream)]
     finally:
         await conn.close()
-    report.events, report.streams = auditor.events, auditor.streams
+    if attestations is not None:
+        known.save(attestations)
+    report.events, report.derived_streams = covered, auditor.streams
     report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     return report
 
 
-async def _catalogs(conn: asyncpg.Connection) -> tuple[dict[str, PriceCatalog], PriceCatalog]:
-    """Every stored catalog version, and the newest one (an empty catalog if none is stored)."""
+def _database(database_url: str, schema: str) -> str:
+    """Which tables attestations are about: the database's address without credentials, and the schema."""
+    url = urlsplit(database_url)
+    return f"{url.hostname}:{url.port}{url.path} schema {schema}"
+
+
+async def _derive(conn: asyncpg.Connection, auditor: ProjectionAuditor, streams: dict[str, str],
+                  known: Attestations) -> list[Finding]:
+    """Derive and compare ``streams`` (id -> digest); attest those found intact, forget those that are not."""
+    if not streams:
+        return []
+    events: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
+    for row in await conn.fetch(query("verify_audit_of"), sorted(streams)):
+        events[row[0]].append((row[1], row[3], row[2]))
+    findings = await _check_streams(conn, auditor, events)
+    failed = {f.stream_id for f in findings}
+    for stream_id, digest in streams.items():
+        if stream_id in failed:
+            known.streams.pop(stream_id, None)
+        else:
+            known.streams[stream_id] = digest
+    return findings
+
+
+async def _catalogs(conn: asyncpg.Connection, rows: list[asyncpg.Record]
+                    ) -> tuple[dict[str, PriceCatalog], PriceCatalog]:
+    """Every stored catalog version (``rows`` of verify_prices), and the newest one (an empty catalog if none)."""
     prices: dict[str, dict[str, ModelPrice]] = defaultdict(dict)
-    for r in await conn.fetch(query("verify_prices")):
+    for r in rows:
         prices[r["version"]][r["model"]] = ModelPrice(r["model"], r["provider"], r["input_usd_per_token"],
                                                       r["output_usd_per_token"], r["cached_usd_per_token"])
     catalogs = {version: PriceCatalog(version, "database", models) for version, models in prices.items()}

@@ -64,11 +64,20 @@ def register(sub: Subparsers) -> None:
         "steps, costs and artifacts with the rows the tables hold, column by column. Reports every row that "
         "differs (row_differs: the table, the row's key and the first differing column, stored and expected), "
         "is missing (row_missing), or that no stored event gives (row_extra), and every stream whose events the "
-        "rules refuse (event_refused). Run it hourly with --since to check the streams that moved.")
+        "rules refuse (event_refused). A stream found intact is attested in a file of the verifier's: the "
+        "digest of its stored events and rows. A later run computes each stream's digest in the database and "
+        "derives again only the streams whose digest is not attested (new events, or rows or events changed "
+        "since), so an hourly run costs little more than reading the tables once. Keep the file where whoever "
+        "can change the tables cannot write; --full checks every stream without it.")
     projection.add_argument("--stream", metavar="ID", help="only this stream")
     projection.add_argument("--since", type=_utc, metavar="TIME",
                             help="only streams with an event recorded since TIME, e.g. 2026-11-22T10:00:00Z; each "
                             "is checked whole (rows of streams with no event at all are then not looked for)")
+    projection.add_argument("--attestations", type=Path, metavar="FILE",
+                            help="the streams found intact before (default: <RUNLEDGER_STATE_DIR>/verified-"
+                            "<RUNLEDGER_DB_SCHEMA>.json; created when missing)")
+    projection.add_argument("--full", action="store_true",
+                            help="derive and compare every stream, whatever the attestations say (and rewrite them)")
     projection.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="print the report as one JSON object, no progress bar")
     log = checks.add_parser(
@@ -90,7 +99,12 @@ def register(sub: Subparsers) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.projections.postgres.verify import verify_chains, verify_checkpoint, verify_projection
+    from runledger.projections.postgres.verify import (
+        ProjectionReport,
+        verify_chains,
+        verify_checkpoint,
+        verify_projection,
+    )
 
     if (args.check is None) == (args.checkpoint is None):
         print(f"{args.usage().strip()}\nrunledger verify: give either CHECK ({args.checks}) or --checkpoint FILE",
@@ -111,10 +125,14 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             from runledger.streams.tools.verifylog import verify_log
 
             report = asyncio.run(verify_log(settings, progress))
+        elif args.check == "projection":
+            attestations = args.attestations or settings.state_dir / f"verified-{settings.db_schema}.json"
+            report = asyncio.run(verify_projection(settings.database_url, settings.db_schema, stream=args.stream,
+                                                   since=args.since, attestations=attestations, full=args.full,
+                                                   progress=progress))
         else:
-            check = verify_projection if args.check == "projection" else verify_chains
-            report = asyncio.run(check(settings.database_url, settings.db_schema, stream=args.stream,
-                                       since=args.since, progress=progress))
+            report = asyncio.run(verify_chains(settings.database_url, settings.db_schema, stream=args.stream,
+                                               since=args.since, progress=progress))
     finally:
         bar.close()
     if args.json:
@@ -126,6 +144,11 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             where = f"{f.stream_id}  {seq}{event}" if f.stream_id else "the log"
             print(f"NOT INTACT  {where}  {f.code}: {f.reason}")
         rate = report.as_dict()
+        if isinstance(report, ProjectionReport):
+            if report.note:
+                print(f"note: {report.note}")
+            print(f"{report.derived_events:,} events of {report.derived_streams:,} streams derived and compared "
+                  "row by row; the other streams' events and rows are as they were when found intact before")
         streams = f" of {report.streams:,} streams" if report.streams else ""
         print(f"{report.events:,} events{streams} checked in {report.seconds:.2f} s "
               f"({rate['events_per_s'] or 0:,} events/s; {rate['events_per_cpu_s'] or 0:,} per CPU second of this "

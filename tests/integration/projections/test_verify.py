@@ -6,12 +6,14 @@ import os
 import subprocess
 import uuid
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
 
 from runledger.projections.postgres.store import ProjectionStore
-from runledger.projections.postgres.verify import verify_chains, verify_projection
+from runledger.projections.postgres.verify import ProjectionReport, verify_chains, verify_projection
 from runledger.projections.records import LogRecord
 from runledger.schemas.chain import compute_hash
 from runledger.streams.settings import Settings
@@ -135,3 +137,46 @@ async def test_the_projection_check_prices_with_the_catalog_version_the_row_name
     assert await ProjectionStore.load_catalog(pool) is not None
     report = await verify_projection(settings.database_url, schema)
     assert report.intact, [f.as_dict() for f in report.findings]
+
+
+async def test_attested_streams_are_not_derived_again_until_their_events_or_rows_change(
+        settings: Settings, schema: str, pool: asyncpg.Pool, store: ProjectionStore, owner: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    await ProjectionStore.save_catalog(pool, store.catalog)
+    await project(store)
+    kept = tmp_path / "verified.json"
+
+    async def check(**options: Any) -> ProjectionReport:
+        return await verify_projection(settings.database_url, schema, attestations=kept, **options)
+
+    first = await check()
+    assert first.intact and (first.events, first.streams, first.derived_streams, first.derived_events) == (27, 5, 5, 27)
+    again = await check()
+    assert again.intact and (again.events, again.streams, again.derived_streams) == (27, 5, 0)
+    # A cost changed in the table: its stream alone is derived again, and the change is found.
+    priced = VECTOR_EVENTS[4]["id"]
+    await owner.execute("UPDATE costs SET cost_usd = cost_usd + 0.01 WHERE event_id = $1", priced)
+    tampered = await check()
+    assert [(f.stream_id, f.table, f.key, f.code) for f in tampered.findings] == [(A, "costs", priced, "row_differs")]
+    assert tampered.derived_streams == 1
+    still = await check()  # a stream found not intact is not attested: found again on the next run
+    assert [f.key for f in still.findings] == [priced] and still.derived_streams == 1
+    await owner.execute("UPDATE costs SET cost_usd = cost_usd - 0.01 WHERE event_id = $1", priced)
+    # An event's bytes changed, rows untouched: the digest of the events changes, so the stream is derived.
+    await owner.execute("SET session_replication_role = replica")
+    changed = orjson.loads(await raw_of(owner, B, 2))
+    changed["data"]["name"] = "renamed"
+    await owner.execute("UPDATE audit_log SET raw = $1 WHERE stream_id = $2 AND seq = 2", orjson.dumps(changed), B)
+    event_changed = await check()
+    assert [(f.stream_id, f.seq, f.code) for f in event_changed.findings] == [(B, 2, "event_refused")]
+    assert "hash" in event_changed.findings[0].reason
+    assert event_changed.derived_streams == 2  # A (fixed since) and B
+    # A catalog price changed: nothing attested holds, every stream is derived.
+    await owner.execute("UPDATE model_prices SET input_usd_per_token = input_usd_per_token * 2 "
+                        "WHERE version = $1", store.catalog.version)
+    repriced = await check()
+    assert repriced.derived_streams == 5 and "price catalogs changed" in (repriced.note or "")
+    assert A in {f.stream_id for f in repriced.findings}
+    full = await check(full=True)
+    assert full.derived_streams == 5 and full.note is None
+
