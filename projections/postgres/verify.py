@@ -8,6 +8,7 @@ workers keep writing, and streams the rows in (stream, seq) order through a pure
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import time
 from collections import defaultdict
@@ -143,21 +144,35 @@ async def verify_projection(database_url: str, schema: str, *, stream: str | Non
             if attestations is not None and not full:
                 known, report.note = Attestations.load(attestations, known.database, known.fingerprint)
             total = await conn.fetchval(query("verify_count"), stream, since)
-            covered = 0
+            rows_of = _RowDigests(await conn.cursor(query("verify_row_digests"), stream, since))
             derive: dict[str, str] = {}  # stream -> its digest, for the streams to derive
-            cursor = await conn.cursor(query("verify_digests"), stream, since)
+            current, digest, count = None, hashlib.sha256(), 0
+
+            async def digested(stream_id: str, events: Any, count: int) -> None:
+                """A stream's events are all read (``events``, their digest): is the stream's digest attested?"""
+                whole = hashlib.sha256(events.digest() + await rows_of.digest(stream_id)).hexdigest()
+                report.streams += 1
+                report.events += count
+                if known.streams.get(stream_id) != whole:
+                    derive[stream_id] = whole
+                    report.derived_events += count
+
+            cursor = await conn.cursor(query("verify_raw"), stream, since)
             while rows := await cursor.fetch(_CHUNK):
-                for stream_id, events, digest in rows:
-                    covered += events
-                    report.streams += 1
-                    if known.streams.get(stream_id) != digest:
-                        derive[stream_id] = digest
-                        report.derived_events += events
+                for stream_id, raw in rows:
+                    if stream_id != current:
+                        if current is not None:
+                            await digested(current, digest, count)
+                        current, digest, count = stream_id, hashlib.sha256(), 0
+                    digest.update(len(raw).to_bytes(4, "big") + raw)  # the bytes alone could be cut elsewhere
+                    count += 1
                 if report.derived_events - auditor.events >= _CHUNK:
                     report.findings += await _derive(conn, auditor, derive, known)
                     derive = {}
                 if progress is not None:
-                    progress(covered, total)
+                    progress(report.events, total)
+            if current is not None:
+                await digested(current, digest, count)
             report.findings += await _derive(conn, auditor, derive, known)
             if since is None:
                 report.findings += [
@@ -169,9 +184,26 @@ async def verify_projection(database_url: str, schema: str, *, stream: str | Non
         await conn.close()
     if attestations is not None:
         known.save(attestations)
-    report.events, report.derived_streams = covered, auditor.streams
+    report.derived_streams = auditor.streams
     report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     return report
+
+
+class _RowDigests:
+    """The digests of verify_row_digests, one per stream of verify_raw, in the same order."""
+
+    def __init__(self, cursor: asyncpg.cursor.Cursor[asyncpg.Record]) -> None:
+        self._cursor, self._rows, self._at = cursor, list[asyncpg.Record](), 0
+
+    async def digest(self, stream_id: str) -> bytes:
+        """The digest of the stream's rows (b"" if it has none): the stream after the one asked for before."""
+        if self._at == len(self._rows):
+            self._rows, self._at = await self._cursor.fetch(_CHUNK), 0
+        other, digest = self._rows[self._at] if self._rows else (None, None)
+        if other != stream_id:
+            raise RuntimeError(f"verify_row_digests gives stream {other!r} where verify_raw gives {stream_id!r}")
+        self._at += 1
+        return bytes(digest or b"")
 
 
 def _database(database_url: str, schema: str) -> str:
