@@ -180,3 +180,22 @@ async def test_attested_streams_are_not_derived_again_until_their_events_or_rows
     full = await check(full=True)
     assert full.derived_streams == 5 and full.note is None
 
+
+
+async def test_bench_verify_prints_the_rates_of_each_check(schema: str, pool: asyncpg.Pool, store: ProjectionStore,
+                                                           env: dict[str, str]) -> None:
+    await ProjectionStore.save_catalog(pool, store.catalog)
+    await project(store)
+    done = subprocess.run([*CLI, "bench-verify", "--runs", "2", "--checks", "chains,projection", "--json"],
+                          env={**os.environ, **env, "RUNLEDGER_DB_SCHEMA": schema}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert list(report["checks"]) == ["chains", "projection"]
+    for results in report["checks"].values():
+        assert len(results) == 2 and all(r["events"] == 27 and r["intact"] for r in results)
+        assert all(r["seconds"] > 0 and r["events_per_s"] > 0 and r["postgres_cpu_s"] >= 0 for r in results)
+    assert [r["derived_events"] for r in report["checks"]["projection"]] == [0, 0]  # attested by a run before
+    human = subprocess.run([*CLI, "bench-verify", "--runs", "1", "--checks", "nonsense"], env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=60)
+    assert human.returncode == 2 and "give one or more of chains, projection" in human.stderr
