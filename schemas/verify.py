@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -20,7 +20,7 @@ from runledger.schemas.chain import GENESIS_HASH, Head, stored_hash
 from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.merkle import TreeState, leaf_hash
 
-__all__ = ["ChainAuditor", "Finding", "LogAuditor", "LogEntry", "StoredEvent", "TreeAuditor"]
+__all__ = ["ChainAuditor", "Finding", "LogAuditor", "LogEntry", "LogRecord", "StoredEvent", "TreeAuditor"]
 
 
 class StoredEvent(NamedTuple):
@@ -162,8 +162,23 @@ def _row_mismatch(row: StoredEvent, event: dict[str, Any], carried: Any) -> Find
     raise AssertionError("called for a row whose columns all match")
 
 
+class LogRecord(Protocol):
+    """What the log auditor reads of a record of the log topic: where it is, its key and its value (None for a
+    record without one). An aiokafka ``ConsumerRecord`` has them: a verification reads millions, and copies
+    none."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 class LogEntry(NamedTuple):
-    """One record of the log topic: where it is, its key and its value (None for a record without one)."""
+    """A LogRecord of its own, for records that do not come from aiokafka."""
 
     partition: int
     offset: int
@@ -213,10 +228,10 @@ class LogAuditor:
         self.records = self.events = self.duplicates = self.streams = 0
         self._chains: dict[str, _Chain] = {}
 
-    def check(self, records: Iterable[LogEntry]) -> Iterator[Finding]:
+    def check(self, records: Iterable[LogRecord]) -> Iterator[Finding]:
         for record in records:
             self.records += 1
-            finding = self._check_record(record)
+            finding = self._check_record(record.partition, record.offset, record.key, record.value)
             if finding is not None:
                 yield finding
 
@@ -235,8 +250,7 @@ class LogAuditor:
                               f"seq {seq} never links: seq {chain.seq + 1} is not in the log (the stream is intact "
                               f"up to seq {chain.seq})")
 
-    def _check_record(self, record: LogEntry) -> Finding | None:
-        partition, offset, key, value = record
+    def _check_record(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Finding | None:
         try:
             event, carried, computed = stored_hash(value or b"")
             unhashable = None

@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError
 
 from runledger.projections.postgres.verify import ChainReport
 from runledger.schemas.errors import PermanentError, TransientError
-from runledger.schemas.verify import Finding, LogAuditor, LogEntry
+from runledger.schemas.verify import Finding, LogAuditor
 from runledger.streams.kafka import stop_consumer
 from runledger.streams.settings import Settings
 
@@ -85,8 +85,9 @@ async def verify_log(settings: Settings, progress: Callable[[int, int], None] | 
                 if tp not in ends and (highwater := consumer.highwater(tp)) is not None:
                     ends[tp] = highwater
             for tp, messages in fetched.items():
-                report.findings += auditor.check([LogEntry(m.partition, m.offset, m.key, m.value)
-                                                  for m in messages if m.offset < ends[tp]])
+                if messages[-1].offset >= ends[tp]:  # appended since the check started
+                    messages = [m for m in messages if m.offset < ends[tp]]
+                report.findings += auditor.check(messages)
             if progress is not None:
                 progress(auditor.records, sum(end - starts[tp] for tp, end in ends.items()))
         report.findings += auditor.finish()
