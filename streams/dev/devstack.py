@@ -216,7 +216,8 @@ _S3_KEYS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "A
 
 
 def _s3rver() -> list[str]:
-    """The command that runs s3rver, installed with npm into this virtual environment if it is not yet."""
+    """The command that runs s3rver, installed with npm into this virtual environment if it is not yet, with
+    the file descriptor leak of its 304 answers closed (``s3rver_fds.js``)."""
     root = Path(sys.prefix) / "share" / "runledger" / "s3rver"
     script = root / "node_modules" / "s3rver" / "bin" / "s3rver.js"
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -230,7 +231,7 @@ def _s3rver() -> list[str]:
                                _S3RVER], capture_output=True, text=True, check=False)
         if done.returncode or not script.exists():
             raise DevStackError(f"could not install {_S3RVER} with npm into {root}:\n{done.stderr or done.stdout}")
-    return [node, str(script)]
+    return [node, "--require", str(Path(__file__).with_name("s3rver_fds.js")), str(script)]
 
 
 def _start_store(settings: Settings) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import subprocess
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +110,28 @@ def test_demo_then_dev_down_then_demo_again_counts_both_runs(durable: dict[str, 
     second = runledger(env, "demo", "--executions", "5", "--timeout", "200")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "the record holds 10 executions" in second.stdout, second.stdout[-2000:]
+
+
+def test_the_log_store_closes_the_file_of_a_not_modified_answer(durable: dict[str, str], tmp_path: Path) -> None:
+    """The broker polls its watermarks with conditional GETs: each answered 304 once leaked a file descriptor of
+    s3rver, which ran out within the hour and stopped every fetch (streams/dev/s3rver_fds.js)."""
+    store = json.loads((tmp_path / "stack.json").read_text())["kafka"]["store"]
+    url = f"http://127.0.0.1:{store['port']}/tansu/fd-probe/{uuid.uuid4().hex}.json"
+    urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="PUT"), timeout=10).close()
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        etag = answer.headers["ETag"]
+
+    def not_modified(headers: dict[str, str]) -> None:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        answer.value.close()
+        assert answer.value.code == 304
+
+    fds = Path(f"/proc/{store['pid']}/fd")
+    before = len(list(fds.iterdir()))
+    for _ in range(100):
+        not_modified({"If-None-Match": etag})
+        not_modified({"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"})
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.read() == b"{}"  # a plain GET still sends the object
+    assert len(list(fds.iterdir())) < before + 20, "s3rver keeps the files of its 304 answers open"
