@@ -345,6 +345,9 @@ WHERE a.tlog_index < $1 ORDER BY a.tlog_index;
 SELECT version, model, provider, input_usd_per_token, output_usd_per_token, cached_usd_per_token
 FROM model_prices ORDER BY version, model;
 
+-- name: verify_catalogs
+SELECT * FROM price_catalogs ORDER BY version;
+
 -- name: verify_executions
 SELECT stream_id, workflow, agent_id, customer_id, status, started_at, ended_at, duration_ms, steps_total,
        steps_running, steps_retrying, steps_completed, steps_failed, steps_skipped, input_tokens, output_tokens,

@@ -104,11 +104,17 @@ async def connect_one(database_url: str, schema: str, *, decode_jsonb: bool = Fa
     ``decode_jsonb``: jsonb values as Python objects, as the workers' pool has them (else as JSON text)."""
     try:
         conn = await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
-        if decode_jsonb:
-            await _init_connection(conn)
-        return conn
     except (OSError, asyncpg.PostgresError) as e:
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+    try:
+        if decode_jsonb:
+            await _init_connection(conn)
+    except BaseException as e:
+        await conn.close()
+        if isinstance(e, OSError | asyncpg.PostgresError):
+            raise StoreUnavailable(f"cannot set up the PostgreSQL connection: {e}") from e
+        raise
+    return conn
 
 
 async def migrate(database_url: str, schema: str) -> list[str]:

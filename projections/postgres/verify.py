@@ -9,7 +9,6 @@ workers keep writing, and streams the rows in (stream, seq) order through a pure
 from __future__ import annotations
 
 import hashlib
-import importlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,22 +20,19 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from runledger.projections.attestations import Attestations, fingerprint
 from runledger.projections.consistency import TABLES, ProjectionAuditor, RowFinding, StreamRows, empty_rows
+from runledger.projections.postgres.attestations import Attestations, fingerprint
 from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.queries import query
 from runledger.projections.pricing import ModelPrice, PriceCatalog
 from runledger.schemas.chain import Head
 from runledger.schemas.checkpoint import Checkpoint
+from runledger.schemas.errors import PermanentError
 from runledger.schemas.verify import ChainAuditor, Finding, TreeAuditor
 
 __all__ = ["ChainReport", "ProjectionReport", "verify_chains", "verify_checkpoint", "verify_projection"]
 
 _CHUNK = 10_000
-_DERIVES = tuple(importlib.import_module(f"runledger.{name}") for name in (
-    "projections.consistency", "projections.planner", "projections.rules", "projections.pricing",
-    "projections.records", "schemas.events", "schemas.chain", "schemas.errors"))
-"""The modules whose code decides the expected rows: a change to any of them voids every attestation."""
 
 
 @dataclass(slots=True)
@@ -128,7 +124,7 @@ async def verify_projection(database_url: str, schema: str, *, stream: str | Non
     """Compare the projection tables of ``schema`` with the rows the rules give from ``audit_log``'s events
     (one stream, or those touched ``since``; rows of streams with no event at all are found unless ``since``).
 
-    ``attestations``: the file of streams found intact before (``runledger.projections.attestations``): a
+    ``attestations``: the file of streams found intact before (``runledger.projections.postgres.attestations``): a
     stream whose events and rows have an attested digest is not derived again; the file is updated with the
     streams found intact now. ``full``: derive every stream, whatever the file says (and rewrite it).
     """
@@ -140,9 +136,11 @@ async def verify_projection(database_url: str, schema: str, *, stream: str | Non
             await conn.execute(query("verify_session"))
             prices = await conn.fetch(query("verify_prices"))
             auditor = ProjectionAuditor(*await _catalogs(conn, prices))
-            known = Attestations(_database(database_url, schema), fingerprint(_DERIVES, map(tuple, prices)))
-            if attestations is not None and not full:
+            catalogs = [tuple(r) for r in await conn.fetch(query("verify_catalogs"))] + [tuple(r) for r in prices]
+            known = Attestations(_database(database_url, schema), fingerprint(catalogs))
+            if attestations is not None:
                 known, report.note = Attestations.load(attestations, known.database, known.fingerprint)
+            attested = {} if full else known.streams
             total = await conn.fetchval(query("verify_count"), stream, since)
             rows_of = _RowDigests(await conn.cursor(query("verify_row_digests"), stream, since))
             derive: dict[str, str] = {}  # stream -> its digest, for the streams to derive
@@ -153,7 +151,7 @@ async def verify_projection(database_url: str, schema: str, *, stream: str | Non
                 whole = hashlib.sha256(events.digest() + await rows_of.digest(stream_id)).hexdigest()
                 report.streams += 1
                 report.events += count
-                if known.streams.get(stream_id) != whole:
+                if attested.get(stream_id) != whole:
                     derive[stream_id] = whole
                     report.derived_events += count
 
@@ -200,8 +198,10 @@ class _RowDigests:
         if self._at == len(self._rows):
             self._rows, self._at = await self._cursor.fetch(_CHUNK), 0
         other, digest = self._rows[self._at] if self._rows else (None, None)
-        if other != stream_id:
-            raise RuntimeError(f"verify_row_digests gives stream {other!r} where verify_raw gives {stream_id!r}")
+        if other != stream_id:  # the two queries sort differently: a collation changed without a REINDEX?
+            raise PermanentError(f"verify_row_digests gives stream {other!r} where verify_raw gives {stream_id!r}: "
+                                 "the database sorts stream ids differently in an index and in a sort (a collation "
+                                 "that changed without a REINDEX?); `runledger verify projection` cannot pair them")
         self._at += 1
         return bytes(digest or b"")
 

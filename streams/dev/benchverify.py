@@ -23,6 +23,8 @@ from typing import IO, Any
 
 import orjson
 
+from runledger.schemas.errors import PermanentError, TransientError
+
 __all__ = ["CHECKS", "bench_verify", "print_report"]
 
 CHECKS: dict[str, tuple[str, ...]] = {
@@ -54,10 +56,14 @@ def bench_verify(checks: list[str], runs: int, progress: Callable[[str], None]) 
 
 
 def _run(args: list[str]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "runledger.streams.cli", *args], capture_output=True, timeout=3600)
+    try:
+        done = subprocess.run([sys.executable, "-m", "runledger.streams.cli", *args], capture_output=True,
+                              timeout=3600)
+    except subprocess.TimeoutExpired as e:
+        raise TransientError(f"runledger {' '.join(args)} did not end within an hour") from e
     if done.returncode not in (0, 1):
-        raise RuntimeError(f"runledger {' '.join(args)} failed (exit {done.returncode}): "
-                           f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+        raise PermanentError(f"runledger {' '.join(args)} failed (exit {done.returncode}): "
+                             f"{done.stderr.decode(errors='replace').strip()[-500:]}")
     result: dict[str, Any] = orjson.loads(done.stdout)
     return result
 

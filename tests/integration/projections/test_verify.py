@@ -179,6 +179,10 @@ async def test_attested_streams_are_not_derived_again_until_their_events_or_rows
     assert A in {f.stream_id for f in repriced.findings}
     full = await check(full=True)
     assert full.derived_streams == 5 and full.note is None
+    one = await check(stream=C, full=True)  # --full on one stream keeps what is attested of the others
+    assert one.derived_streams == 1
+    after = await check()
+    assert after.derived_streams == len({f.stream_id for f in full.findings})  # those not intact, alone
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runledger.projections.attestations import Attestations
+from runledger.projections.postgres.attestations import Attestations
 
 
 def test_attestations_are_kept_for_one_database_and_fingerprint(tmp_path: Path) -> None:

@@ -14,25 +14,39 @@ database superuser who could rewrite it could attest rows of their own). ``--ful
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import orjson
+
+from runledger.projections.postgres.queries import SQL_DIR
 
 __all__ = ["Attestations", "fingerprint"]
 
 _FORMAT = 1
 
 
-def fingerprint(modules: Iterable[ModuleType], catalogs: Iterable[tuple[object, ...]]) -> str:
-    """What the expected rows depend on besides the events: the source of the modules that derive them (the
-    parser, the rules, the row layouts) and every stored price catalog's rows."""
+_RULES = ("projections.consistency", "projections.planner", "projections.rules", "projections.pricing",
+          "projections.records", "projections.postgres.verify", "schemas.events", "schemas.chain", "schemas.errors")
+"""The modules whose code decides the rows the rules give (and how verify projection compares them)."""
+_LIBRARIES = ("msgspec", "orjson", "rfc8785")
+"""The libraries that parse and canonicalise events."""
+
+
+def fingerprint(catalogs: Iterable[tuple[object, ...]] = ()) -> str:
+    """What the rows the rules give depend on besides the events: the code of the rules' modules, the
+    libraries that parse events, the named queries, and the stored price catalogs' rows (``catalogs``)."""
     digest = hashlib.sha256(f"runledger-attestations-{_FORMAT}".encode())
-    for module in sorted(modules, key=lambda m: m.__name__):
-        digest.update(module.__name__.encode() + b"\0" + Path(str(module.__file__)).read_bytes() + b"\0")
+    for name in _RULES:
+        module = importlib.import_module(f"runledger.{name}")
+        digest.update(name.encode() + b"\0" + Path(str(module.__file__)).read_bytes() + b"\0")
+    for library in _LIBRARIES:
+        digest.update(f"{library} {importlib.metadata.version(library)}\0".encode())
+    digest.update((SQL_DIR / "queries.sql").read_bytes())
     for row in catalogs:
         digest.update(repr(row).encode() + b"\n")
     return digest.hexdigest()
