@@ -6,6 +6,17 @@ SELECT pg_advisory_xact_lock_shared(hashtext('runledger.apply:' || current_schem
 -- name: switch_lock
 SELECT pg_advisory_xact_lock(hashtext('runledger.apply:' || $1));
 
+-- One `runledger rebuild` of a live schema ($1) at a time: a session lock, released when its connection closes.
+-- name: rebuild_lock
+SELECT pg_try_advisory_lock(hashtext('runledger.rebuild'), hashtext($1));
+
+-- The rebuild schemas of a live schema ($1: a LIKE pattern), newest first, with their comment (the rules'
+-- fingerprint, set once complete) and how many of the derived tables ($2) they hold.
+-- name: rebuild_schemas
+SELECT n.nspname, obj_description(n.oid, 'pg_namespace') AS comment,
+       (SELECT count(*) FROM pg_tables t WHERE t.schemaname = n.nspname AND t.tablename = ANY($2::text[])) AS derived
+FROM pg_namespace n WHERE n.nspname LIKE $1 ORDER BY n.nspname DESC;
+
 -- name: switch_lock_timeout
 -- How long the switch-over waits for a lock before it gives up (this transaction only).
 SELECT set_config('lock_timeout', $1, true);

@@ -3,7 +3,9 @@
 1. A schema ``<live>_rebuild_<time>`` gets the migrations and the price catalog; a consumer of its own (no
    group, ``auto_offset_reset="none"``) reads every partition from offset 0 and applies batches exactly as a
    worker does, saving its offsets with them. An interrupted rebuild resumes from those offsets when run
-   again (``fresh`` starts over). A log whose start was deleted is refused: it no longer holds the history.
+   again (``fresh`` starts over), unless the rules' code changed since it began, or it is incomplete: then it
+   starts over. A log whose start was deleted is refused: it no longer holds the history. One rebuild of a
+   schema runs at a time.
 2. Comparison, without stopping anyone: in a snapshot of the live schema (a repeatable-read transaction:
    projections and offsets commit together, so any snapshot is consistent) the rebuild applies exactly up to
    the snapshot's offsets and checksums every table of both, streaming. Then, round after round, it catches
@@ -12,19 +14,20 @@
 3. Switch-over, in one short transaction: take the live schema's apply lock exclusively (workers pause
    between batches) with a lock timeout, apply the last few records, compare the streams they touched, check
    that both transparency logs have the same size, and move the tables in: the live derived tables
-   (executions, steps, costs, artifacts, stream heads, parked events) to ``<live>_retired_<time>`` (kept),
-   the rebuilt ones into the live schema. The section has a time limit; past it, it is rolled back and tried
-   again, so workers never wait on it for more than about a second.
+   (executions, steps, costs, artifacts, stream heads) to ``<live>_retired_<time>`` (kept), the rebuilt ones
+   into the live schema. The whole section has a time limit; past it, it is rolled back and tried again, so
+   workers never wait on it for more than about a second.
 
 Everything else stays where it is, in the live schema: the audit log with its transparency log and
 checkpoints (so earlier checkpoints still verify), the dead letters with their resolutions and notes, the
-replay history, the outbox and the offsets. So the audit log must be equal: ``force`` switches when only
-derived tables differ (after a deliberate change of the projection rules), never when the events projected
-differ. If anything differs nothing is switched and the rebuilt schema stays for inspection.
+replay history, the parked events, the outbox and the offsets. So the audit log must be equal: ``force``
+switches when only derived tables differ (after a deliberate change of the projection rules), never when the
+events projected differ. If anything differs nothing is switched and the rebuilt schema stays for inspection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +39,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
+from runledger.projections.postgres.attestations import fingerprint
 from runledger.projections.postgres.checksum import table_checksums
 from runledger.projections.postgres.db import connect, connect_one, migrate
 from runledger.projections.postgres.queries import query, quote_schema
@@ -51,8 +55,10 @@ __all__ = ["DERIVED_TABLES", "RebuildFailed", "RebuildReport", "rebuild"]
 
 log = logging.getLogger(__name__)
 
-DERIVED_TABLES = ("executions", "steps", "costs", "artifacts", "stream_heads", "parked_events")
-"""What a switch-over replaces: the tables the rules derive from the audit log. The rest stays."""
+DERIVED_TABLES = ("executions", "steps", "costs", "artifacts", "stream_heads")
+"""What a switch-over replaces: the tables the rules derive from the audit log. The rest stays, parked events
+too: they wait on what the live workers do with gaps (retry topics, dead letters), which a rebuild, parking
+every gap, does not."""
 
 # Records fetched and applied at a time.
 _FETCH_RECORDS = 5000
@@ -60,8 +66,8 @@ _FETCH_RECORDS = 5000
 _SMALL_ROUND = 2000
 # At most this many records are applied under the exclusive lock; more, and it is released for another round.
 _LOCKED_RECORDS = 1000
-# The exclusive section: how long to wait for the lock, and how long to hold it before giving up this try.
-_LOCK_WAIT_S, _LOCK_HOLD_S, _SWITCH_TRIES = 0.3, 0.6, 20
+# The exclusive section: how long to wait for the lock, and how long to hold it at most (rolled back past it).
+_LOCK_WAIT_S, _LOCK_HOLD_S, _SWITCH_TRIES = 0.3, 0.8, 20
 
 Progress = Callable[[int, int], None]
 """Called with (records applied so far, records to apply as far as known)."""
@@ -220,14 +226,13 @@ async def rebuild(settings: Settings, *, force: bool = False, switch: bool = Tru
         if not await owner.fetchval("SELECT to_regclass('consumer_offsets') IS NOT NULL"):
             raise RebuildFailed(f"schema {live} has no projection tables to rebuild; run a worker or "
                                 "`runledger db migrate` first")
+        if not await owner.fetchval(query("rebuild_lock"), live):
+            raise RebuildFailed(f"another `runledger rebuild` of schema {live} is running; wait for it to end")
         rebuilt = await _resume_or_create(owner, settings, fresh=fresh)
         try:
             report = await _rebuild_into(owner, settings, rebuilt, force=force, switch=switch, progress=progress)
-        except RebuildFailed:
-            await owner.execute(f"DROP SCHEMA IF EXISTS {quote_schema(rebuilt)} CASCADE")  # of no use now
-            raise
         except BaseException:
-            log.warning("rebuild interrupted; %s is kept, and `runledger rebuild` resumes it", rebuilt)
+            log.warning("rebuild stopped; %s is kept: `runledger rebuild` resumes it, `--fresh` drops it", rebuilt)
             raise
         if report.switched:  # its derived tables were moved in; what is left is a copy of the live rest
             await owner.execute(f"DROP SCHEMA {quote_schema(rebuilt)} CASCADE")
@@ -238,16 +243,25 @@ async def rebuild(settings: Settings, *, force: bool = False, switch: bool = Tru
 
 
 async def _resume_or_create(owner: asyncpg.Connection, settings: Settings, *, fresh: bool) -> str:
-    """The newest rebuild schema of the live one to resume, or a new one, migrated and with the catalog."""
+    """The newest rebuild schema of the live one to resume, or a new one, migrated and with the catalog.
+
+    A schema is resumed only if it is complete (its comment is set last, once it holds the migrations and the
+    catalog, and it still has every derived table: after a switch it has none) and was built by rules of the
+    same code: rows of two versions of the rules would otherwise be mixed."""
     live = settings.db_schema
-    earlier = [r["nspname"] for r in await owner.fetch(
-        "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1 ORDER BY nspname DESC",
-        live.replace("_", r"\_") + r"\_rebuild\_%")]
+    earlier = await owner.fetch(query("rebuild_schemas"), live.replace("_", r"\_") + r"\_rebuild\_%",
+                                list(DERIVED_TABLES))
+    rules = fingerprint()
     if earlier and not fresh:
-        await migrate(settings.database_url, earlier[0])  # the migrations added since it began, if any
-        return str(earlier[0])
-    for name in earlier:
-        await owner.execute(f"DROP SCHEMA {quote_schema(name)} CASCADE")
+        newest = earlier[0]
+        if newest["comment"] == rules and newest["derived"] == len(DERIVED_TABLES):
+            await migrate(settings.database_url, newest["nspname"])  # the migrations added since it began, if any
+            return str(newest["nspname"])
+        log.warning("%s is not resumed: %s; starting over", newest["nspname"],
+                    "the rules' code changed since it began" if newest["derived"] == len(DERIVED_TABLES)
+                    and newest["comment"] else "it is incomplete")
+    for row in earlier:
+        await owner.execute(f"DROP SCHEMA {quote_schema(row['nspname'])} CASCADE")
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     rebuilt = f"{live}_rebuild_{stamp}"
     quote_schema(f"{live}_retired_{stamp}")  # a name too long for PostgreSQL fails here, before any work
@@ -257,7 +271,15 @@ async def _resume_or_create(owner: asyncpg.Connection, settings: Settings, *, fr
         await ProjectionStore.save_catalog(pool, load_tokencost_catalog())
     finally:
         await pool.close()
+    await owner.execute(f"COMMENT ON SCHEMA {quote_schema(rebuilt)} IS {_literal(rules)}")
     return rebuilt
+
+
+def _literal(text: str) -> str:
+    """A hex digest as an SQL literal (COMMENT takes no parameter)."""
+    if not text.isalnum():
+        raise ValueError(f"not a digest: {text!r}")
+    return f"'{text}'"
 
 
 async def _rebuild_into(owner: asyncpg.Connection, settings: Settings, rebuilt: str, *, force: bool, switch: bool,
@@ -342,30 +364,32 @@ async def _switch(rounds: _Rounds, *, force: bool) -> None:
                 await owner.execute(query("switch_lock_timeout"), f"{int(_LOCK_WAIT_S * 1000)}ms")
                 await owner.execute(query("switch_lock"), live)
                 locked = time.monotonic()
-                targets = await _live_offsets(owner, rounds.settings)
-                if sum(targets.values()) - sum(follower.positions.values()) > _LOCKED_RECORDS:
-                    raise _TryAgain
-                await follower.follow(targets)
-                streams = follower.take_touched()
-                report.compare(await table_checksums(owner, live, streams),
-                               await table_checksums(owner, rebuilt, streams))
-                if await _tree_size(owner, live) != await _tree_size(owner, rebuilt):
-                    # Events were projected outside the log (a dead-letter replay) while the rebuild ran.
-                    report.differing.add("audit_log")
-                if not (report.equal or (force and "audit_log" not in report.differing)):
-                    return
-                if time.monotonic() - locked > _LOCK_HOLD_S:
-                    raise _TryAgain
-                retired = f"{live}_retired_{datetime.now(UTC):%Y%m%d%H%M%S}"
-                await owner.execute(f"CREATE SCHEMA {quote_schema(retired)}")
-                for source, target in ((live, retired), (rebuilt, live)):
-                    for table in DERIVED_TABLES:
-                        await owner.execute(f"ALTER TABLE {quote_schema(source)}.{table} "
-                                            f"SET SCHEMA {quote_schema(target)}")
-                report.lock_held_s = time.monotonic() - locked
+                # Everything under the lock, the log's fetches and the moves' locks included, within the limit:
+                # past it the transaction rolls back and the workers go on.
+                async with asyncio.timeout(_LOCK_HOLD_S):
+                    targets = await _live_offsets(owner, rounds.settings)
+                    if sum(targets.values()) - sum(follower.positions.values()) > _LOCKED_RECORDS:
+                        raise _TryAgain
+                    await follower.follow(targets)
+                    streams = sorted(follower.touched)  # taken only once compared: a try given up keeps them
+                    report.compare(await table_checksums(owner, live, streams),
+                                   await table_checksums(owner, rebuilt, streams))
+                    follower.touched.difference_update(streams)
+                    if await _tree_size(owner, live) != await _tree_size(owner, rebuilt):
+                        # Events were projected outside the log (a dead-letter replay) while the rebuild ran.
+                        report.differing.add("audit_log")
+                    if not (report.equal or (force and "audit_log" not in report.differing)):
+                        return
+                    retired = f"{live}_retired_{datetime.now(UTC):%Y%m%d%H%M%S}"
+                    await owner.execute(f"CREATE SCHEMA {quote_schema(retired)}")
+                    for source, target in ((live, retired), (rebuilt, live)):
+                        for table in DERIVED_TABLES:
+                            await owner.execute(f"ALTER TABLE {quote_schema(source)}.{table} "
+                                                f"SET SCHEMA {quote_schema(target)}")
+                    report.lock_held_s = time.monotonic() - locked
                 report.switched, report.retired_schema = True, retired
                 return
-        except (_TryAgain, asyncpg.LockNotAvailableError):
+        except (_TryAgain, TimeoutError, asyncpg.LockNotAvailableError):
             log.info("the switch-over did not fit in its time limit; catching up first")
             await rounds.compare()
     raise TransientError(f"could not switch over within {_LOCK_HOLD_S} s in {_SWITCH_TRIES} tries: the live "

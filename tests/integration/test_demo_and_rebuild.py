@@ -266,3 +266,62 @@ async def test_an_interrupted_rebuild_resumes_where_it_stopped(live: tuple[dict[
     report = await rebuild(settings)
     assert report.switched and report.equal, report.as_dict()
     assert 100 <= report.resumed_from < total and report.records == total - report.resumed_from
+
+
+async def test_a_stall_under_the_lock_is_cut_at_the_time_limit(live: tuple[dict[str, str], Settings],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    _, settings = live
+    await migrate(settings.database_url, settings.db_schema)
+    await _project_all(settings, await _append_runs(settings, 20, seed=9))
+    tree_size = rebuild_module._tree_size
+    stalls = [3.0]
+
+    async def stalling_tree_size(conn: asyncpg.Connection, schema: str) -> int:
+        """Only the switch reads the tree's size: its first try stalls there, as on a broker that stops answering."""
+        if stalls:
+            await asyncio.sleep(stalls.pop())
+        return await tree_size(conn, schema)
+
+    monkeypatch.setattr(rebuild_module, "_tree_size", stalling_tree_size)
+    worker = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
+    waits: list[float] = []
+
+    async def batches() -> None:
+        while True:
+            started = time.monotonic()
+            async with worker.transaction():
+                await worker.execute(query("apply_lock"))
+            waits.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+
+    others = asyncio.create_task(batches())
+    try:
+        report = await rebuild(settings)
+    finally:
+        others.cancel()
+        await asyncio.gather(others, return_exceptions=True)
+        await worker.close()
+    assert not stalls and report.switched and report.switch_tries > 1, report.as_dict()
+    assert max(waits) < 1.2, f"a batch waited {max(waits):.2f} s for the apply lock"
+
+
+async def test_a_rebuild_begun_under_other_rules_starts_over_and_two_never_run_at_once(
+        live: tuple[dict[str, str], Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, settings = live
+    await migrate(settings.database_url, settings.db_schema)
+    total = await _append_runs(settings, 10, seed=10)
+    await _project_all(settings, total)
+    first = await rebuild(settings, switch=False)  # kept, to be resumed
+    assert first.equal and not first.switched and first.records == total
+    monkeypatch.setattr(rebuild_module, "fingerprint", lambda: "changed0rules")
+    again = await rebuild(settings, switch=False)
+    assert again.resumed_from == 0 and again.records == total  # dropped and begun again
+    holder = await asyncpg.connect(settings.database_url)
+    try:
+        assert await holder.fetchval(query("rebuild_lock"), settings.db_schema)
+        with pytest.raises(rebuild_module.RebuildFailed, match="another `runledger rebuild`"):
+            await rebuild(settings)
+    finally:
+        await holder.close()
+    resumed = await rebuild(settings)
+    assert resumed.switched and resumed.resumed_from == total, resumed.as_dict()
