@@ -25,6 +25,7 @@ from runledger.streams.settings import Settings
 __all__ = ["LogMissing", "LogReport", "verify_log"]
 
 _FETCH = 10_000  # records one fetch returns at most
+_STALLED_S = 60.0  # no record for this long while a partition is not read to its end: give up
 
 
 class LogMissing(PermanentError):
@@ -79,8 +80,14 @@ async def verify_log(settings: Settings, progress: Callable[[int, int], None] | 
         # the end offsets of a ListOffsets request, which the embedded broker (Tansu 0.6) reports as the first
         # offset of the partition's last record batch plus one: the rest of that batch would go unchecked.
         ends: dict[TopicPartition, int] = {}
+        progressed = time.monotonic()
         while behind := [tp for tp in tps if tp not in ends or await consumer.position(tp) < ends[tp]]:
             fetched = await consumer.getmany(*behind, timeout_ms=1000, max_records=_FETCH)
+            if fetched:
+                progressed = time.monotonic()
+            elif time.monotonic() - progressed > _STALLED_S:
+                raise TransientError(f"{topic} partitions {sorted(tp.partition for tp in behind)} sent nothing for "
+                                     f"{_STALLED_S:.0f} s before their end: is their leader down? Run it again")
             for tp in behind:
                 if tp not in ends and (highwater := consumer.highwater(tp)) is not None:
                     ends[tp] = highwater
