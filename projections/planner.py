@@ -288,6 +288,7 @@ class BatchPlanner:
     def _record(self, done: Projected, event: Event, record: LogRecord) -> None:
         plan = self.plan_
         plan.result.projected.append((event.subject, event.seq))
+        plan.result.times.append(event.time)
         plan.audit.append((event.id, event.subject, event.seq, event.type, event.source, event.specversion,
                            event.datacontenttype, event.dataschema, event.traceparent, event.time,
                            event.hash, record.value, event.prevhash, record.topic, record.partition, record.offset,

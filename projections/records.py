@@ -92,6 +92,7 @@ class BatchResult:
     retry: list[Failure] = field(default_factory=list)
     rows: Counter[str] = field(default_factory=Counter)
     cost_usd: Decimal = Decimal(0)
+    times: list[datetime] = field(default_factory=list)  # of the events projected, in the same order
 
     @property
     def rejected(self) -> Counter[str]:
@@ -102,4 +103,4 @@ class BatchResult:
         """Both results as one (a batch applied in parts)."""
         return BatchResult(self.projected + other.projected, self.duplicates + other.duplicates,
                            self.parked + other.parked, self.dead + other.dead, self.retry + other.retry,
-                           self.rows + other.rows, self.cost_usd + other.cost_usd)
+                           self.rows + other.rows, self.cost_usd + other.cost_usd, self.times + other.times)

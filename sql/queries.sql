@@ -169,9 +169,20 @@ DELETE FROM log_problems WHERE group_id = $1 AND topic = $2 AND partition = ANY(
 SELECT * FROM log_problems WHERE group_id = $1 AND topic = $2 ORDER BY partition;
 
 -- name: worker_seen
-INSERT INTO workers (worker_id, group_id, host, pid, started_at, seen_at, partitions)
-VALUES ($1, $2, $3, $4, $5, now(), $6)
+INSERT INTO workers (worker_id, group_id, host, pid, started_at, seen_at, partitions, metrics_url)
+VALUES ($1, $2, $3, $4, $5, now(), $6, $7)
 ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), partitions = EXCLUDED.partitions;
+
+-- The gauges a worker reads from PostgreSQL (streams/metrics.py): the same in every worker.
+-- name: metrics_state
+SELECT (SELECT count(*) FROM outbox) AS outbox,
+       (SELECT count(*) FROM dead_letters WHERE status = 'dead') AS dead_open,
+       (SELECT count(*) FROM dlq_replays) AS replay_runs,
+       (SELECT coalesce(jsonb_object_agg(outcome, n), '{}') FROM
+           (SELECT outcome, count(*) AS n FROM dlq_replay_items GROUP BY outcome) o) AS replayed,
+       (SELECT size FROM tlog_state) AS tree_size,
+       (SELECT size FROM checkpoints ORDER BY size DESC, id DESC LIMIT 1) AS checkpoint_size,
+       (SELECT extract(epoch FROM max(signed_at)) FROM checkpoints) AS checkpoint_time;
 
 -- name: worker_gone
 DELETE FROM workers WHERE worker_id = $1;

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(
         60.0, ge=0, description="RUNLEDGER_CHECKPOINT_INTERVAL_S: how often a worker signs a checkpoint when the "
         "log has grown (one worker per interval; 0: only `runledger checkpoint`)")
+    metrics_host: str = Field(
+        "127.0.0.1", min_length=1, description="RUNLEDGER_METRICS_HOST: the address a worker serves its Prometheus "
+        "metrics on (0.0.0.0 to be scraped from other hosts)")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="RUNLEDGER_METRICS_PORT: the port a worker serves /metrics on; the next "
+        "free one of the 20 from it if taken (several workers on one host); 0: no metrics endpoint")
     checkpoint_origin: str = Field(
         "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
         description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")

@@ -57,7 +57,14 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # Before Faust starts: a worker may start before any producer, and the retry topics need the
     # log's partition count and infinite retention, not Faust's defaults.
     asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, worker_topics(settings)))
-    app = create_app(settings)
+    metrics_url = None
+    if settings.metrics_port:
+        from runledger.streams.metrics import serve
+
+        port = serve(settings.metrics_host, settings.metrics_port)
+        metrics_url = f"http://{settings.metrics_host}:{port}/metrics"
+        print(f"runledger worker: Prometheus metrics at {metrics_url}", file=sys.stderr, flush=True)
+    app = create_app(settings, metrics_url=metrics_url)
     worker = app.Worker(loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()
     return 0

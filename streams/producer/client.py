@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.lifecycle import check_lifecycle
+from runledger.streams import metrics
 from runledger.streams.producer.events import NewEvent, build_events, check_new_events
 from runledger.streams.producer.heads import StagedBatch, StreamBusy, StreamHeads
 from runledger.streams.producer.recovery import forget_if_restarted, recover_heads, stream_in_log
@@ -175,6 +177,21 @@ class EventProducer:
         (a first event that is not ``execution.started``, an event after a terminal one: nothing
         published), AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed).
         """
+        started = perf_counter()
+        try:
+            out = await self._append_batch(stream_id, events, expected_seq)
+        except (PermanentError, TransientError) as e:
+            metrics.APPENDS.labels("refused" if isinstance(e, PermanentError) else "failed").inc(len(events))
+            raise
+        finally:
+            metrics.APPEND_SECONDS.observe(perf_counter() - started)
+        duplicates = sum(a.duplicate for a in out)
+        metrics.APPENDS.labels("appended").inc(len(out) - duplicates)
+        metrics.APPENDS.labels("duplicate").inc(duplicates)
+        return out
+
+    async def _append_batch(self, stream_id: str, events: Sequence[NewEvent],
+                            expected_seq: int | None) -> list[Appended]:
         check_new_events(stream_id, events)
         if not events:
             return []

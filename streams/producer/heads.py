@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import TransientError
 from runledger.schemas.lifecycle import TERMINAL_TYPES
+from runledger.streams import metrics
 
 __all__ = ["AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState"]
 
@@ -146,12 +147,16 @@ class StreamHeads:
 
     async def acquire(self, stream_id: str, token: str, wait_s: float) -> None:
         """Take the stream's append lease, waiting up to ``wait_s``; raise StreamBusy after that."""
-        key, deadline, pause = self._key("lease", stream_id), time.monotonic() + wait_s, 0.001
-        while not await self._redis.set(key, token, nx=True, px=self._lease_ms):
-            if time.monotonic() >= deadline:
-                raise StreamBusy(f"stream {stream_id!r}: another producer held the append lease for over {wait_s} s")
-            await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not security
-            pause = min(pause * 2, 0.05)
+        key, started, pause = self._key("lease", stream_id), time.monotonic(), 0.001
+        try:
+            while not await self._redis.set(key, token, nx=True, px=self._lease_ms):
+                if time.monotonic() >= started + wait_s:
+                    raise StreamBusy(f"stream {stream_id!r}: another producer held the append lease for over "
+                                     f"{wait_s} s")
+                await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not security
+                pause = min(pause * 2, 0.05)
+        finally:
+            metrics.LEASE_WAIT_SECONDS.observe(time.monotonic() - started)
 
     async def release(self, stream_id: str, token: str) -> None:
         await self._release(keys=[self._key("lease", stream_id)], args=[token])

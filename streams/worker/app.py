@@ -41,6 +41,7 @@ from runledger.projections.postgres.tlog import sign_if_due
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.errors import TransientError
+from runledger.streams import metrics
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
@@ -71,8 +72,9 @@ class _Ready:
     log_consumer: LogConsumer
 
 
-def create_app(settings: Settings) -> faust.App:
-    """A Faust app whose agent projects the log, and its retry topics, into ``settings.db_schema``."""
+def create_app(settings: Settings, *, metrics_url: str | None = None) -> faust.App:
+    """A Faust app whose agent projects the log, and its retry topics, into ``settings.db_schema``.
+    ``metrics_url``: where this process serves its metrics, recorded with its heartbeat."""
     app = _faust_app(settings)
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     channel = app.channel()
@@ -103,6 +105,7 @@ def create_app(settings: Settings) -> faust.App:
     async def sweep_outbox() -> None:
         if ready.done():
             await (await ready).handler.publish()
+            await _read_gauges((await ready).pool)
 
     @app.timer(settings.checkpoint_interval_s or 3600.0)
     async def sign_checkpoints() -> None:
@@ -115,7 +118,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.task
     async def heartbeat() -> None:
-        await _heartbeat(settings, ready)
+        await _heartbeat(settings, ready, metrics_url)
 
     return app
 
@@ -219,7 +222,15 @@ def _warn_unsigned(path: str) -> None:
     log.warning("no checkpoint key at %s: checkpoints are not signed on an interval (`runledger keys init`)", path)
 
 
-async def _heartbeat(settings: Settings, ready: asyncio.Future[_Ready]) -> None:
+async def _read_gauges(pool: asyncpg.Pool) -> None:
+    """The metrics read from PostgreSQL: outbox, dead letters, replays, the tree and its checkpoints."""
+    try:
+        metrics.observe_state(await pool.fetchrow(query("metrics_state")))
+    except Exception as e:  # noqa: BLE001 - stale gauges are no reason to stop projecting
+        log.warning("cannot read the metrics kept in PostgreSQL: %s", database_error(e, "metrics") or e)
+
+
+async def _heartbeat(settings: Settings, ready: asyncio.Future[_Ready], metrics_url: str | None) -> None:
     """Keep this worker's row in ``workers`` fresh, with the partitions it holds, until the worker stops."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     started = datetime.now(UTC)
@@ -229,7 +240,7 @@ async def _heartbeat(settings: Settings, ready: asyncio.Future[_Ready]) -> None:
             try:
                 await state.pool.execute(query("worker_seen"), worker_id, settings.consumer_group,
                                          socket.gethostname(), os.getpid(), started,
-                                         sorted(state.log_consumer.assigned))
+                                         sorted(state.log_consumer.assigned), metrics_url)
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is no reason to stop projecting
                 log.warning("cannot record this worker as alive: %s", database_error(e, "heartbeat") or e)
             await asyncio.sleep(HEARTBEAT_S)

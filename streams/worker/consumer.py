@@ -35,9 +35,10 @@ from runledger.projections.postgres.db import StoreUnavailable, database_error
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.events import MAX_EVENT_BYTES
+from runledger.streams import metrics
 from runledger.streams.kafka import stop_consumer
 from runledger.streams.worker.logcheck import FIX, check_partitions, save_problems
-from runledger.streams.worker.retry import from_retry_topic, message_time
+from runledger.streams.worker.retry import delay_name, from_retry_topic, message_time
 
 __all__ = ["LogConsumer", "Projector", "RetryConsumer"]
 
@@ -115,6 +116,7 @@ class LogConsumer:
         self._checker = _consumer(bootstrap_servers, None)
         self.held: dict[int, str] = {}  # partitions not projected, and why
         self._checked_at = 0.0
+        self._next: dict[int, int] = {}  # per partition, the offset after the last record read
 
     @property
     def assigned(self) -> set[int]:
@@ -139,6 +141,7 @@ class LogConsumer:
                     continue
                 records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
                            for tp, batch in fetched.items() if tp.partition not in self.held for m in batch]
+                self._observe_lag(fetched)
                 # Decoded while the batch before is still being written: it needs nothing of the tables.
                 items = decoded(records)
                 if in_flight is not None:
@@ -155,11 +158,22 @@ class LogConsumer:
             await stop_consumer(self._checker)
             await stop_consumer(self._consumer)
 
+    def _observe_lag(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """Per partition held, the records the log has beyond what this worker has read."""
+        for tp, batch in fetched.items():
+            if batch:
+                self._next[tp.partition] = batch[-1].offset + 1
+        for tp in self._consumer.assignment():
+            end, read = self._consumer.highwater(tp), self._next.get(tp.partition)
+            if end is not None and read is not None:
+                metrics.LAG.labels(str(tp.partition)).set(max(end - read, 0))
+
     async def assigned_now(self, assigned: list[TopicPartition]) -> None:
         """Seek each newly assigned partition to its stored offset, or hold it back if the log does not match."""
         # Paused before the first await: the fetcher may otherwise start from the group's committed offsets.
         self._consumer.pause(*assigned)
-        self.held = {}
+        self.held, self._next = {}, {}
+        metrics.LAG.clear()  # the partitions held before may be another worker's now
         log.info("assigned partitions %s of %s", sorted(tp.partition for tp in assigned), self.topic)
         await self._check(assigned, assigned=True)
 
@@ -218,6 +232,7 @@ class RetryConsumer:
                  project: Projector) -> None:
         self.topic, self._delay, self._project = topic, delay, project
         self._consumer = _consumer(bootstrap_servers, group_id)
+        self._depth = metrics.RETRY_DEPTH.labels(delay_name(delay))
 
     async def run(self) -> None:
         await self._consumer.start()
@@ -233,6 +248,9 @@ class RetryConsumer:
                 batch = [from_retry_topic(m.topic, m.partition, m.offset, m.key, m.value or b"", m.headers or [],
                                           message_time(m.timestamp), self._delay)
                          for messages in fetched.values() for m in messages]
+                behind = sum(max((self._consumer.highwater(tp) or 0) - messages[-1].offset - 1, 0)
+                             for tp, messages in fetched.items() if messages)
+                self._depth.set(behind + len(batch))
                 if not batch:
                     continue
                 # A topic's records fall due in the order they were written: wait for the last one. Cancelled
@@ -243,5 +261,6 @@ class RetryConsumer:
                     await asyncio.sleep(min(wait, self._delay))
                 await _project_until_done(self._project, [record for record, _ in batch], self.topic)
                 await _commit(self._consumer, fetched, self.topic)
+                self._depth.set(behind)
         finally:
             await stop_consumer(self._consumer)

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,7 +40,8 @@ from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.records import BatchResult, Failure, LogRecord
 from runledger.schemas.errors import TransientError
 from runledger.schemas.events import MAX_EVENT_BYTES
-from runledger.streams.worker.retry import HEADER, RetrySchedule, dlq_topic, failure_headers
+from runledger.streams import metrics
+from runledger.streams.worker.retry import HEADER, RetrySchedule, delay_name, dlq_topic, failure_headers
 
 __all__ = ["BatchHandler", "Forwarder"]
 
@@ -167,7 +169,9 @@ class BatchHandler:
         pause = 0.2
         while True:
             try:
+                started = time.perf_counter()
                 result = await self._store.apply_batch(records, route=self._forwarder.schedule.route)
+                self._observe(records, result, time.perf_counter() - started)
             except StoreUnavailable as e:
                 try:
                     records = await self._forwarder.retry_all([as_record(r) for r in records], e)
@@ -190,6 +194,13 @@ class BatchHandler:
                 return result
             await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter
             pause = min(pause * 2, 5.0)
+
+    def _observe(self, records: Sequence[LogRecord | Decoded], result: BatchResult, seconds: float) -> None:
+        schedule = self._forwarder.schedule
+        first = as_record(records[0]) if records else None
+        source = "retry" if first is not None and first.topic != f"{schedule.prefix}.events" else "log"
+        delays = [delay_name(step[0]) for f in result.retry if (step := schedule.after(f.attempts)) is not None]
+        metrics.observe_batch(result, source, len(records), seconds, delays, result.times)
 
     async def publish(self) -> int:
         """Publish the outbox; a failure is logged (the rows wait for the next call), never raised."""

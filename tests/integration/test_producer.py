@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from runledger.schemas.chain import verify_chain
 from runledger.schemas.errors import InvalidEvent, UnknownType
@@ -204,3 +205,28 @@ async def test_a_retry_of_a_staged_batch_is_a_duplicate_not_a_lifecycle_error(se
         [again] = await producer.append_batch("exec-1", [ended])
     assert again.duplicate and again.seq == 2
     assert [orjson.loads(r.value)["seq"] for r in await read_log(settings)] == [1, 2]
+
+
+async def test_the_producer_counts_its_appends_into_the_prometheus_registry(settings: Settings) -> None:
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    counted = [("runledger_appends_total", "appended"), ("runledger_appends_total", "duplicate"),
+               ("runledger_appends_total", "refused"), ("runledger_append_seconds_count", ""),
+               ("runledger_lease_wait_seconds_count", "")]
+    before = {(name, outcome): sample(name, **({"outcome": outcome} if outcome else {})) for name, outcome in counted}
+
+    def grew(name: str, outcome: str = "") -> float:
+        return sample(name, **({"outcome": outcome} if outcome else {})) - before[(name, outcome)]
+
+    keyed = [NewEvent("step.started", {"step_id": f"s{i}", "name": "n"}, f"k{i}") for i in range(3)]
+    async with EventProducer(settings) as producer:
+        await producer.append("exec-m", "execution.started", {"workflow": "w"})
+        await producer.append_batch("exec-m", keyed)
+        await producer.append_batch("exec-m", keyed)  # a retry: nothing new
+        with pytest.raises(InvalidEvent):
+            await producer.append("exec-m", "step.started", {"name": "no step id"})
+    assert grew("runledger_appends_total", "appended") == 4
+    assert grew("runledger_appends_total", "duplicate") == 3
+    assert grew("runledger_appends_total", "refused") == 1
+    assert grew("runledger_append_seconds_count") == 4 and grew("runledger_lease_wait_seconds_count") >= 3

@@ -1,0 +1,110 @@
+"""runledger's Prometheus metrics, in one place: names, units, labels, and the HTTP endpoint that serves them.
+
+Names follow Prometheus' conventions: the ``runledger_`` prefix, base units (seconds, records, bytes) in the
+name, ``_total`` on counters (prometheus-client adds it), and labels from small fixed sets (a partition, a
+retry delay, a reason code), never a stream or an event id. A worker serves them on
+``RUNLEDGER_METRICS_PORT`` (the next free port if several workers share a host); the producer library counts
+into the same registry, which the program that embeds it serves as it likes (``serve``).
+
+Counters and histograms count what this process did. The gauges read from PostgreSQL (outbox backlog, open
+dead letters, replays, checkpoints) are the same in every worker: aggregate them with ``max``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:  # the producer library counts here too, and imports nothing of the projection
+    from runledger.projections.records import BatchResult
+
+__all__ = ["observe_batch", "observe_state", "serve"]
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+RECORDS = Counter("runledger_records_consumed", "Records read from the log or a retry topic and applied in a batch",
+                  ["source"])
+PROJECTED = Counter("runledger_events_projected", "Events projected (each once, whatever the deliveries)")
+DUPLICATES = Counter("runledger_events_duplicate", "Deliveries of an event already projected, skipped")
+PARKED = Counter("runledger_events_parked", "Events that came before their predecessor and wait for it")
+RETRIED = Counter("runledger_events_retried", "Events sent to a retry topic, by its delay", ["delay"])
+DEAD_LETTERED = Counter("runledger_dead_letters", "Events dead-lettered, by reason code", ["reason"])
+CHAIN_VIOLATIONS = Counter("runledger_chain_violations", "Events refused because they break their stream's hash "
+                           "chain (chain_broken, seq_conflict, hash_mismatch)", ["code"])
+BATCH_RECORDS = Histogram("runledger_batch_records", "Records per applied batch",
+                          buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
+BATCH_SECONDS = Histogram("runledger_batch_commit_seconds", "Time to apply and commit one batch in PostgreSQL",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+LATENCY = Histogram("runledger_event_latency_seconds", "From an event's time to the commit of the batch that "
+                    "projected it", buckets=_LATENCY_BUCKETS)
+LAG = Gauge("runledger_consumer_lag_records", "Records of the log this worker has not read yet, per partition it "
+            "holds", ["partition"])
+RETRY_DEPTH = Gauge("runledger_retry_topic_depth_records", "Records waiting in a retry topic, by its delay",
+                    ["delay"])
+OUTBOX = Gauge("runledger_outbox_backlog_records", "Copies for the retry and dead-letter topics not yet published")
+DEAD_OPEN = Gauge("runledger_dead_letters_open", "Dead letters neither replayed nor resolved")
+REPLAY_RUNS = Gauge("runledger_replay_runs", "Dead-letter replay runs recorded")
+REPLAY_RECORDS = Gauge("runledger_replay_records", "Dead letters replayed, by outcome", ["outcome"])
+TREE_SIZE = Gauge("runledger_tlog_size_events", "Events in the transparency log")
+CHECKPOINT_SIZE = Gauge("runledger_checkpoint_size_events", "Tree size the newest signed checkpoint covers")
+CHECKPOINT_TIME = Gauge("runledger_checkpoint_timestamp_seconds", "When the newest checkpoint was signed (Unix time)")
+APPENDS = Counter("runledger_appends", "Events a producer appended to the log, by outcome", ["outcome"])
+APPEND_SECONDS = Histogram("runledger_append_seconds", "Time of one append call (a batch of one stream's events), "
+                           "lease wait included", buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                                           2.5, 5.0, 10.0, 30.0))
+LEASE_WAIT_SECONDS = Histogram("runledger_lease_wait_seconds", "Time an append waited for its stream's lease",
+                               buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
+
+_CHAIN_CODES = frozenset({"chain_broken", "seq_conflict", "hash_mismatch"})
+
+
+def observe_batch(result: BatchResult, source: str, records: int, seconds: float,
+                  delays: Sequence[str], times: Iterable[datetime]) -> None:
+    """Count one applied batch: ``records`` read from ``source`` (log or retry), applied in ``seconds``;
+    ``delays``: the retry delay of each event sent to a retry topic; ``times``: the projected events' times."""
+    RECORDS.labels(source).inc(records)
+    BATCH_RECORDS.observe(records)
+    BATCH_SECONDS.observe(seconds)
+    PROJECTED.inc(len(result.projected))
+    DUPLICATES.inc(result.duplicates)
+    PARKED.inc(result.parked)
+    for delay in delays:
+        RETRIED.labels(delay).inc()
+    for failure in result.dead:
+        DEAD_LETTERED.labels(failure.error.code).inc()
+        if failure.error.code in _CHAIN_CODES:
+            CHAIN_VIOLATIONS.labels(failure.error.code).inc()
+    now = datetime.now(UTC)
+    for moment in times:
+        LATENCY.observe(max((now - moment).total_seconds(), 0.0))
+
+
+def observe_state(row: Mapping[str, Any]) -> None:
+    """The gauges kept in PostgreSQL, from a ``metrics_state`` row."""
+    OUTBOX.set(row["outbox"])
+    DEAD_OPEN.set(row["dead_open"])
+    REPLAY_RUNS.set(row["replay_runs"])
+    for outcome, count in row["replayed"].items():
+        REPLAY_RECORDS.labels(outcome).set(count)
+    TREE_SIZE.set(row["tree_size"] or 0)
+    if row["checkpoint_size"] is not None:
+        CHECKPOINT_SIZE.set(row["checkpoint_size"])
+        CHECKPOINT_TIME.set(float(row["checkpoint_time"]))
+
+
+def serve(host: str, port: int, *, tries: int = 20) -> int:
+    """Serve the metrics over HTTP on ``port``, or the first free one of the ``tries`` ports from it (several
+    workers on one host); returns the port. Raises OSError if none is free."""
+    for candidate in range(port, port + tries):
+        try:
+            start_http_server(candidate, addr=host)
+        except OSError:
+            continue
+        return candidate
+    raise OSError(f"no free port for the metrics in {port}..{port + tries - 1} on {host}")

@@ -1,0 +1,80 @@
+"""A worker's Prometheus metrics, scraped over HTTP from real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+import uuid
+from pathlib import Path
+
+import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
+
+from runledger.schemas.checkpoint import Signer
+from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.producer.client import EventProducer
+from tests.conftest import free_ports
+from tests.integration.conftest import poll, running_worker, settings_of, worker_log
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample at ``url``: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_two_workers_on_one_host_serve_what_they_did(env: dict[str, str], tmp_path: Path) -> None:
+    schema = f"m_{uuid.uuid4().hex[:12]}"
+    key = tmp_path / "checkpoint.key"
+    key.write_text(Signer.generate("runledger.local/log").private_key)
+    (port,) = free_ports(1)
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
+           "RUNLEDGER_METRICS_PORT": str(port), "RUNLEDGER_CHECKPOINT_KEY": str(key),
+           "RUNLEDGER_CHECKPOINT_INTERVAL_S": "1"}
+    settings = settings_of(env)
+    fleet = simulate_fleet(30, seed=4, run_tag=schema)
+    total = sum(len(run.events) for run in fleet)
+    async with EventProducer(settings) as producer:
+        for run in fleet:
+            await producer.append_batch(run.stream_id, run.events)
+        await producer._kafka.send_and_wait(settings.events_topic, b"not json", key=b"junk")  # noqa: SLF001
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with running_worker(env) as first, running_worker(env) as second:
+            async def urls() -> list[str] | None:
+                try:
+                    rows = await conn.fetch(f'SELECT metrics_url FROM "{schema}".workers ORDER BY metrics_url')
+                except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+                    return None
+                return [r["metrics_url"] for r in rows] if len(rows) == 2 else None
+
+            served = await poll(urls, 120, "both workers to record where their metrics are")
+            assert served == sorted({f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port + 1}/metrics"})
+            for worker in (first, second):
+                assert "Prometheus metrics at http://127.0.0.1:" in worker_log(worker)
+
+            async def projected() -> list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] | None:
+                samples = [await asyncio.to_thread(scrape, url) for url in served]
+                done = sum(s.get(("runledger_events_projected_total", ()), 0) for s in samples)
+                dead = sum(s.get(("runledger_dead_letters_total", (("reason", "invalid_json"),)), 0) for s in samples)
+                open_letters = [s.get(("runledger_dead_letters_open", ()), 0) for s in samples]
+                signed = max(s.get(("runledger_checkpoint_size_events", ()), 0) for s in samples)
+                return samples if done == total and dead == 1 and open_letters == [1, 1] and signed == total else None
+
+            samples = await poll(projected, 120, "every event projected and counted")
+        both = {k: sum(s.get(k, 0) for s in samples) for k in samples[0].keys() | samples[1].keys()}
+        assert both[("runledger_event_latency_seconds_count", ())] == total
+        assert both[("runledger_records_consumed_total", (("source", "log"),))] == total + 1
+        assert both[("runledger_batch_commit_seconds_count", ())] == both[("runledger_batch_records_count", ())] > 0
+        assert both[("runledger_events_duplicate_total", ())] == 0
+        assert max(s[("runledger_tlog_size_events", ())] for s in samples) == total
+        assert max(s[("runledger_checkpoint_timestamp_seconds", ())] for s in samples) > 0
+        partitions = {dict(labels)["partition"] for name, labels in both if name == "runledger_consumer_lag_records"}
+        assert partitions and partitions <= {str(p) for p in range(settings.event_partitions)}
+        assert all(value == 0 for (name, _), value in both.items() if name == "runledger_consumer_lag_records")
+        assert not any("stream" in dict(labels) for _, labels in both), "a stream id is never a label"
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
