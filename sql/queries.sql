@@ -182,7 +182,14 @@ SELECT (SELECT count(*) FROM outbox) AS outbox,
            (SELECT outcome, count(*) AS n FROM dlq_replay_items GROUP BY outcome) o) AS replayed,
        (SELECT size FROM tlog_state) AS tree_size,
        (SELECT size FROM checkpoints ORDER BY size DESC, id DESC LIMIT 1) AS checkpoint_size,
-       (SELECT extract(epoch FROM max(signed_at)) FROM checkpoints) AS checkpoint_time;
+       (SELECT extract(epoch FROM max(signed_at)) FROM checkpoints) AS checkpoint_time,
+       (SELECT coalesce(jsonb_object_agg(check_name, jsonb_build_object(
+            'at', extract(epoch FROM finished_at), 'findings', findings, 'events', events)), '{}')
+        FROM (SELECT DISTINCT ON (check_name) * FROM verifications ORDER BY check_name, finished_at DESC) v)
+           AS verified;
+
+-- name: record_verification
+INSERT INTO verifications (check_name, seconds, events, findings, codes) VALUES ($1, $2, $3, $4, $5);
 
 -- name: worker_gone
 DELETE FROM workers WHERE worker_id = $1;

@@ -54,6 +54,11 @@ REPLAY_RECORDS = Gauge("runledger_replay_records", "Dead letters replayed, by ou
 TREE_SIZE = Gauge("runledger_tlog_size_events", "Events in the transparency log")
 CHECKPOINT_SIZE = Gauge("runledger_checkpoint_size_events", "Tree size the newest signed checkpoint covers")
 CHECKPOINT_TIME = Gauge("runledger_checkpoint_timestamp_seconds", "When the newest checkpoint was signed (Unix time)")
+VERIFY_TIME = Gauge("runledger_verify_timestamp_seconds", "When the last `runledger verify` of a check ended (Unix "
+                    "time)", ["check"])
+VERIFY_FINDINGS = Gauge("runledger_verify_findings", "Findings of the last `runledger verify` of a check (0: intact)",
+                        ["check"])
+VERIFY_EVENTS = Gauge("runledger_verify_events", "Events the last `runledger verify` of a check covered", ["check"])
 APPENDS = Counter("runledger_appends", "Events a producer appended to the log, by outcome", ["outcome"])
 APPEND_SECONDS = Histogram("runledger_append_seconds", "Time of one append call (a batch of one stream's events), "
                            "lease wait included", buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -96,6 +101,10 @@ def observe_state(row: Mapping[str, Any]) -> None:
     if row["checkpoint_size"] is not None:
         CHECKPOINT_SIZE.set(row["checkpoint_size"])
         CHECKPOINT_TIME.set(float(row["checkpoint_time"]))
+    for check, last in row["verified"].items():
+        VERIFY_TIME.labels(check).set(float(last["at"]))
+        VERIFY_FINDINGS.labels(check).set(last["findings"])
+        VERIFY_EVENTS.labels(check).set(last["events"])
 
 
 def serve(host: str, port: int, *, tries: int = 20) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,10 +19,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import orjson
 
 from runledger.projections.consistency import TABLES, ProjectionAuditor, RowFinding, StreamRows, empty_rows
 from runledger.projections.postgres.attestations import Attestations, fingerprint
-from runledger.projections.postgres.db import connect_one
+from runledger.projections.postgres.db import StoreUnavailable, connect_one
 from runledger.projections.postgres.queries import query
 from runledger.projections.pricing import ModelPrice, PriceCatalog
 from runledger.schemas.chain import Head
@@ -30,7 +31,8 @@ from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.errors import PermanentError
 from runledger.schemas.verify import ChainAuditor, Finding, TreeAuditor
 
-__all__ = ["ChainReport", "ProjectionReport", "verify_chains", "verify_checkpoint", "verify_projection"]
+__all__ = ["ChainReport", "ProjectionReport", "record_verification", "verify_chains", "verify_checkpoint",
+           "verify_projection"]
 
 _CHUNK = 10_000
 
@@ -204,6 +206,20 @@ class _RowDigests:
                                  "that changed without a REINDEX?); `runledger verify projection` cannot pair them")
         self._at += 1
         return bytes(digest or b"")
+
+
+async def record_verification(database_url: str, schema: str, check: str, report: ChainReport) -> None:
+    """Keep what a run found in ``verifications`` (the integrity metrics and dashboard read it). Raises
+    StoreUnavailable if it cannot."""
+    conn = await connect_one(database_url, schema)
+    try:
+        codes = Counter(f.code for f in report.findings)
+        await conn.execute(query("record_verification"), check, report.seconds, report.events, len(report.findings),
+                           orjson.dumps(codes).decode())
+    except (asyncpg.PostgresError, OSError) as e:
+        raise StoreUnavailable(f"cannot record the verification in {schema}.verifications: {e}") from e
+    finally:
+        await conn.close()
 
 
 def _database(database_url: str, schema: str) -> str:

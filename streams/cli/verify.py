@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from runledger.schemas.checkpoint import Checkpoint, Verifier
+from runledger.schemas.errors import RunledgerError
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit
 from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
@@ -40,6 +41,8 @@ def register(sub: Subparsers) -> None:
                         "(default: the .pub beside RUNLEDGER_CHECKPOINT_KEY)")
     verify.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress "
                         "bar")
+    verify.add_argument("--no-record", action="store_true", help="do not keep the result in the verifications table "
+                        "(which the integrity metrics and dashboard read)")
     checks = verify.add_subparsers(dest="check", metavar="CHECK")
     chains = checks.add_parser(
         "chains", help="every stream of audit_log, from its stored bytes",
@@ -55,6 +58,8 @@ def register(sub: Subparsers) -> None:
     chains.add_argument("--since", type=_utc, metavar="TIME",
                         help="only streams with an event recorded (or a head moved) since TIME, e.g. "
                         "2026-11-22T10:00:00Z; each is checked whole")
+    chains.add_argument("--no-record", action="store_true", default=argparse.SUPPRESS,
+                     help="do not keep the result in the verifications table")
     chains.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the report as one JSON object, no progress bar")
     projection = checks.add_parser(
@@ -78,6 +83,8 @@ def register(sub: Subparsers) -> None:
                             "<RUNLEDGER_DB_SCHEMA>.json; created when missing)")
     projection.add_argument("--full", action="store_true",
                             help="derive and compare every stream, whatever the attestations say (and rewrite them)")
+    projection.add_argument("--no-record", action="store_true", default=argparse.SUPPRESS,
+                     help="do not keep the result in the verifications table")
     projection.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="print the report as one JSON object, no progress bar")
     log = checks.add_parser(
@@ -92,6 +99,8 @@ def register(sub: Subparsers) -> None:
         "event never came). A record that is not an event is not_json or not_event; a partition whose first "
         "records retention deleted is log_start_deleted, and the rest is still checked. Exit status 2 if the "
         "topic does not exist.")
+    log.add_argument("--no-record", action="store_true", default=argparse.SUPPRESS,
+                     help="do not keep the result in the verifications table")
     log.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                      help="print the report as one JSON object, no progress bar")
     verify.set_defaults(func=_cmd_verify)
@@ -135,6 +144,14 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
                                                since=args.since, progress=progress))
     finally:
         bar.close()
+    if not args.no_record:
+        from runledger.projections.postgres.verify import record_verification
+
+        check = "checkpoint" if args.checkpoint is not None else args.check
+        try:
+            asyncio.run(record_verification(settings.database_url, settings.db_schema, check, report))
+        except RunledgerError as e:
+            print(f"note: {e}; the result is not kept for the metrics (--no-record skips this)", file=sys.stderr)
     if args.json:
         emit(report.as_dict())
     else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
@@ -13,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runledger.schemas.checkpoint import Signer
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
-from tests.conftest import free_ports
+from tests.conftest import CLI, free_ports
 from tests.integration.conftest import poll, running_worker, settings_of, worker_log
 
 
@@ -64,6 +66,16 @@ async def test_two_workers_on_one_host_serve_what_they_did(env: dict[str, str], 
                 return samples if done == total and dead == 1 and open_letters == [1, 1] and signed == total else None
 
             samples = await poll(projected, 120, "every event projected and counted")
+            done = await asyncio.to_thread(subprocess.run, [*CLI, "verify", "chains"], env={**os.environ, **env},
+                                           capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+
+            async def verified() -> float | None:
+                last = await asyncio.to_thread(scrape, served[0])
+                events = last.get(("runledger_verify_events", (("check", "chains"),)))
+                return last[("runledger_verify_findings", (("check", "chains"),))] if events == total else None
+
+            assert await poll(verified, 30, "the verification in the metrics") == 0
         both = {k: sum(s.get(k, 0) for s in samples) for k in samples[0].keys() | samples[1].keys()}
         assert both[("runledger_event_latency_seconds_count", ())] == total
         assert both[("runledger_records_consumed_total", (("source", "log"),))] == total + 1
