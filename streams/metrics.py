@@ -53,7 +53,8 @@ REPLAY_RUNS = Gauge("runledger_replay_runs", "Dead-letter replay runs recorded")
 REPLAY_RECORDS = Gauge("runledger_replay_records", "Dead letters replayed, by outcome", ["outcome"])
 TREE_SIZE = Gauge("runledger_tlog_size_events", "Events in the transparency log")
 CHECKPOINT_SIZE = Gauge("runledger_checkpoint_size_events", "Tree size the newest signed checkpoint covers")
-CHECKPOINT_TIME = Gauge("runledger_checkpoint_timestamp_seconds", "When the newest checkpoint was signed (Unix time)")
+CHECKPOINT_TIME = Gauge("runledger_checkpoint_timestamp_seconds", "When the newest checkpoint was signed (Unix time; "
+                        "0: none yet)")
 VERIFY_TIME = Gauge("runledger_verify_timestamp_seconds", "When the last `runledger verify` of a check ended (Unix "
                     "time)", ["check"])
 VERIFY_FINDINGS = Gauge("runledger_verify_findings", "Findings of the last `runledger verify` of a check (0: intact)",
@@ -98,9 +99,8 @@ def observe_state(row: Mapping[str, Any]) -> None:
     for outcome, count in row["replayed"].items():
         REPLAY_RECORDS.labels(outcome).set(count)
     TREE_SIZE.set(row["tree_size"] or 0)
-    if row["checkpoint_size"] is not None:
-        CHECKPOINT_SIZE.set(row["checkpoint_size"])
-        CHECKPOINT_TIME.set(float(row["checkpoint_time"]))
+    CHECKPOINT_SIZE.set(row["checkpoint_size"] or 0)  # none signed yet: 0, so "no checkpoint for long" fires
+    CHECKPOINT_TIME.set(float(row["checkpoint_time"] or 0))
     for check, last in row["verified"].items():
         VERIFY_TIME.labels(check).set(float(last["at"]))
         VERIFY_FINDINGS.labels(check).set(last["findings"])
