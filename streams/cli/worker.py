@@ -21,6 +21,17 @@ def register(sub: Subparsers) -> None:
                       "safe from several processes at once)")
     db.set_defaults(func=_cmd_db)
 
+    topics = sub.add_parser("topics", help="create runledger's Kafka topics",
+                            description="`runledger topics create` creates the log (<prefix>.events, "
+                            "RUNLEDGER_EVENT_PARTITIONS partitions), its retry topics, the dead-letter topic and "
+                            "<prefix>.checkpoints, each kept for ever (retention.ms=-1), if they do not exist yet. "
+                            "A worker and a producer do the same when they start; run it once before them to "
+                            "choose the partitions (the most workers that can share the log).")
+    topics_sub = topics.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = topics_sub.add_parser("create", help="create the topics that do not exist yet (idempotent)")
+    create.add_argument("--json", action="store_true", help="print the topics as one JSON object")
+    topics.set_defaults(func=_cmd_topics)
+
     worker = sub.add_parser("worker", help="run a projection worker (Faust); several share the log's partitions",
                             description="Consumes <prefix>.events in batches and projects every event into "
                             "PostgreSQL, one transaction per batch, offsets stored with the rows. Run several "
@@ -47,6 +58,19 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
     applied = asyncio.run(migrate(settings.database_url, settings.db_schema))
     print(f"schema {settings.db_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.topics import ensure_topics, worker_topics
+
+    wanted = worker_topics(settings)
+    asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, wanted))
+    if args.json:
+        emit({"topics": wanted})
+    else:
+        for name, partitions in wanted.items():
+            print(f"{name}: {partitions} partitions, kept for ever")
     return 0
 
 
