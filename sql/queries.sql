@@ -449,3 +449,57 @@ UNION ALL
 SELECT 'artifacts', stream_id, artifact_id FROM artifacts r
 WHERE ($1::text IS NULL OR stream_id = $1) AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.stream_id = r.stream_id)
 ORDER BY 1, 2, 3;
+
+-- The panels of the executions, cost and integrity dashboards (projections/postgres/panels.py), run as they
+-- are by Grafana's PostgreSQL datasource and by `runledger report --html`. A time series gives (time, metric,
+-- value) rows; a bar chart (label, value); a table any columns. Money stays numeric.
+-- name: panel_executions_by_status
+SELECT date_trunc('hour', started_at) AS time, status AS metric, count(*) AS value
+FROM executions WHERE started_at > now() - interval '7 days' GROUP BY 1, 2 ORDER BY 1, 2;
+
+-- name: panel_duration_by_workflow
+SELECT workflow AS label, round((percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) / 1000.0)::numeric, 3)
+       AS value
+FROM executions WHERE duration_ms IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
+
+-- name: panel_failure_rate
+SELECT date_trunc('day', started_at) AS time, 'failed or timed out' AS metric,
+       round(100.0 * count(*) FILTER (WHERE status IN ('failed', 'timeout')) / count(*), 2) AS value
+FROM executions WHERE started_at > now() - interval '30 days' GROUP BY 1 ORDER BY 1;
+
+-- name: panel_top_failing_workflows
+SELECT workflow, count(*) FILTER (WHERE status IN ('failed', 'timeout')) AS failed, count(*) AS executions,
+       round(100.0 * count(*) FILTER (WHERE status IN ('failed', 'timeout')) / count(*), 1) AS failed_pct
+FROM executions GROUP BY workflow HAVING count(*) FILTER (WHERE status IN ('failed', 'timeout')) > 0
+ORDER BY failed DESC, workflow LIMIT 10;
+
+-- name: panel_spend_by_model
+SELECT model AS label, sum(cost_usd) AS value FROM costs WHERE cost_usd IS NOT NULL GROUP BY 1 ORDER BY 2 DESC
+LIMIT 20;
+
+-- name: panel_spend_by_provider
+SELECT provider AS label, sum(cost_usd) AS value FROM costs WHERE cost_usd IS NOT NULL GROUP BY 1 ORDER BY 2 DESC
+LIMIT 20;
+
+-- name: panel_spend_by_workflow
+SELECT workflow AS label, sum(cost_usd) AS value FROM executions GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
+
+-- name: panel_spend_by_day
+SELECT date_trunc('day', occurred_at) AS time, 'spend (USD)' AS metric, sum(cost_usd) AS value
+FROM costs WHERE occurred_at > now() - interval '30 days' AND cost_usd IS NOT NULL GROUP BY 1 ORDER BY 1;
+
+-- name: panel_budget_burn
+SELECT stream_id AS execution, workflow, cost_usd, budget_usd, round(100 * cost_usd / budget_usd, 1) AS used_pct
+FROM executions WHERE budget_usd > 0 ORDER BY cost_usd / budget_usd DESC, stream_id LIMIT 15;
+
+-- name: panel_unpriced_usage
+SELECT model AS label, count(*) AS value FROM costs WHERE cost_source = 'unpriced' GROUP BY 1 ORDER BY 2 DESC
+LIMIT 20;
+
+-- name: panel_verifications
+SELECT DISTINCT ON (check_name) check_name AS "check", finished_at, events, findings,
+       CASE WHEN findings = 0 THEN 'intact' ELSE 'NOT INTACT' END AS result
+FROM verifications ORDER BY check_name, finished_at DESC;
+
+-- name: panel_checkpoints
+SELECT signed_at, size, origin, key_name FROM checkpoints ORDER BY id DESC LIMIT 10;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def register(sub: Subparsers) -> None:
                               help="which checks: chains, projection, projection --full, log (default: all)")
     bench_verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench_verify.set_defaults(func=_cmd_bench_verify)
+
+    dashboards = sub.add_parser(
+        "dashboards", help="generate the Grafana dashboards (ops/grafana/dashboards) from their code",
+        description="Writes runledger's Grafana dashboards, built with grafana-foundation-sdk in "
+        "streams/dev/dashboards.py, as JSON files that Grafana's provisioning loads (compose.yaml). --check "
+        "writes nothing and exits 1 if the files differ from what the code builds.")
+    dashboards.add_argument("--out", type=Path, metavar="DIR", help="where (default: ops/grafana/dashboards)")
+    dashboards.add_argument("--check", action="store_true", help="compare only; exit 1 if a file is stale")
+    dashboards.set_defaults(func=_cmd_dashboards)
 
     demo = sub.add_parser("demo", help="the main job: the embedded stack, a worker and a simulated fleet, end to end",
                           description="Starts the embedded stack (if not running) and a projection worker, appends "
@@ -121,6 +131,24 @@ def _cmd_bench_verify(args: argparse.Namespace, settings: Settings) -> int:
         emit(report)
     else:
         print_report(report, sys.stdout)
+    return 0
+
+
+def _cmd_dashboards(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from runledger.streams.dev.dashboards import DASHBOARDS_DIR, build, write
+    except ImportError as e:
+        print(f"runledger dashboards needs the dev extras (pip install -e '.[dev]'): {e}", file=sys.stderr)
+        return EXIT_USAGE
+    out = args.out or DASHBOARDS_DIR
+    if args.check:
+        stale = [name for name, model in build().items()
+                 if not (out / name).exists() or json.loads((out / name).read_text()) != model]
+        for name in stale:
+            print(f"{out / name} is not what streams/dev/dashboards.py builds: run `runledger dashboards`")
+        return EXIT_INVALID if stale else 0
+    for path in write(out):
+        print(f"wrote {path}")
     return 0
 
 
