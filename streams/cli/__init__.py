@@ -12,7 +12,19 @@ import sys
 from collections.abc import Sequence
 
 from runledger.schemas.errors import RunledgerError
-from runledger.streams.cli import checkpoint, demo, dev, dlq, events, heads, offsets, rebuild, verify, worker
+from runledger.streams.cli import (
+    checkpoint,
+    demo,
+    dev,
+    dlq,
+    events,
+    heads,
+    offsets,
+    rebuild,
+    report,
+    verify,
+    worker,
+)
 from runledger.streams.cli.common import EXIT_TRANSIENT, EXIT_USAGE
 from runledger.streams.settings import Settings
 
@@ -27,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order of registration is the order `runledger --help` lists the commands in.
-    for group in (dev, events, worker, dlq, heads, offsets, rebuild, verify, checkpoint, demo):
+    for group in (dev, events, worker, dlq, heads, offsets, rebuild, verify, checkpoint, report, demo):
         group.register(sub)
     return parser
 

@@ -29,6 +29,7 @@ from runledger.streams.dev import WORKER_COMMAND, devstack
 from runledger.streams.dev.fleet import Execution, simulate_fleet
 from runledger.streams.producer.client import append_many
 from runledger.streams.settings import Settings
+from runledger.streams.tools.htmlreport import write_report
 
 __all__ = ["DemoFailed", "print_summary", "run_demo"]
 
@@ -132,6 +133,8 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     finally:
         worker.stop()
     print_summary(summary, out)
+    page = asyncio.run(write_report(settings, settings.state_dir / "report.html"))
+    print(f"\nthe dashboards' panels as a page for people without Grafana: {page.resolve()}", file=out)
     return summary
 
 

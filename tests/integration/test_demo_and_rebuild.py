@@ -57,6 +57,8 @@ async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], 
         assert heading in demo.stdout
     assert "chains checked intact: 40 of 40" in demo.stdout
     assert "acme/acme-internal-llm-v2" in demo.stdout and "unpriced" in demo.stdout
+    page = Path(demo.stdout.rsplit("people without Grafana: ", 1)[1].split()[0])
+    assert page.is_file() and "Spend by model" in page.read_text()
 
     done = await asyncio.to_thread(runledger, env, "rebuild", "--json")
     assert done.returncode == 0, done.stderr
