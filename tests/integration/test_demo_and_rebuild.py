@@ -202,6 +202,16 @@ async def test_letters_resolutions_replays_and_the_transparency_log_survive_the_
         assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+async def _batches(worker: asyncpg.Connection, waits: list[float]) -> None:
+    """A worker taking the apply lock for batch after batch: how long does each wait (``waits``)?"""
+    while True:
+        started = time.monotonic()
+        async with worker.transaction():
+            await worker.execute(query("apply_lock"))
+        waits.append(time.monotonic() - started)
+        await asyncio.sleep(0.02)
+
+
 async def test_a_batch_in_flight_makes_the_switch_give_way_instead_of_stalling_the_workers(
         live: tuple[dict[str, str], Settings]) -> None:
     _, settings = live
@@ -225,17 +235,8 @@ async def test_a_batch_in_flight_makes_the_switch_give_way_instead_of_stalling_t
             switching.set()
             await asyncio.sleep(2.5)  # the batch's own work, not a wait for a result
 
-    async def other_batches() -> None:
-        """Another worker, taking the apply lock for batch after batch: how long does each wait?"""
-        while True:
-            started = time.monotonic()
-            async with worker.transaction():
-                await worker.execute(query("apply_lock"))
-            waits.append(time.monotonic() - started)
-            await asyncio.sleep(0.02)
-
     holding = asyncio.create_task(long_batch())
-    others = asyncio.create_task(other_batches())
+    others = asyncio.create_task(_batches(worker, waits))
     try:
         report = await rebuild(settings)
         await holding
@@ -287,16 +288,7 @@ async def test_a_stall_under_the_lock_is_cut_at_the_time_limit(live: tuple[dict[
     monkeypatch.setattr(rebuild_module, "_tree_size", stalling_tree_size)
     worker = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
     waits: list[float] = []
-
-    async def batches() -> None:
-        while True:
-            started = time.monotonic()
-            async with worker.transaction():
-                await worker.execute(query("apply_lock"))
-            waits.append(time.monotonic() - started)
-            await asyncio.sleep(0.02)
-
-    others = asyncio.create_task(batches())
+    others = asyncio.create_task(_batches(worker, waits))
     try:
         report = await rebuild(settings)
     finally:
