@@ -84,7 +84,8 @@ async def test_the_migration_builds_the_tree_of_events_stored_before(settings: S
             listed = ", ".join(columns)
             await conn.execute(f"INSERT INTO audit_log ({listed}) OVERRIDING SYSTEM VALUE SELECT {listed} "
                                f"FROM {quote_schema(owner_schema(owner))}.audit_log")
-        assert await migrate(settings.database_url, name) == ["005_transparency_log", "006_checkpoints"]
+        applied = await migrate(settings.database_url, name)
+        assert applied[:2] == ["005_transparency_log", "006_checkpoints"] and len(applied) == len(migrations()) - 4
         await conn.execute(f"SET search_path TO {quote_schema(name)}")
         assert await check_tree(conn) == 27
     finally:
