@@ -126,6 +126,8 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     asyncio.run(migrate(settings.database_url, settings.db_schema))
     run_tag = f"demo-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{seed}"
     fleet = simulate_fleet(executions, seed=seed, run_tag=run_tag)
+    # Killed (SIGTERM), the demo still stops its worker: the default handler would end it without ``finally``.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     worker = _Worker(settings)
     log(f"worker    started  pid {worker.pid}, log in {worker.log_path}")
     try:

@@ -319,3 +319,31 @@ async def test_a_rebuild_begun_under_other_rules_starts_over_and_two_never_run_a
         await holder.close()
     resumed = await rebuild(settings)
     assert resumed.switched and resumed.resumed_from == total, resumed.as_dict()
+
+
+async def test_a_demo_killed_stops_its_worker(live: tuple[dict[str, str], Settings]) -> None:
+    env, _ = live
+    demo = subprocess.Popen([*CLI, "demo", "--executions", "3000"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert demo.stdout is not None
+        pid = None
+        while pid is None and (line := await asyncio.to_thread(demo.stdout.readline)):
+            if line.startswith("worker    started  pid "):
+                pid = int(line.split()[3].rstrip(","))
+        assert pid is not None, "the demo never said it started its worker"
+        demo.terminate()
+        assert await asyncio.to_thread(demo.wait, 60) == 143
+
+        async def worker_gone() -> bool | None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return None
+
+        await poll(worker_gone, 30, f"the demo's worker (pid {pid}) to stop")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        await asyncio.to_thread(demo.communicate)
