@@ -454,7 +454,7 @@ ORDER BY 1, 2, 3;
 -- are by Grafana's PostgreSQL datasource and by `runledger report --html`. A time series gives (time, metric,
 -- value) rows; a bar chart (label, value); a table any columns. Money stays numeric.
 -- name: panel_executions_by_status
-SELECT date_trunc('hour', started_at) AS time, status AS metric, count(*) AS value
+SELECT date_trunc('hour', started_at, 'UTC') AS time, status AS metric, count(*) AS value
 FROM executions WHERE started_at > now() - interval '7 days' GROUP BY 1, 2 ORDER BY 1, 2;
 
 -- name: panel_duration_by_workflow
@@ -463,7 +463,7 @@ SELECT workflow AS label, round((percentile_cont(0.5) WITHIN GROUP (ORDER BY dur
 FROM executions WHERE duration_ms IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
 
 -- name: panel_failure_rate
-SELECT date_trunc('day', started_at) AS time, 'failed or timed out' AS metric,
+SELECT date_trunc('day', started_at, 'UTC') AS time, 'failed or timed out' AS metric,
        round(100.0 * count(*) FILTER (WHERE status IN ('failed', 'timeout')) / count(*), 2) AS value
 FROM executions WHERE started_at > now() - interval '30 days' GROUP BY 1 ORDER BY 1;
 
@@ -485,7 +485,7 @@ LIMIT 20;
 SELECT workflow AS label, sum(cost_usd) AS value FROM executions GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
 
 -- name: panel_spend_by_day
-SELECT date_trunc('day', occurred_at) AS time, 'spend (USD)' AS metric, sum(cost_usd) AS value
+SELECT date_trunc('day', occurred_at, 'UTC') AS time, 'spend (USD)' AS metric, sum(cost_usd) AS value
 FROM costs WHERE occurred_at > now() - interval '30 days' AND cost_usd IS NOT NULL GROUP BY 1 ORDER BY 1;
 
 -- name: panel_budget_burn

@@ -12,6 +12,7 @@ dead letters, replays, checkpoints) are the same in every worker: aggregate them
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 if TYPE_CHECKING:  # the producer library counts here too, and imports nothing of the projection
     from runledger.projections.records import BatchResult
 
-__all__ = ["observe_batch", "observe_state", "serve"]
+__all__ = ["declare", "observe_batch", "observe_state", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,28 @@ APPEND_SECONDS = Histogram("runledger_append_seconds", "Time of one append call 
 LEASE_WAIT_SECONDS = Histogram("runledger_lease_wait_seconds", "Time an append waited for its stream's lease",
                                buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
 
-_CHAIN_CODES = frozenset({"chain_broken", "seq_conflict", "hash_mismatch"})
+for _outcome in ("appended", "duplicate", "refused", "failed"):
+    APPENDS.labels(_outcome)
+
+_CHAIN_CODES = ("chain_broken", "seq_conflict", "hash_mismatch")
+_DEAD_LETTER_REASONS = ("invalid_json", "invalid_event", "unknown_type", "too_large", "hash_mismatch",
+                        "chain_broken", "seq_conflict", "illegal_transition", "retries_exhausted",
+                        "rejected_by_database", "processing_failed")
+
+
+def declare(delays: Iterable[str] = ()) -> None:
+    """Create a worker's labelled series at 0 before their first event: Prometheus' ``increase`` cannot see a
+    counter's first increment if the series is born at 1. ``delays``: the retry delays' names. (The producer's
+    are created on import.)"""
+    for source in ("log", "retry"):
+        RECORDS.labels(source)
+    for reason in _DEAD_LETTER_REASONS:
+        DEAD_LETTERED.labels(reason)
+    for code in _CHAIN_CODES:
+        CHAIN_VIOLATIONS.labels(code)
+    for delay in delays:
+        RETRIED.labels(delay)
+        RETRY_DEPTH.labels(delay)
 
 
 def observe_batch(result: BatchResult, source: str, records: int, seconds: float,
@@ -109,11 +131,14 @@ def observe_state(row: Mapping[str, Any]) -> None:
 
 def serve(host: str, port: int, *, tries: int = 20) -> int:
     """Serve the metrics over HTTP on ``port``, or the first free one of the ``tries`` ports from it (several
-    workers on one host); returns the port. Raises OSError if none is free."""
-    for candidate in range(port, port + tries):
+    workers on one host); returns the port. Raises OSError if none is free, or the address cannot be used."""
+    last = min(port + tries, 65536)
+    for candidate in range(port, last):
         try:
             start_http_server(candidate, addr=host)
-        except OSError:
-            continue
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            raise
         return candidate
-    raise OSError(f"no free port for the metrics in {port}..{port + tries - 1} on {host}")
+    raise OSError(errno.EADDRINUSE, f"no free port for the metrics in {port}..{last - 1} on {host}")

@@ -216,7 +216,7 @@ async def record_verification(database_url: str, schema: str, check: str, report
         codes = Counter(f.code for f in report.findings)
         await conn.execute(query("record_verification"), check, report.seconds, report.events, len(report.findings),
                            orjson.dumps(codes).decode())
-    except (asyncpg.PostgresError, OSError) as e:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
         raise StoreUnavailable(f"cannot record the verification in {schema}.verifications: {e}") from e
     finally:
         await conn.close()

@@ -144,7 +144,8 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
                                                since=args.since, progress=progress))
     finally:
         bar.close()
-    if not args.no_record:
+    partial = getattr(args, "stream", None) is not None or getattr(args, "since", None) is not None
+    if not args.no_record and not partial:  # a part found intact says nothing of the whole
         from runledger.projections.postgres.verify import record_verification
 
         check = "checkpoint" if args.checkpoint is not None else args.check

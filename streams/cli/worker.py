@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_TIMEOUT, EXIT_TRANSIENT, Subparsers, emit
@@ -83,11 +84,20 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, worker_topics(settings)))
     metrics_url = None
     if settings.metrics_port:
-        from runledger.streams.metrics import serve
+        from runledger.streams.metrics import declare, serve
+        from runledger.streams.worker.retry import delay_name
 
-        port = serve(settings.metrics_host, settings.metrics_port)
-        metrics_url = f"http://{settings.metrics_host}:{port}/metrics"
-        print(f"runledger worker: Prometheus metrics at {metrics_url}", file=sys.stderr, flush=True)
+        declare(delay_name(d) for d in settings.retry_delays)
+
+        try:
+            port = serve(settings.metrics_host, settings.metrics_port)
+        except OSError as e:  # no metrics is no reason not to project
+            print(f"runledger worker: no Prometheus metrics: cannot serve them on {settings.metrics_host}: {e}",
+                  file=sys.stderr, flush=True)
+        else:
+            host = socket.gethostname() if settings.metrics_host in ("0.0.0.0", "::") else settings.metrics_host  # noqa: S104
+            metrics_url = f"http://{host}:{port}/metrics"
+            print(f"runledger worker: Prometheus metrics at {metrics_url}", file=sys.stderr, flush=True)
     app = create_app(settings, metrics_url=metrics_url)
     worker = app.Worker(loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -105,7 +105,7 @@ def build() -> dict[str, dict[str, Any]]:
                 _promql(_quantile(0.99, "runledger_batch_commit_seconds"), "p99")),
         _series("Retries (events/s) and retry-topic depth", "short",
                 _promql("sum by (delay) (rate(runledger_events_retried_total[5m]))", "retried after {{delay}}"),
-                _promql("max by (delay) (runledger_retry_topic_depth_records)", "waiting in {{delay}}")),
+                _promql("sum by (delay) (runledger_retry_topic_depth_records)", "waiting in {{delay}}")),
         _series("Dead letters by reason (per hour)", "short",
                 _promql("sum by (reason) (increase(runledger_dead_letters_total[1h]))", "{{reason}}")),
         _series("Outbox backlog over time", "short",

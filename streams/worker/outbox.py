@@ -171,7 +171,6 @@ class BatchHandler:
             try:
                 started = time.perf_counter()
                 result = await self._store.apply_batch(records, route=self._forwarder.schedule.route)
-                self._observe(records, result, time.perf_counter() - started)
             except StoreUnavailable as e:
                 try:
                     records = await self._forwarder.retry_all([as_record(r) for r in records], e)
@@ -184,6 +183,7 @@ class BatchHandler:
                     log.warning("%s; %d records cannot go to a retry topic: trying them again in place", e,
                                 len(records))
             else:
+                self._observe(records, result, time.perf_counter() - started)
                 for f in result.retry:
                     log.info("retry %s seq %s attempt %d: %s", f.stream_id, f.seq, f.attempts, f.error.code)
                 for f in result.dead:
@@ -196,11 +196,15 @@ class BatchHandler:
             pause = min(pause * 2, 5.0)
 
     def _observe(self, records: Sequence[LogRecord | Decoded], result: BatchResult, seconds: float) -> None:
-        schedule = self._forwarder.schedule
-        first = as_record(records[0]) if records else None
-        source = "retry" if first is not None and first.topic != f"{schedule.prefix}.events" else "log"
-        delays = [delay_name(step[0]) for f in result.retry if (step := schedule.after(f.attempts)) is not None]
-        metrics.observe_batch(result, source, len(records), seconds, delays, result.times)
+        """Count the committed batch; never raises (the batch is done whatever the metrics say)."""
+        try:
+            schedule = self._forwarder.schedule
+            first = as_record(records[0]) if records else None
+            source = "retry" if first is not None and first.topic != f"{schedule.prefix}.events" else "log"
+            delays = [delay_name(step[0]) for f in result.retry if (step := schedule.after(f.attempts)) is not None]
+            metrics.observe_batch(result, source, len(records), seconds, delays, result.times)
+        except Exception:
+            log.exception("counting a batch in the metrics failed; the batch is committed")
 
     async def publish(self) -> int:
         """Publish the outbox; a failure is logged (the rows wait for the next call), never raised."""

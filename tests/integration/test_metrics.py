@@ -87,6 +87,10 @@ async def test_two_workers_on_one_host_serve_what_they_did(env: dict[str, str], 
         assert partitions and partitions <= {str(p) for p in range(settings.event_partitions)}
         assert all(value == 0 for (name, _), value in both.items() if name == "runledger_consumer_lag_records")
         assert not any("stream" in dict(labels) for _, labels in both), "a stream id is never a label"
+        # Series born at 0, so that Prometheus' increase() sees their first event.
+        assert both[("runledger_chain_violations_total", (("code", "chain_broken"),))] == 0
+        assert both[("runledger_dead_letters_total", (("reason", "hash_mismatch"),))] == 0
+        assert both[("runledger_events_retried_total", (("delay", "1s"),))] == 0
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()

@@ -78,6 +78,11 @@ def test_grafana_gets_both_datasources_and_the_dashboards() -> None:
     sources = yaml.safe_load((provisioning / "datasources" / "runledger.yml").read_text())["datasources"]
     assert {s["uid"]: s["type"] for s in sources} == {"prometheus": "prometheus",
                                                       "runledger-postgres": "grafana-postgresql-datasource"}
+    [postgres] = [s for s in sources if s["uid"] == "runledger-postgres"]
+    assert postgres["user"] == "grafana", "Grafana reads with the SELECT-only login, not the owner"
+    init = compose()["services"]["postgres"]["volumes"]
+    assert "./ops/postgres/grafana-reader.sh:/docker-entrypoint-initdb.d/10-grafana-reader.sh:ro" in init
+    assert "IN ROLE runledger_reader" in (ROOT / "ops" / "postgres" / "grafana-reader.sh").read_text()
     [provider] = yaml.safe_load((provisioning / "dashboards" / "runledger.yml").read_text())["providers"]
     mounts = compose()["services"]["grafana"]["volumes"]
     assert f"./ops/grafana/dashboards:{provider['options']['path']}:ro" in mounts
