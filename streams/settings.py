@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         "also prefixes Redis keys",
     )
     event_partitions: int = Field(8, ge=1, description="RUNLEDGER_EVENT_PARTITIONS: partitions of a new log topic")
+    topic_replication_factor: int = Field(
+        1, ge=1, description="RUNLEDGER_TOPIC_REPLICATION_FACTOR: replicas of each new topic (3 on a Kafka cluster "
+        "of three brokers or more: the log is the record)")
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:15432/runledger", description="RUNLEDGER_DATABASE_URL"
     )

@@ -16,13 +16,16 @@ __all__ = ["ensure_topics", "worker_topics"]
 _TOPIC_ALREADY_EXISTS = 36
 
 
-async def ensure_topics(bootstrap_servers: str, topics: Mapping[str, int]) -> None:
-    """Create each topic (name -> partitions) that does not exist yet, with ``retention.ms=-1``."""
+async def ensure_topics(settings: Settings, topics: Mapping[str, int]) -> None:
+    """Create each topic (name -> partitions) that does not exist yet, with ``retention.ms=-1`` and
+    ``settings.topic_replication_factor`` replicas."""
+    bootstrap_servers = settings.kafka_bootstrap_servers
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         await admin.start()
         response = await admin.create_topics(
-            [NewTopic(name, num_partitions=n, replication_factor=1, topic_configs={"retention.ms": "-1"})
+            [NewTopic(name, num_partitions=n, replication_factor=settings.topic_replication_factor,
+                      topic_configs={"retention.ms": "-1"})
              for name, n in topics.items()]
         )
     except KafkaError as e:

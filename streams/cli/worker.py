@@ -66,7 +66,7 @@ def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.topics import ensure_topics, worker_topics
 
     wanted = worker_topics(settings)
-    asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, wanted))
+    asyncio.run(ensure_topics(settings, wanted))
     if args.json:
         emit({"topics": wanted})
     else:
@@ -81,7 +81,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     # Before Faust starts: a worker may start before any producer, and the retry topics need the
     # log's partition count and infinite retention, not Faust's defaults.
-    asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, worker_topics(settings)))
+    asyncio.run(ensure_topics(settings, worker_topics(settings)))
     metrics_url = None
     if settings.metrics_port:
         from runledger.streams.metrics import declare, serve

@@ -35,7 +35,7 @@ async def latency(run: BenchRun, rate: float, seconds: float) -> dict[str, Any]:
     """p50, p99 and max of event time to commit, in ms, with one worker and events sent at ``rate`` per s."""
     settings = run.fresh(f"lat{int(rate)}", prefix=f"lat{int(rate)}")
     count = max(int(rate * seconds), 1)
-    await ensure_topics(settings.kafka_bootstrap_servers, {settings.events_topic: settings.event_partitions})
+    await ensure_topics(settings, {settings.events_topic: settings.event_partitions})
     workers = Workers(settings, 1)
     conn = await connect_one(settings.database_url, settings.db_schema)
     marks: list[tuple[float, dict[int, int]]] = []

@@ -81,7 +81,7 @@ class BenchRun:
 
     async def publish(self, settings: Settings, workload: Workload) -> list[tuple[int, int]]:
         """Send every record and wait for the acknowledgements; the (partition, offset) of each."""
-        await ensure_topics(settings.kafka_bootstrap_servers, {settings.events_topic: settings.event_partitions})
+        await ensure_topics(settings, {settings.events_topic: settings.event_partitions})
         producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
                                     enable_idempotence=False, linger_ms=5, max_batch_size=256 * 1024)
         await producer.start()

@@ -129,8 +129,7 @@ class EventProducer:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await ensure_topics(self._settings.kafka_bootstrap_servers,
-                            {self._settings.events_topic: self._settings.event_partitions})
+        await ensure_topics(self._settings, {self._settings.events_topic: self._settings.event_partitions})
         try:
             await self._kafka.start()
         except KafkaError as e:

@@ -38,7 +38,7 @@ def checkpoint_signer(settings: Settings) -> Signer | None:
 async def publish_checkpoint(settings: Settings, signer: Signer) -> KeptCheckpoint:
     """Sign and keep a checkpoint, then publish its note to ``<prefix>.checkpoints`` through the outbox
     (key: the origin); if Kafka fails, the outbox keeps it for the workers to publish."""
-    await ensure_topics(settings.kafka_bootstrap_servers, {settings.checkpoints_topic: 1})
+    await ensure_topics(settings, {settings.checkpoints_topic: 1})
     pool = await connect(settings.database_url, settings.db_schema, max_size=1)
     forwarder = Forwarder(settings.kafka_bootstrap_servers, RetrySchedule(settings.topic_prefix,
                                                                           settings.retry_delays), settings.db_schema)

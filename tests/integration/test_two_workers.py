@@ -32,7 +32,7 @@ async def test_two_workers_split_the_partitions_and_project_everything_once(
     schema = f"w2_{uuid.uuid4().hex[:10]}"
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}"}
     settings = settings.model_copy(update={"db_schema": schema, "consumer_group": f"g-{schema}"})
-    await ensure_topics(settings.kafka_bootstrap_servers, {settings.events_topic: settings.event_partitions})
+    await ensure_topics(settings, {settings.events_topic: settings.event_partitions})
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     workers = []
     for log in logs:
