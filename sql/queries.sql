@@ -176,6 +176,7 @@ ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), partitions = EXCLUDED.par
 -- The gauges a worker reads from PostgreSQL (streams/metrics.py): the same in every worker.
 -- name: metrics_state
 SELECT (SELECT count(*) FROM outbox) AS outbox,
+       (SELECT count(*) FROM workers WHERE seen_at > now() - interval '10 seconds') AS workers_live,
        (SELECT count(*) FROM dead_letters WHERE status = 'dead') AS dead_open,
        (SELECT count(*) FROM dlq_replays) AS replay_runs,
        (SELECT coalesce(jsonb_object_agg(outcome, n), '{}') FROM

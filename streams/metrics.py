@@ -48,6 +48,11 @@ LAG = Gauge("runledger_consumer_lag_records", "Records of the log this worker ha
             "holds", ["partition"])
 RETRY_DEPTH = Gauge("runledger_retry_topic_depth_records", "Records waiting in a retry topic, by its delay",
                     ["delay"])
+FORWARDED = Counter("runledger_batches_forwarded", "Batches sent whole to the retry topics because PostgreSQL was "
+                    "unavailable")
+STORE_READ = Gauge("runledger_store_read_timestamp_seconds", "When this worker last read its gauges from PostgreSQL "
+                   "(Unix time): stale while the database is unreachable")
+WORKERS_LIVE = Gauge("runledger_workers_live", "Workers whose heartbeat PostgreSQL saw in the last 10 s")
 OUTBOX = Gauge("runledger_outbox_backlog_records", "Copies for the retry and dead-letter topics not yet published")
 DEAD_OPEN = Gauge("runledger_dead_letters_open", "Dead letters neither replayed nor resolved")
 REPLAY_RUNS = Gauge("runledger_replay_runs", "Dead-letter replay runs recorded")
@@ -115,6 +120,8 @@ def observe_batch(result: BatchResult, source: str, records: int, seconds: float
 
 def observe_state(row: Mapping[str, Any]) -> None:
     """The gauges kept in PostgreSQL, from a ``metrics_state`` row."""
+    STORE_READ.set_to_current_time()
+    WORKERS_LIVE.set(row["workers_live"])
     OUTBOX.set(row["outbox"])
     DEAD_OPEN.set(row["dead_open"])
     REPLAY_RUNS.set(row["replay_runs"])

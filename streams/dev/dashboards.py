@@ -88,7 +88,7 @@ def build() -> dict[str, dict[str, Any]]:
     pipeline = _dashboard("runledger-pipeline", "runledger: pipeline health", "Throughput, lag, latency, "
                           "retries, dead letters and the outbox, from the workers' metrics", "now-6h")
     for panel in (
-        _stat("Workers up", "short", 'sum(up{job="runledger-worker"})'),
+        _stat("Workers alive", "short", "max(runledger_workers_live)"),
         _stat("Records not yet read", "short", "sum(runledger_consumer_lag_records)"),
         _stat("Open dead letters", "short", "max(runledger_dead_letters_open)"),
         _stat("Outbox backlog", "short", "max(runledger_outbox_backlog_records)"),
@@ -108,8 +108,9 @@ def build() -> dict[str, dict[str, Any]]:
                 _promql("sum by (delay) (runledger_retry_topic_depth_records)", "waiting in {{delay}}")),
         _series("Dead letters by reason (per hour)", "short",
                 _promql("sum by (reason) (increase(runledger_dead_letters_total[1h]))", "{{reason}}")),
-        _series("Outbox backlog over time", "short",
-                _promql("max(runledger_outbox_backlog_records)", "copies to publish")),
+        _series("Outbox backlog, and batches forwarded while PostgreSQL was unavailable", "short",
+                _promql("max(runledger_outbox_backlog_records)", "copies to publish"),
+                _promql("sum(increase(runledger_batches_forwarded_total[5m]))", "batches forwarded")),
         _series("Appends (events/s) and append time", "short",
                 _promql("sum by (outcome) (rate(runledger_appends_total[5m]))", "{{outcome}}"),
                 _promql(_quantile(0.99, "runledger_append_seconds"), "p99 append (s)"),

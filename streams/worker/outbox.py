@@ -178,6 +178,7 @@ class BatchHandler:
                     log.warning("%s; and %s", e, kafka_down)
                 else:
                     if not records:
+                        metrics.FORWARDED.inc()
                         log.warning("%s; the batch went to the retry topics", e)
                         return None
                     log.warning("%s; %d records cannot go to a retry topic: trying them again in place", e,

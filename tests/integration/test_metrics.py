@@ -83,6 +83,9 @@ async def test_two_workers_on_one_host_serve_what_they_did(env: dict[str, str], 
         assert both[("runledger_events_duplicate_total", ())] == 0
         assert max(s[("runledger_tlog_size_events", ())] for s in samples) == total
         assert max(s[("runledger_checkpoint_timestamp_seconds", ())] for s in samples) > 0
+        assert [s[("runledger_workers_live", ())] for s in samples] == [2, 2]
+        assert min(s[("runledger_store_read_timestamp_seconds", ())] for s in samples) > 0
+        assert both[("runledger_batches_forwarded_total", ())] == 0
         partitions = {dict(labels)["partition"] for name, labels in both if name == "runledger_consumer_lag_records"}
         assert partitions and partitions <= {str(p) for p in range(settings.event_partitions)}
         assert all(value == 0 for (name, _), value in both.items() if name == "runledger_consumer_lag_records")

@@ -5,6 +5,7 @@ for 10 s loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 from typing import Any
 
@@ -177,6 +178,12 @@ async def test_postgres_gone_for_ten_seconds_loses_nothing_and_keeps_seq_order(e
                     return await count() == total
 
                 await poll(all_projected, DEADLINE_S, f"all {total} events projected")
+                url = await conn.fetchval(f'SELECT metrics_url FROM "{schema}".workers')
+                with urllib.request.urlopen(url, timeout=10) as answer:  # what the outage alert reads
+                    lines = answer.read().decode().splitlines()
+                forwarded = [float(line.split()[-1]) for line in lines
+                             if line.startswith("runledger_batches_forwarded_total ")]
+                assert forwarded and forwarded[0] > 0, "the batches forwarded during the outage are not counted"
             assert worker.poll() is None
         rows = await conn.fetch(f'SELECT stream_id, seq, attempts, applied_order FROM "{schema}".audit_log')
         assert len({(r["stream_id"], r["seq"]) for r in rows}) == total  # exactly once
