@@ -1,16 +1,19 @@
 """The production stack as files: compose.yaml, the image, Prometheus' config and Grafana's provisioning.
 
-No container runs here (there is no Docker daemon); what can be checked without one is: Prometheus' own
-checker on its config, and compose.yaml read as the data it is."""
+No container runs here (there is no Docker daemon); what can be checked without one is: the Compose
+Specification's JSON schema on compose.yaml, Prometheus' own checker on its config, and compose.yaml read as the
+data it is."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
 from runledger.streams.settings import Settings
@@ -21,6 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
     return data
+
+
+def test_compose_yaml_is_valid_under_the_compose_specification() -> None:
+    schema = json.loads((ROOT / "tests" / "vectors" / "compose-spec" / "compose-spec.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose())]
+    assert not errors, errors
+    misspelt = {**compose(), "services": {"worker": {"image": "runledger:1.0", "depend_on": ["postgres"]}}}
+    assert not validator.is_valid(misspelt)  # the schema knows its keys: a typo is an error, not ignored
 
 
 def test_every_image_is_pinned_and_every_service_checked() -> None:
