@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -88,12 +87,9 @@ def _cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     if path.exists() and not args.force:
         print(f"runledger keys: {path} exists; --force replaces it", file=sys.stderr)
         return EXIT_USAGE
-    signer = Signer.generate(settings.checkpoint_origin)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(signer.private_key + "\n")
-    path.with_name(path.name + ".pub").write_text(signer.verifier_key + "\n")
+    from runledger.streams.tools.checkpoints import create_signer_key
+
+    signer = create_signer_key(settings)
     print(f"wrote {path} (keep it secret) and {path}.pub:\n{signer.verifier_key}")
     return 0
 

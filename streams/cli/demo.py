@@ -155,5 +155,5 @@ def _cmd_dashboards(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.dev.demo import run_demo
 
-    summary = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout)
-    return EXIT_INVALID if summary.broken_chains else 0
+    intact = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout)
+    return 0 if intact else EXIT_INVALID

@@ -3,7 +3,9 @@
 The worker runs as ``runledger worker`` in a process of its own, exactly as in
 production; its log goes to ``<state dir>/worker.log``. The demo waits, with a
 progress bar, until every event of its run is projected, then reads the
-summary back from PostgreSQL and re-checks every chain from the audit log.
+summary back from PostgreSQL and re-checks every chain from the audit log. Last it
+signs a checkpoint of the transparency log, verifies the whole record, and writes the
+dashboards' panels as an HTML page.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from tqdm import tqdm
 from runledger.projections.postgres.db import connect_one, migrate
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.report import RunSummary, summarize
+from runledger.projections.postgres.verify import ChainReport, record_verification, verify_chains
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.dev import WORKER_COMMAND, devstack
 from runledger.streams.dev.fleet import Execution, simulate_fleet
 from runledger.streams.producer.client import append_many
 from runledger.streams.settings import Settings
+from runledger.streams.tools.checkpoints import checkpoint_signer, create_signer_key, publish_checkpoint
 from runledger.streams.tools.htmlreport import write_report
 
 __all__ = ["DemoFailed", "print_summary", "run_demo"]
@@ -118,9 +122,28 @@ async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker:
         await conn.close()
 
 
+async def _attest(settings: Settings, out: IO[str]) -> ChainReport:
+    """Sign a checkpoint of the transparency log and verify every chain of the record, kept: what the integrity
+    panels show. The embedded stack's signer key is created on first use."""
+    signer = checkpoint_signer(settings)
+    if signer is None:
+        signer = create_signer_key(settings)
+        print(f"\ncreated the checkpoint signer key {settings.checkpoint_key_path} (`runledger keys init`; its "
+              f"verifier key, for auditors, is {settings.checkpoint_key_path}.pub)", file=out)
+    kept = await publish_checkpoint(settings, signer)
+    print(f"\ncheckpoint {kept.id} signed: the transparency log of {kept.checkpoint.size:,} events, root "
+          f"{kept.checkpoint.root.hex()[:16]}...", file=out)
+    report = await verify_chains(settings.database_url, settings.db_schema)
+    await record_verification(settings.database_url, settings.db_schema, "chains", report)
+    print(f"verify chains: {report.events:,} events of {report.streams:,} streams, "
+          + ("intact" if report.intact else f"{len(report.findings)} findings (`runledger verify chains`)"), file=out)
+    return report
+
+
 def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: float = 300.0, progress: bool = True,
-             out: IO[str] = sys.stdout, log: Callable[[str], None] = print) -> RunSummary:
-    """Start the stack and a worker, append a simulated fleet, wait until projected, summarise."""
+             out: IO[str] = sys.stdout, log: Callable[[str], None] = print) -> bool:
+    """Start the stack and a worker, append a simulated fleet, wait until projected, summarise, sign a checkpoint
+    and verify the whole record; True if every chain is intact."""
     for service in devstack.up(settings):
         log(f"{service.name:<9} {service.state:<8} {service.url}")
     asyncio.run(migrate(settings.database_url, settings.db_schema))
@@ -135,9 +158,10 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     finally:
         worker.stop()
     print_summary(summary, out)
+    record = asyncio.run(_attest(settings, out))
     page = asyncio.run(write_report(settings, settings.state_dir / "report.html"))
     print(f"\nthe dashboards' panels as a page for people without Grafana: {page.resolve()}", file=out)
-    return summary
+    return record.intact and not summary.broken_chains
 
 
 def _money(value: object) -> str:

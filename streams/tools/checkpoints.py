@@ -3,6 +3,7 @@ it and publish it to Kafka; proofs from the stored tree."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from runledger.streams.topics import ensure_topics
 from runledger.streams.worker.outbox import Forwarder
 from runledger.streams.worker.retry import RetrySchedule
 
-__all__ = ["checkpoint_signer", "prove_consistency", "prove_inclusion", "publish_checkpoint", "verifier_key"]
+__all__ = ["checkpoint_signer", "create_signer_key", "prove_consistency", "prove_inclusion", "publish_checkpoint",
+           "verifier_key"]
 
 
 def verifier_key(settings: Settings, key: str | None) -> str:
@@ -33,6 +35,19 @@ def checkpoint_signer(settings: Settings) -> Signer | None:
         return Signer.from_private_key(settings.checkpoint_key_path.read_text())
     except FileNotFoundError:
         return None
+
+
+def create_signer_key(settings: Settings) -> Signer:
+    """A new signer key, written to ``RUNLEDGER_CHECKPOINT_KEY`` (mode 0600, replacing what is there) with its
+    verifier key beside it as ``<key>.pub``."""
+    signer = Signer.generate(settings.checkpoint_origin)
+    path = settings.checkpoint_key_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(signer.private_key + "\n")
+    path.with_name(path.name + ".pub").write_text(signer.verifier_key + "\n")
+    return signer
 
 
 async def publish_checkpoint(settings: Settings, signer: Signer) -> KeptCheckpoint:

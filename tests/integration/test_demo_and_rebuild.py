@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -17,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from runledger.projections.postgres.db import connect, migrate
+from runledger.projections.postgres.panels import COST, EXECUTIONS, INTEGRITY, panel_rows
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.pricing import load_tokencost_catalog
@@ -49,16 +51,27 @@ def runledger(env: dict[str, str], *args: str, timeout: float = 240) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
-async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], Settings]) -> None:
-    env, _ = live
+async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], Settings], tmp_path: Path) -> None:
+    env, settings = live
+    key = tmp_path / "checkpoint.key"
+    env = {**env, "RUNLEDGER_CHECKPOINT_KEY": str(key)}
     demo = await asyncio.to_thread(runledger, env, "demo", "--executions", "40", "--seed", "3")
     assert demo.returncode == 0, demo.stderr
     for heading in ("executions by status", "spend by model", "spend by workflow", "most expensive executions"):
         assert heading in demo.stdout
     assert "chains checked intact: 40 of 40" in demo.stdout
     assert "acme/acme-internal-llm-v2" in demo.stdout and "unpriced" in demo.stdout
+    assert f"created the checkpoint signer key {key}" in demo.stdout and key.with_suffix(".key.pub").is_file()
+    assert re.search(r"checkpoint \d+ signed: the transparency log of [\d,]+ events", demo.stdout)
+    assert re.search(r"verify chains: [\d,]+ events of 40 streams, intact", demo.stdout)
     page = Path(demo.stdout.rsplit("people without Grafana: ", 1)[1].split()[0])
     assert page.is_file() and "Spend by model" in page.read_text()
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
+    try:  # every panel of the dashboards and the page has something to show after a demo
+        for panel in (*EXECUTIONS, *COST, *INTEGRITY):
+            assert await panel_rows(conn, panel), f"{panel.query} returns no rows after a demo"
+    finally:
+        await conn.close()
 
     done = await asyncio.to_thread(runledger, env, "rebuild", "--json")
     assert done.returncode == 0, done.stderr
