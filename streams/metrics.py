@@ -44,8 +44,8 @@ BATCH_SECONDS = Histogram("runledger_batch_commit_seconds", "Time to apply and c
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 LATENCY = Histogram("runledger_event_latency_seconds", "From an event's time to the commit of the batch that "
                     "projected it", buckets=_LATENCY_BUCKETS)
-LAG = Gauge("runledger_consumer_lag_records", "Records of the log this worker has not read yet, per partition it "
-            "holds", ["partition"])
+LAG = Gauge("runledger_consumer_lag_records", "Records of the log this worker has not projected and committed yet, "
+            "per partition it holds", ["partition"])
 RETRY_DEPTH = Gauge("runledger_retry_topic_depth_records", "Records waiting in a retry topic, by its delay",
                     ["delay"])
 FORWARDED = Counter("runledger_batches_forwarded", "Batches sent whole to the retry topics because PostgreSQL was "

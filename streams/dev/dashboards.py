@@ -89,14 +89,14 @@ def build() -> dict[str, dict[str, Any]]:
                           "retries, dead letters and the outbox, from the workers' metrics", "now-6h")
     for panel in (
         _stat("Workers alive", "short", "max(runledger_workers_live)"),
-        _stat("Records not yet read", "short", "sum(runledger_consumer_lag_records)"),
+        _stat("Records not yet projected", "short", "sum(runledger_consumer_lag_records)"),
         _stat("Open dead letters", "short", "max(runledger_dead_letters_open)"),
         _stat("Outbox backlog", "short", "max(runledger_outbox_backlog_records)"),
         _series("Throughput (events/s)", "short",
                 _promql("sum(rate(runledger_events_projected_total[5m]))", "projected"),
                 _promql("sum by (source) (rate(runledger_records_consumed_total[5m]))", "read from {{source}}"),
                 _promql("sum(rate(runledger_events_duplicate_total[5m]))", "duplicates")),
-        _series("Lag by partition (records not yet read)", "short",
+        _series("Lag by partition (records not yet projected)", "short",
                 _promql("sum by (partition) (runledger_consumer_lag_records)", "partition {{partition}}")),
         _series("End-to-end latency (event time to commit)", "s",
                 _promql(_quantile(0.5, "runledger_event_latency_seconds"), "p50"),

@@ -116,7 +116,7 @@ class LogConsumer:
         self._checker = _consumer(bootstrap_servers, None)
         self.held: dict[int, str] = {}  # partitions not projected, and why
         self._checked_at = 0.0
-        self._next: dict[int, int] = {}  # per partition, the offset after the last record read
+        self._next: dict[int, int] = {}  # per partition, the offset after the last record committed
 
     @property
     def assigned(self) -> set[int]:
@@ -141,13 +141,17 @@ class LogConsumer:
                     continue
                 records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
                            for tp, batch in fetched.items() if tp.partition not in self.held for m in batch]
-                self._observe_lag(fetched)
+                for tp, batch in fetched.items():  # where projection resumed after an assignment or a seek
+                    if batch:
+                        self._next.setdefault(tp.partition, batch[0].offset)
                 # Decoded while the batch before is still being written: it needs nothing of the tables.
                 items = decoded(records)
                 if in_flight is not None:
                     await in_flight.task
                     await _commit(self._consumer, in_flight.fetched, self.topic)
+                    self._projected(in_flight.fetched)
                     in_flight = None
+                self._observe_lag()
                 if items:
                     in_flight = _InFlight(asyncio.create_task(_project_until_done(self._project, items, self.topic)),
                                           fetched)
@@ -158,15 +162,18 @@ class LogConsumer:
             await stop_consumer(self._checker)
             await stop_consumer(self._consumer)
 
-    def _observe_lag(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        """Per partition held, the records the log has beyond what this worker has read."""
+    def _projected(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         for tp, batch in fetched.items():
             if batch:
                 self._next[tp.partition] = batch[-1].offset + 1
+
+    def _observe_lag(self) -> None:
+        """Per partition held, the records the log has beyond what this worker has projected (or passed to a
+        retry topic) and committed: a batch that does not commit keeps its records in the lag."""
         for tp in self._consumer.assignment():
-            end, read = self._consumer.highwater(tp), self._next.get(tp.partition)
-            if end is not None and read is not None:
-                metrics.LAG.labels(str(tp.partition)).set(max(end - read, 0))
+            end, done = self._consumer.highwater(tp), self._next.get(tp.partition)
+            if end is not None and done is not None:
+                metrics.LAG.labels(str(tp.partition)).set(max(end - done, 0))
 
     async def assigned_now(self, assigned: list[TopicPartition]) -> None:
         """Seek each newly assigned partition to its stored offset, or hold it back if the log does not match."""

@@ -7,11 +7,13 @@ import os
 import subprocess
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
+from runledger.projections.postgres.queries import query
 from runledger.schemas.checkpoint import Signer
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
@@ -97,3 +99,52 @@ async def test_two_workers_on_one_host_serve_what_they_did(env: dict[str, str], 
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+
+
+async def test_the_lag_counts_what_is_read_but_not_yet_projected(env: dict[str, str]) -> None:
+    schema = f"m_{uuid.uuid4().hex[:12]}"
+    (port,) = free_ports(1)
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
+           "RUNLEDGER_METRICS_PORT": str(port)}
+    settings = settings_of(env)
+    url = f"http://127.0.0.1:{port}/metrics"
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with running_worker(env):
+            async def serving() -> bool:
+                return bool(await conn.fetchval(f'SELECT count(*) FROM "{schema}".workers'))  # noqa: S608
+
+            await poll(lambda: _ignoring_missing_table(serving), 120, "the worker to start")
+            fleet = simulate_fleet(10, seed=5, run_tag=schema)
+            total = sum(len(run.events) for run in fleet)
+
+            def lag_and_projected(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> tuple[float, float]:
+                lag = sum(v for (name, _), v in samples.items() if name == "runledger_consumer_lag_records")
+                return lag, samples.get(("runledger_events_projected_total", ()), 0)
+
+            async with conn.transaction():  # what a rebuild's switch-over takes: no batch commits meanwhile
+                await conn.execute(query("switch_lock"), schema)
+                async with EventProducer(settings) as producer:
+                    for run in fleet:
+                        await producer.append_batch(run.stream_id, run.events)
+
+                async def read_but_held() -> bool:
+                    lag, projected = lag_and_projected(await asyncio.to_thread(scrape, url))
+                    return lag == total and projected == 0
+
+                await poll(read_but_held, 60, f"a lag of {total} while the batch cannot commit")
+
+            async def caught_up() -> bool:
+                return lag_and_projected(await asyncio.to_thread(scrape, url)) == (0, total)
+
+            await poll(caught_up, 60, "no lag once everything is projected")
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+async def _ignoring_missing_table(check: Callable[[], Awaitable[bool]]) -> bool:
+    try:
+        return await check()
+    except asyncpg.UndefinedTableError:
+        return False
