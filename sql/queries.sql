@@ -455,47 +455,59 @@ ORDER BY 1, 2, 3;
 -- are by Grafana's PostgreSQL datasource and by `runledger report --html`. A time series gives (time, metric,
 -- value) rows; a bar chart (label, value); a table any columns. Money stays numeric.
 -- name: panel_executions_by_status
-SELECT date_trunc('hour', started_at, 'UTC') AS time, status AS metric, count(*) AS value
-FROM executions WHERE started_at > now() - interval '7 days' GROUP BY 1, 2 ORDER BY 1, 2;
+SELECT date_trunc(CASE WHEN $2::timestamptz - $1::timestamptz <= interval '3 days' THEN 'hour' ELSE 'day' END,
+                  started_at, 'UTC') AS time, status AS metric, count(*) AS value
+FROM executions WHERE started_at >= $1::timestamptz AND started_at < $2::timestamptz GROUP BY 1, 2 ORDER BY 1, 2;
 
 -- name: panel_duration_by_workflow
 SELECT workflow AS label, round((percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) / 1000.0)::numeric, 3)
        AS value
-FROM executions WHERE duration_ms IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
+FROM executions WHERE duration_ms IS NOT NULL AND started_at >= $1::timestamptz AND started_at < $2::timestamptz
+GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
 
 -- name: panel_failure_rate
 SELECT date_trunc('day', started_at, 'UTC') AS time, 'failed or timed out' AS metric,
        round(100.0 * count(*) FILTER (WHERE status IN ('failed', 'timeout')) / count(*), 2) AS value
-FROM executions WHERE started_at > now() - interval '30 days' GROUP BY 1 ORDER BY 1;
+FROM executions WHERE started_at >= $1::timestamptz AND started_at < $2::timestamptz GROUP BY 1 ORDER BY 1;
 
 -- name: panel_top_failing_workflows
 SELECT workflow, count(*) FILTER (WHERE status IN ('failed', 'timeout')) AS failed, count(*) AS executions,
        round(100.0 * count(*) FILTER (WHERE status IN ('failed', 'timeout')) / count(*), 1) AS failed_pct
-FROM executions GROUP BY workflow HAVING count(*) FILTER (WHERE status IN ('failed', 'timeout')) > 0
+FROM executions WHERE started_at >= $1::timestamptz AND started_at < $2::timestamptz
+GROUP BY workflow HAVING count(*) FILTER (WHERE status IN ('failed', 'timeout')) > 0
 ORDER BY failed DESC, workflow LIMIT 10;
 
 -- name: panel_spend_by_model
-SELECT model AS label, sum(cost_usd) AS value FROM costs WHERE cost_usd IS NOT NULL GROUP BY 1 ORDER BY 2 DESC
-LIMIT 20;
+SELECT model AS label, sum(cost_usd) AS value FROM costs
+WHERE cost_usd IS NOT NULL AND occurred_at >= $1::timestamptz AND occurred_at < $2::timestamptz
+GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
 
 -- name: panel_spend_by_provider
-SELECT provider AS label, sum(cost_usd) AS value FROM costs WHERE cost_usd IS NOT NULL GROUP BY 1 ORDER BY 2 DESC
-LIMIT 20;
+SELECT provider AS label, sum(cost_usd) AS value FROM costs
+WHERE cost_usd IS NOT NULL AND occurred_at >= $1::timestamptz AND occurred_at < $2::timestamptz
+GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
 
 -- name: panel_spend_by_workflow
-SELECT workflow AS label, sum(cost_usd) AS value FROM executions GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
+SELECT e.workflow AS label, sum(c.cost_usd) AS value
+FROM costs c JOIN executions e USING (stream_id)
+WHERE c.cost_usd IS NOT NULL AND c.occurred_at >= $1::timestamptz AND c.occurred_at < $2::timestamptz
+GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
 
 -- name: panel_spend_by_day
 SELECT date_trunc('day', occurred_at, 'UTC') AS time, 'spend (USD)' AS metric, sum(cost_usd) AS value
-FROM costs WHERE occurred_at > now() - interval '30 days' AND cost_usd IS NOT NULL GROUP BY 1 ORDER BY 1;
+FROM costs WHERE cost_usd IS NOT NULL AND occurred_at >= $1::timestamptz AND occurred_at < $2::timestamptz
+GROUP BY 1 ORDER BY 1;
 
+-- Executions started in the range, against their budget (their whole spend, whenever it occurred).
 -- name: panel_budget_burn
 SELECT stream_id AS execution, workflow, cost_usd, budget_usd, round(100 * cost_usd / budget_usd, 1) AS used_pct
-FROM executions WHERE budget_usd > 0 ORDER BY cost_usd / budget_usd DESC, stream_id LIMIT 15;
+FROM executions WHERE budget_usd > 0 AND started_at >= $1::timestamptz AND started_at < $2::timestamptz
+ORDER BY cost_usd / budget_usd DESC, stream_id LIMIT 15;
 
 -- name: panel_unpriced_usage
-SELECT model AS label, count(*) AS value FROM costs WHERE cost_source = 'unpriced' GROUP BY 1 ORDER BY 2 DESC
-LIMIT 20;
+SELECT model AS label, count(*) AS value FROM costs
+WHERE cost_source = 'unpriced' AND occurred_at >= $1::timestamptz AND occurred_at < $2::timestamptz
+GROUP BY 1 ORDER BY 2 DESC LIMIT 20;
 
 -- name: panel_verifications
 SELECT DISTINCT ON (check_name) check_name AS "check", finished_at, events, findings,

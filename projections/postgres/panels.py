@@ -2,12 +2,15 @@
 report, so both show the same thing from the same SQL (the ``panel_*`` queries of ``sql/queries.sql``).
 
 A panel's query gives, by its kind: ``timeseries`` (time, metric, value) rows, one line per metric; ``bar``
-(label, value) rows; ``table`` any columns.
+(label, value) rows; ``table`` any columns. A query over a time range takes its start and end as ``$1`` and
+``$2`` (timestamptz): the report binds them, and Grafana gets the query with its time picker's macros in their
+place (``grafana_sql``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -29,23 +32,34 @@ class Panel:
     def sql(self) -> str:
         return query(self.query)
 
+    @property
+    def ranged(self) -> bool:
+        """Whether the query reads a time range ($1 to $2)."""
+        return "$1" in self.sql
+
+    @property
+    def grafana_sql(self) -> str:
+        """The query as Grafana's PostgreSQL datasource runs it: the dashboard's time range in place of $1, $2."""
+        return self.sql.replace("$1", "$__timeFrom()").replace("$2", "$__timeTo()")
+
 
 EXECUTIONS = (
-    Panel("Executions started by status, per hour", "panel_executions_by_status", "timeseries", "short",
-          "The last 7 days, by the status each execution has now"),
+    Panel("Executions started by status", "panel_executions_by_status", "timeseries", "short",
+          "By the status each execution has now; per hour over up to 3 days, per day beyond"),
     Panel("Median duration by workflow", "panel_duration_by_workflow", "bar", "s",
-          "Executions that ended, from execution.started to their end"),
+          "Executions started in the range that ended, from execution.started to their end"),
     Panel("Failure rate per day", "panel_failure_rate", "timeseries", "percent",
-          "Executions started that day that failed or timed out, in percent (30 days)"),
-    Panel("Top failing workflows", "panel_top_failing_workflows", "table"),
+          "Executions started that day that failed or timed out, in percent"),
+    Panel("Top failing workflows", "panel_top_failing_workflows", "table", "",
+          "Executions started in the range that failed or timed out"),
 )
 COST = (
-    Panel("Spend by model", "panel_spend_by_model", "bar", "currencyUSD", "Priced costs, every day"),
+    Panel("Spend by model", "panel_spend_by_model", "bar", "currencyUSD", "Priced costs that occurred in the range"),
     Panel("Spend by provider", "panel_spend_by_provider", "bar", "currencyUSD"),
     Panel("Spend by workflow", "panel_spend_by_workflow", "bar", "currencyUSD"),
-    Panel("Spend per day", "panel_spend_by_day", "timeseries", "currencyUSD", "The last 30 days"),
+    Panel("Spend per day", "panel_spend_by_day", "timeseries", "currencyUSD", "Days cut in UTC"),
     Panel("Budget burn", "panel_budget_burn", "table", "",
-          "Executions with a budget, the closest to it first"),
+          "Executions started in the range that have a budget, the closest to it first (all their spend)"),
     Panel("Unpriced usage by model", "panel_unpriced_usage", "bar", "short",
           "Cost events of models the price catalog does not know: their spend is not in the totals"),
 )
@@ -57,6 +71,7 @@ INTEGRITY = (
 )
 
 
-async def panel_rows(conn: asyncpg.Connection, panel: Panel) -> list[dict[str, Any]]:
-    """The panel's rows, as Grafana would get them (the connection's search path names the schema)."""
-    return [dict(r) for r in await conn.fetch(panel.sql)]
+async def panel_rows(conn: asyncpg.Connection, panel: Panel, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """The panel's rows from ``start`` to ``end`` (if it reads a range), as Grafana would get them (the
+    connection's search path names the schema)."""
+    return [dict(r) for r in await conn.fetch(panel.sql, *((start, end) if panel.ranged else ()))]

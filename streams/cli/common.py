@@ -1,11 +1,12 @@
-"""What every command group of the command line shares: exit codes, the input error, JSON output, input lines
-and the confirmation prompt."""
+"""What every command group of the command line shares: exit codes, the input error, JSON output, input lines,
+times given on the command line, and the confirmation prompt."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from typing import IO, Any, TypeAlias
 
 import orjson
@@ -13,7 +14,7 @@ import orjson
 from runledger.schemas.errors import RunledgerError
 
 __all__ = ["EXIT_INVALID", "EXIT_TIMEOUT", "EXIT_TRANSIENT", "EXIT_USAGE", "InputError", "Subparsers", "confirm",
-           "emit", "input_lines"]
+           "emit", "input_lines", "utc_time"]
 
 EXIT_INVALID, EXIT_USAGE, EXIT_TRANSIENT, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -37,6 +38,17 @@ def input_lines(path: str) -> Iterator[tuple[int, str]]:
         for number, line in enumerate(stream, start=1):
             if line.strip():
                 yield number, line
+
+
+def utc_time(text: str) -> datetime:
+    """An argument's time: ISO 8601 with its UTC offset (a time without one would be read in local time)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time such as 2026-11-22T10:00:00Z") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset: write it as 2026-11-22T10:00:00Z")
+    return moment
 
 
 def confirm(question: str) -> bool:

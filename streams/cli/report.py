@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from runledger.streams.cli.common import Subparsers
+from runledger.streams.cli.common import InputError, Subparsers, utc_time
 from runledger.streams.settings import Settings
 
 __all__ = ["register"]
@@ -19,12 +20,20 @@ def register(sub: Subparsers) -> None:
         "in one snapshot of RUNLEDGER_DB_SCHEMA and writes them as one HTML file with inline SVG charts: no "
         "script, no network, to mail or archive. Prints the file's path.")
     report.add_argument("--html", type=Path, required=True, metavar="FILE", help="where to write the page")
+    report.add_argument("--since", type=utc_time, metavar="TIME", help="the start of the time range the "
+                        "executions and cost panels show, e.g. 2026-11-01T00:00:00Z (default: 30 days before "
+                        "--until)")
+    report.add_argument("--until", type=utc_time, metavar="TIME", help="its end (default: now)")
     report.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.streams.tools.htmlreport import write_report
+    from runledger.streams.tools.htmlreport import DEFAULT_DAYS, write_report
 
-    path = asyncio.run(write_report(settings, args.html))
+    until = args.until or datetime.now(UTC)
+    since = args.since or until - timedelta(days=DEFAULT_DAYS)
+    if since >= until:
+        raise InputError(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
+    path = asyncio.run(write_report(settings, args.html, since, until))
     print(path.resolve())
     return 0

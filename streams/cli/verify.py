@@ -6,25 +6,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from tqdm import tqdm
 
 from runledger.schemas.checkpoint import Checkpoint, Verifier
 from runledger.schemas.errors import RunledgerError
-from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit
+from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit, utc_time
 from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
 
 __all__ = ["register"]
-
-
-def _utc(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset: write it as 2026-11-22T10:00:00Z")
-    return moment
 
 
 def register(sub: Subparsers) -> None:
@@ -55,7 +47,7 @@ def register(sub: Subparsers) -> None:
         "deleted). A stream rewritten whole with a consistent new chain, heads included, is only caught against "
         "a checkpoint taken before.")
     chains.add_argument("--stream", metavar="ID", help="only this stream")
-    chains.add_argument("--since", type=_utc, metavar="TIME",
+    chains.add_argument("--since", type=utc_time, metavar="TIME",
                         help="only streams with an event recorded (or a head moved) since TIME, e.g. "
                         "2026-11-22T10:00:00Z; each is checked whole")
     chains.add_argument("--no-record", action="store_true", default=argparse.SUPPRESS,
@@ -75,7 +67,7 @@ def register(sub: Subparsers) -> None:
         "since), so an hourly run costs little more than reading the tables once. Keep the file where whoever "
         "can change the tables cannot write; --full checks every stream without it.")
     projection.add_argument("--stream", metavar="ID", help="only this stream")
-    projection.add_argument("--since", type=_utc, metavar="TIME",
+    projection.add_argument("--since", type=utc_time, metavar="TIME",
                             help="only streams with an event recorded since TIME, e.g. 2026-11-22T10:00:00Z; each "
                             "is checked whole (rows of streams with no event at all are then not looked for)")
     projection.add_argument("--attestations", type=Path, metavar="FILE",

@@ -64,11 +64,11 @@ def _from_sql(panel: Panel) -> cogbuilder.Builder[Any]:
     """A PostgreSQL panel, from its shared definition."""
     built: Any
     if panel.kind == "timeseries":
-        built = timeseries.Panel().unit(panel.unit).with_target(_Sql(panel.sql, "time_series"))
+        built = timeseries.Panel().unit(panel.unit).with_target(_Sql(panel.grafana_sql, "time_series"))
     elif panel.kind == "bar":
-        built = barchart.Panel().unit(panel.unit).x_field("label").with_target(_Sql(panel.sql, "table"))
+        built = barchart.Panel().unit(panel.unit).x_field("label").with_target(_Sql(panel.grafana_sql, "table"))
     else:
-        built = table.Panel().with_target(_Sql(panel.sql, "table"))
+        built = table.Panel().with_target(_Sql(panel.grafana_sql, "table"))
     built = built.title(panel.title).datasource(POSTGRES).span(12).height(9)
     described: cogbuilder.Builder[Any] = built.description(panel.description) if panel.description else built
     return described

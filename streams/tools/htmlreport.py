@@ -6,7 +6,7 @@ script, no network, one file to mail or archive. Money stays Decimal: a bar's le
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,27 +15,36 @@ from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.panels import COST, EXECUTIONS, INTEGRITY, Panel, panel_rows
 from runledger.streams.settings import Settings
 
-__all__ = ["render", "write_report"]
+__all__ = ["DEFAULT_DAYS", "render", "write_report"]
 
 _COLORS = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 _WIDTH, _HEIGHT, _LEFT, _BOTTOM = 720, 260, 60, 30
 
 
-async def write_report(settings: Settings, path: Path) -> Path:
-    """Run every panel's query in one snapshot of ``settings.db_schema`` and write the page to ``path``."""
+DEFAULT_DAYS = 30
+
+
+async def write_report(settings: Settings, path: Path, start: datetime | None = None,
+                       end: datetime | None = None) -> Path:
+    """Run every panel's query from ``start`` to ``end`` (default: the last 30 days) in one snapshot of
+    ``settings.db_schema`` and write the page to ``path``."""
+    at = datetime.now(UTC)
+    end = end or at
+    start = start or end - timedelta(days=DEFAULT_DAYS)
     conn = await connect_one(settings.database_url, settings.db_schema)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            sections = [(title, [(panel, await panel_rows(conn, panel)) for panel in panels])
+            sections = [(title, [(panel, await panel_rows(conn, panel, start, end)) for panel in panels])
                         for title, panels in (("Executions", EXECUTIONS), ("Cost", COST), ("Integrity", INTEGRITY))]
     finally:
         await conn.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(settings.db_schema, datetime.now(UTC), sections))
+    path.write_text(render(settings.db_schema, at, (start, end), sections))
     return path
 
 
-def render(schema: str, at: datetime, sections: list[tuple[str, list[tuple[Panel, list[dict[str, Any]]]]]]) -> str:
+def render(schema: str, at: datetime, span: tuple[datetime, datetime],
+           sections: list[tuple[str, list[tuple[Panel, list[dict[str, Any]]]]]]) -> str:
     """The page: a heading per section, a figure per panel (its chart, or its table, or 'no data')."""
     body = []
     for title, panels in sections:
@@ -50,7 +59,8 @@ def render(schema: str, at: datetime, sections: list[tuple[str, list[tuple[Panel
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>runledger report: {_e(schema)}</title><style>{_STYLE}</style></head><body>"
             f"<h1>runledger report</h1><p class='about'>schema {_e(schema)}, read {at:%Y-%m-%d %H:%M:%S} UTC in "
-            "one snapshot; the panels of the executions, cost and integrity dashboards, from the same SQL</p>"
+            "one snapshot; the panels of the executions, cost and integrity dashboards, from the same SQL, "
+            f"over {_utc(span[0])} to {_utc(span[1])} UTC</p>"
             + "".join(body) + "</body></html>\n")
 
 
@@ -115,6 +125,10 @@ def _fmt(value: Decimal, unit: str) -> str:
     if unit == "s":
         return f"{value.normalize():f} s"
     return f"{value.normalize():f}"
+
+
+def _utc(moment: datetime) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
 
 
 def _e(text: str) -> str:

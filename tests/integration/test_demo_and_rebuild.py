@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,24 @@ async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], 
     assert re.search(r"verify chains: [\d,]+ events of 40 streams, intact", demo.stdout)
     page = Path(demo.stdout.rsplit("people without Grafana: ", 1)[1].split()[0])
     assert page.is_file() and "Spend by model" in page.read_text()
+    end = datetime.now(UTC)
+    start = end - timedelta(days=1)
+    macros = {"$__timeFrom()": f"'{start:%Y-%m-%dT%H:%M:%SZ}'", "$__timeTo()": f"'{end:%Y-%m-%dT%H:%M:%SZ}'"}
     conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
     try:  # every panel of the dashboards and the page has something to show after a demo
         for panel in (*EXECUTIONS, *COST, *INTEGRITY):
-            assert await panel_rows(conn, panel), f"{panel.query} returns no rows after a demo"
+            rows = await panel_rows(conn, panel, start, end)
+            assert rows, f"{panel.query} returns no rows after a demo"
+            as_grafana = panel.grafana_sql  # with the time range as Grafana writes it in, in the same role
+            for macro, literal in macros.items():
+                as_grafana = as_grafana.replace(macro, literal)
+            await conn.execute("SET ROLE runledger_reader")
+            try:
+                assert [dict(r) for r in await conn.fetch(as_grafana)] == rows, panel.query
+            finally:
+                await conn.execute("RESET ROLE")
+            before = await panel_rows(conn, panel, start - timedelta(days=30), start)
+            assert not before or not panel.ranged, f"{panel.query} shows rows from outside its time range"
     finally:
         await conn.close()
 

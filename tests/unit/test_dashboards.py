@@ -42,7 +42,12 @@ def test_every_promql_names_metrics_that_exist() -> None:
 
 
 def test_every_sql_panel_runs_a_named_panel_query_on_a_provisioned_datasource() -> None:
-    sql = {p.sql for p in (*EXECUTIONS, *COST, *INTEGRITY)}
+    panels = (*EXECUTIONS, *COST, *INTEGRITY)
+    sql = {p.grafana_sql for p in panels}
+    for panel in panels:  # Grafana's time picker sets the range of those that read one
+        assert "$1" not in panel.grafana_sql and "$2" not in panel.grafana_sql
+        assert ("$__timeFrom()" in panel.grafana_sql and "$__timeTo()" in panel.grafana_sql) == panel.ranged
+    assert sum(p.ranged for p in panels) == len(EXECUTIONS) + len(COST)
     sources = yaml.safe_load((ROOT / "ops/grafana/provisioning/datasources/runledger.yml").read_text())
     uids = {s["uid"] for s in sources["datasources"]}
     used = set()

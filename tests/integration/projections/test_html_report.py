@@ -65,6 +65,16 @@ async def test_the_page_draws_every_panel_in_chromium(schema: str, pool: asyncpg
             assert inner.count("<tr>") >= 2, name
     assert "chains" in dom and "intact" in dom  # the verification just run, in the integrity table
 
+    past = tmp_path / "past.html"  # a range before every event: the ranged panels are empty, the others not
+    made = subprocess.run([*CLI, "report", "--html", str(past), "--since", "2020-01-01T00:00:00Z", "--until",
+                           "2020-02-01T00:00:00+01:00"], env=run_env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    text = past.read_text()
+    assert "over 2020-01-01 00:00:00 to 2020-01-31 23:00:00 UTC" in text
+    empty = re.findall(r"data-query='(\w+)'><figcaption>[^<]*</figcaption>(?:<p class='about'>[^<]*</p>)?"
+                       r"<p class='empty'>no data</p>", text)
+    assert {p.query for p in (*EXECUTIONS, *COST)} <= set(empty) and "panel_verifications" not in empty, empty
+
     shot = tmp_path / "report.png"
     taken = chromium(f"--screenshot={shot}", "--window-size=1000,3200", page.as_uri())
     assert shot.exists(), taken.stderr[-2000:]
