@@ -454,9 +454,10 @@ ORDER BY 1, 2, 3;
 -- The panels of the executions, cost and integrity dashboards (projections/postgres/panels.py), run as they
 -- are by Grafana's PostgreSQL datasource and by `runledger report --html`. A time series gives (time, metric,
 -- value) rows; a bar chart (label, value); a table any columns. Money stays numeric.
+-- The range in 120 buckets (as Grafana's $__interval would), from its start.
 -- name: panel_executions_by_status
-SELECT date_trunc(CASE WHEN $2::timestamptz - $1::timestamptz <= interval '3 days' THEN 'hour' ELSE 'day' END,
-                  started_at, 'UTC') AS time, status AS metric, count(*) AS value
+SELECT date_bin(($2::timestamptz - $1::timestamptz) / 120, started_at, $1::timestamptz) AS time, status AS metric,
+       count(*) AS value
 FROM executions WHERE started_at >= $1::timestamptz AND started_at < $2::timestamptz GROUP BY 1, 2 ORDER BY 1, 2;
 
 -- name: panel_duration_by_workflow

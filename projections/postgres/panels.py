@@ -45,7 +45,7 @@ class Panel:
 
 EXECUTIONS = (
     Panel("Executions started by status", "panel_executions_by_status", "timeseries", "short",
-          "By the status each execution has now; per hour over up to 3 days, per day beyond"),
+          "By the status each execution has now, in 120 intervals of the time range"),
     Panel("Median duration by workflow", "panel_duration_by_workflow", "bar", "s",
           "Executions started in the range that ended, from execution.started to their end"),
     Panel("Failure rate per day", "panel_failure_rate", "timeseries", "percent",

@@ -159,7 +159,9 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
         worker.stop()
     print_summary(summary, out)
     record = asyncio.run(_attest(settings, out))
-    page = asyncio.run(write_report(settings, settings.state_dir / "report.html"))
+    began = min(e.time for run in fleet for e in run.events if e.time is not None)
+    page = asyncio.run(write_report(settings, settings.state_dir / "report.html",  # over this run's time
+                                    began.replace(second=0, microsecond=0)))
     print(f"\nthe dashboards' panels as a page for people without Grafana: {page.resolve()}", file=out)
     return record.intact and not summary.broken_chains
 

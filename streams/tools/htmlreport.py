@@ -26,8 +26,8 @@ DEFAULT_DAYS = 30
 
 async def write_report(settings: Settings, path: Path, start: datetime | None = None,
                        end: datetime | None = None) -> Path:
-    """Run every panel's query from ``start`` to ``end`` (default: the last 30 days) in one snapshot of
-    ``settings.db_schema`` and write the page to ``path``."""
+    """Run every panel's query from ``start`` (default: 30 days before ``end``) to ``end`` (default: now) in one
+    snapshot of ``settings.db_schema`` and write the page to ``path``."""
     at = datetime.now(UTC)
     end = end or at
     start = start or end - timedelta(days=DEFAULT_DAYS)
@@ -51,7 +51,7 @@ def render(schema: str, at: datetime, span: tuple[datetime, datetime],
         body.append(f"<h2>{_e(title)}</h2>")
         for panel, rows in panels:
             drawn = ("<p class='empty'>no data</p>" if not rows else
-                     _lines(rows, panel.unit) if panel.kind == "timeseries" else
+                     _lines(rows, panel.unit, span) if panel.kind == "timeseries" else
                      _bars(rows, panel.unit) if panel.kind == "bar" else _table(rows))
             about = f"<p class='about'>{_e(panel.description)}</p>" if panel.description else ""
             body.append(f"<figure class='panel {panel.kind}' data-query='{_e(panel.query)}'>"
@@ -78,22 +78,23 @@ def _bars(rows: list[dict[str, Any]], unit: str) -> str:
     return "".join(parts) + "</svg>"
 
 
-def _lines(rows: list[dict[str, Any]], unit: str) -> str:
+def _lines(rows: list[dict[str, Any]], unit: str, span: tuple[datetime, datetime]) -> str:
+    """A line per metric, over the report's time range (as Grafana draws its time axis)."""
     series: dict[str, list[tuple[datetime, Decimal]]] = {}
     for row in rows:
         series.setdefault(str(row["metric"]), []).append((row["time"], Decimal(row["value"])))
-    times = [t for points in series.values() for t, _ in points]
-    start, span = min(times), (max(times) - min(times)).total_seconds() or 1.0
+    start, end = span
+    seconds = (end - start).total_seconds() or 1.0
     top = max((v for points in series.values() for _, v in points), default=Decimal(0)) or Decimal(1)
     plot_w, plot_h = _WIDTH - _LEFT - 10, _HEIGHT - _BOTTOM - 10
     parts = [f"<svg class='chart' width='{_WIDTH}' height='{_HEIGHT + 20 * len(series)}' role='img'>",
              f"<line x1='{_LEFT}' y1='{10 + plot_h}' x2='{_LEFT + plot_w}' y2='{10 + plot_h}' class='axis'/>",
              f"<text x='0' y='16' class='value'>{_e(_fmt(top, unit))}</text>",
-             f"<text x='{_LEFT}' y='{_HEIGHT - 8}' class='label'>{start:%Y-%m-%d %H:%M}</text>",
-             f"<text x='{_WIDTH - 130}' y='{_HEIGHT - 8}' class='label'>{max(times):%Y-%m-%d %H:%M}</text>"]
+             f"<text x='{_LEFT}' y='{_HEIGHT - 8}' class='label'>{_utc(start)[:16]}</text>",
+             f"<text x='{_WIDTH - 130}' y='{_HEIGHT - 8}' class='label'>{_utc(end)[:16]}</text>"]
     for n, (metric, points) in enumerate(sorted(series.items())):
         color = _COLORS[n % len(_COLORS)]
-        xy = [(round(_LEFT + (t - start).total_seconds() / span * plot_w, 1),
+        xy = [(round(_LEFT + max((t - start).total_seconds(), 0.0) / seconds * plot_w, 1),
                (10 + plot_h - v / top * plot_h).quantize(Decimal("0.1"))) for t, v in sorted(points)]
         parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' "
                      f"points='{' '.join(f'{x},{y}' for x, y in xy)}'/>")
