@@ -9,6 +9,7 @@ place (``grafana_sql``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -18,6 +19,9 @@ import asyncpg
 from runledger.projections.postgres.queries import query
 
 __all__ = ["COST", "EXECUTIONS", "INTEGRITY", "Panel", "panel_rows"]
+
+
+_PARAMETER = re.compile(r"\$([12])(?!\d)")  # a ranged panel's only parameters: $1 (start) and $2 (end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +39,12 @@ class Panel:
     @property
     def ranged(self) -> bool:
         """Whether the query reads a time range ($1 to $2)."""
-        return "$1" in self.sql
+        return _PARAMETER.search(self.sql) is not None
 
     @property
     def grafana_sql(self) -> str:
         """The query as Grafana's PostgreSQL datasource runs it: the dashboard's time range in place of $1, $2."""
-        return self.sql.replace("$1", "$__timeFrom()").replace("$2", "$__timeTo()")
+        return _PARAMETER.sub(lambda m: "$__timeFrom()" if m.group(1) == "1" else "$__timeTo()", self.sql)
 
 
 EXECUTIONS = (
