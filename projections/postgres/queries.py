@@ -19,7 +19,9 @@ _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 def _queries() -> dict[str, str]:
     text = (SQL_DIR / "queries.sql").read_text()
     parts = re.split(r"^-- name: (\w+)\s*$", text, flags=re.M)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    # The comment lines just above a "-- name:" line are the next query's heading, not this query's tail.
+    return {name: re.sub(r"(\n--[^\n]*)+\s*$", "", body.strip()).strip()
+            for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def query(name: str) -> str:

@@ -48,6 +48,7 @@ Projector = Callable[[list[LogRecord] | list[Decoded]], Awaitable[BatchResult | 
 
 _LOG_FETCH_WAIT_MS = 50
 _RECHECK_S = 5.0  # how often a partition held back by a problem is checked again
+_LAG_REFRESH_S = 5.0  # while a batch is being applied for longer, the log's ends are asked for this often
 _FETCH_BYTES = 4 * MAX_EVENT_BYTES  # a record over the limit still arrives, and is dead-lettered as too_large
 
 
@@ -102,6 +103,7 @@ class _InFlight:
 
     task: asyncio.Task[None]
     fetched: dict[TopicPartition, list[Any]]
+    assignment: int  # the assignment it was read under
 
 
 class LogConsumer:
@@ -116,7 +118,10 @@ class LogConsumer:
         self._checker = _consumer(bootstrap_servers, None)
         self.held: dict[int, str] = {}  # partitions not projected, and why
         self._checked_at = 0.0
-        self._next: dict[int, int] = {}  # per partition, the offset after the last record committed
+        # The lag: per partition, the offset after the last record committed, and the log's end as last seen.
+        self._next: dict[int, int] = {}
+        self._ends: dict[int, int] = {}
+        self._assignment = 0  # counts assignments: a batch read under an earlier one says nothing of the lag now
 
     @property
     def assigned(self) -> set[int]:
@@ -147,14 +152,15 @@ class LogConsumer:
                 # Decoded while the batch before is still being written: it needs nothing of the tables.
                 items = decoded(records)
                 if in_flight is not None:
-                    await in_flight.task
+                    await self._applied(in_flight.task)
                     await _commit(self._consumer, in_flight.fetched, self.topic)
-                    self._projected(in_flight.fetched)
+                    if in_flight.assignment == self._assignment:
+                        self._projected(in_flight.fetched)
                     in_flight = None
                 self._observe_lag()
                 if items:
                     in_flight = _InFlight(asyncio.create_task(_project_until_done(self._project, items, self.topic)),
-                                          fetched)
+                                          fetched, self._assignment)
         finally:
             if in_flight is not None:  # not committed to Kafka: read again, a duplicate where it was applied
                 in_flight.task.cancel()
@@ -162,24 +168,41 @@ class LogConsumer:
             await stop_consumer(self._checker)
             await stop_consumer(self._consumer)
 
+    async def _applied(self, task: asyncio.Task[None]) -> None:
+        """Wait for a batch to be applied; while it takes long (a lock, PostgreSQL away), the lag goes on
+        counting what the log grows by: the fetcher's high watermarks stand still meanwhile."""
+        while not (await asyncio.wait({task}, timeout=_LAG_REFRESH_S))[0]:
+            try:
+                async with asyncio.timeout(_LAG_REFRESH_S):
+                    ends = await self._checker.end_offsets(list(self._consumer.assignment()))
+            except (KafkaError, TimeoutError) as e:
+                log.debug("the log's ends for the lag: %s", e)
+                continue
+            self._ends.update({tp.partition: end for tp, end in ends.items()})
+            self._observe_lag()
+        await task
+
     def _projected(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         for tp, batch in fetched.items():
             if batch:
                 self._next[tp.partition] = batch[-1].offset + 1
 
     def _observe_lag(self) -> None:
-        """Per partition held, the records the log has beyond what this worker has projected (or passed to a
-        retry topic) and committed: a batch that does not commit keeps its records in the lag."""
+        """Per partition assigned (held back or not), the records the log has beyond what this worker has
+        projected (or passed to a retry topic) and committed: a batch that does not commit keeps its records
+        in the lag."""
         for tp in self._consumer.assignment():
-            end, done = self._consumer.highwater(tp), self._next.get(tp.partition)
-            if end is not None and done is not None:
+            end = max(self._consumer.highwater(tp) or 0, self._ends.get(tp.partition, 0))
+            done = self._next.get(tp.partition)
+            if done is not None:
                 metrics.LAG.labels(str(tp.partition)).set(max(end - done, 0))
 
     async def assigned_now(self, assigned: list[TopicPartition]) -> None:
         """Seek each newly assigned partition to its stored offset, or hold it back if the log does not match."""
         # Paused before the first await: the fetcher may otherwise start from the group's committed offsets.
         self._consumer.pause(*assigned)
-        self.held, self._next = {}, {}
+        self.held, self._next, self._ends = {}, {}, {}
+        self._assignment += 1
         metrics.LAG.clear()  # the partitions held before may be another worker's now
         log.info("assigned partitions %s of %s", sorted(tp.partition for tp in assigned), self.topic)
         await self._check(assigned, assigned=True)
@@ -208,6 +231,9 @@ class LogConsumer:
         current = self.assigned  # the group may have rebalanced while we looked
         for check in (c for c in checks if c.partition in current):
             tp = TopicPartition(self.topic, check.partition)
+            # Projected up to the stored offset (none stored: nothing yet); the lag counts from there.
+            self._next[check.partition] = check.stored if check.stored is not None else check.start
+            self._ends[check.partition] = check.end
             try:
                 if check.problem is not None:
                     if check.partition not in self.held:
