@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from runledger.streams.cli.common import InputError, Subparsers, utc_time
+from runledger.streams.cli.common import Subparsers, utc_time
 from runledger.streams.settings import Settings
 
 __all__ = ["register"]
@@ -28,12 +27,8 @@ def register(sub: Subparsers) -> None:
 
 
 def _cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.streams.tools.htmlreport import DEFAULT_DAYS, write_report
+    from runledger.streams.tools.htmlreport import write_report
 
-    until = args.until or datetime.now(UTC)
-    since = args.since or until - timedelta(days=DEFAULT_DAYS)
-    if since >= until:
-        raise InputError(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
-    path = asyncio.run(write_report(settings, args.html, since, until))
+    path = asyncio.run(write_report(settings, args.html, args.since, args.until))
     print(path.resolve())
     return 0

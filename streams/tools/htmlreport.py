@@ -15,22 +15,25 @@ from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.panels import COST, EXECUTIONS, INTEGRITY, Panel, panel_rows
 from runledger.streams.settings import Settings
 
-__all__ = ["DEFAULT_DAYS", "render", "write_report"]
+__all__ = ["render", "write_report"]
 
 _COLORS = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 _WIDTH, _HEIGHT, _LEFT, _BOTTOM = 720, 260, 60, 30
 
 
-DEFAULT_DAYS = 30
+_DEFAULT_DAYS = 30
 
 
 async def write_report(settings: Settings, path: Path, start: datetime | None = None,
                        end: datetime | None = None) -> Path:
     """Run every panel's query from ``start`` (default: 30 days before ``end``) to ``end`` (default: now) in one
-    snapshot of ``settings.db_schema`` and write the page to ``path``."""
+    snapshot of ``settings.db_schema`` and write the page to ``path``. Raises ValueError if the range is empty."""
     at = datetime.now(UTC)
     end = end or at
-    start = start or end - timedelta(days=DEFAULT_DAYS)
+    start = start or end - timedelta(days=_DEFAULT_DAYS)
+    if start >= end:
+        raise ValueError(f"the range starts at {start.isoformat()}, not before its end {end.isoformat()} "
+                         "(--since, --until)")
     conn = await connect_one(settings.database_url, settings.db_schema)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):

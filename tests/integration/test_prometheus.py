@@ -22,9 +22,10 @@ from typing import Any
 import asyncpg
 import orjson
 import yaml
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
 from runledger.schemas.checkpoint import Signer
+from runledger.streams import metrics
 from runledger.streams.dev.dashboards import build
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
@@ -119,10 +120,10 @@ async def prometheus(directory: Path, targets: dict[str, str]) -> AsyncIterator[
     assert worker_job["job_name"] in targets
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     (port,) = free_ports(1)
-    log = (directory / "prometheus.log").open("wb")
-    server = subprocess.Popen([binary, f"--config.file={directory / 'prometheus.yml'}",
-                               f"--storage.tsdb.path={directory / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                              stdout=log, stderr=subprocess.STDOUT)
+    with (directory / "prometheus.log").open("wb") as log:
+        server = subprocess.Popen([binary, f"--config.file={directory / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={directory / 'data'}",
+                                   f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     api = Prometheus(f"http://127.0.0.1:{port}")
     try:
         async def ready() -> bool:
@@ -136,8 +137,26 @@ async def prometheus(directory: Path, targets: dict[str, str]) -> AsyncIterator[
         yield api
     finally:
         server.terminate()
-        await asyncio.to_thread(server.wait, 30)
-        log.close()
+        try:
+            await asyncio.to_thread(server.wait, 30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            await asyncio.to_thread(server.wait)
+
+
+@contextlib.asynccontextmanager
+async def producer_metrics(port: int) -> AsyncIterator[None]:
+    """This process's producer metrics, alone, on ``port`` (with the registry's worker metrics at 0, the
+    dashboards' worker queries would be answered by a process that is no worker)."""
+    registry = CollectorRegistry()
+    for collector in (metrics.APPENDS, metrics.APPEND_SECONDS, metrics.LEASE_WAIT_SECONDS):
+        registry.register(collector)
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 async def load(settings: Settings, stop: asyncio.Event) -> int:
@@ -186,12 +205,11 @@ async def test_prometheus_scrapes_a_worker_under_load_and_every_query_returns_da
            "RUNLEDGER_METRICS_PORT": str(worker_port), "RUNLEDGER_CHECKPOINT_KEY": str(key),
            "RUNLEDGER_CHECKPOINT_INTERVAL_S": "2"}
     settings = settings_of(env)
-    producer_metrics, _ = start_http_server(producer_port, addr="127.0.0.1")  # this process appends: its metrics
     stop = asyncio.Event()
     appending: asyncio.Task[int] | None = None
     conn = await asyncpg.connect(settings.database_url)
     try:
-        async with running_worker(env) as worker, prometheus(tmp_path, {
+        async with producer_metrics(producer_port), running_worker(env) as worker, prometheus(tmp_path, {
                 "runledger-worker": f"127.0.0.1:{worker_port}",
                 "runledger-producer": f"127.0.0.1:{producer_port}"}) as api:
             async def scraped() -> bool:  # at 0: increase() sees the first dead letter only after a sample of 0
@@ -223,7 +241,7 @@ async def test_prometheus_scrapes_a_worker_under_load_and_every_query_returns_da
             except AssertionError as e:
                 raise AssertionError(f"{e}; still without data: {missing}") from None
             for rule in RULES:  # the rules as written, thresholds and all, are accepted too
-                assert api.query(rule["expr"])["status"] == "success", rule["alert"]
+                assert (await asyncio.to_thread(api.query, rule["expr"]))["status"] == "success", rule["alert"]
 
             async def rules_evaluated() -> list[dict[str, Any]] | None:
                 groups = (await asyncio.to_thread(api.get, "/api/v1/rules"))["data"]["groups"]
@@ -243,7 +261,5 @@ async def test_prometheus_scrapes_a_worker_under_load_and_every_query_returns_da
         stop.set()
         if appending is not None:
             await asyncio.gather(appending, return_exceptions=True)
-        producer_metrics.shutdown()
-        producer_metrics.server_close()
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()

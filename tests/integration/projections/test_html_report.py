@@ -69,6 +69,9 @@ async def test_the_page_draws_every_panel_in_chromium(schema: str, pool: asyncpg
     made = subprocess.run([*CLI, "report", "--html", str(past), "--since", "2020-01-01T00:00:00Z", "--until",
                            "2020-02-01T00:00:00+01:00"], env=run_env, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
+    backwards = subprocess.run([*CLI, "report", "--html", str(past), "--since", "2030-01-01T00:00:00Z"],
+                               env=run_env, capture_output=True, text=True, timeout=120)
+    assert backwards.returncode == 2 and "not before its end" in backwards.stderr, backwards.stderr
     text = past.read_text()
     assert "over 2020-01-01 00:00:00 to 2020-01-31 23:00:00 UTC" in text
     empty = re.findall(r"data-query='(\w+)'><figcaption>[^<]*</figcaption>(?:<p class='about'>[^<]*</p>)?"
