@@ -87,7 +87,7 @@ def _lines(rows: list[dict[str, Any]], unit: str, span: tuple[datetime, datetime
     for row in rows:
         series.setdefault(str(row["metric"]), []).append((row["time"], Decimal(row["value"])))
     start, end = span
-    seconds = (end - start).total_seconds() or 1.0
+    seconds = (end - start).total_seconds()  # write_report refuses an empty range
     top = max((v for points in series.values() for _, v in points), default=Decimal(0)) or Decimal(1)
     plot_w, plot_h = _WIDTH - _LEFT - 10, _HEIGHT - _BOTTOM - 10
     parts = [f"<svg class='chart' width='{_WIDTH}' height='{_HEIGHT + 20 * len(series)}' role='img'>",

@@ -106,17 +106,26 @@ async def running_worker(env: dict[str, str], *, loglevel: str = "warning") -> A
         sys.stderr.write(log.read().decode(errors="replace")[-20000:])
         raise
     finally:
-        worker.terminate()
         try:
-            await asyncio.to_thread(worker.wait, 30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            await asyncio.to_thread(worker.wait)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace")[-20000:])
-            raise AssertionError("the worker did not stop within 30 s of SIGTERM") from None
+            if not await terminate(worker, 30):
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-20000:])
+                raise AssertionError("the worker did not stop within 30 s of SIGTERM")
         finally:
             log.close()
+
+
+async def terminate(process: subprocess.Popen[bytes], grace_s: float) -> bool:
+    """SIGTERM ``process`` and wait for it without blocking the event loop; SIGKILL it if it has not ended
+    within ``grace_s``. True if it ended on SIGTERM."""
+    process.terminate()
+    try:
+        await asyncio.to_thread(process.wait, grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        await asyncio.to_thread(process.wait)
+        return False
+    return True
 
 
 async def poll(check: Callable[[], Awaitable[T | None]], deadline_s: float, what: str) -> T:

@@ -31,7 +31,7 @@ from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 from tests.conftest import CLI, free_ports
-from tests.integration.conftest import FIRST_STREAM, poll, rechain, rehashed, running_worker, settings_of
+from tests.integration.conftest import FIRST_STREAM, poll, rechain, rehashed, running_worker, settings_of, terminate
 
 OPS = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
 RULES = yaml.safe_load((OPS / "alerts.yml").read_text())["groups"][0]["rules"]
@@ -136,12 +136,7 @@ async def prometheus(directory: Path, targets: dict[str, str]) -> AsyncIterator[
         await poll(ready, 60, "Prometheus to be ready")
         yield api
     finally:
-        server.terminate()
-        try:
-            await asyncio.to_thread(server.wait, 30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            await asyncio.to_thread(server.wait)
+        await terminate(server, 30)
 
 
 @contextlib.asynccontextmanager
