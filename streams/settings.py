@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     )
     kafka_storage: Literal["s3", "memory"] = Field(
         "s3", description="RUNLEDGER_KAFKA_STORAGE: where the embedded broker keeps the log: s3 (on disk under the "
-        "state dir, through s3rver) or memory (lost when it stops)")
+        "state dir, in runledger's log store: Tansu's S3 engine over SQLite) or memory (lost when it stops)")
     state_dir: Path = Field(Path(".runledger"), description="RUNLEDGER_STATE_DIR: embedded stack data and logs")
     producer_source: str = Field(
         "/producers/runledger", description="RUNLEDGER_PRODUCER_SOURCE: CloudEvents `source` of produced events"

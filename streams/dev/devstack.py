@@ -207,43 +207,22 @@ def _stop_postgres(settings: Settings) -> None:
 
 # Kafka (Tansu) and Redis ----------------------------------------------------------------------
 
-# The log on disk: Tansu's S3 storage engine against s3rver (npm), a file-backed S3 server, installed once per
-# virtual environment and started beside the broker. Tansu's memory engine loses the log with the process.
-_S3RVER = "s3rver@3.7.1"
+# The log on disk: Tansu's S3 storage engine against runledger's own log store (``s3server.py``: the S3 calls
+# Tansu makes, over one SQLite file), started beside the broker. Tansu's memory engine loses the log with the process.
 _BUCKET = "tansu"
-_S3_KEYS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1",
+_S3_KEYS = {"AWS_ACCESS_KEY_ID": "runledger", "AWS_SECRET_ACCESS_KEY": "runledger", "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ALLOW_HTTP": "true"}
-
-
-def _s3rver() -> list[str]:
-    """The command that runs s3rver, installed with npm into this virtual environment if it is not yet, with
-    the file descriptor leak of its 304 answers closed (``s3rver_fds.js``)."""
-    root = Path(sys.prefix) / "share" / "runledger" / "s3rver"
-    script = root / "node_modules" / "s3rver" / "bin" / "s3rver.js"
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        raise DevStackError("the embedded broker keeps its log on disk through s3rver, which needs Node.js and npm: "
-                            "install them (Debian: apt-get install nodejs npm), or set RUNLEDGER_KAFKA_STORAGE=memory "
-                            "to keep the log in memory (lost at `runledger dev down`)")
-    if not script.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([npm, "install", "--prefix", str(root), "--no-audit", "--no-fund", "--silent",
-                               _S3RVER], capture_output=True, text=True, check=False)
-        if done.returncode or not script.exists():
-            raise DevStackError(f"could not install {_S3RVER} with npm into {root}:\n{done.stderr or done.stdout}")
-    return [node, "--require", str(Path(__file__).with_name("s3rver_fds.js")), str(script)]
 
 
 def _start_store(settings: Settings) -> dict[str, Any]:
     data = settings.state_dir.resolve() / "kafka-log"
-    data.mkdir(parents=True, exist_ok=True)
     with socket.socket() as sock:  # a port of its own; only the broker talks to it
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = settings.state_dir.resolve() / "kafka-log.log"
-    pid = _spawn([*_s3rver(), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--configure-bucket", _BUCKET,
-                  "--silent"], log)
-    _wait_for_port(port, pid, log, "the log store (s3rver)")
+    pid = _spawn([sys.executable, "-m", "runledger.streams.dev.s3server", "--dir", str(data), "--host", "127.0.0.1",
+                  "--port", str(port), "--bucket", _BUCKET], log)
+    _wait_for_port(port, pid, log, "the log store")
     return _record(pid, port)
 
 
@@ -304,7 +283,7 @@ def _detail(settings: Settings, name: Component, record: dict[str, Any] | None) 
         return "log in memory: lost when the broker stops"
     store = (record or {}).get("store")
     where = settings.state_dir.resolve() / "kafka-log"
-    return f"log on disk in {where}" + (f" (s3rver pid {store['pid']}, port {store['port']})" if store else "")
+    return f"log on disk in {where}" + (f" (log store pid {store['pid']}, port {store['port']})" if store else "")
 
 
 # The commands ---------------------------------------------------------------------------------

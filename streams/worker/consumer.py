@@ -242,8 +242,9 @@ class LogConsumer:
                     self.held[check.partition] = check.problem
                     self._consumer.pause(tp)
                     continue
-                if check.stored is not None:
-                    self._consumer.seek(tp, check.stored)
+                # None stored: from the log's start, which is offset 0 (any other start is a problem above), never
+                # from wherever the broker's earliest offset or the group's committed offset would put it.
+                self._consumer.seek(tp, check.stored if check.stored is not None else check.start)
                 self._consumer.resume(tp)
             except (IllegalStateError, AssertionError) as e:  # taken away meanwhile: its new owner checks it
                 log.info("partition %d of %s changed hands during its check: %s", check.partition, self.topic, e)

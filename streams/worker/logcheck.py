@@ -75,7 +75,11 @@ async def check_partitions(consumer: AIOKafkaConsumer, topic: str, partitions: S
         start, end = starts[tp], ends[tp]
         offset, sha = stored.get(tp.partition, (None, None))
         problem = None
-        if offset is not None and offset < start:
+        if offset is None and start > 0:
+            problem = (f"{topic} partition {tp.partition} starts at offset {start}, not 0, and none of it was "
+                       f"projected yet: records 0..{start - 1} are not in the log (deleted before they were "
+                       "projected, or the broker reports a wrong start)")
+        elif offset is not None and offset < start:
             problem = (f"{topic} partition {tp.partition} starts at offset {start}: records {offset}..{start - 1} "
                        "were deleted before they were projected")
         elif offset is not None and sha is not None and offset > start:

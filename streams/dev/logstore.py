@@ -1,0 +1,335 @@
+"""The embedded broker's log store: the objects of Tansu's S3 engine in one SQLite file.
+
+Tansu (the embedded Kafka broker) keeps its log as objects: one per produced batch
+(``.../partitions/<p>/records/<offset>.batch``), a ``watermark.json`` per partition, the cluster's
+``meta.json`` and the groups' offsets. It relies on the store for what S3 promises: conditional writes
+(``If-None-Match: *`` creates only, ``If-Match`` replaces only the version it read, 412 otherwise),
+strongly consistent reads and listings, and a write that lasts once answered. This store gives exactly that,
+and nothing else of S3:
+
+- Every write is a SQLite transaction in WAL mode with ``synchronous=FULL``, committed before it is answered:
+  a kill -9 of the store (or of the broker, or of both) loses nothing that was acknowledged. Writes that
+  arrive together share one commit.
+- Listings read a key index, so their cost does not depend on how the keys are stored; a partition's keys
+  are listed in key order, one page of up to 1,000 at a time.
+- Tansu lists every key of a partition on every fetch. So that a partition does not hold one key per batch
+  ever produced, runs of small batches are merged (``recordbatch.merge``) into batches of up to
+  ``merge_bytes``: the merged batch takes the first batch's key, the others stop being listed and stay
+  readable for ``retire_s`` (a fetch that listed them before the merge still reads them), and the newest
+  batch always keeps a key of its own (Tansu's end offset is the base of the most recently modified key + 1).
+  Merged keys keep the order of their modification times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runledger.streams.dev.recordbatch import Batch, BatchFormatError, merge, parse
+
+__all__ = ["Conflict", "Missing", "ObjectInfo", "ObjectStore", "PreconditionFailed", "StoreError", "etag_matches"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS objects (
+    id INTEGER PRIMARY KEY,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_us INTEGER NOT NULL,
+    content_type TEXT,
+    partition TEXT,              -- the records prefix of the Tansu partition a batch object belongs to
+    merged INTEGER NOT NULL,     -- 0: a produced batch not yet considered for merging
+    retired_us INTEGER,          -- merged into an earlier key at this time: not listed, still readable a while
+    body BLOB NOT NULL           -- last, so that reading the other columns never walks a large body
+);
+CREATE UNIQUE INDEX IF NOT EXISTS objects_key ON objects (bucket, key);
+CREATE INDEX IF NOT EXISTS objects_unmerged ON objects (partition, key) WHERE merged = 0 AND retired_us IS NULL;
+CREATE INDEX IF NOT EXISTS objects_retired ON objects (retired_us) WHERE retired_us IS NOT NULL;
+"""
+log = logging.getLogger(__name__)
+_BATCH_KEY = re.compile(r"(?P<partition>.+/partitions/\d+/records/)(?P<offset>\d{20})\.batch")
+
+
+class StoreError(Exception):
+    """A request the store refuses; ``status`` and ``code`` are S3's."""
+
+    status = 400
+    code = "InvalidRequest"
+
+
+class Missing(StoreError):
+    status, code = 404, "NoSuchKey"
+
+
+class NoBucket(StoreError):
+    status, code = 404, "NoSuchBucket"
+
+
+class PreconditionFailed(StoreError):
+    status, code = 412, "PreconditionFailed"
+
+
+class Conflict(StoreError):
+    status, code = 409, "BucketNotEmpty"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    etag: str
+    size: int
+    mtime_us: int
+    content_type: str | None = None
+    body: bytes | None = None
+
+
+def etag_of(body: bytes) -> str:
+    return f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # the commit is on disk before the write is answered
+    return conn
+
+
+class ObjectStore:
+    """The objects, read in the caller's thread and written by one writer thread (``put``, ``delete`` are
+    awaitables that resolve once their transaction is committed)."""
+
+    def __init__(self, path: Path, *, merge_bytes: int = 256 * 1024, merge_run: int = 32,
+                 retire_s: float = 60.0) -> None:
+        self.path = path
+        self.merge_bytes, self.merge_run, self.retire_us = merge_bytes, merge_run, int(retire_s * 1e6)
+        writer = _connect(path)
+        writer.executescript(_SCHEMA)
+        self._reader = _connect(path)
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._last_us: int = writer.execute("SELECT coalesce(max(mtime_us), 0) FROM objects").fetchone()[0]
+        self._thread = threading.Thread(target=self._write_loop, args=(writer,), name="logstore-writer", daemon=True)
+        self._thread.start()
+
+    # Reads, in the caller's thread ------------------------------------------------------------------
+
+    def bucket_exists(self, bucket: str) -> bool:
+        return self._reader.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is not None
+
+    def get(self, bucket: str, key: str, *, body: bool = True) -> ObjectInfo:
+        """The object at ``key`` (a retired one too: it is still readable), or ``Missing``."""
+        columns = "key, etag, size, mtime_us, content_type" + (", body" if body else "")
+        row = self._reader.execute(f"SELECT {columns} FROM objects WHERE bucket = ? AND key = ?",  # noqa: S608
+                                   (bucket, key)).fetchone()
+        if row is None:
+            if not self.bucket_exists(bucket):
+                raise NoBucket(bucket)
+            raise Missing(key)
+        return ObjectInfo(*row)
+
+    def listing(self, bucket: str, prefix: str, after: str, limit: int) -> list[ObjectInfo]:
+        """Up to ``limit`` listed objects whose key starts with ``prefix`` and sorts after ``after``."""
+        if not self.bucket_exists(bucket):
+            raise NoBucket(bucket)
+        start = max(prefix, after)
+        query = ("SELECT key, etag, size, mtime_us FROM objects WHERE bucket = ? AND key >= ? AND key != ? "
+                 "AND retired_us IS NULL {} ORDER BY key LIMIT ?")
+        if prefix:
+            # every key with the prefix sorts below the prefix followed by the highest code point
+            rows = self._reader.execute(query.format("AND key < ?"), (bucket, start, after, prefix + "\U0010ffff",
+                                                                      limit)).fetchall()
+        else:
+            rows = self._reader.execute(query.format(""), (bucket, start, after, limit)).fetchall()
+        return [ObjectInfo(*row) for row in rows]
+
+    # Writes, by the writer thread -------------------------------------------------------------------
+
+    async def create_bucket(self, bucket: str) -> None:
+        await self._submit(lambda db: db.execute("INSERT OR IGNORE INTO buckets VALUES (?)", (bucket,)))
+
+    async def delete_bucket(self, bucket: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM objects WHERE bucket = ? AND retired_us IS NULL LIMIT 1",
+                          (bucket,)).fetchone():
+                raise Conflict(bucket)
+            db.execute("DELETE FROM objects WHERE bucket = ?", (bucket,))
+            db.execute("DELETE FROM buckets WHERE name = ?", (bucket,))
+
+        await self._submit(delete)
+
+    async def put(self, bucket: str, key: str, body: bytes, *, content_type: str | None = None,
+                  if_match: str | None = None, if_none_match: str | None = None) -> ObjectInfo:
+        """Store ``body`` at ``key``, under S3's conditions: ``if_none_match='*'`` only if no object is there,
+        ``if_match`` only if the object there has that ETag (``PreconditionFailed``; ``Missing`` if none is)."""
+        etag = etag_of(body)
+        found = _BATCH_KEY.fullmatch(key)
+
+        def put(db: sqlite3.Connection) -> ObjectInfo:
+            if db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is None:
+                raise NoBucket(bucket)
+            current = db.execute("SELECT etag FROM objects WHERE bucket = ? AND key = ? AND retired_us IS NULL",
+                                 (bucket, key)).fetchone()
+            if if_none_match is not None and current is not None and (
+                    if_none_match.strip() == "*" or etag_matches(current[0], if_none_match)):
+                raise PreconditionFailed(key)
+            if if_match is not None:
+                if current is None:
+                    raise Missing(key)
+                if not etag_matches(current[0], if_match):
+                    raise PreconditionFailed(key)
+            mtime = self._tick()
+            db.execute("INSERT OR REPLACE INTO objects (bucket, key, etag, size, mtime_us, content_type, partition,"
+                       " merged, retired_us, body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, ?)",
+                       (bucket, key, etag, len(body), mtime, content_type, found and found["partition"], body))
+            return ObjectInfo(key, etag, len(body), mtime, content_type)
+
+        return await self._submit(put, found["partition"] if found else None)  # type: ignore[no-any-return]
+
+    async def delete(self, bucket: str, keys: list[str]) -> None:
+        """Remove ``keys`` (S3 deletes a missing key without complaint)."""
+        def delete(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is None:
+                raise NoBucket(bucket)
+            db.executemany("DELETE FROM objects WHERE bucket = ? AND key = ?", [(bucket, key) for key in keys])
+
+        await self._submit(delete)
+
+    def close(self) -> None:
+        """Finish the writes queued so far, then stop the writer."""
+        self._queue.put(None)
+        self._thread.join()
+        self._reader.close()
+
+    def _tick(self) -> int:
+        """A modification time, in microseconds, later than every one given before."""
+        self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+        return self._last_us
+
+    async def _submit(self, op: Callable[[sqlite3.Connection], Any], partition: str | None = None) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Write(op, partition, future))
+        return await future
+
+    def _write_loop(self, db: sqlite3.Connection) -> None:
+        """Apply queued writes, all that wait at once in one transaction, each answered after the commit."""
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty() and len(batch) < 1000:
+                batch.append(self._queue.get())
+            work = [write for write in batch if write is not None]
+            results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for write in work:
+                    db.execute("SAVEPOINT op")
+                    try:
+                        results.append((write.future, True, write.op(db)))
+                    except StoreError as refused:  # this write alone: the others of the group stand
+                        db.execute("ROLLBACK TO op")
+                        results.append((write.future, False, refused))
+                    db.execute("RELEASE op")
+                db.execute("COMMIT")
+            except Exception as failed:  # noqa: BLE001 - the disk or the file: every write of the group fails
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                results = [(write.future, False, failed) for write in work]
+            for future, ok, value in results:
+                future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
+            for partition in {write.partition for write, (_, ok, _) in zip(work, results, strict=True)
+                              if ok and write.partition}:
+                try:
+                    self._merge(db, partition)
+                except Exception:  # noqa: BLE001 - merging is an optimisation: the batches stay as they are
+                    log.exception("could not merge the batches of %s", partition)
+            if None in batch:
+                db.close()
+                return
+
+    def _merge(self, db: sqlite3.Connection, partition: str) -> None:
+        """Merge the partition's unmerged batches (all but the newest) into the batch before them, when enough
+        of them wait; then forget what was retired more than ``retire_s`` ago."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? AND merged = 0 "
+                              "AND retired_us IS NULL ORDER BY key", (partition,)).fetchall()
+            if len(rows) <= self.merge_run:
+                db.execute("COMMIT")
+                return
+            rows = rows[:-1]
+            before = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? AND merged = 1 "
+                                "AND retired_us IS NULL AND key < ? ORDER BY key DESC LIMIT 1",
+                                (partition, rows[0][1])).fetchone()
+            if before is not None and len(before[3]) < self.merge_bytes:
+                rows.insert(0, before)
+            now = self._tick()
+            for group in self._groups(rows):
+                ids = [row[0] for row in group]
+                if len(group) > 1:
+                    body = merge([(offset, batch) for _, _, _, offset, batch in group if batch is not None])
+                    db.execute("UPDATE objects SET body = ?, etag = ?, size = ?, mtime_us = ?, merged = 1 WHERE id = ?",
+                               (body, etag_of(body), len(body), max(row[2] for row in group), ids[0]))
+                    db.executemany("UPDATE objects SET retired_us = ?, merged = 1 WHERE id = ?",
+                                   [(now, i) for i in ids[1:]])
+                else:
+                    db.execute("UPDATE objects SET merged = 1 WHERE id = ?", (ids[0],))
+            db.execute("DELETE FROM objects WHERE retired_us < ?", (now - self.retire_us,))
+            db.execute("COMMIT")
+        except Exception:
+            db.execute("ROLLBACK")
+            raise
+
+    def _groups(self, rows: list[Any]) -> list[list[tuple[int, str, int, int, Batch | None]]]:
+        """Consecutive runs of plain batches, each of at most ``merge_bytes``; anything else stands alone."""
+        groups: list[list[tuple[int, str, int, int, Batch | None]]] = []
+        end = size = -1
+        for row_id, key, mtime, body in rows:
+            offset = int(key[-26:-6])
+            try:
+                batch: Batch | None = parse(body)
+            except BatchFormatError:
+                batch = None
+            part = (row_id, key, mtime, offset, batch)
+            if (batch is not None and batch.plain and groups and offset == end and groups[-1][-1][4] is not None
+                    and size + len(batch.records) <= self.merge_bytes
+                    and batch.attributes == groups[-1][0][4].attributes):  # type: ignore[union-attr]
+                groups[-1].append(part)
+                size += len(batch.records)
+            else:
+                groups.append([part])
+                size = len(body)
+            end = offset + batch.last_offset_delta + 1 if batch is not None and batch.plain else -1
+        return groups
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A write for the writer thread: ``op`` runs in its transaction; ``partition``: the batch object's."""
+
+    op: Callable[[sqlite3.Connection], Any]
+    partition: str | None
+    future: asyncio.Future[Any]
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if not future.done():
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def etag_matches(etag: str, header: str) -> bool:
+    """Whether ``etag`` is one of the comma-separated ETags of a conditional header (weak ones compared too)."""
+    wanted = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return etag in wanted or etag.strip('"') in wanted
