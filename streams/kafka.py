@@ -1,13 +1,19 @@
-"""What every Kafka client of runledger needs beyond aiokafka's own API: a consumer stop that always ends."""
+"""What every Kafka client of runledger needs beyond aiokafka's own API: a consumer stop that always ends, and a
+read of partitions to their true end."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-__all__ = ["stop_consumer"]
+from runledger.schemas.errors import TransientError
+
+__all__ = ["read_to_end", "stop_consumer"]
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +42,40 @@ async def stop_consumer(consumer: AIOKafkaConsumer, *, grace_s: float = 5.0) -> 
     # Not raised: callers stop consumers in finally blocks, whose other cleanup must still run.
     log.error("the Kafka consumer did not stop within %.0f s; its connections are left to close with the process",
               _GRACES * grace_s)
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
+                      take: Callable[[TopicPartition, list[Any]], None], *, stalled_s: float = 60.0,
+                      max_records: int = 10_000,
+                      progress: Callable[[dict[TopicPartition, int]], None] | None = None) -> dict[TopicPartition, int]:
+    """Read ``tps`` (assigned to ``consumer`` and sought to where to read from: ``seek``, not a lazy
+    ``seek_to_beginning``, which an offset reset already under way can override) up to where each ends when the
+    read starts, handing each fetched list of records to ``take``; returns those ends. ``progress`` is called
+    after each fetch with the ends known so far.
+
+    A partition's end is the high watermark of its first fetch response, not the end offset of a ListOffsets
+    request: the embedded broker (Tansu 0.6) reports that as the first offset of the partition's most recently
+    written batch plus one, so the rest of that batch would go unread. Nor is the end found by waiting until
+    fetches come back empty: under load a fetch can come back empty before the end. Raises TransientError if
+    partitions send nothing for ``stalled_s`` before their end.
+    """
+    ends: dict[TopicPartition, int] = {}
+    progressed = time.monotonic()
+    while behind := [tp for tp in tps if tp not in ends or await consumer.position(tp) < ends[tp]]:
+        fetched = await consumer.getmany(*behind, timeout_ms=1000, max_records=max_records)
+        if fetched:
+            progressed = time.monotonic()
+        elif time.monotonic() - progressed > stalled_s:
+            raise TransientError(f"partitions {sorted(tp.partition for tp in behind)} of {behind[0].topic} sent "
+                                 f"nothing for {stalled_s:.0f} s before their end: is their leader down? Try again")
+        for tp in behind:
+            if tp not in ends and (highwater := consumer.highwater(tp)) is not None:
+                ends[tp] = highwater
+        for tp, messages in fetched.items():
+            if messages[-1].offset >= ends[tp]:  # appended since the read started
+                messages = [m for m in messages if m.offset < ends[tp]]
+            if messages:
+                take(tp, messages)
+        if progress is not None:
+            progress(ends)
+    return ends

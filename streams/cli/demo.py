@@ -1,5 +1,6 @@
 """``runledger bench`` and ``runledger demo``: a simulated fleet's events through the running stack, measured
-against a plain baseline or end to end (the main job); ``runledger bench-verify``: how fast the record is verified."""
+against a plain baseline or end to end (the main job); ``runledger bench-verify``: how fast the record is verified;
+``runledger bench-log``: whether the log stays fast as it grows."""
 
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ def register(sub: Subparsers) -> None:
     bench_verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench_verify.set_defaults(func=_cmd_bench_verify)
 
+    bench_log = sub.add_parser(
+        "bench-log", help="measure whether the log stays fast as it grows: produce and consume rates per slice",
+        description="Produces RECORDS records to a fresh topic of the running stack's broker (acks=all, BATCH sends "
+        "in flight at a time), reads them all back from the start, and prints the produce and consume rates of "
+        "every SLICE records, their median, min and max, and the last slices against the first. With the embedded "
+        "durable log it also prints how many objects each partition is kept in. The topic is deleted afterwards "
+        "unless --keep.")
+    bench_log.add_argument("--records", type=int, default=1_000_000, help="how many records (default 1000000)")
+    bench_log.add_argument("--slice", type=int, default=100_000, help="records per slice (default 100000)")
+    bench_log.add_argument("--partitions", type=int, default=8, help="partitions of the topic (default 8)")
+    bench_log.add_argument("--keys", type=int, default=500, help="distinct record keys (default 500)")
+    bench_log.add_argument("--batch", type=int, default=128, help="sends in flight at a time (default 128)")
+    bench_log.add_argument("--value-bytes", type=int, default=600, help="bytes per record value (default 600)")
+    bench_log.add_argument("--keep", action="store_true", help="keep the topic afterwards")
+    bench_log.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench_log.set_defaults(func=_cmd_bench_log)
+
     dashboards = sub.add_parser(
         "dashboards", help="generate the Grafana dashboards (ops/grafana/dashboards) from their code",
         description="Writes runledger's Grafana dashboards, built with grafana-foundation-sdk in "
@@ -102,6 +120,22 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.out is not None:
         for path in write_report(report, args.out):
             print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        emit(report)
+    else:
+        print_report(report, sys.stdout)
+    return 0
+
+
+def _cmd_bench_log(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.dev.benchlog import bench_log, print_report
+
+    if min(args.records, args.slice, args.partitions, args.keys, args.batch, args.value_bytes) < 1:
+        print("runledger bench-log: every number must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    report = asyncio.run(bench_log(settings, records=args.records, slice_size=args.slice, partitions=args.partitions,
+                                   keys=args.keys, batch=args.batch, value_bytes=args.value_bytes, keep=args.keep,
+                                   progress=lambda text: print(text, file=sys.stderr)))
     if args.json:
         emit(report)
     else:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -25,7 +26,7 @@ from redis.asyncio import Redis
 
 from runledger.schemas.chain import GENESIS_HASH, compute_hash
 from runledger.schemas.errors import TransientError
-from runledger.streams.kafka import stop_consumer
+from runledger.streams.kafka import read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 
 __all__ = ["LogHead", "forget_if_restarted", "log_heads", "marker_key", "recover_heads", "stream_in_log"]
@@ -63,8 +64,10 @@ async def log_heads(settings: Settings) -> dict[str, LogHead]:
 
 async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, list[tuple[int, str, str, str]]]:
     """stream -> (seq, prevhash, hash, type) of each valid event in the log (of ``only`` these streams)."""
+    # "earliest": the reset that assign() starts must not put a partition at its end meanwhile.
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, max_partition_fetch_bytes=2 * 1024 * 1024)
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=2 * 1024 * 1024)
     events: dict[str, list[tuple[int, str, str, str]]] = {}
     keys = {s.encode() for s in only} if only is not None else None
     try:
@@ -80,21 +83,19 @@ async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, l
         if not tps:
             return events
         consumer.assign(tps)
-        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
         if any(starts.values()):
             raise TransientError(f"{settings.events_topic} no longer starts at offset 0 (retention): the heads "
                                  "cannot be proven from it")
-        await consumer.seek_to_beginning(*tps)
-        # Past the end offsets until the log has no more: a broker may report a stale end after a restart.
-        idle = 0
-        while idle < 2:
-            fetched = await consumer.getmany(*tps, timeout_ms=500, max_records=10_000)
-            for messages in fetched.values():
-                for m in messages:
-                    if keys is None or m.key in keys:
-                        _collect(events, m.value or b"")
-            behind = any([await consumer.position(tp) < ends[tp] for tp in tps])
-            idle = 0 if fetched or behind else idle + 1
+        for tp in tps:  # at once, not a lazy seek_to_beginning that the reset under way can override
+            consumer.seek(tp, 0)
+
+        def take(tp: TopicPartition, messages: list[Any]) -> None:
+            for m in messages:
+                if keys is None or m.key in keys:
+                    _collect(events, m.value or b"")
+
+        await read_to_end(consumer, tps, take)
     except KafkaError as e:
         raise TransientError(f"cannot read {settings.events_topic}: {e}") from e
     finally:

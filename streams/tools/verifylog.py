@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 from runledger.projections.postgres.verify import ChainReport
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.verify import Finding, LogAuditor
-from runledger.streams.kafka import stop_consumer
+from runledger.streams.kafka import read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 
 __all__ = ["LogMissing", "LogReport", "verify_log"]
@@ -76,27 +76,14 @@ async def verify_log(settings: Settings, progress: Callable[[int, int], None] | 
                     "the records before it were deleted (retention), so its streams cannot be checked from their "
                     "start", tp.partition, starts[tp]))
             consumer.seek(tp, starts[tp])
-        # Where each partition ends when the check starts: the high watermark of its first fetch response. Not
-        # the end offsets of a ListOffsets request, which the embedded broker (Tansu 0.6) reports as the first
-        # offset of the partition's last record batch plus one: the rest of that batch would go unchecked.
-        ends: dict[TopicPartition, int] = {}
-        progressed = time.monotonic()
-        while behind := [tp for tp in tps if tp not in ends or await consumer.position(tp) < ends[tp]]:
-            fetched = await consumer.getmany(*behind, timeout_ms=1000, max_records=_FETCH)
-            if fetched:
-                progressed = time.monotonic()
-            elif time.monotonic() - progressed > _STALLED_S:
-                raise TransientError(f"{topic} partitions {sorted(tp.partition for tp in behind)} sent nothing for "
-                                     f"{_STALLED_S:.0f} s before their end: is their leader down? Run it again")
-            for tp in behind:
-                if tp not in ends and (highwater := consumer.highwater(tp)) is not None:
-                    ends[tp] = highwater
-            for tp, messages in fetched.items():
-                if messages[-1].offset >= ends[tp]:  # appended since the check started
-                    messages = [m for m in messages if m.offset < ends[tp]]
-                report.findings += auditor.check(messages)
+        def take(tp: TopicPartition, messages: list[Any]) -> None:
+            report.findings.extend(auditor.check(messages))
+
+        def read(ends: dict[TopicPartition, int]) -> None:
             if progress is not None:
                 progress(auditor.records, sum(end - starts[tp] for tp, end in ends.items()))
+
+        await read_to_end(consumer, tps, take, stalled_s=_STALLED_S, max_records=_FETCH, progress=read)
         report.findings += auditor.finish()
     except KafkaError as e:
         raise TransientError(f"cannot read {topic} at {settings.kafka_bootstrap_servers}: {e}") from e

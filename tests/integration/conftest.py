@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from runledger.schemas.chain import GENESIS_HASH, compute_hash
+from runledger.streams.kafka import read_to_end
 from runledger.streams.settings import Settings
 from tests.conftest import CLI, VECTOR_EVENTS
 
@@ -39,16 +40,10 @@ async def read_log(settings: Settings, topic: str | None = None) -> list[Consume
         if not partitions:
             return []
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
+        for tp, start in (await consumer.beginning_offsets(partitions)).items():
+            consumer.seek(tp, start)
         records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {tp: [] for tp in partitions}
-        idle = 0
-        while idle < 2:  # past the end offsets until nothing more comes: a restarted broker may report stale ends
-            batch = await consumer.getmany(timeout_ms=250)
-            for tp, items in batch.items():
-                records[tp].extend(items)
-            behind = any([await consumer.position(tp) < ends[tp] for tp in partitions])
-            idle = 0 if batch or behind else idle + 1
+        await read_to_end(consumer, partitions, lambda tp, messages: records[tp].extend(messages))
         return [r for tp in partitions for r in records[tp]]
     finally:
         await consumer.stop()

@@ -107,8 +107,10 @@ async def _live_worker(settings: Settings, stop: asyncio.Event) -> None:
                                 enable_auto_commit=False)
     await consumer.start()
     try:
-        consumer.assign([TopicPartition(settings.events_topic, p) for p in range(settings.event_partitions)])
-        await consumer.seek_to_beginning()
+        tps = [TopicPartition(settings.events_topic, p) for p in range(settings.event_partitions)]
+        consumer.assign(tps)
+        for tp in tps:  # at once: a lazy seek_to_beginning can lose to the reset to the end that assign() starts
+            consumer.seek(tp, 0)
         while not stop.is_set():
             fetched = await consumer.getmany(timeout_ms=100, max_records=300)
             batch = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
