@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     kafka_storage: Literal["s3", "memory"] = Field(
         "s3", description="RUNLEDGER_KAFKA_STORAGE: where the embedded broker keeps the log: s3 (on disk under the "
         "state dir, in runledger's log store: Tansu's S3 engine over SQLite) or memory (lost when it stops)")
+    log_store_fsync: bool = Field(
+        False, description="RUNLEDGER_LOG_STORE_FSYNC: the embedded log store syncs every write to disk before "
+        "answering (survives a power loss, not only a kill -9 of any process, at about half the produce rate)")
     state_dir: Path = Field(Path(".runledger"), description="RUNLEDGER_STATE_DIR: embedded stack data and logs")
     producer_source: str = Field(
         "/producers/runledger", description="RUNLEDGER_PRODUCER_SOURCE: CloudEvents `source` of produced events"

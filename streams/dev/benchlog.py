@@ -61,17 +61,17 @@ async def _produce(servers: str, topic: str, records: int, slice_size: int, keys
     rates: list[float] = []
     try:
         value = os.urandom(value_bytes // 2).hex().encode()
-        started = time.perf_counter()
+        started, since, mark = time.perf_counter(), 0, slice_size
         for first in range(0, records, batch):
             sent = [await producer.send(topic, value, key=b"key-%d" % (i % keys))
                     for i in range(first, min(first + batch, records))]
             await asyncio.gather(*sent)
             done = first + len(sent)
-            if done % slice_size == 0 or done == records:
+            if done >= mark or done == records:  # a slice ends at the first whole batch past its mark
                 now = time.perf_counter()
-                rates.append((done - slice_size * len(rates)) / (now - started))
+                rates.append((done - since) / (now - started))
                 progress(f"produced {done:,} records: {rates[-1]:,.0f}/s in the last slice")
-                started = now
+                started, since, mark = now, done, mark + slice_size
     finally:
         await producer.stop()
     return rates
@@ -88,7 +88,7 @@ async def _consume(servers: str, topic: str, partitions: int, records: int, slic
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, 0)
-        count, mark = 0, slice_size
+        count, since, mark = 0, 0, slice_size
         started = last_record = time.perf_counter()
         while count < records:
             fetched = await consumer.getmany(timeout_ms=1000, max_records=10_000)
@@ -99,12 +99,10 @@ async def _consume(servers: str, topic: str, partitions: int, records: int, slic
                 continue
             last_record = now
             count += sum(len(batch) for batch in fetched.values())
-            while count >= mark or count >= records:
-                rates.append((min(mark, records) - slice_size * len(rates)) / (now - started))
-                progress(f"consumed {min(mark, records):,} records: {rates[-1]:,.0f}/s in the last slice")
-                started, mark = now, mark + slice_size
-                if mark - slice_size >= records:
-                    break
+            if count >= mark or count >= records:
+                rates.append((count - since) / (now - started))
+                progress(f"consumed {count:,} records: {rates[-1]:,.0f}/s in the last slice")
+                started, since, mark = now, count, mark + slice_size
     finally:
         await consumer.stop()
     return rates

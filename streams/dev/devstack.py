@@ -221,7 +221,7 @@ def _start_store(settings: Settings) -> dict[str, Any]:
         port = sock.getsockname()[1]
     log = settings.state_dir.resolve() / "kafka-log.log"
     pid = _spawn([sys.executable, "-m", "runledger.streams.dev.s3server", "--dir", str(data), "--host", "127.0.0.1",
-                  "--port", str(port), "--bucket", _BUCKET], log)
+                  "--port", str(port), "--bucket", _BUCKET, *(["--fsync"] if settings.log_store_fsync else [])], log)
     _wait_for_port(port, pid, log, "the log store")
     return _record(pid, port)
 

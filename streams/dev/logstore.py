@@ -7,9 +7,11 @@ Tansu (the embedded Kafka broker) keeps its log as objects: one per produced bat
 strongly consistent reads and listings, and a write that lasts once answered. This store gives exactly that,
 and nothing else of S3:
 
-- Every write is a SQLite transaction in WAL mode with ``synchronous=FULL``, committed before it is answered:
-  a kill -9 of the store (or of the broker, or of both) loses nothing that was acknowledged. Writes that
-  arrive together share one commit.
+- Every write is a SQLite transaction in WAL mode, committed before it is answered: a kill -9 of the store (or
+  of the broker, or of both) loses nothing that was acknowledged. By default a commit is in the operating
+  system's page cache when answered, as a Kafka broker's acknowledged write is by default (``flush.messages``
+  unset): it survives any process dying, not a power loss of the machine; ``fsync=True`` syncs each commit to
+  disk first (``synchronous=FULL``).
 - Listings read a key index, so their cost does not depend on how the keys are stored; a partition's keys
   are listed in key order, one page of up to 1,000 at a time.
 - Tansu lists every key of a partition on every fetch. So that a partition does not hold one key per batch
@@ -22,15 +24,13 @@ and nothing else of S3:
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hashlib
 import logging
-import queue
 import re
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS objects (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS objects_key ON objects (bucket, key);
 CREATE INDEX IF NOT EXISTS objects_unmerged ON objects (partition, key) WHERE merged = 0 AND retired_us IS NULL;
+CREATE INDEX IF NOT EXISTS objects_listed ON objects (partition, key) WHERE retired_us IS NULL;
 CREATE INDEX IF NOT EXISTS objects_retired ON objects (retired_us) WHERE retired_us IS NOT NULL;
 """
 log = logging.getLogger(__name__)
@@ -99,39 +100,53 @@ def etag_of(body: bytes) -> str:
     return f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, fsync: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # the commit is on disk before the write is answered
+    # NORMAL in WAL mode: a commit is in the WAL file (the page cache) when it returns; FULL: synced to disk too
+    conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
     return conn
 
 
 class ObjectStore:
-    """The objects, read in the caller's thread and written by one writer thread (``put``, ``delete`` are
-    awaitables that resolve once their transaction is committed)."""
+    """The objects in one SQLite file; each write is one transaction, committed when the method returns.
 
-    def __init__(self, path: Path, *, merge_bytes: int = 256 * 1024, merge_run: int = 32,
+    Not thread-safe: one caller (the server's event loop). A write takes tens of microseconds, so the loop
+    serves it in place rather than hand it to a thread and back.
+    """
+
+    def __init__(self, path: Path, *, fsync: bool = False, merge_bytes: int = 1024 * 1024, merge_run: int = 32,
                  retire_s: float = 60.0) -> None:
         self.path = path
         self.merge_bytes, self.merge_run, self.retire_us = merge_bytes, merge_run, int(retire_s * 1e6)
-        writer = _connect(path)
-        writer.executescript(_SCHEMA)
-        self._reader = _connect(path)
-        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
-        self._last_us: int = writer.execute("SELECT coalesce(max(mtime_us), 0) FROM objects").fetchone()[0]
-        self._thread = threading.Thread(target=self._write_loop, args=(writer,), name="logstore-writer", daemon=True)
-        self._thread.start()
+        self._db = _connect(path, fsync)
+        self._db.executescript(_SCHEMA)
+        self._last_us: int = self._db.execute("SELECT coalesce(max(mtime_us), 0) FROM objects").fetchone()[0]
+        self._due: set[str] = set()  # partitions written since the last merge_due()
 
-    # Reads, in the caller's thread ------------------------------------------------------------------
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # Reads ------------------------------------------------------------------------------------------
 
     def bucket_exists(self, bucket: str) -> bool:
-        return self._reader.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is not None
+        return self._db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is not None
 
     def get(self, bucket: str, key: str, *, body: bool = True) -> ObjectInfo:
         """The object at ``key`` (a retired one too: it is still readable), or ``Missing``."""
         columns = "key, etag, size, mtime_us, content_type" + (", body" if body else "")
-        row = self._reader.execute(f"SELECT {columns} FROM objects WHERE bucket = ? AND key = ?",  # noqa: S608
-                                   (bucket, key)).fetchone()
+        row = self._db.execute(f"SELECT {columns} FROM objects WHERE bucket = ? AND key = ?",  # noqa: S608
+                               (bucket, key)).fetchone()
         if row is None:
             if not self.bucket_exists(bucket):
                 raise NoBucket(bucket)
@@ -147,36 +162,34 @@ class ObjectStore:
                  "AND retired_us IS NULL {} ORDER BY key LIMIT ?")
         if prefix:
             # every key with the prefix sorts below the prefix followed by the highest code point
-            rows = self._reader.execute(query.format("AND key < ?"), (bucket, start, after, prefix + "\U0010ffff",
-                                                                      limit)).fetchall()
+            rows = self._db.execute(query.format("AND key < ?"), (bucket, start, after, prefix + "\U0010ffff",
+                                                                  limit)).fetchall()
         else:
-            rows = self._reader.execute(query.format(""), (bucket, start, after, limit)).fetchall()
+            rows = self._db.execute(query.format(""), (bucket, start, after, limit)).fetchall()
         return [ObjectInfo(*row) for row in rows]
 
-    # Writes, by the writer thread -------------------------------------------------------------------
+    # Writes -----------------------------------------------------------------------------------------
 
-    async def create_bucket(self, bucket: str) -> None:
-        await self._submit(lambda db: db.execute("INSERT OR IGNORE INTO buckets VALUES (?)", (bucket,)))
+    def create_bucket(self, bucket: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO buckets VALUES (?)", (bucket,))
 
-    async def delete_bucket(self, bucket: str) -> None:
-        def delete(db: sqlite3.Connection) -> None:
+    def delete_bucket(self, bucket: str) -> None:
+        with self._transaction() as db:
             if db.execute("SELECT 1 FROM objects WHERE bucket = ? AND retired_us IS NULL LIMIT 1",
                           (bucket,)).fetchone():
                 raise Conflict(bucket)
             db.execute("DELETE FROM objects WHERE bucket = ?", (bucket,))
             db.execute("DELETE FROM buckets WHERE name = ?", (bucket,))
 
-        await self._submit(delete)
-
-    async def put(self, bucket: str, key: str, body: bytes, *, content_type: str | None = None,
-                  if_match: str | None = None, if_none_match: str | None = None) -> ObjectInfo:
+    def put(self, bucket: str, key: str, body: bytes, *, content_type: str | None = None,
+            if_match: str | None = None, if_none_match: str | None = None) -> ObjectInfo:
         """Store ``body`` at ``key``, under S3's conditions: ``if_none_match='*'`` only if no object is there,
         ``if_match`` only if the object there has that ETag (``PreconditionFailed``; ``Missing`` if none is)."""
         etag = etag_of(body)
         found = _BATCH_KEY.fullmatch(key)
-
-        def put(db: sqlite3.Connection) -> ObjectInfo:
-            if db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is None:
+        with self._transaction() as db:
+            if not self.bucket_exists(bucket):
                 raise NoBucket(bucket)
             current = db.execute("SELECT etag FROM objects WHERE bucket = ? AND key = ? AND retired_us IS NULL",
                                  (bucket, key)).fetchone()
@@ -192,85 +205,47 @@ class ObjectStore:
             db.execute("INSERT OR REPLACE INTO objects (bucket, key, etag, size, mtime_us, content_type, partition,"
                        " merged, retired_us, body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, ?)",
                        (bucket, key, etag, len(body), mtime, content_type, found and found["partition"], body))
-            return ObjectInfo(key, etag, len(body), mtime, content_type)
+        if found:
+            self._due.add(found["partition"])
+        return ObjectInfo(key, etag, len(body), mtime, content_type)
 
-        return await self._submit(put, found["partition"] if found else None)  # type: ignore[no-any-return]
-
-    async def delete(self, bucket: str, keys: list[str]) -> None:
+    def delete(self, bucket: str, keys: list[str]) -> None:
         """Remove ``keys`` (S3 deletes a missing key without complaint)."""
-        def delete(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is None:
+        with self._transaction() as db:
+            if not self.bucket_exists(bucket):
                 raise NoBucket(bucket)
             db.executemany("DELETE FROM objects WHERE bucket = ? AND key = ?", [(bucket, key) for key in keys])
 
-        await self._submit(delete)
-
-    def close(self) -> None:
-        """Finish the writes queued so far, then stop the writer."""
-        self._queue.put(None)
-        self._thread.join()
-        self._reader.close()
+    def merge_due(self) -> None:
+        """Merge the batches of the partitions written since the last call, where enough wait (``_merge``)."""
+        due, self._due = self._due, set()
+        for partition in due:
+            try:
+                self._merge(self._db, partition)
+            except Exception:  # noqa: BLE001 - merging is an optimisation: the batches stay as they are
+                log.exception("could not merge the batches of %s", partition)
 
     def _tick(self) -> int:
         """A modification time, in microseconds, later than every one given before."""
         self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
         return self._last_us
 
-    async def _submit(self, op: Callable[[sqlite3.Connection], Any], partition: str | None = None) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Write(op, partition, future))
-        return await future
-
-    def _write_loop(self, db: sqlite3.Connection) -> None:
-        """Apply queued writes, all that wait at once in one transaction, each answered after the commit."""
-        while True:
-            batch = [self._queue.get()]
-            while not self._queue.empty() and len(batch) < 1000:
-                batch.append(self._queue.get())
-            work = [write for write in batch if write is not None]
-            results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for write in work:
-                    db.execute("SAVEPOINT op")
-                    try:
-                        results.append((write.future, True, write.op(db)))
-                    except StoreError as refused:  # this write alone: the others of the group stand
-                        db.execute("ROLLBACK TO op")
-                        results.append((write.future, False, refused))
-                    db.execute("RELEASE op")
-                db.execute("COMMIT")
-            except Exception as failed:  # noqa: BLE001 - the disk or the file: every write of the group fails
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                results = [(write.future, False, failed) for write in work]
-            for future, ok, value in results:
-                future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
-            for partition in {write.partition for write, (_, ok, _) in zip(work, results, strict=True)
-                              if ok and write.partition}:
-                try:
-                    self._merge(db, partition)
-                except Exception:  # noqa: BLE001 - merging is an optimisation: the batches stay as they are
-                    log.exception("could not merge the batches of %s", partition)
-            if None in batch:
-                db.close()
-                return
-
     def _merge(self, db: sqlite3.Connection, partition: str) -> None:
         """Merge the partition's unmerged batches (all but the newest) into the batch before them, when enough
         of them wait; then forget what was retired more than ``retire_s`` ago."""
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? AND merged = 0 "
-                              "AND retired_us IS NULL ORDER BY key", (partition,)).fetchall()
-            if len(rows) <= self.merge_run:
+            waiting = db.execute("SELECT count(*) FROM objects WHERE partition = ? AND merged = 0 "
+                                 "AND retired_us IS NULL", (partition,)).fetchone()[0]
+            if waiting <= self.merge_run:
                 db.execute("COMMIT")
                 return
-            rows = rows[:-1]
-            before = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? AND merged = 1 "
+            rows = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? AND merged = 0 "
+                              "AND retired_us IS NULL ORDER BY key", (partition,)).fetchall()[:-1]
+            before = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? "
                                 "AND retired_us IS NULL AND key < ? ORDER BY key DESC LIMIT 1",
                                 (partition, rows[0][1])).fetchone()
-            if before is not None and len(before[3]) < self.merge_bytes:
+            if before is not None and len(before[3]) < self.merge_bytes:  # merged before: the open one
                 rows.insert(0, before)
             now = self._tick()
             for group in self._groups(rows):
@@ -310,23 +285,6 @@ class ObjectStore:
                 size = len(body)
             end = offset + batch.last_offset_delta + 1 if batch is not None and batch.plain else -1
         return groups
-
-
-@dataclass(frozen=True, slots=True)
-class _Write:
-    """A write for the writer thread: ``op`` runs in its transaction; ``partition``: the batch object's."""
-
-    op: Callable[[sqlite3.Connection], Any]
-    partition: str | None
-    future: asyncio.Future[Any]
-
-
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if not future.done():
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
 
 
 def etag_matches(etag: str, header: str) -> bool:

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import functools
 import hashlib
 import logging
 import os
@@ -75,7 +76,7 @@ class S3App:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
-    async def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
+    def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
         split = urlsplit(target)
         bucket, _, key = unquote(split.path).lstrip("/").partition("/")
         query = dict(parse_qsl(split.query, keep_blank_values=True))
@@ -83,16 +84,16 @@ class S3App:
             if not bucket:
                 raise _Refused(501, "NotImplemented", "ListBuckets is not implemented")
             if key:
-                return await self._object(method, bucket, key, headers, body)
-            return await self._bucket(method, bucket, query, body)
+                return self._object(method, bucket, key, headers, body)
+            return self._bucket(method, bucket, query, body)
         except StoreError as refused:
             return _error(refused.status, refused.code, str(refused) or refused.code, split.path)
 
-    async def _object(self, method: str, bucket: str, key: str, headers: dict[str, str], body: bytes) -> Response:
+    def _object(self, method: str, bucket: str, key: str, headers: dict[str, str], body: bytes) -> Response:
         if method == "PUT":
             if "x-amz-copy-source" in headers:
                 raise _Refused(501, "NotImplemented", "CopyObject is not implemented")
-            info = await self.store.put(bucket, key, body, content_type=headers.get("content-type"),
+            info = self.store.put(bucket, key, body, content_type=headers.get("content-type"),
                                         if_match=headers.get("if-match"), if_none_match=headers.get("if-none-match"))
             return 200, {"ETag": info.etag}, b""
         if method in ("GET", "HEAD"):
@@ -110,35 +111,35 @@ class S3App:
                 return 206, {**answer, "Content-Range": f"bytes {first}-{last}/{len(data)}"}, data[first:last + 1]
             return 200, answer, data
         if method == "DELETE":
-            await self.store.delete(bucket, [key])
+            self.store.delete(bucket, [key])
             return 204, {}, b""
         raise _Refused(405, "MethodNotAllowed", f"{method} on an object")
 
-    async def _bucket(self, method: str, bucket: str, query: dict[str, str], body: bytes) -> Response:
+    def _bucket(self, method: str, bucket: str, query: dict[str, str], body: bytes) -> Response:
         if method == "PUT" and not query:
-            await self.store.create_bucket(bucket)
+            self.store.create_bucket(bucket)
             return 200, {"Location": f"/{bucket}"}, b""
         if method == "HEAD":
             if not self.store.bucket_exists(bucket):
                 return 404, {}, b""
             return 200, {}, b""
         if method == "DELETE" and not query:
-            await self.store.delete_bucket(bucket)
+            self.store.delete_bucket(bucket)
             return 204, {}, b""
         if method == "POST" and "delete" in query:
-            return await self._delete_objects(bucket, body)
+            return self._delete_objects(bucket, body)
         if method == "GET" and query.get("list-type") == "2":
             return self._list(bucket, query)
         raise _Refused(501, "NotImplemented", f"{method} on a bucket with {sorted(query)}")
 
-    async def _delete_objects(self, bucket: str, body: bytes) -> Response:
+    def _delete_objects(self, bucket: str, body: bytes) -> Response:
         try:
             root = ElementTree.fromstring(body)
         except ElementTree.ParseError as bad:
             raise _Refused(400, "MalformedXML", str(bad)) from None
         keys = [element.text or "" for element in root.iter() if element.tag.rpartition("}")[2] == "Key"]
         quiet = any((e.text or "").strip() == "true" for e in root.iter() if e.tag.rpartition("}")[2] == "Quiet")
-        await self.store.delete(bucket, keys)
+        self.store.delete(bucket, keys)
         deleted = "" if quiet else "".join(f"<Deleted><Key>{escape(key)}</Key></Deleted>" for key in keys)
         headers, answer = _xml(f'<DeleteResult xmlns="{_XMLNS}">{deleted}</DeleteResult>')
         return 200, headers, answer
@@ -163,9 +164,8 @@ class S3App:
         if truncated:
             parts.append(f"<NextContinuationToken>{base64.urlsafe_b64encode(last.encode()).decode()}"
                          "</NextContinuationToken>")
-        parts.extend(f"<Contents><Key>{escape(encode(i.key))}</Key><LastModified>{_iso(i.mtime_us)}</LastModified>"
-                     f"<ETag>{escape(i.etag)}</ETag><Size>{i.size}</Size><StorageClass>STANDARD</StorageClass>"
-                     "</Contents>" for i in contents)
+        url = query.get("encoding-type") == "url"
+        parts.extend(_contents(i.key, i.etag, i.size, i.mtime_us, url) for i in contents)
         parts.extend(f"<CommonPrefixes><Prefix>{escape(encode(p))}</Prefix></CommonPrefixes>" for p in prefixes)
         parts.append("</ListBucketResult>")
         headers, answer = _xml("".join(parts))
@@ -198,6 +198,14 @@ class S3App:
                 last = info.key
             if len(page) < 1000:
                 return contents, prefixes, last, False
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _contents(key: str, etag: str, size: int, mtime_us: int, url: bool) -> str:
+    """One object of a listing, as XML: kept, since Tansu lists every key of a partition on every fetch."""
+    shown = quote(key, safe="/") if url else key
+    return (f"<Contents><Key>{escape(shown)}</Key><LastModified>{_iso(mtime_us)}</LastModified>"
+            f"<ETag>{escape(etag)}</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>")
 
 
 def _failed_condition(info: ObjectInfo, headers: dict[str, str]) -> int | None:
@@ -280,7 +288,7 @@ async def _serve_connection(app: S3App, reader: asyncio.StreamReader, writer: as
             request_id = hashlib.md5(head, usedforsecurity=False).hexdigest()[:16]
             try:
                 body = await _read_body(reader, headers)
-                status, answer, data = await app(method, target, headers, body)
+                status, answer, data = app(method, target, headers, body)
             except StoreError as refused:
                 status, answer, data = _error(refused.status, refused.code, str(refused), target)
             except Exception as failed:  # noqa: BLE001 - answered, logged; the connection goes on
@@ -299,6 +307,8 @@ async def _serve_connection(app: S3App, reader: asyncio.StreamReader, writer: as
             if method != "HEAD" and status != 304:
                 writer.write(data)
             await writer.drain()
+            if method == "PUT":  # after the answer: merging is not on the writer's path
+                app.store.merge_due()
             if close:
                 return
     finally:
@@ -307,13 +317,13 @@ async def _serve_connection(app: S3App, reader: asyncio.StreamReader, writer: as
             await writer.wait_closed()
 
 
-async def serve(directory: Path, host: str, port: int, buckets: list[str]) -> None:
+async def serve(directory: Path, host: str, port: int, buckets: list[str], *, fsync: bool = False) -> None:
     """Serve the store kept in ``directory`` until SIGTERM or SIGINT; queued writes are finished first."""
     directory.mkdir(parents=True, exist_ok=True)
-    store = ObjectStore(directory / "objects.sqlite3")
+    store = ObjectStore(directory / "objects.sqlite3", fsync=fsync)
     try:
         for bucket in buckets:
-            await store.create_bucket(bucket)
+            store.create_bucket(bucket)
         app = S3App(store)
         server = await asyncio.start_server(lambda r, w: _serve_connection(app, r, w), host, port,
                                             limit=64 * 1024)
@@ -334,11 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to listen on")
     parser.add_argument("--bucket", action="append", default=[], help="a bucket to create if missing (repeatable)")
+    parser.add_argument("--fsync", action="store_true", help="sync every write to disk before answering it (by "
+                        "default a write is answered once in the page cache: it survives a kill -9 of any process, "
+                        "not a power loss)")
     args = parser.parse_args(argv)
     debug = os.environ.get("RUNLEDGER_LOGSTORE_DEBUG")  # every request, for debugging Tansu against the store
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.dir, args.host, args.port, args.bucket))
+    asyncio.run(serve(args.dir, args.host, args.port, args.bucket, fsync=args.fsync))
 
 
 if __name__ == "__main__":

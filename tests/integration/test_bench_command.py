@@ -8,6 +8,7 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 
 from runledger.streams.settings import Settings
 from tests.conftest import CLI
@@ -28,6 +29,7 @@ def _bench(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
     return orjson.loads(done.stdout)  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 async def test_floor_and_store_rounds_with_their_spread(env: dict[str, str], settings: Settings) -> None:
     report = _bench(env, "--events", "1500", "--rounds", "2", "--no-worker")
     t = report["throughput"]
@@ -40,6 +42,7 @@ async def test_floor_and_store_rounds_with_their_spread(env: dict[str, str], set
     await _no_bench_schemas(settings)
 
 
+@pytest.mark.slow
 async def test_workers_latency_memory_and_chart(env: dict[str, str], settings: Settings, tmp_path: Path) -> None:
     report = _bench(env, "--events", "1500", "--rounds", "1", "--workers", "1", "--rates", "300",
                     "--rate-seconds", "2", "--long", "1500", "--out", str(tmp_path))

@@ -86,6 +86,7 @@ async def _log_is_whole(env: dict[str, str], total: int) -> None:
     assert len(events) == total and verify_chain(events) == []
 
 
+@pytest.mark.slow
 async def test_the_log_survives_dev_down_and_a_killed_broker(durable: dict[str, str]) -> None:
     env = durable
     assert await _append(env, 0, 50) == [50] * len(STREAMS)  # 1,000 events
@@ -109,6 +110,7 @@ async def test_the_log_survives_dev_down_and_a_killed_broker(durable: dict[str, 
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.slow
 def test_demo_then_dev_down_then_demo_again_counts_both_runs(durable: dict[str, str]) -> None:
     env = durable
     first = runledger(env, "demo", "--executions", "5", "--timeout", "200")
@@ -142,6 +144,7 @@ async def _produce(env: dict[str, str], topic: str, first: int, count: int) -> d
         await producer.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victims", [("broker",), ("store",), ("broker", "store"), ("store", "broker")])
 async def test_every_acknowledged_record_stays_at_its_offset_through_kill_9(durable: dict[str, str],
                                                                             victims: tuple[str, ...]) -> None:
@@ -162,6 +165,7 @@ async def test_every_acknowledged_record_stays_at_its_offset_through_kill_9(dura
     assert log == acked
 
 
+@pytest.mark.slow
 async def test_under_load_with_a_worker_kill_9_loses_nothing_and_the_tables_equal_the_log(
         durable: dict[str, str]) -> None:
     """Appenders and a worker at work while the broker and its store are killed and `dev up` brings them back:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from runledger.schemas.chain import verify_chain
@@ -62,6 +63,7 @@ async def test_after_flushall_every_stream_goes_on_at_its_seq(env: dict[str, str
     assert done.returncode == 0 and done.stdout == "", done.stdout + done.stderr
 
 
+@pytest.mark.slow
 async def test_after_a_redis_restart_without_its_data_every_stream_goes_on(
         tmp_path: Path, env: dict[str, str]) -> None:
     (port,) = free_ports(1)

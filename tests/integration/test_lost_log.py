@@ -37,6 +37,7 @@ def runledger(env: dict[str, str], *args: str, timeout: float = 200) -> subproce
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 async def test_demo_after_dev_down_names_the_cause_and_the_fix_works(own_broker: dict[str, str]) -> None:
     env = own_broker
     settings = settings_of(env)
@@ -80,6 +81,7 @@ async def test_demo_after_dev_down_names_the_cause_and_the_fix_works(own_broker:
         await conn.close()
 
 
+@pytest.mark.slow
 def test_a_rebuild_refuses_a_log_that_no_longer_holds_what_was_projected(own_broker: dict[str, str]) -> None:
     env = own_broker
     first = runledger(env, "demo", "--executions", "6", "--timeout", "120")

@@ -88,6 +88,7 @@ async def test_invalid_append_names_the_field_and_publishes_nothing(
     assert [orjson.loads(r.value)["subject"] for r in await read_log(settings)] == ["exec-0"]
 
 
+@pytest.mark.slow
 async def test_eight_concurrent_producer_processes_never_fork_a_chain(env: dict[str, str],
                                                                       settings: Settings) -> None:
     async with EventProducer(settings) as producer:
@@ -102,6 +103,7 @@ async def test_eight_concurrent_producer_processes_never_fork_a_chain(env: dict[
     assert verify_chain(events) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["die-before-publish", "die-after-publish"])
 async def test_a_producer_killed_mid_append_blocks_and_forks_nothing(env: dict[str, str], moment: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -190,6 +191,7 @@ def returns_data(answer: dict[str, Any]) -> str | None:
     return None if all(math.isfinite(v) for v in values) else f"values {values}"
 
 
+@pytest.mark.slow
 async def test_prometheus_scrapes_a_worker_under_load_and_every_query_returns_data(
         env: dict[str, str], tmp_path: Path) -> None:
     schema = f"p_{uuid.uuid4().hex[:12]}"

@@ -34,6 +34,7 @@ def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return done  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_built_wheel_runs_the_demo_outside_the_repository(tmp_path: Path, env: dict[str, str], schema: str) -> None:
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
          timeout=300)

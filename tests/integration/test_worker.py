@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from runledger.projections.postgres.checksum import table_checksums
 from runledger.schemas.checkpoint import Signer
@@ -76,6 +77,7 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
         await conn.close()
 
 
+@pytest.mark.slow
 async def test_a_worker_starts_without_a_faust_group_even_after_others_left(env: dict[str, str]) -> None:
     """Faust's own consumer group would hold every task back until it settles, which the embedded broker
     sometimes never lets happen after members leave: the worker reads Kafka only with consumers of its own."""

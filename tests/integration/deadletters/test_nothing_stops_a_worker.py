@@ -93,6 +93,7 @@ async def _settled(conn: asyncpg.Connection, letters: int, projected: int) -> li
     return rows if len(rows) >= letters and count >= projected else None
 
 
+@pytest.mark.slow
 async def test_poison_on_every_partition_stops_no_worker_and_a_successor_after_kill_9_does_the_same(
         worker_env: tuple[dict[str, str], asyncpg.Connection]) -> None:
     env, conn = worker_env
@@ -131,6 +132,7 @@ async def test_poison_on_every_partition_stops_no_worker_and_a_successor_after_k
     assert parked == 2 * PARTITIONS * 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_signal_during_each_retry_wait_loses_nothing(
         worker_env: tuple[dict[str, str], asyncpg.Connection], signum: signal.Signals) -> None:
@@ -183,6 +185,7 @@ async def test_a_signal_during_each_retry_wait_loses_nothing(
     assert await conn.fetchval("SELECT count(*) FROM audit_log") == 2 * len(chains)
 
 
+@pytest.mark.slow
 async def test_paused_past_the_session_timeout_five_times_it_carries_on_exactly_once(
         worker_env: tuple[dict[str, str], asyncpg.Connection]) -> None:
     env, conn = worker_env

@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from runledger.streams.dev.fleet import simulate_fleet
@@ -133,6 +134,7 @@ async def test_each_permanent_reason_is_dead_lettered_and_the_worker_goes_on(env
         await conn.close()
 
 
+@pytest.mark.slow
 async def test_postgres_gone_for_ten_seconds_loses_nothing_and_keeps_seq_order(env: dict[str, str]) -> None:
     schema = f"po_{uuid.uuid4().hex[:12]}"
     settings = settings_of(env)

@@ -32,6 +32,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 async def test_the_page_draws_every_panel_in_chromium(schema: str, pool: asyncpg.Pool, store: ProjectionStore,
                                                       env: dict[str, str], tmp_path: Path) -> None:
     await ProjectionStore.save_catalog(pool, store.catalog)

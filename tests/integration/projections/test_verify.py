@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.postgres.verify import ProjectionReport, verify_chains, verify_projection
@@ -186,6 +187,7 @@ async def test_attested_streams_are_not_derived_again_until_their_events_or_rows
 
 
 
+@pytest.mark.slow
 async def test_bench_verify_prints_the_rates_of_each_check(schema: str, pool: asyncpg.Pool, store: ProjectionStore,
                                                            env: dict[str, str]) -> None:
     await ProjectionStore.save_catalog(pool, store.catalog)
