@@ -221,7 +221,7 @@ class ObjectStore:
         due, self._due = self._due, set()
         for partition in due:
             try:
-                self._merge(self._db, partition)
+                self._merge(partition)
             except Exception:  # noqa: BLE001 - merging is an optimisation: the batches stay as they are
                 log.exception("could not merge the batches of %s", partition)
 
@@ -230,22 +230,19 @@ class ObjectStore:
         self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
         return self._last_us
 
-    def _merge(self, db: sqlite3.Connection, partition: str) -> None:
+    def _merge(self, partition: str) -> None:
         """Merge the partition's unmerged batches (all but the newest) into the batch before them, when enough
         of them wait; then forget what was retired more than ``retire_s`` ago."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            waiting = db.execute("SELECT count(*) FROM objects WHERE partition = ? AND merged = 0 "
-                                 "AND retired_us IS NULL", (partition,)).fetchone()[0]
-            if waiting <= self.merge_run:
-                db.execute("COMMIT")
+        with self._transaction() as db:
+            if db.execute("SELECT count(*) FROM objects WHERE partition = ? AND merged = 0 AND retired_us IS NULL",
+                          (partition,)).fetchone()[0] <= self.merge_run:
                 return
             rows = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? AND merged = 0 "
                               "AND retired_us IS NULL ORDER BY key", (partition,)).fetchall()[:-1]
             before = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? "
                                 "AND retired_us IS NULL AND key < ? ORDER BY key DESC LIMIT 1",
                                 (partition, rows[0][1])).fetchone()
-            if before is not None and len(before[3]) < self.merge_bytes:  # merged before: the open one
+            if before is not None and len(before[3]) < self.merge_bytes:  # merged before, and not full yet
                 rows.insert(0, before)
             now = self._tick()
             for group in self._groups(rows):
@@ -259,10 +256,6 @@ class ObjectStore:
                 else:
                     db.execute("UPDATE objects SET merged = 1 WHERE id = ?", (ids[0],))
             db.execute("DELETE FROM objects WHERE retired_us < ?", (now - self.retire_us,))
-            db.execute("COMMIT")
-        except Exception:
-            db.execute("ROLLBACK")
-            raise
 
     def _groups(self, rows: list[Any]) -> list[list[tuple[int, str, int, int, Batch | None]]]:
         """Consecutive runs of plain batches, each of at most ``merge_bytes``; anything else stands alone."""

@@ -277,7 +277,11 @@ async def _serve_connection(app: S3App, reader: asyncio.StreamReader, writer: as
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                 return
             request_line, *lines = head.decode("latin-1").split("\r\n")
-            method, target, version = request_line.split(" ", 2)
+            try:
+                method, target, version = request_line.split(" ", 2)
+            except ValueError:  # not HTTP: answered once, then the connection is closed
+                writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
             headers = {}
             for line in lines:
                 if line:

@@ -53,3 +53,20 @@ async def test_workers_latency_memory_and_chart(env: dict[str, str], settings: S
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert orjson.loads((tmp_path / "bench.json").read_bytes()) == report
     await _no_bench_schemas(settings)
+
+
+def test_bench_log_reports_both_rates_per_slice_and_deletes_its_topic(env: dict[str, str]) -> None:
+    done = subprocess.run([*CLI, "bench-log", "--records", "2500", "--slice", "1000", "--partitions", "3",
+                           "--keys", "20", "--batch", "50", "--json"], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    for name in ("produce", "consume"):
+        s = report[name]
+        assert len(s["per_slice"]) == 3 and all(rate > 0 for rate in s["per_slice"])
+        assert s["min"] <= s["median"] <= s["max"] and s["last_over_first"] > 0
+    assert report["records"] == 2500 and report["storage"] == "memory" and report["objects_per_partition"] is None
+    assert "consumed 2,500 records" in done.stderr
+    refused = subprocess.run([*CLI, "bench-log", "--records", "0"], env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "at least 1" in refused.stderr
