@@ -335,8 +335,8 @@ async def serve(directory: Path, host: str, port: int, buckets: list[str], *, fs
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with server:
-            await stop.wait()
+        await stop.wait()
+        server.close()  # every write answered is committed: the open connections are not waited for
     finally:
         store.close()
 

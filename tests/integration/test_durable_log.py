@@ -184,7 +184,9 @@ async def test_under_load_with_a_worker_kill_9_loses_nothing_and_the_tables_equa
                         events = [NewEvent("execution.started", {"workflow": "w"}),
                                   NewEvent("step.started", {"step_id": "s1", "name": "n"}),
                                   NewEvent("step.completed", {"step_id": "s1"})]
-                        acked.extend(a.id for a in await producer.append_batch(f"load-{n}-{i}", events))
+                        async with asyncio.timeout(60):  # an append that hangs is a failed one: named below
+                            appended = await producer.append_batch(f"load-{n}-{i}", events)
+                        acked.extend(a.id for a in appended)
                         i += 1
             except Exception:  # noqa: BLE001 - the broker is down: that stream is left, a new one begun
                 i += 1
@@ -198,7 +200,10 @@ async def test_under_load_with_a_worker_kill_9_loses_nothing_and_the_tables_equa
         before = len(acked)
         await poll(lambda: asyncio.sleep(0, len(acked) > before + 300), 90, "appends after the restart")
         stop.set()
-        await asyncio.gather(*tasks)
+        done, hanging = await asyncio.wait(tasks, timeout=90)
+        assert not hanging, f"appenders still busy 90 s after the stop: {[t.get_stack() for t in hanging]}"
+        for task in done:
+            task.result()
         conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
         try:
             async def tables_equal_log() -> bool:
