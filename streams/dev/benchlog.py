@@ -91,7 +91,7 @@ async def _consume(servers: str, topic: str, partitions: int, records: int, slic
         count, since, mark = 0, 0, slice_size
         started = last_record = time.perf_counter()
         while count < records:
-            fetched = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=min(10_000, slice_size))
             now = time.perf_counter()
             if not fetched:
                 if now - last_record > 60:

@@ -18,7 +18,7 @@ from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 from tests.conftest import CLI
-from tests.integration.conftest import read_log
+from tests.integration.conftest import poll, read_log
 
 DEADLINE_S = 120
 
@@ -68,8 +68,11 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
             size = await conn.fetchval(f'SELECT max(size) FROM "{schema}".checkpoints')
             await asyncio.sleep(0.5)
         assert size == total
-        published = await read_log(settings, settings.checkpoints_topic)
-        assert str(total) in [r.value.decode().split("\n")[1] for r in published if r.value]
+        async def published() -> bool:  # the outbox publishes the note after the row commits
+            notes = await read_log(settings, settings.checkpoints_topic)
+            return str(total) in [r.value.decode().split("\n")[1] for r in notes if r.value]
+
+        await poll(published, 30, f"the checkpoint of size {total} on {settings.checkpoints_topic}")
     finally:
         worker.terminate()
         await asyncio.to_thread(worker.communicate, timeout=30)
