@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -365,12 +366,11 @@ async def test_a_demo_killed_stops_its_worker(live: tuple[dict[str, str], Settin
         demo.terminate()
         assert await asyncio.to_thread(demo.wait, 60) == 143
 
-        async def worker_gone() -> bool | None:
+        async def worker_gone() -> bool | None:  # exited: gone, or a zombie its new parent (init) has not reaped
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE or None
+            except psutil.NoSuchProcess:
                 return True
-            return None
 
         await poll(worker_gone, 30, f"the demo's worker (pid {pid}) to stop")
     finally:
