@@ -54,27 +54,37 @@ async def bench_log(settings: Settings, *, records: int, slice_size: int, partit
             "kept": keep}
 
 
+class _Slices:
+    """The rate of each slice of ``size`` records, a slice ending at the first count at or past its mark."""
+
+    def __init__(self, size: int, total: int, verb: str, progress: Callable[[str], None]) -> None:
+        self.size, self.total, self.verb, self.progress = size, total, verb, progress
+        self.rates: list[float] = []
+        self._started, self._since, self._mark = time.perf_counter(), 0, size
+
+    def reached(self, count: int) -> None:
+        if count >= self._mark or count >= self.total:
+            now = time.perf_counter()
+            self.rates.append((count - self._since) / (now - self._started))
+            self.progress(f"{self.verb} {count:,} records: {self.rates[-1]:,.0f}/s in the last slice")
+            self._started, self._since, self._mark = now, count, self._mark + self.size
+
+
 async def _produce(servers: str, topic: str, records: int, slice_size: int, keys: int, batch: int,
                    value_bytes: int, progress: Callable[[str], None]) -> list[float]:
     producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, max_batch_size=1 << 20)
     await producer.start()
-    rates: list[float] = []
+    slices = _Slices(slice_size, records, "produced", progress)
     try:
         value = os.urandom(value_bytes // 2).hex().encode()
-        started, since, mark = time.perf_counter(), 0, slice_size
         for first in range(0, records, batch):
             sent = [await producer.send(topic, value, key=b"key-%d" % (i % keys))
                     for i in range(first, min(first + batch, records))]
             await asyncio.gather(*sent)
-            done = first + len(sent)
-            if done >= mark or done == records:  # a slice ends at the first whole batch past its mark
-                now = time.perf_counter()
-                rates.append((done - since) / (now - started))
-                progress(f"produced {done:,} records: {rates[-1]:,.0f}/s in the last slice")
-                started, since, mark = now, done, mark + slice_size
+            slices.reached(first + len(sent))
     finally:
         await producer.stop()
-    return rates
+    return slices.rates
 
 
 async def _consume(servers: str, topic: str, partitions: int, records: int, slice_size: int,
@@ -82,30 +92,25 @@ async def _consume(servers: str, topic: str, partitions: int, records: int, slic
     consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
-    rates: list[float] = []
+    slices = _Slices(slice_size, records, "consumed", progress)
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, 0)
-        count, since, mark = 0, 0, slice_size
-        started = last_record = time.perf_counter()
+        count, last_record = 0, time.perf_counter()
         while count < records:
             fetched = await consumer.getmany(timeout_ms=1000, max_records=min(10_000, slice_size))
-            now = time.perf_counter()
             if not fetched:
-                if now - last_record > 60:
+                if time.perf_counter() - last_record > 60:
                     raise TransientError(f"{topic} sent nothing for 60 s after {count:,} of {records:,} records")
                 continue
-            last_record = now
+            last_record = time.perf_counter()
             count += sum(len(batch) for batch in fetched.values())
-            if count >= mark or count >= records:
-                rates.append((count - since) / (now - started))
-                progress(f"consumed {count:,} records: {rates[-1]:,.0f}/s in the last slice")
-                started, since, mark = now, count, mark + slice_size
+            slices.reached(count)
     finally:
         await consumer.stop()
-    return rates
+    return slices.rates
 
 
 def _objects_per_partition(settings: Settings, topic: str, partitions: int) -> list[int] | None:

