@@ -151,12 +151,14 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     fleet = simulate_fleet(executions, seed=seed, run_tag=run_tag)
     # Killed (SIGTERM), the demo still stops its worker: the default handler would end it without ``finally``.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    worker = _Worker(settings)
-    log(f"worker    started  pid {worker.pid}, log in {worker.log_path}")
-    try:
+    worker = None
+    try:  # the worker started is stopped wherever the signal comes, even before its start is announced
+        worker = _Worker(settings)
+        log(f"worker    started  pid {worker.pid}, log in {worker.log_path}")
         summary = asyncio.run(_run(settings, fleet, run_tag, worker, timeout=timeout, progress=progress, out=out))
     finally:
-        worker.stop()
+        if worker is not None:
+            worker.stop()
     print_summary(summary, out)
     record = asyncio.run(_attest(settings, out))
     began = min(e.time for run in fleet for e in run.events if e.time is not None)
