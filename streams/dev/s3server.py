@@ -16,7 +16,7 @@ import base64
 import contextlib
 import email.utils
 import functools
-import hashlib
+import itertools
 import logging
 import os
 import signal
@@ -33,6 +33,7 @@ __all__ = ["main", "serve"]
 log = logging.getLogger(__name__)
 _XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 _MAX_BODY = 64 * 1024 * 1024
+_IDS = itertools.count(1)  # request ids, as S3 gives each answer
 _REASONS = {200: "OK", 204: "No Content", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request",
             404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 412: "Precondition Failed",
             413: "Payload Too Large", 416: "Range Not Satisfiable", 500: "Internal Server Error",
@@ -263,6 +264,8 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
                 return b"".join(chunks)
             chunks.append(await reader.readexactly(size))
             await reader.readexactly(2)
+            if sum(map(len, chunks)) > _MAX_BODY:
+                raise _Refused(413, "EntityTooLarge", "the body is more than this store takes")
     length = int(headers.get("content-length", "0"))
     if length > _MAX_BODY:
         raise _Refused(413, "EntityTooLarge", f"{length} bytes is more than this store takes")
@@ -289,18 +292,25 @@ async def _serve_connection(app: S3App, reader: asyncio.StreamReader, writer: as
                     headers[name.strip().lower()] = value.strip()
             if headers.get("expect", "").lower() == "100-continue":
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request_id = hashlib.md5(head, usedforsecurity=False).hexdigest()[:16]
+            close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
             try:
                 body = await _read_body(reader, headers)
-                status, answer, data = app(method, target, headers, body)
-            except StoreError as refused:
+            except (StoreError, ValueError) as bad:  # a body not read whole: nothing more can be read after it
+                body, close = None, True
+                refused = bad if isinstance(bad, StoreError) else _Refused(400, "InvalidRequest", str(bad))
                 status, answer, data = _error(refused.status, refused.code, str(refused), target)
-            except Exception as failed:  # noqa: BLE001 - answered, logged; the connection goes on
-                log.exception("%s %s failed", method, target)
-                status, answer, data = _error(500, "InternalError", repr(failed), target)
-            close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
-            log.debug("%s %s %s %s", method, target, {k: v for k, v in headers.items() if k.startswith("if")}, status)
-            lines_out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"x-amz-request-id: {request_id}",
+            if body is not None:
+                try:
+                    status, answer, data = app(method, target, headers, body)
+                except StoreError as refused:
+                    status, answer, data = _error(refused.status, refused.code, str(refused), target)
+                except Exception as failed:  # noqa: BLE001 - answered, logged; the connection goes on
+                    log.exception("%s %s failed", method, target)
+                    status, answer, data = _error(500, "InternalError", repr(failed), target)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s %s %s", method, target, {k: v for k, v in headers.items() if k.startswith("if")},
+                          status)
+            lines_out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"x-amz-request-id: {next(_IDS):x}",
                          f"Date: {email.utils.formatdate(usegmt=True)}"]
             if "Content-Length" not in answer:
                 lines_out.append(f"Content-Length: {0 if method == 'HEAD' or status == 304 else len(data)}")
@@ -322,7 +332,7 @@ async def _serve_connection(app: S3App, reader: asyncio.StreamReader, writer: as
 
 
 async def serve(directory: Path, host: str, port: int, buckets: list[str], *, fsync: bool = False) -> None:
-    """Serve the store kept in ``directory`` until SIGTERM or SIGINT; queued writes are finished first."""
+    """Serve the store kept in ``directory`` until SIGTERM or SIGINT (every write answered is committed)."""
     directory.mkdir(parents=True, exist_ok=True)
     store = ObjectStore(directory / "objects.sqlite3", fsync=fsync)
     try:

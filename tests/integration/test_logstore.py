@@ -10,6 +10,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,3 +188,16 @@ def test_the_store_stops_cleanly_on_sigterm(store: Store) -> None:
     store.process.send_signal(signal.SIGTERM)
     assert store.process.wait(10) == 0
     assert not [p for p in os.listdir(store.directory) if p.endswith("-wal") and os.path.getsize(store.directory / p)]
+
+
+def test_a_body_it_will_not_read_is_refused_and_the_connection_closed(store: Store) -> None:
+    with socket.create_connection(("127.0.0.1", store.port), timeout=10) as sock:
+        sock.sendall(b"PUT /b/big HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):  # the store closes the connection after its answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"EntityTooLarge" in answer
+    with socket.create_connection(("127.0.0.1", store.port), timeout=10) as sock:
+        sock.sendall(b"not http\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+    assert store.request("GET", "/b/big")[0] == 404  # nothing stored, and the store still serves
