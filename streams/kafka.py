@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from runledger.schemas.errors import TransientError
 
@@ -56,16 +57,24 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
     A partition's end is the high watermark of its first fetch response, not the end offset of a ListOffsets
     request: the embedded broker (Tansu 0.6) reports that as the first offset of the partition's most recently
     written batch plus one, so the rest of that batch would go unread. Nor is the end found by waiting until
-    fetches come back empty: under load a fetch can come back empty before the end. Raises TransientError if
-    partitions send nothing for ``stalled_s`` before their end.
+    fetches come back empty: under load a fetch can come back empty before the end. One exception: Tansu moves
+    a partition's high watermark before it writes the batch, so a broker killed in between leaves offsets that
+    will never hold a record (until the next write past them). A partition whose fetches come back empty for
+    ``_HOLE_S`` while it is read past the start of its most recently written batch has nothing more: its end is
+    where it is read to, and a warning says so. Raises TransientError if partitions send nothing for
+    ``stalled_s`` before their end.
     """
     ends: dict[TopicPartition, int] = {}
     progressed = time.monotonic()
     while behind := [tp for tp in tps if tp not in ends or await consumer.position(tp) < ends[tp]]:
         fetched = await consumer.getmany(*behind, timeout_ms=1000, max_records=max_records)
+        idle = time.monotonic() - progressed
         if fetched:
             progressed = time.monotonic()
-        elif time.monotonic() - progressed > stalled_s:
+        elif idle > _HOLE_S and all(tp in ends for tp in behind) and await _holes(consumer, behind, ends):
+            progressed = time.monotonic()
+            continue
+        elif idle > stalled_s:
             raise TransientError(f"partitions {sorted(tp.partition for tp in behind)} of {behind[0].topic} sent "
                                  f"nothing for {stalled_s:.0f} s before their end: is their leader down? Try again")
         for tp in behind:
@@ -79,3 +88,26 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
         if progress is not None:
             progress(ends)
     return ends
+
+
+_HOLE_S = 5.0
+
+
+async def _holes(consumer: AIOKafkaConsumer, behind: list[TopicPartition], ends: dict[TopicPartition, int]) -> bool:
+    """End the partitions of ``behind`` read past the start of their most recently written batch (what Tansu
+    reports as the end offset): the offsets left up to their high watermark hold no record. True if any."""
+    try:
+        async with asyncio.timeout(10):
+            latest = await consumer.end_offsets(behind)
+    except (KafkaError, TimeoutError) as e:
+        log.debug("the end offsets, to tell a hole from a stall: %s", e)
+        return False
+    found = False
+    for tp in behind:
+        position = await consumer.position(tp)
+        if position >= latest[tp]:
+            log.warning("%s partition %d: offsets %d..%d hold no record (the broker stopped between moving its high "
+                        "watermark and writing the batch); read to %d", tp.topic, tp.partition, position,
+                        ends[tp] - 1, position)
+            ends[tp], found = position, True
+    return found

@@ -354,6 +354,9 @@ def down(settings: Settings, *, purge: bool = False) -> list[ServiceStatus]:
                 _terminate(record["pid"], 2.0 if name == "kafka" else 10.0)
                 out.append(ServiceStatus(name, "stopped", _url(settings, name), record["pid"]))
             else:
+                if _running(record):  # a broker whose log store died: stopped all the same
+                    assert record is not None
+                    _terminate(record["pid"], 2.0)
                 state_name = "external" if name not in settings.embedded else "not running"
                 out.append(ServiceStatus(name, state_name, _url(settings, name)))
             if store is not None and _alive(store):  # after the broker: it writes its log there until it stops

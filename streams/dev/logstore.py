@@ -16,10 +16,11 @@ and nothing else of S3:
   are listed in key order, one page of up to 1,000 at a time.
 - Tansu lists every key of a partition on every fetch. So that a partition does not hold one key per batch
   ever produced, runs of small batches are merged (``recordbatch.merge``) into batches of up to
-  ``merge_bytes``: the merged batch takes the first batch's key, the others stop being listed and stay
-  readable for ``retire_s`` (a fetch that listed them before the merge still reads them), and the newest
-  batch always keeps a key of its own (Tansu's end offset is the base of the most recently modified key + 1).
-  Merged keys keep the order of their modification times.
+  ``merge_bytes``: the merged batch takes the first batch's key and its modification time (Tansu's earliest
+  offset is the base of the least recently modified key), the others are deleted, and the newest batch always
+  keeps a key of its own (Tansu's end offset is the base of the most recently modified key + 1). A fetch that
+  listed the deleted keys before the merge gets "not found" for them, fails, and is made again: it must never
+  read a merged batch beside the batches it replaced, as a consumer would then take their records twice.
 """
 
 from __future__ import annotations
@@ -51,13 +52,11 @@ CREATE TABLE IF NOT EXISTS objects (
     content_type TEXT,
     partition TEXT,              -- the records prefix of the Tansu partition a batch object belongs to
     merged INTEGER NOT NULL,     -- 0: a produced batch not yet considered for merging
-    retired_us INTEGER,          -- merged into an earlier key at this time: not listed, still readable a while
     body BLOB NOT NULL           -- last, so that reading the other columns never walks a large body
 );
 CREATE UNIQUE INDEX IF NOT EXISTS objects_key ON objects (bucket, key);
-CREATE INDEX IF NOT EXISTS objects_unmerged ON objects (partition, key) WHERE merged = 0 AND retired_us IS NULL;
-CREATE INDEX IF NOT EXISTS objects_listed ON objects (partition, key) WHERE retired_us IS NULL;
-CREATE INDEX IF NOT EXISTS objects_retired ON objects (retired_us) WHERE retired_us IS NOT NULL;
+CREATE INDEX IF NOT EXISTS objects_unmerged ON objects (partition, key) WHERE merged = 0;
+CREATE INDEX IF NOT EXISTS objects_partition ON objects (partition, key);
 """
 log = logging.getLogger(__name__)
 _BATCH_KEY = re.compile(r"(?P<partition>.+/partitions/\d+/records/)(?P<offset>\d{20})\.batch")
@@ -115,10 +114,10 @@ class ObjectStore:
     serves it in place rather than hand it to a thread and back.
     """
 
-    def __init__(self, path: Path, *, fsync: bool = False, merge_bytes: int = 1024 * 1024, merge_run: int = 32,
-                 retire_s: float = 60.0) -> None:
+    def __init__(self, path: Path, *, fsync: bool = False, merge_bytes: int = 1024 * 1024,
+                 merge_run: int = 32) -> None:
         self.path = path
-        self.merge_bytes, self.merge_run, self.retire_us = merge_bytes, merge_run, int(retire_s * 1e6)
+        self.merge_bytes, self.merge_run = merge_bytes, merge_run
         self._db = _connect(path, fsync)
         self._db.executescript(_SCHEMA)
         self._last_us: int = self._db.execute("SELECT coalesce(max(mtime_us), 0) FROM objects").fetchone()[0]
@@ -143,7 +142,7 @@ class ObjectStore:
         return self._db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone() is not None
 
     def get(self, bucket: str, key: str, *, body: bool = True) -> ObjectInfo:
-        """The object at ``key`` (a retired one too: it is still readable), or ``Missing``."""
+        """The object at ``key``, or ``Missing``."""
         columns = "key, etag, size, mtime_us, content_type" + (", body" if body else "")
         row = self._db.execute(f"SELECT {columns} FROM objects WHERE bucket = ? AND key = ?",  # noqa: S608
                                (bucket, key)).fetchone()
@@ -159,7 +158,7 @@ class ObjectStore:
             raise NoBucket(bucket)
         start = max(prefix, after)
         query = ("SELECT key, etag, size, mtime_us FROM objects WHERE bucket = ? AND key >= ? AND key != ? "
-                 "AND retired_us IS NULL {} ORDER BY key LIMIT ?")
+                 "{} ORDER BY key LIMIT ?")
         if prefix:
             # every key with the prefix sorts below the prefix followed by the highest code point
             rows = self._db.execute(query.format("AND key < ?"), (bucket, start, after, prefix + "\U0010ffff",
@@ -176,8 +175,9 @@ class ObjectStore:
 
     def delete_bucket(self, bucket: str) -> None:
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM objects WHERE bucket = ? AND retired_us IS NULL LIMIT 1",
-                          (bucket,)).fetchone():
+            if not self.bucket_exists(bucket):
+                raise NoBucket(bucket)
+            if db.execute("SELECT 1 FROM objects WHERE bucket = ? LIMIT 1", (bucket,)).fetchone():
                 raise Conflict(bucket)
             db.execute("DELETE FROM objects WHERE bucket = ?", (bucket,))
             db.execute("DELETE FROM buckets WHERE name = ?", (bucket,))
@@ -191,8 +191,7 @@ class ObjectStore:
         with self._transaction() as db:
             if not self.bucket_exists(bucket):
                 raise NoBucket(bucket)
-            current = db.execute("SELECT etag FROM objects WHERE bucket = ? AND key = ? AND retired_us IS NULL",
-                                 (bucket, key)).fetchone()
+            current = db.execute("SELECT etag FROM objects WHERE bucket = ? AND key = ?", (bucket, key)).fetchone()
             if if_none_match is not None and current is not None and (
                     if_none_match.strip() == "*" or etag_matches(current[0], if_none_match)):
                 raise PreconditionFailed(key)
@@ -203,7 +202,7 @@ class ObjectStore:
                     raise PreconditionFailed(key)
             mtime = self._tick()
             db.execute("INSERT OR REPLACE INTO objects (bucket, key, etag, size, mtime_us, content_type, partition,"
-                       " merged, retired_us, body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, ?)",
+                       " merged, body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
                        (bucket, key, etag, len(body), mtime, content_type, found and found["partition"], body))
         if found:
             self._due.add(found["partition"])
@@ -232,45 +231,47 @@ class ObjectStore:
 
     def _merge(self, partition: str) -> None:
         """Merge the partition's unmerged batches (all but the newest) into the batch before them, when enough
-        of them wait; then forget what was retired more than ``retire_s`` ago."""
+        of them wait."""
         with self._transaction() as db:
-            if db.execute("SELECT count(*) FROM objects WHERE partition = ? AND merged = 0 AND retired_us IS NULL",
+            if db.execute("SELECT count(*) FROM objects WHERE partition = ? AND merged = 0",
                           (partition,)).fetchone()[0] <= self.merge_run:
                 return
-            rows = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? AND merged = 0 "
-                              "AND retired_us IS NULL ORDER BY key", (partition,)).fetchall()[:-1]
-            before = db.execute("SELECT id, key, mtime_us, body FROM objects WHERE partition = ? "
-                                "AND retired_us IS NULL AND key < ? ORDER BY key DESC LIMIT 1",
-                                (partition, rows[0][1])).fetchone()
-            if before is not None and len(before[3]) < self.merge_bytes:  # merged before, and not full yet
+            rows = db.execute("SELECT id, key, body FROM objects WHERE partition = ? AND merged = 0 "
+                              "ORDER BY key", (partition,)).fetchall()[:-1]
+            before = db.execute("SELECT id, key, body FROM objects WHERE partition = ? AND key < ? "
+                                "ORDER BY key DESC LIMIT 1", (partition, rows[0][1])).fetchone()
+            if before is not None and len(before[2]) < self.merge_bytes:  # merged before, and not full yet
                 rows.insert(0, before)
-            now = self._tick()
             for group in self._groups(rows):
                 ids = [row[0] for row in group]
-                if len(group) > 1:
-                    body = merge([(offset, batch) for _, _, _, offset, batch in group if batch is not None])
-                    db.execute("UPDATE objects SET body = ?, etag = ?, size = ?, mtime_us = ?, merged = 1 WHERE id = ?",
-                               (body, etag_of(body), len(body), max(row[2] for row in group), ids[0]))
-                    db.executemany("UPDATE objects SET retired_us = ?, merged = 1 WHERE id = ?",
-                                   [(now, i) for i in ids[1:]])
-                else:
+                if len(group) == 1:
                     db.execute("UPDATE objects SET merged = 1 WHERE id = ?", (ids[0],))
-            db.execute("DELETE FROM objects WHERE retired_us < ?", (now - self.retire_us,))
+                    continue
+                try:
+                    body = merge([(offset, batch) for _, _, offset, batch in group if batch is not None])
+                except BatchFormatError as e:  # records a CRC does not show wrong: the batches stay as they are
+                    log.warning("batches %s..%s of %s are kept unmerged: %s", group[0][1], group[-1][1], partition, e)
+                    db.executemany("UPDATE objects SET merged = 1 WHERE id = ?", [(i,) for i in ids])
+                    continue
+                db.execute("UPDATE objects SET body = ?, etag = ?, size = ?, merged = 1 WHERE id = ?",
+                           (body, etag_of(body), len(body), ids[0]))  # keeps the first batch's time
+                db.executemany("DELETE FROM objects WHERE id = ?", [(i,) for i in ids[1:]])
 
-    def _groups(self, rows: list[Any]) -> list[list[tuple[int, str, int, int, Batch | None]]]:
-        """Consecutive runs of plain batches, each of at most ``merge_bytes``; anything else stands alone."""
-        groups: list[list[tuple[int, str, int, int, Batch | None]]] = []
+    def _groups(self, rows: list[Any]) -> list[list[tuple[int, str, int, Batch | None]]]:
+        """Consecutive runs of plain batches, each of at most ``merge_bytes``; anything else stands alone.
+        ``rows``: (id, key, body) in key order; each part: (id, key, base offset, batch or None if unreadable)."""
+        groups: list[list[tuple[int, str, int, Batch | None]]] = []
         end = size = -1
-        for row_id, key, mtime, body in rows:
+        for row_id, key, body in rows:
             offset = int(key[-26:-6])
             try:
                 batch: Batch | None = parse(body)
             except BatchFormatError:
                 batch = None
-            part = (row_id, key, mtime, offset, batch)
-            if (batch is not None and batch.plain and groups and offset == end and groups[-1][-1][4] is not None
-                    and size + len(batch.records) <= self.merge_bytes
-                    and batch.attributes == groups[-1][0][4].attributes):  # type: ignore[union-attr]
+            part = (row_id, key, offset, batch)
+            first = groups[-1][0][3] if groups else None
+            if (batch is not None and batch.plain and offset == end and first is not None
+                    and size + len(batch.records) <= self.merge_bytes and batch.attributes == first.attributes):
                 groups[-1].append(part)
                 size += len(batch.records)
             else:

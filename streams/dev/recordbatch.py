@@ -7,7 +7,7 @@ count, records), and takes each batch's base offset from the object's key, not f
 does not grow with every produce. A merged batch holds the same records with the same offsets, timestamps,
 keys, values and headers: each record keeps its bytes after its first three fields, and only its offset and
 timestamp deltas, which are relative to the batch, are written anew. Only plain batches are merged
-(uncompressed, not transactional, not control, no producer id); anything else is left as it is.
+(uncompressed, create time, not transactional, not control, no producer id); anything else is left as it is.
 
 Pure: no I/O. Layout: https://kafka.apache.org/documentation/#recordbatch
 """
@@ -26,7 +26,7 @@ __all__ = ["HEADER", "Batch", "BatchFormatError", "merge", "parse"]
 HEADER = struct.Struct(">qiibIhiqqqhii")
 _CRC_FROM = 21  # the CRC covers everything from the attributes on
 _LENGTH_FROM = 12  # the batch length counts everything after itself
-_NOT_PLAIN = 0x07 | 0x10 | 0x20  # compression codec, transactional, control
+_NOT_PLAIN = 0x07 | 0x08 | 0x10 | 0x20 | 0x40  # compression, log-append time, transactional, control, delete horizon
 
 
 class BatchFormatError(ValueError):
@@ -52,10 +52,6 @@ class Batch:
     def plain(self) -> bool:
         """Whether it may be merged: uncompressed, not transactional or control, from no idempotent producer."""
         return not self.attributes & _NOT_PLAIN and self.producer_id == -1
-
-    @property
-    def size(self) -> int:
-        return HEADER.size + len(self.records)
 
 
 def parse(data: bytes) -> Batch:
@@ -109,6 +105,9 @@ def merge(parts: list[tuple[int, Batch]]) -> bytes:
         if offset != expected:
             raise BatchFormatError(f"the batch at offset {offset} does not follow the one ending at {expected - 1}")
         expected = offset + batch.last_offset_delta + 1
+        if offset == first_offset:  # its records' deltas are relative to the merged batch already
+            out += batch.records
+            continue
         records, pos = batch.records, 0
         for _ in range(batch.count):
             length, body = _varint(records, pos)

@@ -152,7 +152,11 @@ class S3App:
         except ValueError:
             raise _Refused(400, "InvalidArgument", "max-keys must be an integer") from None
         token = query.get("continuation-token")
-        after = base64.urlsafe_b64decode(token).decode() if token else query.get("start-after", "")
+        try:
+            after = (base64.b64decode(token, altchars=b"-_", validate=True).decode() if token
+                     else query.get("start-after", ""))
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+            raise _Refused(400, "InvalidArgument", "the continuation token is not one this store gave") from None
         encode = (lambda text: quote(text, safe="/")) if query.get("encoding-type") == "url" else (lambda t: t)
         contents, prefixes, last, truncated = self._entries(bucket, prefix, delimiter, after, limit)
         parts = [f'<ListBucketResult xmlns="{_XMLNS}"><Name>{escape(bucket)}</Name>',
@@ -177,6 +181,8 @@ class S3App:
                  limit: int) -> tuple[list[ObjectInfo], list[str], str, bool]:
         """Up to ``limit`` objects and common prefixes after ``after``: (objects, prefixes, the last key or prefix
         given, whether more follow)."""
+        if limit == 0:
+            return [], [], after, False
         if not delimiter:
             page = self.store.listing(bucket, prefix, after, limit + 1)
             return page[:limit], [], page[limit - 1].key if len(page) > limit else after, len(page) > limit
@@ -186,19 +192,19 @@ class S3App:
         while True:
             page = self.store.listing(bucket, prefix, last, 1000)
             for info in page:
-                cut = info.key.find(delimiter, len(prefix))
-                entry = info.key if cut < 0 else info.key[:cut + len(delimiter)]
-                if prefixes and entry == prefixes[-1]:
-                    continue
                 if len(contents) + len(prefixes) == limit:
                     return contents, prefixes, last, True
+                cut = info.key.find(delimiter, len(prefix))
                 if cut < 0:
                     contents.append(info)
-                else:
-                    prefixes.append(entry)
-                last = info.key
-            if len(page) < 1000:
-                return contents, prefixes, last, False
+                    last = info.key
+                    continue
+                prefixes.append(info.key[:cut + len(delimiter)])
+                last = prefixes[-1] + "\U0010ffff"  # past every key under it: list again from there
+                break
+            else:
+                if len(page) < 1000:
+                    return contents, prefixes, last, False
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -295,6 +301,8 @@ async def _serve_connection(app: S3App, reader: asyncio.StreamReader, writer: as
             close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
             try:
                 body = await _read_body(reader, headers)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return  # the client went away mid-body: nothing to answer
             except (StoreError, ValueError) as bad:  # a body not read whole: nothing more can be read after it
                 body, close = None, True
                 refused = bad if isinstance(bad, StoreError) else _Refused(400, "InvalidRequest", str(bad))

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.record.default_records import DefaultRecordBatch
 
@@ -298,3 +298,35 @@ async def test_tansu_keeps_the_object_layout_the_log_store_relies_on(durable: di
     finally:
         conn.close()
     assert {k: v.split(b" ")[0] + b" " + v.split(b" ")[1] for k, v in records.items()} == acked
+
+
+@pytest.mark.slow
+async def test_offsets_the_broker_never_wrote_do_not_stall_a_read_to_the_end(durable: dict[str, str]) -> None:
+    """Tansu moves a partition's high watermark before it writes the batch: a broker killed in between leaves
+    offsets that hold no record. Reading the partition to its end (heads recovery, verify log) must end there,
+    not wait for records that never come; the next records go after the gap."""
+    env, topic = durable, f"{durable['RUNLEDGER_TOPIC_PREFIX']}.hole"
+    await _create_topic(env, topic, 1)
+    acked = await _produce(env, topic, 0, 30)
+    conn = http.client.HTTPConnection("127.0.0.1", _store_port(env), timeout=10)
+    try:  # the watermark moved on by a batch of 5 that was never written, as the killed broker leaves it
+        path = f"/tansu/clusters/tansu_cluster/topics/{topic}/partitions/0000000000/watermark.json"
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        etag, watermark = answer.getheader("ETag") or "", orjson.loads(answer.read())
+        conn.request("PUT", path, orjson.dumps({**watermark, "high": watermark["high"] + 5}), {"If-Match": etag})
+        answer = conn.getresponse()
+        assert answer.status == 200, answer.read()
+        answer.read()
+    finally:
+        conn.close()
+    _kill(env, ("broker",))
+    assert runledger(env, "dev", "up").returncode == 0
+
+    def offsets(records: list[ConsumerRecord[bytes, bytes]]) -> set[tuple[int, int]]:
+        return {(r.partition, r.offset) for r in records}
+
+    assert offsets(await read_log(settings_of(env), topic)) == set(acked)  # ends at the gap, in seconds
+    after = await _produce(env, topic, 30, 10)
+    assert min(offset for _, offset in after) == 35
+    assert offsets(await read_log(settings_of(env), topic)) == set(acked) | set(after)

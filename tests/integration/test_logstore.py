@@ -125,10 +125,40 @@ def test_listings_page_with_prefix_and_delimiter(store: Store) -> None:
     found, prefixes, _ = store.keys("p/", delimiter="/", start_after="p/1999.batch")
     assert found == [k for k in keys if re.fullmatch(r"p/2\d+\.batch", k)] and prefixes == ["p/sub/"]
     assert store.keys("p/", start_after="p/2498.batch")[0] == ["p/2499.batch", "p/sub/a", "p/sub/b"]
+    found, prefixes, root = store.keys("p/", delimiter="/", start_after="p/2499.batch", max_keys="1")
+    assert (found, prefixes, root.findtext(f"{NS}IsTruncated")) == ([], ["p/sub/"], "false")
+    assert store.request("GET", "/b?list-type=2&continuation-token=%%%")[0] == 400
     status, _, body = store.request("POST", "/b?delete", b"<Delete><Object><Key>p/sub/a</Key></Object><Object><Key>"
                                     b"q/x</Key></Object><Quiet>true</Quiet></Delete>")
     assert status == 200, body
     assert store.keys("p/sub/")[0] == ["p/sub/b"] and store.keys("q/")[0] == []
+    assert store.request("DELETE", "/nobucket")[0] == 404
+
+
+def test_a_common_prefix_over_many_pages_is_listed_once(store: Store) -> None:
+    for i in range(1001):
+        assert store.request("PUT", f"/b/h/a/{i:05d}", b"x")[0] == 200
+    assert store.request("PUT", "/b/h/z", b"x")[0] == 200
+    found, prefixes, root = store.keys("h/", delimiter="/")
+    assert (found, prefixes, root.findtext(f"{NS}IsTruncated")) == (["h/z"], ["h/a/"], "false")
+    found, prefixes, root = store.keys("h/", delimiter="/", max_keys="1")
+    assert (found, prefixes, root.findtext(f"{NS}IsTruncated")) == ([], ["h/a/"], "true")
+    token = root.findtext(f"{NS}NextContinuationToken")
+    assert store.keys("h/", delimiter="/", continuation_token=token)[:2] == (["h/z"], [])
+
+
+def test_a_late_batch_merged_into_the_first_leaves_it_the_oldest(store: Store) -> None:
+    """A batch whose write arrives after later ones were merged: the merge must not make the partition's first
+    key look newer than the ones after it (Tansu would report a later earliest offset)."""
+    def put(offset: int) -> None:
+        key = f"{PARTITION}{offset:020d}.batch"
+        assert store.request("PUT", f"/b/{key}", build([(offset, b"k", b"v", [])]))[0] == 200
+
+    for offset in [*range(10), *range(11, 45), 10, *range(45, 80)]:
+        put(offset)
+    contents = list(store.keys(PARTITION)[2].iter(f"{NS}Contents"))
+    times = [e.findtext(f"{NS}LastModified") for e in contents]
+    assert contents[0].findtext(f"{NS}Key", "").endswith(f"{0:020d}.batch") and times[0] == min(times)
 
 
 def test_an_answered_write_survives_kill_9(store: Store) -> None:
@@ -162,8 +192,12 @@ def test_small_batches_merge_and_every_record_stays_readable(store: Store) -> No
         base = int(key[-26:-6])  # as Tansu reads it: the key gives the base offset
         read += [(base + r.offset - batch.base_offset, r.timestamp, r.key, r.value, r.headers) for r in batch]
     assert read == expected
-    retired = sorted(set(keys) - set(listed))
-    assert retired and store.request("GET", f"/b/{retired[0]}")[0] == 200  # still there for a fetch that listed it
+    # A fetch that listed a merged-away key must fail and be made again, never read it beside the merged batch
+    # (the client would take its records twice).
+    merged_away = sorted(set(keys) - set(listed))
+    assert merged_away and all(store.request("GET", f"/b/{key}")[0] == 404 for key in merged_away)
+    times = [e.findtext(f"{NS}LastModified") for e in store.keys(PARTITION)[2].iter(f"{NS}Contents")]
+    assert times == sorted(times)  # the earliest offset is the least recently modified key's, the latest the most
     store.kill()
     store.start()
     assert store.keys(PARTITION)[0] == listed
