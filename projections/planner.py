@@ -151,6 +151,7 @@ class Plan:
     parks: list[Row] = field(default_factory=list)
     unparks: list[Row] = field(default_factory=list)
     offsets: list[tuple[str, int, int, str]] = field(default_factory=list)  # topic, partition, next, SHA-256
+    fresh: list[LogRecord] = field(default_factory=list)  # read from the log now: its trees' next leaves
 
     def counts(self) -> dict[str, int]:
         """Rows written per table, leaving out dead letters and the outbox (the store counts those)."""
@@ -215,6 +216,7 @@ class BatchPlanner:
         plan.heads = [(s, heads[s].seq, heads[s].hash) for s in touched]
         plan.artifacts = list(self._artifacts.values())
         plan.offsets = _offsets(self._records)
+        plan.fresh = [r for r in self._records if r.attempts == 0 and r.dead_letter_id is None]
         plan.result.cost_usd = sum((c[_COST_USD] for c in plan.costs if c[_COST_USD] is not None), Decimal(0))
         return plan
 

@@ -17,10 +17,8 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 
 from runledger.schemas.chain import GENESIS_HASH, Head, stored_hash
-from runledger.schemas.checkpoint import Checkpoint
-from runledger.schemas.merkle import TreeState, leaf_hash
 
-__all__ = ["ChainAuditor", "Finding", "LogAuditor", "LogEntry", "LogRecord", "StoredEvent", "TreeAuditor"]
+__all__ = ["ChainAuditor", "Finding", "LogAuditor", "LogEntry", "LogRecord", "StoredEvent"]
 
 
 class StoredEvent(NamedTuple):
@@ -46,8 +44,10 @@ class Finding:
     seq: int | None
     event_id: str | None
     code: str  # not_json | hash_mismatch | row_mismatch | first_missing | seq_gap | seq_duplicate | chain_broken
-    #            | head_mismatch | head_missing | stream_missing; against a checkpoint: leaf_missing | leaf_changed
-    #            | log_shorter | root_mismatch; in the log topic: not_event | log_start_deleted
+    #            | head_mismatch | head_missing | stream_missing; in the log topic: not_event | log_start_deleted;
+    #            PostgreSQL against the log (runledger.schemas.logtrees): audit_differs | audit_not_in_log
+    #            | leaf_index_wrong | record_unaccounted | tree_leaf_differs | tree_longer | tree_root_differs
+    #            | tree_missing; the log against a checkpoint: log_shorter | root_mismatch
     reason: str
     partition: int | None = None  # where in the log topic, for a finding of the log's records
     offset: int | None = None
@@ -336,60 +336,3 @@ def _decoded(raw: bytes) -> dict[str, Any]:
     except (msgspec.DecodeError, RecursionError):
         return {}
     return event if type(event) is dict else {}
-
-
-class TreeAuditor:
-    """Recomputes the transparency log's tree up to a checkpoint's size from the stored events' bytes and
-    compares the root with the checkpoint's. Feed it (leaf index, stream, seq, event id, bytes, stored leaf
-    hash or None) in leaf order with ``check``; ``finish`` says whether the log is the one signed.
-
-    A root that differs says the log before the checkpoint was changed: rewritten, reordered or cut. The first
-    leaf whose bytes no longer give the leaf hash the tree stored names where, unless the tree was rewritten too.
-    """
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self.checkpoint = checkpoint
-        self.events = 0
-        self._tree = TreeState()
-        self._first_changed: Finding | None = None
-        self._cut = False  # leaves are missing: no root can be compared
-
-    def check(self, rows: Iterable[tuple[int, str, int, str, bytes, bytes | None]]) -> Iterator[Finding]:
-        for index, stream_id, seq, event_id, raw, stored in rows:
-            if index >= self.checkpoint.size:
-                return
-            self.events += 1
-            if not self._cut and index != self._tree.size:
-                self._cut = True
-                yield Finding(stream_id, seq, event_id, "leaf_missing",
-                              f"leaves {self._tree.size}..{index - 1} of the checkpoint's log are not stored: "
-                              "events were deleted")
-            try:
-                _, carried, computed = stored_hash(raw)
-            except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as e:
-                yield Finding(stream_id, seq, event_id, "not_json", f"leaf {index}: the stored bytes: {e}")
-                computed = carried = ""
-            if carried != computed:
-                yield Finding(stream_id, seq, event_id, "hash_mismatch",
-                              f"leaf {index}: the event carries hash {carried}, its bytes hash to {computed}")
-            leaf = leaf_hash(bytes.fromhex(computed)) if computed else b""
-            if stored is not None and stored != leaf and self._first_changed is None:
-                self._first_changed = Finding(stream_id, seq, event_id, "leaf_changed",
-                                              f"leaf {index}: the event's bytes no longer give the leaf the tree "
-                                              "stored when it was appended")
-            if not self._cut:
-                self._tree.append(leaf)
-
-    def finish(self) -> Iterator[Finding]:
-        size, root = self.checkpoint.size, self.checkpoint.root
-        if self._cut:
-            return
-        if self._tree.size < size:
-            yield Finding("", None, None, "log_shorter", f"the log holds {self._tree.size:,} leaves, the checkpoint "
-                                                         f"signed {size:,}: events were deleted")
-        elif self._tree.root() != root:
-            if self._first_changed is not None:
-                yield self._first_changed
-            yield Finding("", None, None, "root_mismatch",
-                          f"the first {size:,} leaves have root {self._tree.root().hex()}, the checkpoint signed "
-                          f"{root.hex()}: the log before it was rewritten")

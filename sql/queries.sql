@@ -181,8 +181,10 @@ SELECT (SELECT count(*) FROM outbox) AS outbox,
        (SELECT count(*) FROM dlq_replays) AS replay_runs,
        (SELECT coalesce(jsonb_object_agg(outcome, n), '{}') FROM
            (SELECT outcome, count(*) AS n FROM dlq_replay_items GROUP BY outcome) o) AS replayed,
-       (SELECT size FROM tlog_state) AS tree_size,
-       (SELECT size FROM checkpoints ORDER BY size DESC, id DESC LIMIT 1) AS checkpoint_size,
+       (SELECT coalesce(sum(size), 0) FROM log_trees WHERE retired_at IS NULL) AS tree_size,
+       (SELECT count(*) FROM tree_findings) AS tree_findings,
+       (SELECT sum(size) FROM (SELECT max(size) AS size FROM checkpoints WHERE kafka_partition IS NOT NULL
+                               GROUP BY origin) c) AS checkpoint_size,
        (SELECT extract(epoch FROM max(signed_at)) FROM checkpoints) AS checkpoint_time,
        (SELECT coalesce(jsonb_object_agg(check_name, jsonb_build_object(
             'at', extract(epoch FROM finished_at), 'findings', findings, 'events', events)), '{}')
@@ -334,43 +336,91 @@ WHERE ($1::text IS NULL OR stream_id = $1)
   AND ($2::timestamptz IS NULL OR updated_at >= $2
        OR stream_id IN (SELECT stream_id FROM audit_log WHERE recorded_at >= $2));
 
--- The transparency log (migration 005): a batch appends its audit rows as leaves under this lock.
--- name: tlog_lock
-SELECT size, peaks FROM tlog_state FOR UPDATE;
+-- The transparency logs, one per log partition (migration 012). A batch locks the rows of the partitions it
+-- read fresh records from (their owner's: no other worker takes them), creating a tree on its first leaf.
+-- name: tree_create
+INSERT INTO log_trees (topic, partition) SELECT $1, p FROM unnest($2::int[]) AS p
+ON CONFLICT (topic, partition) WHERE retired_at IS NULL DO NOTHING;
 
--- name: tlog_grow
-UPDATE tlog_state SET size = $1, peaks = $2;
+-- name: tree_lock
+SELECT id, partition, size, next_offset, peaks FROM log_trees
+WHERE topic = $1 AND partition = ANY($2::int[]) AND retired_at IS NULL ORDER BY partition FOR UPDATE;
 
--- name: tlog_head
-SELECT size, peaks FROM tlog_state;
+-- name: tree_grow
+UPDATE log_trees SET size = $2, next_offset = $3, peaks = $4 WHERE id = $1;
+
+-- The leaves of records read before (from a retry topic, a parking, a replay): ($1, $2, $3) one per record.
+-- name: tree_leaves_at
+SELECT want.topic, want.partition, want.kafka_offset, t.id AS tree, n.index FROM
+    unnest($1::text[], $2::int[], $3::bigint[]) AS want(topic, partition, kafka_offset)
+JOIN log_trees t ON t.topic = want.topic AND t.partition = want.partition AND t.retired_at IS NULL
+JOIN log_tree_nodes n ON n.tree = t.id AND n.level = 0 AND n.kafka_offset = want.kafka_offset;
+
+-- name: trees
+SELECT id, topic, partition, size, next_offset, peaks FROM log_trees WHERE retired_at IS NULL AND topic = $1
+ORDER BY partition;
+
+-- name: tree_retire
+UPDATE log_trees SET retired_at = now() WHERE topic = $1 AND partition = $2 AND retired_at IS NULL;
+
+-- name: tree_nodes
+SELECT n.level, n.index, n.hash FROM log_tree_nodes n
+JOIN unnest($2::smallint[], $3::bigint[]) AS want(level, index) USING (level, index) WHERE n.tree = $1;
+
+-- Level 0 of a tree from leaf $2 on, in order: what `verify log` compares with Kafka.
+-- name: tree_leaves
+SELECT index, hash, kafka_offset FROM log_tree_nodes WHERE tree = $1 AND level = 0 ORDER BY index;
+
+-- Audit rows that name no partition of the log topic ($1, $2: its partitions).
+-- name: audit_elsewhere
+SELECT kafka_topic, kafka_partition, kafka_offset, event_id::text, stream_id, seq FROM audit_log
+WHERE kafka_topic <> $1 OR kafka_partition <> ALL($2::int[]);
+
+-- name: tree_leaf_range
+SELECT index, hash, kafka_offset FROM log_tree_nodes WHERE tree = $1 AND level = 0 AND index >= $2 AND index < $3
+ORDER BY index;
+
+-- name: event_leaf
+SELECT a.raw, a.leaf_index, a.kafka_topic, a.kafka_partition, a.kafka_offset, a.tree FROM audit_log a
+WHERE a.event_id = $1::uuid;
 
 -- name: insert_checkpoint
-INSERT INTO checkpoints (origin, size, root, key_name, note) VALUES ($1, $2, $3, $4, $5) RETURNING id, signed_at;
+INSERT INTO checkpoints (origin, size, root, key_name, note, kafka_partition) VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id, signed_at;
 
+-- One signer round of a schema at a time (a worker's timer, `runledger signer`, `runledger checkpoint`).
 -- name: checkpoint_try_lock
 SELECT pg_try_advisory_xact_lock(hashtext('runledger.checkpoint:' || current_schema()));
 
+-- name: checkpoint_lock
+SELECT pg_advisory_xact_lock(hashtext('runledger.checkpoint:' || current_schema()));
+
 -- name: checkpoint_due
--- Not if one was signed within the interval ($2 seconds), nor if the tree has not grown since the last.
-SELECT NOT EXISTS (SELECT 1 FROM checkpoints WHERE origin = $1
-                   AND (signed_at > now() - make_interval(secs => $2) OR size = (SELECT size FROM tlog_state)));
-
--- name: tlog_nodes
-SELECT n.level, n.index, n.hash FROM tlog_nodes n
-JOIN unnest($1::smallint[], $2::bigint[]) AS want(level, index) USING (level, index);
-
--- name: tlog_leaf
-SELECT tlog_index, hash, raw FROM audit_log WHERE event_id = $1::uuid;
+-- Not if one was signed within the interval ($1 seconds).
+SELECT NOT EXISTS (SELECT 1 FROM checkpoints WHERE signed_at > now() - make_interval(secs => $1));
 
 -- name: covering_checkpoint
 SELECT note FROM checkpoints WHERE size > $1 AND origin = $2 ORDER BY size DESC, id DESC LIMIT 1;
 
--- name: verify_leaves
-SELECT a.tlog_index, a.stream_id, a.seq, a.event_id::text, a.raw, n.hash FROM audit_log a
-LEFT JOIN tlog_nodes n ON n.level = 0 AND n.index = a.tlog_index
-WHERE a.tlog_index < $1 ORDER BY a.tlog_index;
+-- name: insert_tree_finding
+INSERT INTO tree_findings (origin, leaf_index, kafka_offset, finding) VALUES ($1, $2, $3, $4);
 
--- `runledger verify projection`: every catalog version, and the rows of the streams named by $1 (an array).
+-- The audit rows of one log partition in log order: `verify log` compares each with the record at its position.
+-- name: audit_at_positions
+SELECT kafka_offset, event_id::text, stream_id, seq, sha256(raw) AS sha256, tree, leaf_index FROM audit_log
+WHERE kafka_topic = $1 AND kafka_partition = $2 ORDER BY kafka_offset, event_id;
+
+-- name: audit_by_ids
+SELECT event_id::text, stream_id, seq, hash, kafka_partition, kafka_offset FROM audit_log
+WHERE event_id = ANY($1::uuid[]);
+
+-- name: letters_at_positions
+SELECT partition, "offset", status FROM dead_letters WHERE topic = $1 AND partition = $2 AND "offset" = ANY($3::bigint[]);
+
+-- name: parked_at_positions
+SELECT kafka_partition, kafka_offset FROM parked_events
+WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset = ANY($3::bigint[]);
+
 -- name: verify_prices
 SELECT version, model, provider, input_usd_per_token, output_usd_per_token, cached_usd_per_token
 FROM model_prices ORDER BY version, model;

@@ -57,8 +57,13 @@ OUTBOX = Gauge("runledger_outbox_backlog_records", "Copies for the retry and dea
 DEAD_OPEN = Gauge("runledger_dead_letters_open", "Dead letters neither replayed nor resolved")
 REPLAY_RUNS = Gauge("runledger_replay_runs", "Dead-letter replay runs recorded")
 REPLAY_RECORDS = Gauge("runledger_replay_records", "Dead letters replayed, by outcome", ["outcome"])
-TREE_SIZE = Gauge("runledger_tlog_size_events", "Events in the transparency log")
-CHECKPOINT_SIZE = Gauge("runledger_checkpoint_size_events", "Tree size the newest signed checkpoint covers")
+TREE_SIZE = Gauge("runledger_tlog_size_events", "Records in the transparency logs (all partitions of the log topic)")
+TREE_FINDINGS = Gauge("runledger_tree_findings", "Disagreements the signer found between PostgreSQL's trees and "
+                      "the log")
+TREE_DISAGREEMENTS = Counter("runledger_tree_disagreements", "Partitions whose tree in PostgreSQL disagreed with the "
+                             "one the signer derived from the log", ["partition"])
+CHECKPOINT_SIZE = Gauge("runledger_checkpoint_size_events", "Records the newest signed checkpoints of all partitions "
+                        "cover")
 CHECKPOINT_TIME = Gauge("runledger_checkpoint_timestamp_seconds", "When the newest checkpoint was signed (Unix time; "
                         "0: none yet)")
 VERIFY_TIME = Gauge("runledger_verify_timestamp_seconds", "When the last `runledger verify` of a check ended (Unix "
@@ -128,6 +133,7 @@ def observe_state(row: Mapping[str, Any]) -> None:
     for outcome, count in row["replayed"].items():
         REPLAY_RECORDS.labels(outcome).set(count)
     TREE_SIZE.set(row["tree_size"] or 0)
+    TREE_FINDINGS.set(row["tree_findings"] or 0)
     CHECKPOINT_SIZE.set(row["checkpoint_size"] or 0)  # none signed yet: 0, so "no checkpoint for long" fires
     CHECKPOINT_TIME.set(float(row["checkpoint_time"] or 0))
     for check, last in row["verified"].items():

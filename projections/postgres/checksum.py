@@ -23,7 +23,7 @@ TABLE_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "costs": ("event_id", ()),
     "artifacts": ("stream_id, artifact_id", ()),
     "audit_log": ("event_id", ("recorded_at", "kafka_topic", "kafka_partition", "kafka_offset", "attempts",
-                               "applied_order", "tlog_index")),
+                               "applied_order", "tree", "leaf_index")),
     "stream_heads": ("stream_id", ("updated_at",)),
 }
 

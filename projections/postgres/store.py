@@ -40,16 +40,17 @@ from runledger.projections.planner import (
 )
 from runledger.projections.postgres.db import RejectedByDatabase, StoreConflict, StoreUnavailable, database_error
 from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.trees import grow
 from runledger.projections.pricing import ModelPrice, PriceCatalog
 from runledger.projections.records import BatchResult, LogRecord, ProcessingFailed, Route, pg_text
 from runledger.projections.rules import ExecutionState, StepState
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import PermanentError
-from runledger.schemas.merkle import TreeState, leaf_hash
 
 __all__ = ["ProjectionStore"]
 
-_AUDIT_HASH = AUDIT_COLUMNS.index("hash")
+_AUDIT_TOPIC, _AUDIT_PARTITION, _AUDIT_OFFSET = (AUDIT_COLUMNS.index(c) for c in ("kafka_topic", "kafka_partition",
+                                                                                "kafka_offset"))
 
 log = logging.getLogger(__name__)
 
@@ -248,22 +249,20 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
         result.rows["outbox"] = len(copies)
     if plan.offsets:
         await conn.executemany(query("save_offset"), [(group_id, *o) for o in plan.offsets])
-    if plan.audit:  # last: the tree's lock, which every worker's batch takes, is held until commit
-        await _append_audit(conn, plan.audit)
+    if plan.audit or plan.fresh:  # last: the locks of the partitions' trees are held until commit
+        await _append_audit(conn, plan)
     result.rows = Counter({table: n for table, n in result.rows.items() if n})
 
 
-async def _append_audit(conn: asyncpg.Connection, audit: list[tuple[Any, ...]]) -> None:
-    """The audit rows, each a leaf of the transparency log: the tree's row is locked (the leaves' order is the
-    order batches commit in), and every perfect subtree the leaves complete is written."""
-    state = await conn.fetchrow(query("tlog_lock"))
-    size = state["size"]
-    tree = TreeState(size, list(state["peaks"]))
-    nodes = [node for row in audit for node in tree.append(leaf_hash(bytes.fromhex(row[_AUDIT_HASH])))]
-    await conn.copy_records_to_table("audit_log", records=[(*row, size + i) for i, row in enumerate(audit)],
-                                     columns=(*AUDIT_COLUMNS, "tlog_index"))
-    await conn.copy_records_to_table("tlog_nodes", records=nodes, columns=("level", "index", "hash"))
-    await conn.execute(query("tlog_grow"), tree.size, tree.peaks)
+async def _append_audit(conn: asyncpg.Connection, plan: Plan) -> None:
+    """The leaves of the records read from the log now, and the audit rows, each with its leaf."""
+    positions = [(row[_AUDIT_TOPIC], row[_AUDIT_PARTITION], row[_AUDIT_OFFSET]) for row in plan.audit]
+    leaves = await grow(conn, plan.fresh, positions)
+    if plan.audit:
+        await conn.copy_records_to_table(
+            "audit_log", records=[(*row, *leaves.get(at, (None, None))) for row, at in zip(plan.audit, positions,
+                                                                                         strict=True)],
+            columns=(*AUDIT_COLUMNS, "tree", "leaf_index"))
 
 
 def _columns(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

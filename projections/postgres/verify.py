@@ -1,6 +1,7 @@
 """``runledger verify``'s database checks: every hash and link of ``audit_log`` recomputed from the stored
 bytes (``verify_chains``), the projection tables compared with what the rules give from those events
-(``verify_projection``), and the stored events against a signed checkpoint (``verify_checkpoint``).
+(``verify_projection``). PostgreSQL against the log itself, and against signed checkpoints, is
+``runledger.streams.tools.verifylog``.
 
 Each reads one snapshot (a read-only, repeatable-read transaction), so the tables agree with each other while
 workers keep writing, and streams the rows in (stream, seq) order through a pure auditor.
@@ -27,12 +28,10 @@ from runledger.projections.postgres.db import StoreUnavailable, connect_one
 from runledger.projections.postgres.queries import query
 from runledger.projections.pricing import ModelPrice, PriceCatalog
 from runledger.schemas.chain import Head
-from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.errors import PermanentError
-from runledger.schemas.verify import ChainAuditor, Finding, TreeAuditor
+from runledger.schemas.verify import ChainAuditor, Finding
 
-__all__ = ["ChainReport", "ProjectionReport", "record_verification", "verify_chains", "verify_checkpoint",
-           "verify_projection"]
+__all__ = ["ChainReport", "ProjectionReport", "record_verification", "verify_chains", "verify_projection"]
 
 _CHUNK = 10_000
 
@@ -79,29 +78,6 @@ async def verify_chains(database_url: str, schema: str, *, stream: str | None = 
     finally:
         await conn.close()
     report.events, report.streams = auditor.events, auditor.streams
-    report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
-    return report
-
-
-async def verify_checkpoint(database_url: str, schema: str, checkpoint: Checkpoint,
-                            progress: Callable[[int, int], None] | None = None) -> ChainReport:
-    """Recompute the transparency log's first ``checkpoint.size`` leaves from the stored events' bytes and
-    compare the root with the checkpoint's: is the log the one that was signed?"""
-    report = ChainReport()
-    started, cpu = time.perf_counter(), time.process_time()
-    auditor = TreeAuditor(checkpoint)
-    conn = await connect_one(database_url, schema)
-    try:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            cursor = await conn.cursor(query("verify_leaves"), checkpoint.size)
-            while rows := await cursor.fetch(_CHUNK):
-                report.findings += auditor.check([tuple(r) for r in rows])
-                if progress is not None:
-                    progress(auditor.events, checkpoint.size)
-            report.findings += auditor.finish()
-    finally:
-        await conn.close()
-    report.events = auditor.events
     report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     return report
 

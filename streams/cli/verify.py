@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runledger.schemas.checkpoint import Checkpoint, Verifier
+from runledger.schemas.checkpoint import Checkpoint, CheckpointError, Verifier
 from runledger.schemas.errors import RunledgerError
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit, utc_time
 from runledger.streams.runtime import tune_gc
@@ -22,13 +22,14 @@ __all__ = ["register"]
 def register(sub: Subparsers) -> None:
     verify = sub.add_parser(
         "verify", help="recompute every hash and link of the stored record and say where it is not intact",
-        description="Checks the record without trusting the tables: `verify chains`, `verify log` (the log topic "
-        "itself, without the database), or `verify --checkpoint FILE`, which recomputes the transparency log's "
-        "leaves from the stored events' bytes up to a checkpoint kept before and compares the root with the one "
-        "it signed (a stream rewritten with a consistent new chain, or deleted whole, is caught there). Exit "
-        "status 0 intact, 1 something is not (each finding names the stream, seq and event id, or the leaf, or "
-        "the log's partition and offset, the check that failed and why).")
-    verify.add_argument("--checkpoint", type=Path, metavar="FILE", help="a signed checkpoint note kept before")
+        description="Checks the record without trusting the tables: `verify chains`, `verify projection`, `verify "
+        "log` (the log topic itself, and PostgreSQL against it), or `verify --checkpoint FILE`, which rebuilds a "
+        "log partition's transparency log from its records up to a signed checkpoint's size, compares the root "
+        "with the signed one, and the partition's stored events under it with the records. Exit status 0 intact, "
+        "1 something is not (each finding names the stream, seq and event id, or the log's partition and offset, "
+        "the check that failed and why).")
+    verify.add_argument("--checkpoint", type=Path, metavar="FILE", help="a signed checkpoint note of a log "
+                        "partition, kept before")
     verify.add_argument("--key", metavar="KEY", help="with --checkpoint: the verifier key, or a file holding it "
                         "(default: the .pub beside RUNLEDGER_CHECKPOINT_KEY)")
     verify.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress "
@@ -80,7 +81,7 @@ def register(sub: Subparsers) -> None:
     projection.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="print the report as one JSON object, no progress bar")
     log = checks.add_parser(
-        "log", help="every stream of the log topic, from its records, without the database",
+        "log", help="the log topic from its records, and PostgreSQL against it",
         description="Reads every partition of the log topic (<prefix>.events) from its start up to where it "
         "ends when the check starts (producers may keep appending), and recomputes each event's hash (SPEC.md "
         "section 3) from the record's bytes, following each stream's chain as its events come: out of seq order "
@@ -89,8 +90,15 @@ def register(sub: Subparsers) -> None:
         "record's partition and offset: hash_mismatch (the bytes were changed), seq_duplicate (another event at "
         "a seq already taken: a fork), chain_broken (a prevhash does not link), first_missing and seq_gap (an "
         "event never came). A record that is not an event is not_json or not_event; a partition whose first "
-        "records retention deleted is log_start_deleted, and the rest is still checked. Exit status 2 if the "
-        "topic does not exist.")
+        "records retention deleted is log_start_deleted, and the rest is still checked. Then PostgreSQL, from one "
+        "snapshot taken before the log is read, partition by partition: audit_differs (an audit_log row is not, "
+        "byte for byte, the record at the log position it records: an event edited, swapped or rewritten), "
+        "audit_not_in_log (a row at a position the log has no record at: a forged event), leaf_index_wrong, "
+        "record_unaccounted (a record before where the partition was projected to that is not in audit_log, "
+        "not a duplicate of an event there, not a dead letter and not parked: an event deleted), "
+        "tree_leaf_differs, tree_longer and tree_root_differs (the partition's stored transparency log is not the "
+        "tree of its records). Exit status 2 if the topic does not exist.")
+    log.add_argument("--no-database", action="store_true", help="check the log topic only")
     log.add_argument("--no-record", action="store_true", default=argparse.SUPPRESS,
                      help="do not keep the result in the verifications table")
     log.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -100,12 +108,7 @@ def register(sub: Subparsers) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.projections.postgres.verify import (
-        ProjectionReport,
-        verify_chains,
-        verify_checkpoint,
-        verify_projection,
-    )
+    from runledger.projections.postgres.verify import ChainReport, ProjectionReport, verify_chains, verify_projection
 
     if (args.check is None) == (args.checkpoint is None):
         print(f"{args.usage().strip()}\nrunledger verify: give either CHECK ({args.checks}) or --checkpoint FILE",
@@ -118,14 +121,17 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
+    report: ChainReport
     try:
         if args.checkpoint is not None:
-            checkpoint = _open_checkpoint(args, settings)
-            report = asyncio.run(verify_checkpoint(settings.database_url, settings.db_schema, checkpoint, progress))
+            from runledger.streams.tools.verifylog import verify_checkpoint
+
+            checkpoint, partition = _open_checkpoint(args, settings)
+            report = asyncio.run(verify_checkpoint(settings, checkpoint, partition, progress))
         elif args.check == "log":
             from runledger.streams.tools.verifylog import verify_log
 
-            report = asyncio.run(verify_log(settings, progress))
+            report = asyncio.run(verify_log(settings, progress, database=not args.no_database))
         elif args.check == "projection":
             attestations = args.attestations or settings.state_dir / f"verified-{settings.db_schema}.json"
             report = asyncio.run(verify_projection(settings.database_url, settings.db_schema, stream=args.stream,
@@ -166,9 +172,14 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.intact else EXIT_INVALID
 
 
-def _open_checkpoint(args: argparse.Namespace, settings: Settings) -> Checkpoint:
-    """The checkpoint in ``--checkpoint``, its signature checked with the verifier key (CheckpointError if not)."""
+def _open_checkpoint(args: argparse.Namespace, settings: Settings) -> tuple[Checkpoint, int]:
+    """The checkpoint in ``--checkpoint``, its signature checked with the verifier key, and the partition of the log
+    topic it is of (CheckpointError if it is of no partition of this deployment's log)."""
+    from runledger.schemas.logtrees import partition_of
     from runledger.streams.tools.checkpoints import verifier_key
 
-    verifier = Verifier(verifier_key(settings, args.key))
-    return verifier.open(args.checkpoint.read_text(), origin=settings.checkpoint_origin)
+    checkpoint = Verifier(verifier_key(settings, args.key)).open(args.checkpoint.read_text())
+    topic, partition = partition_of(checkpoint.origin, settings.checkpoint_origin)
+    if topic != settings.events_topic:
+        raise CheckpointError(f"the checkpoint is of topic {topic}, not of the log topic {settings.events_topic}")
+    return checkpoint, partition

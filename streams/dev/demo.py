@@ -32,7 +32,7 @@ from runledger.streams.dev import WORKER_COMMAND, devstack
 from runledger.streams.dev.fleet import Execution, simulate_fleet
 from runledger.streams.producer.client import append_many
 from runledger.streams.settings import Settings
-from runledger.streams.tools.checkpoints import checkpoint_signer, create_signer_key, publish_checkpoint
+from runledger.streams.tools.checkpoints import checkpoint_signer, create_signer_key, sign_round
 from runledger.streams.tools.htmlreport import write_report
 
 __all__ = ["DemoFailed", "print_summary", "run_demo"]
@@ -123,16 +123,19 @@ async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker:
 
 
 async def _attest(settings: Settings, out: IO[str]) -> ChainReport:
-    """Sign a checkpoint of the transparency log and verify every chain of the record, kept: what the integrity
+    """Sign checkpoints of the transparency logs and verify every chain of the record, kept: what the integrity
     panels show. The embedded stack's signer key is created on first use."""
     signer = checkpoint_signer(settings)
     if signer is None:
         signer = create_signer_key(settings)
         print(f"\ncreated the checkpoint signer key {settings.checkpoint_key_path} (`runledger keys init`; its "
               f"verifier key, for auditors, is {settings.checkpoint_key_path}.pub)", file=out)
-    kept = await publish_checkpoint(settings, signer)
-    print(f"\ncheckpoint {kept.id} signed: the transparency log of {kept.checkpoint.size:,} events, root "
-          f"{kept.checkpoint.root.hex()[:16]}...", file=out)
+    done = await sign_round(settings, signer)
+    size = sum(s.checkpoint.size for s in done.signed)
+    print(f"\n{len(done.signed)} checkpoints signed, one per log partition that grew: the transparency logs of "
+          f"{size:,} records, derived from Kafka" + (f"; {len(done.refused) + len(done.findings)} partitions "
+                                                     "refused or disagreeing (`runledger checkpoint`)"
+                                                     if done.refused or done.findings else ""), file=out)
     report = await verify_chains(settings.database_url, settings.db_schema)
     await record_verification(settings.database_url, settings.db_schema, "chains", report)
     print(f"verify chains: {report.events:,} events of {report.streams:,} streams, "

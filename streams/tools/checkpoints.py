@@ -1,25 +1,32 @@
-"""``runledger checkpoint``, ``prove`` and ``prove-consistency``: sign the transparency log's tree head, keep
-it and publish it to Kafka; proofs from the stored tree."""
+"""``runledger keys``, ``checkpoint``, ``signer``, ``prove`` and ``prove-consistency``: the signer key, signer rounds
+(``runledger.streams.tools.signer``), and proofs from the trees PostgreSQL keeps."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from runledger.projections.postgres.db import connect, connect_one
+import asyncpg
+
+from runledger.projections.postgres.db import StoreUnavailable, connect, connect_one
 from runledger.projections.postgres.queries import query
-from runledger.projections.postgres.tlog import KeptCheckpoint, consistency, inclusion, sign_checkpoint
-from runledger.schemas.checkpoint import Checkpoint, Signer
-from runledger.schemas.errors import PermanentError
+from runledger.projections.postgres.trees import StoredTree, range_roots, stored_trees
+from runledger.schemas.checkpoint import Checkpoint, CheckpointError, Signer
+from runledger.schemas.errors import PermanentError, TransientError
+from runledger.schemas.logtrees import origin_of, partition_of
+from runledger.schemas.merkle import consistency_ranges, inclusion_ranges
 from runledger.schemas.proofs import consistency_document, inclusion_document
 from runledger.streams.settings import Settings
-from runledger.streams.topics import ensure_topics
-from runledger.streams.worker.outbox import Forwarder
-from runledger.streams.worker.retry import RetrySchedule
+from runledger.streams.tools.signer import LogSigner, Round
 
-__all__ = ["checkpoint_signer", "create_signer_key", "prove_consistency", "prove_inclusion", "publish_checkpoint",
-           "verifier_key"]
+__all__ = ["checkpoint_signer", "create_signer_key", "prove_consistency", "prove_inclusion", "run_signer",
+           "sign_if_due", "sign_round", "verifier_key"]
+
+log = logging.getLogger(__name__)
 
 
 def verifier_key(settings: Settings, key: str | None) -> str:
@@ -50,47 +57,112 @@ def create_signer_key(settings: Settings) -> Signer:
     return signer
 
 
-async def publish_checkpoint(settings: Settings, signer: Signer) -> KeptCheckpoint:
-    """Sign and keep a checkpoint, then publish its note to ``<prefix>.checkpoints`` through the outbox
-    (key: the origin); if Kafka fails, the outbox keeps it for the workers to publish."""
-    await ensure_topics(settings, {settings.checkpoints_topic: 1})
-    pool = await connect(settings.database_url, settings.db_schema, max_size=1)
-    forwarder = Forwarder(settings.kafka_bootstrap_servers, RetrySchedule(settings.topic_prefix,
-                                                                          settings.retry_delays), settings.db_schema)
+async def sign_round(settings: Settings, signer: Signer) -> Round:
+    """``runledger checkpoint``: one signer round now (``runledger.streams.tools.signer``), under the lock that
+    keeps two signers of one schema from racing."""
+    conn = await connect_one(settings.database_url, settings.db_schema)
+    log_signer = LogSigner(settings, signer)
     try:
-        async with pool.acquire() as conn:
-            kept = await sign_checkpoint(conn, signer, settings.checkpoint_origin, settings.checkpoints_topic)
-        await forwarder.start()
-        try:
-            await forwarder.publish(pool)
-        finally:
-            await forwarder.stop()
+        await log_signer.start()
+        async with conn.transaction():
+            await conn.execute(query("checkpoint_lock"))
+            return await log_signer.round(conn)
     finally:
+        await log_signer.stop()
+        await conn.close()
+
+
+async def sign_if_due(settings: Settings, signer: Signer, pool: asyncpg.Pool, interval_s: float) -> Round | None:
+    """What a worker does on its checkpoint timer: a signer round, unless another worker or signer is in one
+    or one was signed within ``interval_s``."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(query("checkpoint_try_lock")):
+            return None
+        if not await conn.fetchval(query("checkpoint_due"), interval_s):
+            return None
+        log_signer = LogSigner(settings, signer)
+        try:
+            await log_signer.start()
+            return await log_signer.round(conn)
+        finally:
+            await log_signer.stop()
+
+
+async def run_signer(settings: Settings, signer: Signer, interval_s: float) -> None:
+    """``runledger signer``: a round every ``interval_s`` seconds, until cancelled; a failed round is logged and
+    tried again at the next interval."""
+    pool = await connect(settings.database_url, settings.db_schema, max_size=1)
+    log_signer = LogSigner(settings, signer)
+    try:
+        await log_signer.start()
+        while True:
+            started = time.monotonic()
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute(query("checkpoint_lock"))
+                    done = await log_signer.round(conn)
+                for s in done.signed:
+                    log.info("signed %s at size %d", s.checkpoint.origin, s.checkpoint.size)
+            except (TransientError, StoreUnavailable, asyncpg.PostgresError, OSError) as e:
+                log.warning("signer round failed: %s; trying again in %.0f s", e, interval_s)
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+    finally:
+        await log_signer.stop()
         await pool.close()
-    return kept
+
+
+async def _open_tree(conn: asyncpg.Connection, settings: Settings, origin: str) -> tuple[StoredTree, str]:
+    """The stored tree a checkpoint origin names, and the origin's topic."""
+    try:
+        topic, partition = partition_of(origin, settings.checkpoint_origin)
+    except CheckpointError as e:
+        raise PermanentError(str(e)) from None
+    tree = (await stored_trees(conn, topic)).get(partition)
+    if tree is None:
+        raise PermanentError(f"no tree of {topic} partition {partition} is stored in schema {settings.db_schema}")
+    return tree, topic
 
 
 async def prove_inclusion(settings: Settings, event_id: str) -> dict[str, Any]:
+    """The event's inclusion proof in its partition's tree, under the newest checkpoint of that partition that
+    covers it."""
     conn = await connect_one(settings.database_url, settings.db_schema)
     try:
-        note, raw, index, proof = await inclusion(conn, event_id, settings.checkpoint_origin)
+        leaf = await conn.fetchrow(query("event_leaf"), event_id)
+        if leaf is None:
+            raise PermanentError(f"event {event_id} is not in audit_log")
+        if leaf["leaf_index"] is None:
+            raise PermanentError(f"event {event_id} has no leaf yet: its partition's tree was not rebuilt since "
+                                 "migration 012 (`runledger trees rebuild`)")
+        origin = origin_of(settings.checkpoint_origin, leaf["kafka_topic"], leaf["kafka_partition"])
+        note = await conn.fetchval(query("covering_checkpoint"), leaf["leaf_index"], origin)
+        if note is None:
+            raise PermanentError(f"no checkpoint of {origin} covers event {event_id} (leaf {leaf['leaf_index']}) "
+                                 "yet: sign one with `runledger checkpoint`")
+        size = Checkpoint.parse(note).size
+        proof = await range_roots(conn, leaf["tree"], inclusion_ranges(leaf["leaf_index"], size))
     finally:
         await conn.close()
-    return inclusion_document(note, raw, index, proof)
+    return inclusion_document(note, bytes(leaf["raw"]), leaf["kafka_partition"], leaf["kafka_offset"],
+                              int(leaf["leaf_index"]), proof)
 
 
 async def prove_consistency(settings: Settings, old: str, new: str | None) -> dict[str, Any]:
-    """A consistency proof from checkpoint note ``old`` to ``new`` (default: the newest kept)."""
+    """A consistency proof from checkpoint note ``old`` to ``new`` (default: the newest kept of its origin)."""
     conn = await connect_one(settings.database_url, settings.db_schema)
     try:
+        origin = Checkpoint.parse(old).origin
         if new is None:
-            new = await conn.fetchval(query("covering_checkpoint"), -1, settings.checkpoint_origin)
+            new = await conn.fetchval(query("covering_checkpoint"), -1, origin)
             if new is None:
-                raise PermanentError("no checkpoint is kept yet: sign one with `runledger checkpoint`")
+                raise PermanentError(f"no checkpoint of {origin} is kept yet: sign one with `runledger checkpoint`")
+        if Checkpoint.parse(new).origin != origin:
+            raise PermanentError(f"the checkpoints are of two logs: {origin} and {Checkpoint.parse(new).origin}")
         sizes = [Checkpoint.parse(note).size for note in (old, new)]
         if sizes[0] > sizes[1]:
             raise PermanentError(f"the old checkpoint ({sizes[0]}) is larger than the new one ({sizes[1]})")
-        proof = await consistency(conn, sizes[0], sizes[1])
+        tree, _ = await _open_tree(conn, settings, origin)
+        proof = await range_roots(conn, tree.id, consistency_ranges(sizes[0], sizes[1]))
     finally:
         await conn.close()
     return consistency_document(old, new, proof)

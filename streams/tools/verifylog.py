@@ -1,9 +1,18 @@
-"""``runledger verify log``: every hash and link of the log topic recomputed from its records, without the database.
+"""``runledger verify log``: the log topic checked by itself, and PostgreSQL checked against it.
 
 Reads every partition of ``<prefix>.events`` from its start up to where it ends when the check starts (so the
-check ends while producers keep appending), with a consumer of no group that commits nothing, and hands the records to
-the pure ``LogAuditor``. It proves the log itself, the source every projection is made from; ``verify chains``
-proves what PostgreSQL stored of it.
+check ends while producers keep appending), with a consumer of no group that commits nothing, and:
+
+- hands every record to the pure ``LogAuditor``: every hash and link of the log recomputed from its records;
+- compares PostgreSQL with it, partition by partition (``PartitionComparer``), from one snapshot taken before
+  the log is read: every ``audit_log`` row must be, byte for byte, the record at the log position it records, and
+  name that record's leaf; the partition's stored tree must be the tree of its records; and every record before
+  where the partition was projected to must be accounted for: in ``audit_log``, a duplicate of an event there
+  (same id and hash), a dead letter (open or resolved), or parked. Each finding names stream, seq and event id,
+  or partition and offset.
+
+``verify --checkpoint FILE`` (``verify_checkpoint``) reads one partition up to a signed checkpoint's size and
+compares the root with the signed one, and the partition's audit rows under it with the records.
 """
 
 from __future__ import annotations
@@ -13,19 +22,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from runledger.projections.postgres.db import connect_one
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.trees import stored_trees
 from runledger.projections.postgres.verify import ChainReport
+from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.errors import PermanentError, TransientError
+from runledger.schemas.events import Event, decode_event, parse_event
+from runledger.schemas.logtrees import AuditRow, PartitionComparer
+from runledger.schemas.merkle import EMPTY_ROOT
 from runledger.schemas.verify import Finding, LogAuditor
 from runledger.streams.kafka import read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 
-__all__ = ["LogMissing", "LogReport", "verify_log"]
+__all__ = ["LogMissing", "LogReport", "verify_checkpoint", "verify_log"]
 
 _FETCH = 10_000  # records one fetch returns at most
 _STALLED_S = 60.0  # no record for this long while a partition is not read to its end: give up
+
+Progress = Callable[[int, int], None]
 
 
 class LogMissing(PermanentError):
@@ -37,17 +56,99 @@ class LogMissing(PermanentError):
 
 @dataclass(slots=True)
 class LogReport(ChainReport):
-    """A chain report of the log topic, with the records read and how many of its events were retried copies."""
+    """A chain report of the log topic, with the records read, how many of its events were retried copies, and
+    how many records PostgreSQL was compared with."""
 
     records: int = 0
     duplicates: int = 0
+    compared: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**ChainReport.as_dict(self), "records": self.records, "duplicates": self.duplicates}
+        return {**ChainReport.as_dict(self), "records": self.records, "duplicates": self.duplicates,
+                "compared": self.compared}
 
 
-async def verify_log(settings: Settings, progress: Callable[[int, int], None] | None = None) -> LogReport:
-    """Check every stream of ``settings.events_topic`` from the start of each partition (module docstring).
+class _Snapshot:
+    """What PostgreSQL holds of the log, read in one repeatable-read transaction on ``conn``."""
+
+    def __init__(self, conn: asyncpg.Connection, settings: Settings) -> None:
+        self.conn, self.topic, self.group = conn, settings.events_topic, settings.consumer_group
+
+    async def open(self, partitions: list[int]) -> list[Finding]:
+        self.trees = await stored_trees(self.conn, self.topic)
+        self.offsets = {r["partition"]: r["next_offset"]
+                        for r in await self.conn.fetch(query("load_offsets"), self.group, self.topic)}
+        return [Finding(r["stream_id"], r["seq"], r["event_id"], "audit_not_in_log",
+                        f"audit_log row at {r['kafka_topic']} partition {r['kafka_partition']} offset "
+                        f"{r['kafka_offset']}: that is no position of the log topic {self.topic}",
+                        r["kafka_partition"], r["kafka_offset"])
+                for r in await self.conn.fetch(query("audit_elsewhere"), self.topic, partitions)]
+
+    async def comparer(self, partition: int, limit: int | None = None) -> PartitionComparer:
+        rows = [AuditRow(*r) for r in await self.conn.fetch(query("audit_at_positions"), self.topic, partition)]
+        tree = self.trees.get(partition)
+        leaves = [tuple(r) for r in await self.conn.fetch(query("tree_leaves"), tree.id)] if tree else []
+        return PartitionComparer(self.topic, partition, rows, leaves, tree.id if tree else None,
+                                 tree.size if tree else 0, tree.root if tree else EMPTY_ROOT, limit)
+
+    def projected_to(self, partition: int) -> int:
+        tree = self.trees.get(partition)
+        return max(int(self.offsets.get(partition, 0)), tree.next_offset if tree else 0)
+
+    async def account(self, partition: int, unmatched: list[tuple[int, bytes]]) -> list[Finding]:
+        """The records no audit row holds at their position: each must be a duplicate, a dead letter or parked."""
+        if not unmatched:
+            return []
+        offsets = [o for o, _ in unmatched]
+        lettered = {r["offset"] for r in await self.conn.fetch(query("letters_at_positions"), self.topic, partition,
+                                                                 offsets)}
+        lettered |= {r["kafka_offset"] for r in await self.conn.fetch(query("parked_at_positions"), self.topic,
+                                                                       partition, offsets)}
+        events: dict[int, Event | PermanentError] = {}
+        for offset, value in unmatched:
+            if offset in lettered:
+                continue
+            try:
+                events[offset] = parse_event(decode_event(value))
+            except PermanentError as e:
+                events[offset] = e
+        ids = [e.id for e in events.values() if not isinstance(e, PermanentError)]
+        projected = {r["event_id"]: r for r in await self.conn.fetch(query("audit_by_ids"), ids)} if ids else {}
+        findings = []
+        for offset, event in sorted(events.items()):
+            if isinstance(event, PermanentError):
+                findings.append(Finding("", None, None, "record_unaccounted", f"{self.topic} partition {partition} "
+                                        f"offset {offset}: not an event ({event.code}: {event}), and no dead letter "
+                                        "holds it", partition, offset))
+                continue
+            twin = projected.get(event.id)
+            if twin is not None and twin["hash"] == event.hash:
+                continue  # a duplicate of a projected event
+            why = (f"its id is projected with another hash, in {twin['stream_id']} seq {twin['seq']}, and no "
+                   "id_conflict letter holds it" if twin is not None else
+                   "not in audit_log, not a duplicate, no dead letter and not parked: the event was deleted")
+            findings.append(Finding(event.subject, event.seq, event.id, "record_unaccounted",
+                                    f"{self.topic} partition {partition} offset {offset}: {why}", partition, offset))
+        return findings
+
+
+def _consumer(settings: Settings) -> AIOKafkaConsumer:
+    # auto_offset_reset="none": records deleted while they are read fail the check instead of being skipped.
+    return AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+                            enable_auto_commit=False, auto_offset_reset="none",
+                            max_partition_fetch_bytes=4 * 1024 * 1024)
+
+
+async def _partitions(consumer: AIOKafkaConsumer, settings: Settings) -> list[TopicPartition]:
+    await consumer._client.force_metadata_update()  # noqa: SLF001 - every topic: this consumer subscribes none
+    partitions = consumer.partitions_for_topic(settings.events_topic)
+    if not partitions:
+        raise LogMissing(f"topic {settings.events_topic} does not exist at {settings.kafka_bootstrap_servers}")
+    return [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
+
+
+async def verify_log(settings: Settings, progress: Progress | None = None, *, database: bool = True) -> LogReport:
+    """Check the log topic, and PostgreSQL against it unless ``database`` is false (module docstring).
 
     ``progress``: called with (records read, records to read). Raises LogMissing if the topic does not exist,
     TransientError if Kafka cannot be read.
@@ -55,41 +156,102 @@ async def verify_log(settings: Settings, progress: Callable[[int, int], None] | 
     report = LogReport()
     started, cpu = time.perf_counter(), time.process_time()
     auditor = LogAuditor()
-    topic = settings.events_topic
-    # auto_offset_reset="none": records deleted while they are read fail the check instead of being skipped.
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="none",
-                                max_partition_fetch_bytes=4 * 1024 * 1024)
+    consumer = _consumer(settings)
+    conn = await connect_one(settings.database_url, settings.db_schema) if database else None
     try:
         await consumer.start()
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - every topic: this consumer subscribes none
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise LogMissing(f"topic {topic} does not exist at {settings.kafka_bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
+        tps = await _partitions(consumer, settings)
         starts = await consumer.beginning_offsets(tps)
-        for tp in tps:
+        total = sum((await consumer.end_offsets(tps)).values()) - sum(starts.values())
+        snapshot = None
+        if conn is not None:
+            await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            snapshot = _Snapshot(conn, settings)
+            report.findings += await snapshot.open([tp.partition for tp in tps])
+        for tp in tps:  # one partition at a time: PostgreSQL's rows of one partition in memory
             if starts[tp] > 0:
                 report.findings.append(Finding(
                     "", None, None, "log_start_deleted", f"partition {tp.partition} starts at offset {starts[tp]}: "
                     "the records before it were deleted (retention), so its streams cannot be checked from their "
                     "start", tp.partition, starts[tp]))
+            comparer = await snapshot.comparer(tp.partition) if snapshot is not None else None
+            consumer.assign([tp])
             consumer.seek(tp, starts[tp])
-        def take(tp: TopicPartition, messages: list[Any]) -> None:
-            report.findings.extend(auditor.check(messages))
 
-        def read(ends: dict[TopicPartition, int]) -> None:
-            if progress is not None:
-                progress(auditor.records, sum(end - starts[tp] for tp, end in ends.items()))
+            def take(_: TopicPartition, messages: list[Any], comparer: PartitionComparer | None = comparer) -> None:
+                report.findings.extend(auditor.check(messages))
+                if comparer is not None:
+                    comparer.feed((m.offset, m.value or b"") for m in messages)
+                if progress is not None:
+                    progress(auditor.records, total)
 
-        await read_to_end(consumer, tps, take, stalled_s=_STALLED_S, max_records=_FETCH, progress=read)
+            ends = await read_to_end(consumer, [tp], take, stalled_s=_STALLED_S, max_records=_FETCH)
+            if comparer is not None and snapshot is not None:
+                report.findings += comparer.finish(ends.get(tp, starts[tp]))
+                to = snapshot.projected_to(tp.partition)
+                report.findings += await snapshot.account(tp.partition, [u for u in comparer.unmatched if u[0] < to])
+                report.compared += comparer.tree.size
         report.findings += auditor.finish()
     except KafkaError as e:
-        raise TransientError(f"cannot read {topic} at {settings.kafka_bootstrap_servers}: {e}") from e
+        raise TransientError(f"cannot read {settings.events_topic} at {settings.kafka_bootstrap_servers}: {e}") from e
+    except asyncpg.UndefinedTableError:
+        raise PermanentError(f"schema {settings.db_schema} has no projection tables (migration 012 or later): run "
+                             "`runledger db migrate`, or check the log alone with --no-database") from None
     finally:
         await stop_consumer(consumer)
+        if conn is not None:
+            await conn.close()
     report.events, report.streams = auditor.events, auditor.streams
     report.records, report.duplicates = auditor.records, auditor.duplicates
+    report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    return report
+
+
+async def verify_checkpoint(settings: Settings, checkpoint: Checkpoint, partition: int,
+                            progress: Progress | None = None) -> LogReport:
+    """Is the partition's log the one ``checkpoint`` signed (its first ``size`` records give its root), and are
+    PostgreSQL's events under it those records?"""
+    report = LogReport()
+    started, cpu = time.perf_counter(), time.process_time()
+    consumer = _consumer(settings)
+    conn = await connect_one(settings.database_url, settings.db_schema)
+    try:
+        await consumer.start()
+        tps = await _partitions(consumer, settings)
+        tp = TopicPartition(settings.events_topic, partition)
+        if tp not in tps:
+            raise LogMissing(f"{settings.events_topic} has no partition {partition}")
+        await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot = _Snapshot(conn, settings)
+        await snapshot.open([p.partition for p in tps])
+        comparer = await snapshot.comparer(partition, limit=checkpoint.size)
+        consumer.assign([tp])
+        consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+
+        def take(_: TopicPartition, messages: list[Any]) -> None:
+            comparer.feed((m.offset, m.value or b"") for m in messages)
+            if progress is not None:
+                progress(comparer.tree.size, checkpoint.size)
+
+        ends = await read_to_end(consumer, [tp], take, stalled_s=_STALLED_S, max_records=_FETCH)
+        report.findings += comparer.finish(ends.get(tp, 0))
+        to = snapshot.projected_to(partition)
+        report.findings += await snapshot.account(partition, [u for u in comparer.unmatched if u[0] < to])
+        size = comparer.tree.size
+        if size < checkpoint.size:
+            report.findings.append(Finding("", None, None, "log_shorter", f"partition {partition} holds {size:,} "
+                                           f"records, the checkpoint signed {checkpoint.size:,}: records were "
+                                           "deleted", partition))
+        elif comparer.tree.root() != checkpoint.root:
+            report.findings.append(Finding("", None, None, "root_mismatch", f"partition {partition}'s first "
+                                           f"{size:,} records have root {comparer.tree.root().hex()}, the "
+                                           f"checkpoint signed {checkpoint.root.hex()}: the log was rewritten",
+                                           partition))
+        report.compared = report.records = report.events = size
+    except KafkaError as e:
+        raise TransientError(f"cannot read {settings.events_topic} at {settings.kafka_bootstrap_servers}: {e}") from e
+    finally:
+        await stop_consumer(consumer)
+        await conn.close()
     report.seconds, report.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     return report

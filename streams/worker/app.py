@@ -37,15 +37,15 @@ from runledger.projections.planner import Decoded
 from runledger.projections.postgres.db import connect, database_error, migrate
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
-from runledger.projections.postgres.tlog import sign_if_due
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import BatchResult, LogRecord
+from runledger.schemas.checkpoint import CheckpointError
 from runledger.schemas.errors import TransientError
 from runledger.streams import metrics
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
-from runledger.streams.tools.checkpoints import checkpoint_signer
+from runledger.streams.tools.checkpoints import checkpoint_signer, sign_if_due
 from runledger.streams.worker.consumer import LogConsumer, Projector, RetryConsumer
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
 from runledger.streams.worker.retry import RetrySchedule, delay_name
@@ -201,25 +201,32 @@ async def _sweep_staged(settings: Settings) -> None:
 
 
 async def _sign_checkpoint(settings: Settings, pool: asyncpg.Pool) -> None:
-    """Sign a checkpoint if one is due (one worker per interval); the outbox publishes it. Without a key the
-    timer does nothing, and says so once."""
-    signer = checkpoint_signer(settings)
+    """A signer round if one is due (one worker per interval, ``runledger.streams.tools.signer``). Without a key,
+    or with one that cannot be read, the timer does nothing and says so; nothing here stops the worker."""
+    try:
+        signer = checkpoint_signer(settings)
+    except (CheckpointError, OSError) as e:
+        _warn_unsigned(f"{settings.checkpoint_key_path} cannot be used ({e})")
+        return
     if signer is None:
-        _warn_unsigned(str(settings.checkpoint_key_path))
+        _warn_unsigned(f"no checkpoint key at {settings.checkpoint_key_path}")
         return
     try:
-        kept = await sign_if_due(pool, signer, settings.checkpoint_origin, settings.checkpoints_topic,
+        done = await sign_if_due(settings, signer, pool,
                                  settings.checkpoint_interval_s * 0.9)  # the timer's jitter must not skip one
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
-        log.warning("signing a checkpoint: %s; trying at the next interval", database_error(e, "checkpoint") or e)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TransientError) as e:
+        log.warning("signing checkpoints: %s; trying at the next interval", database_error(e, "checkpoint") or e)
         return
-    if kept is not None:
-        log.info("signed checkpoint %d of %s at size %d", kept.id, kept.checkpoint.origin, kept.checkpoint.size)
+    except Exception:  # noqa: BLE001 - a bug in the signer must not stop projecting
+        log.exception("signing checkpoints failed; trying at the next interval")
+        return
+    for s in done.signed if done is not None else ():
+        log.info("signed %s at size %d", s.checkpoint.origin, s.checkpoint.size)
 
 
 @functools.cache
-def _warn_unsigned(path: str) -> None:
-    log.warning("no checkpoint key at %s: checkpoints are not signed on an interval (`runledger keys init`)", path)
+def _warn_unsigned(why: str) -> None:
+    log.warning("%s: checkpoints are not signed on an interval (`runledger keys init`)", why)
 
 
 async def _read_gauges(pool: asyncpg.Pool) -> None:

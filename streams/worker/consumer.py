@@ -204,6 +204,8 @@ class LogConsumer:
         self.held, self._next, self._ends = {}, {}, {}
         self._assignment += 1
         metrics.LAG.clear()  # the partitions held before may be another worker's now
+        for tp in assigned:  # born at 0, so that the alert's increase() sees a signer's first finding
+            metrics.TREE_DISAGREEMENTS.labels(str(tp.partition))
         log.info("assigned partitions %s of %s", sorted(tp.partition for tp in assigned), self.topic)
         await self._check(assigned, assigned=True)
 

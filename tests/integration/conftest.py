@@ -133,3 +133,74 @@ async def poll(check: Callable[[], Awaitable[T | None]], deadline_s: float, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
         await asyncio.sleep(0.25)
+
+
+class KafkaLedger:
+    """A deployment of its own on the session stack: a topic prefix, a migrated schema, a signer key, and a store
+    that projects what the log topic holds exactly as a worker does (``project``), with the records' real log
+    positions. ``run`` runs the command line on it."""
+
+    def __init__(self, settings: Settings, env: dict[str, str], store: Any, conn: Any) -> None:
+        self.settings, self.env, self.store, self.conn = settings, env, store, conn
+        self._applied: set[tuple[int, int]] = set()
+
+    async def append(self, events: list[dict[str, Any]] | list[bytes]) -> None:
+        """Produce ``events`` to the log topic, keyed by stream (records that are no event: key ``raw``)."""
+        import orjson
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            for e in events:
+                value = e if isinstance(e, bytes) else orjson.dumps(e)
+                key = b"raw" if isinstance(e, bytes) else str(e["subject"]).encode()
+                await producer.send_and_wait(self.settings.events_topic, value, key=key)
+        finally:
+            await producer.stop()
+
+    async def project(self) -> int:
+        """Apply the log's records not applied yet, partition by partition, in log order; how many."""
+        from runledger.projections.records import LogRecord
+
+        fresh = [r for r in await read_log(self.settings) if (r.partition, r.offset) not in self._applied]
+        for partition in sorted({r.partition for r in fresh}):
+            await self.store.apply_batch([LogRecord(r.topic, r.partition, r.offset, r.key, r.value or b"")
+                                          for r in fresh if r.partition == partition])
+        self._applied |= {(r.partition, r.offset) for r in fresh}
+        return len(fresh)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env={**os.environ, **self.env}, capture_output=True, text=True,
+                              timeout=180)
+
+
+@contextlib.asynccontextmanager
+async def kafka_ledger(env: dict[str, str], key_dir: Path, monkeypatch: Any,
+                       partitions: int = 2) -> AsyncIterator[KafkaLedger]:
+    """A ``KafkaLedger``: its log topic with ``partitions`` partitions, its schema, its signer key in ``key_dir``
+    (the test's environment set to it, so in-process calls of ``Settings()`` see it too)."""
+    import asyncpg
+
+    from runledger.projections.postgres.db import connect, migrate
+    from runledger.projections.postgres.store import ProjectionStore
+    from runledger.projections.pricing import load_tokencost_catalog
+    from runledger.streams.topics import ensure_topics
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CHECKPOINT_KEY": str(key_dir / "checkpoint.key"),
+           "RUNLEDGER_CHECKPOINT_ORIGIN": "runledger.test/log"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    await ensure_topics(settings, {settings.events_topic: partitions})
+    await migrate(settings.database_url, schema)
+    pool = await connect(settings.database_url, schema)
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
+    try:
+        yield KafkaLedger(settings, env, ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group),
+                          conn)
+    finally:
+        await pool.close()
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()

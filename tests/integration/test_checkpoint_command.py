@@ -1,71 +1,54 @@
-"""`runledger keys init` and `runledger checkpoint`: a signed tree head, kept and published, that an auditor
-checks with the verifier key alone."""
+"""`runledger keys`, `checkpoint`, `prove`, `prove-consistency`, `verify-proof` and `verify --checkpoint`: one
+signed tree per log partition, derived from Kafka, that an auditor checks with the verifier key alone."""
 
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import uuid
+import hashlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
-from runledger.projections.postgres.db import connect, migrate
-from runledger.projections.postgres.store import ProjectionStore
-from runledger.projections.pricing import load_tokencost_catalog
-from runledger.projections.records import LogRecord
-from runledger.schemas.checkpoint import Signer, Verifier
-from runledger.schemas.merkle import TreeState, leaf_hash, root_of
-from runledger.streams.settings import Settings
-from tests.conftest import CLI, VECTOR_EVENTS
-from tests.integration.conftest import read_log, rechain
-
-
-@dataclass
-class Ledger:
-    """A migrated schema of its own, a store acting as the worker, the owner's connection, and the command
-    line run on that schema with a checkpoint key of its own."""
-
-    store: ProjectionStore
-    conn: asyncpg.Connection
-    run_env: dict[str, str]
-
-    async def project(self, events: list[dict[str, Any]], start: int = 0) -> None:
-        await self.store.apply_batch([LogRecord("t.events", 0, start + i, e["subject"].encode(), orjson.dumps(e))
-                                      for i, e in enumerate(events)])
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], env=self.run_env, capture_output=True, text=True, timeout=120)
+from runledger.schemas.checkpoint import Checkpoint, Signer, Verifier
+from runledger.schemas.logtrees import FRONTIER_HEADER
+from runledger.schemas.merkle import TreeState, leaf_hash
+from tests.conftest import VECTOR_EVENTS
+from tests.integration.conftest import KafkaLedger, kafka_ledger, read_log, rechain
 
 
 @pytest.fixture
-async def ledger(settings: Settings, env: dict[str, str], tmp_path: Path) -> AsyncIterator[Ledger]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    await migrate(settings.database_url, schema)
-    pool = await connect(settings.database_url, schema)
-    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
-    run_env = {**os.environ, **env, "RUNLEDGER_DB_SCHEMA": schema,
-               "RUNLEDGER_CHECKPOINT_KEY": str(tmp_path / "keys" / "checkpoint.key"),
-               "RUNLEDGER_CHECKPOINT_ORIGIN": "runledger.test/log"}
-    try:
-        yield Ledger(ProjectionStore(pool, load_tokencost_catalog(), "test-group"), conn, run_env)
-    finally:
-        await pool.close()
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await conn.close()
+async def ledger(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KafkaLedger]:
+    async with kafka_ledger(env, tmp_path / "keys", monkeypatch) as ledger:
+        yield ledger
 
 
-async def test_a_checkpoint_is_signed_kept_and_published(settings: Settings, ledger: Ledger,
-                                                         tmp_path: Path) -> None:
-    await ledger.project(VECTOR_EVENTS)
-    run, conn = ledger.run, ledger.conn
-    key = tmp_path / "keys" / "checkpoint.key"
+def independent_root(values: list[bytes]) -> bytes:
+    """RFC 9162's MTH over a partition's record values, with nothing but hashlib: what docs/proofs.md tells an
+    auditor to write."""
+    def mth(leaves: list[bytes]) -> bytes:
+        if len(leaves) == 1:
+            return leaves[0]
+        k = 1 << ((len(leaves) - 1).bit_length() - 1)
+        return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
+    return mth([hashlib.sha256(b"\x00" + v).digest() for v in values]) if values else hashlib.sha256().digest()
+
+
+async def partition_values(ledger: KafkaLedger) -> dict[int, list[bytes]]:
+    values: dict[int, list[bytes]] = {}
+    for r in await read_log(ledger.settings):
+        values.setdefault(r.partition, []).append(r.value or b"")
+    return values
+
+
+async def test_each_partition_is_signed_from_kafka_and_its_proofs_verify(ledger: KafkaLedger,
+                                                                        tmp_path: Path) -> None:
+    await ledger.append([*VECTOR_EVENTS, b"not an event: a leaf all the same"])
+    await ledger.project()
+    run, key = ledger.run, tmp_path / "keys" / "checkpoint.key"
     missing = run("checkpoint")
     assert missing.returncode == 2 and "runledger keys init" in missing.stderr
     assert run("keys", "init").returncode == 0
@@ -73,34 +56,50 @@ async def test_a_checkpoint_is_signed_kept_and_published(settings: Settings, led
     assert run("keys", "init").returncode == 2  # never replaced by accident
     verifier_key = Path(f"{key}.pub").read_text().strip()
     assert run("keys", "show").stdout.strip() == verifier_key
-    signed = run("checkpoint", "--json", "--out", str(tmp_path / "cp.txt"))
+    signed = run("checkpoint", "--json", "--out", str(tmp_path / "cps"))
     assert signed.returncode == 0, signed.stderr
     report = orjson.loads(signed.stdout)
-    note = (tmp_path / "cp.txt").read_text()
-    checkpoint = Verifier(verifier_key).open(note, origin="runledger.test/log")  # the public key alone
-    hashes = [r[0] for r in await conn.fetch("SELECT hash FROM audit_log ORDER BY tlog_index")]
-    assert (checkpoint.size, checkpoint.root) == (18, root_of([leaf_hash(bytes.fromhex(h)) for h in hashes]))
-    assert report["note"] == note and report["size"] == 18
-    assert await conn.fetchval("SELECT note FROM checkpoints WHERE id = $1", report["id"]) == note
-    published = await read_log(settings, settings.checkpoints_topic)
-    assert [r.value.decode() for r in published if r.value is not None] == [note]
+    values = await partition_values(ledger)
+    topic = ledger.settings.events_topic
+    verifier = Verifier(verifier_key)
+    assert sorted(s["partition"] for s in report["signed"]) == sorted(values)
+    for s in report["signed"]:  # the auditor's own tree over Kafka's records gives the signed root
+        checkpoint = verifier.open(s["note"], origin=f"runledger.test/log/{topic}/{s['partition']}")
+        assert (checkpoint.size, checkpoint.root) == (len(values[s["partition"]]),
+                                                      independent_root(values[s["partition"]]))
+        assert (tmp_path / "cps" / f"{topic}-{s['partition']}-{checkpoint.size}.note").read_text() == s["note"]
+    published = await read_log(ledger.settings, ledger.settings.checkpoints_topic)
+    assert sorted(r.value.decode() for r in published if r.value) == sorted(s["note"] for s in report["signed"])
+    assert all(dict(r.headers)[FRONTIER_HEADER] for r in published)  # the frontier beside each note
+    again = run("checkpoint", "--json")  # nothing grew: nothing signed
+    assert again.returncode == 0 and orjson.loads(again.stdout)["signed"] == []
 
-    # More events, a second checkpoint; proofs made from the database, checked offline.
-    await ledger.project(rechain("extra"), start=100)
-    assert run("checkpoint", "--out", str(tmp_path / "cp2.txt")).returncode == 0
+    # More events, more checkpoints; proofs made from PostgreSQL's trees, checked offline.
+    await ledger.append(rechain("extra"))
+    await ledger.project()
+    first = {s["partition"]: s["note"] for s in report["signed"]}
+    assert run("checkpoint").returncode == 0
     event_id = VECTOR_EVENTS[4]["id"]
     assert run("prove", event_id, "--out", str(tmp_path / "inc.json")).returncode == 0
-    ok = run("verify-proof", str(tmp_path / "inc.json"), "--key", verifier_key)
-    assert ok.returncode == 0 and f"event {event_id} is leaf" in ok.stdout and "at size 27" in ok.stdout
-    assert run("prove-consistency", str(tmp_path / "cp.txt"), "--out", str(tmp_path / "con.json")).returncode == 0
+    ok = run("verify-proof", str(tmp_path / "inc.json"), "--key", verifier_key, "--json")
+    assert ok.returncode == 0, ok.stdout
+    proven = orjson.loads(ok.stdout)
+    assert proven["event_id"] == event_id and proven["origin"].startswith(f"runledger.test/log/{topic}/")
+    partition = int(proven["origin"].rsplit("/", 1)[1])
+    (tmp_path / "old.note").write_text(first[partition])
+    assert run("prove-consistency", str(tmp_path / "old.note"), "--out", str(tmp_path / "con.json")).returncode == 0
     ok = run("verify-proof", str(tmp_path / "con.json"), "--json")  # the key from beside the signer key
-    assert ok.returncode == 0 and orjson.loads(ok.stdout)["old_size"] == 18
+    assert ok.returncode == 0 and orjson.loads(ok.stdout)["old_size"] == Checkpoint.parse(first[partition]).size
+    wrong_origin = run("verify-proof", str(tmp_path / "inc.json"), "--origin", "another.log")
+    assert wrong_origin.returncode == 1 and "another.log" in wrong_origin.stdout
 
-    def tampered(name: str, change: Callable[[dict[str, Any]], None]) -> subprocess.CompletedProcess[str]:
+    def tampered(name: str, change: Callable[[dict[str, Any]], None]) -> str:
         document = orjson.loads((tmp_path / name).read_bytes())
         change(document)
         (tmp_path / "bad.json").write_bytes(orjson.dumps(document))
-        return run("verify-proof", str(tmp_path / "bad.json"), "--key", verifier_key)
+        bad = run("verify-proof", str(tmp_path / "bad.json"), "--key", verifier_key)
+        assert bad.returncode == 1 and "NOT PROVEN" in bad.stdout, (name, bad.stdout)
+        return bad.stdout
 
     def flip(document: dict[str, Any]) -> None:
         first = base64.b64decode(document["proof"][0])
@@ -109,39 +108,92 @@ async def test_a_checkpoint_is_signed_kept_and_published(settings: Settings, led
     def other_event(document: dict[str, Any]) -> None:
         document["event"] = base64.b64encode(orjson.dumps(VECTOR_EVENTS[5])).decode()
 
-    for name, change in (("inc.json", flip), ("inc.json", other_event), ("con.json", flip)):
-        bad = tampered(name, change)
-        assert bad.returncode == 1 and "NOT PROVEN" in bad.stdout, (name, bad.stdout)
+    def other_partition(document: dict[str, Any]) -> None:
+        document["partition"] += 1
+
+    for name, change in (("inc.json", flip), ("inc.json", other_event), ("con.json", flip),
+                         ("inc.json", other_partition)):
+        tampered(name, change)
     other_key = Signer.generate("runledger.test/log").verifier_key
     refused = run("verify-proof", str(tmp_path / "inc.json"), "--key", other_key)
     assert refused.returncode == 1 and "no signature" in refused.stdout
 
-    # A superuser rewrites one event and the whole tree after it, consistently: the proof from the
-    # checkpoint kept before can no longer be made to verify.
+
+async def test_the_signer_signs_the_log_when_postgresql_disagrees(ledger: KafkaLedger, tmp_path: Path) -> None:
+    await ledger.append(VECTOR_EVENTS)
+    await ledger.project()
+    assert ledger.run("keys", "init").returncode == 0
+    assert ledger.run("checkpoint").returncode == 0
+    # A superuser rewrites a partition's tree in PostgreSQL consistently: one leaf, every node above it, the peaks.
+    conn = ledger.conn
     await conn.execute("SET session_replication_role = replica")
-    leaves = [leaf_hash(bytes.fromhex(h[0])) for h in await conn.fetch(
-        "SELECT hash FROM audit_log ORDER BY tlog_index")]
-    leaves[3] = leaf_hash(b"rewritten")
+    tree = await conn.fetchrow("SELECT * FROM log_trees WHERE size > 2 ORDER BY size DESC LIMIT 1")
+    leaves = [bytes(r[0]) for r in await conn.fetch(
+        "SELECT hash FROM log_tree_nodes WHERE tree = $1 AND level = 0 ORDER BY index", tree["id"])]
+    leaves[1] = leaf_hash(b"rewritten")
     state = TreeState()
-    nodes = [node for leaf in leaves for node in state.append(leaf)]
-    await conn.execute("DELETE FROM tlog_nodes")
-    await conn.copy_records_to_table("tlog_nodes", records=nodes, columns=("level", "index", "hash"))
-    await conn.execute("UPDATE tlog_state SET size = $1, peaks = $2", state.size, state.peaks)
-    assert run("checkpoint", "--out", str(tmp_path / "cp3.txt")).returncode == 0
-    assert run("prove-consistency", str(tmp_path / "cp.txt"), str(tmp_path / "cp3.txt"), "--out",
-               str(tmp_path / "con3.json")).returncode == 0
-    rewritten = run("verify-proof", str(tmp_path / "con3.json"), "--key", verifier_key)
-    assert rewritten.returncode == 1 and "old root" in rewritten.stdout
+    nodes = [(tree["id"], level, index, h, index if level == 0 else None)
+             for leaf in leaves for level, index, h in state.append(leaf)]
+    await conn.execute("DELETE FROM log_tree_nodes WHERE tree = $1", tree["id"])
+    await conn.copy_records_to_table("log_tree_nodes", records=nodes,
+                                     columns=("tree", "level", "index", "hash", "kafka_offset"))
+    await conn.execute("UPDATE log_trees SET peaks = $2 WHERE id = $1", tree["id"], state.peaks)
+    await conn.execute("SET session_replication_role = origin")
+    await ledger.append(rechain("after"))  # the log grows: the next round signs
+    await ledger.project()
+    caught = ledger.run("checkpoint", "--json")
+    assert caught.returncode == 1, caught.stderr
+    report = orjson.loads(caught.stdout)
+    assert [d["partition"] for d in report["disagreements"]] == [tree["partition"]]
+    values = await partition_values(ledger)
+    signed = {s["partition"]: Checkpoint.parse(s["note"]) for s in report["signed"]}
+    if tree["partition"] in signed:  # signed over: the log's root, never PostgreSQL's
+        assert signed[tree["partition"]].root == independent_root(values[tree["partition"]])
+    finding = await conn.fetchrow("SELECT * FROM tree_findings")
+    assert finding["origin"].endswith(f"/{tree['partition']}") and "root" in finding["finding"]
+
+
+async def test_the_signer_never_signs_two_roots_for_one_size(ledger: KafkaLedger) -> None:
+    await ledger.append(VECTOR_EVENTS)
+    await ledger.project()
+    assert ledger.run("keys", "init").returncode == 0
+    signer = Signer.from_private_key(ledger.settings.checkpoint_key_path.read_text())
+    values = await partition_values(ledger)
+    partition = max(values, key=lambda p: len(values[p]))
+    topic = ledger.settings.events_topic
+    # A checkpoint this key signed of the partition's size, of another log (the log was rewritten since), without
+    # a frontier: the signer derives the tree again from the start and meets a size it signed.
+    other = Checkpoint(f"runledger.test/log/{topic}/{partition}", len(values[partition]),
+                       independent_root([b"another", *values[partition][1:]]))
+    producer = AIOKafkaProducer(bootstrap_servers=ledger.settings.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(ledger.settings.checkpoints_topic, signer.sign(other).encode(),
+                                     key=other.origin.encode())
+    finally:
+        await producer.stop()
+    refused = ledger.run("checkpoint", "--json")
+    assert refused.returncode == 1
+    report = orjson.loads(refused.stdout)
+    assert str(partition) in report["refused"] and "rewritten" in report["refused"][str(partition)]
+    assert partition not in [s["partition"] for s in report["signed"]]
+    sizes = [Checkpoint.parse(r.value.decode()).size for r in await read_log(
+        ledger.settings, ledger.settings.checkpoints_topic) if r.key == other.origin.encode()]
+    assert sizes == [other.size]  # nothing else signed for that partition
 
 
 async def test_verify_against_a_checkpoint_catches_a_rewritten_stream_and_a_deleted_one(
-        ledger: Ledger, tmp_path: Path) -> None:
-    await ledger.project([*VECTOR_EVENTS, *rechain("extra")])
+        ledger: KafkaLedger, tmp_path: Path) -> None:
+    await ledger.append([*VECTOR_EVENTS, *rechain("extra")])
+    await ledger.project()
     run, conn = ledger.run, ledger.conn
     assert run("keys", "init").returncode == 0
-    assert run("checkpoint", "--out", str(tmp_path / "cp.txt")).returncode == 0
+    report = orjson.loads(run("checkpoint", "--json").stdout)
+    extra = await conn.fetchval("SELECT kafka_partition FROM audit_log WHERE stream_id = 'extra' LIMIT 1")
+    note = next(s["note"] for s in report["signed"] if s["partition"] == extra)
+    (tmp_path / "cp.txt").write_text(note)
     intact = run("verify", "--checkpoint", str(tmp_path / "cp.txt"))
-    assert intact.returncode == 0 and "27 events checked" in intact.stdout, intact.stdout + intact.stderr
+    assert intact.returncode == 0 and "checked" in intact.stdout, intact.stdout + intact.stderr
     assert run("verify").returncode == 2  # a check or a checkpoint
 
     # A superuser rewrites stream "extra" with a consistent new chain: new data, hashes, links, heads.
@@ -153,15 +205,8 @@ async def test_verify_against_a_checkpoint_catches_a_rewritten_stream_and_a_dele
                            "WHERE event_id = $5::uuid", orjson.dumps(event), event["hash"], event["prevhash"],
                            event["id"], row["event_id"])
     await conn.execute("UPDATE stream_heads SET hash = $1 WHERE stream_id = 'extra'", rewritten[-1]["hash"])
-    chains = run("verify", "chains")
-    assert chains.returncode == 0  # the chain alone cannot tell: it is consistent
+    assert run("verify", "chains").returncode == 0  # the chain alone cannot tell: it is consistent
     caught = run("verify", "--checkpoint", str(tmp_path / "cp.txt"), "--json")
-    report = orjson.loads(caught.stdout)
-    assert caught.returncode == 1 and [f["code"] for f in report["findings"]] == ["leaf_changed", "root_mismatch"]
-    assert (report["findings"][0]["stream_id"], report["findings"][0]["seq"]) == ("extra", 1)
-
-    # A whole stream deleted, its head with it.
-    await conn.execute("DELETE FROM audit_log WHERE stream_id = $1", VECTOR_EVENTS[0]["subject"])
-    await conn.execute("DELETE FROM stream_heads WHERE stream_id = $1", VECTOR_EVENTS[0]["subject"])
-    caught = run("verify", "--checkpoint", str(tmp_path / "cp.txt"))
-    assert caught.returncode == 1 and "leaf_missing" in caught.stdout
+    found = orjson.loads(caught.stdout)["findings"]
+    assert caught.returncode == 1 and {f["code"] for f in found} == {"audit_differs"}
+    assert sorted((f["stream_id"], f["seq"]) for f in found) == [("extra", n) for n in range(1, 10)]

@@ -64,7 +64,8 @@ async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], 
     assert "chains checked intact: 40 of 40" in demo.stdout
     assert "acme/acme-internal-llm-v2" in demo.stdout and "unpriced" in demo.stdout
     assert f"created the checkpoint signer key {key}" in demo.stdout and key.with_suffix(".key.pub").is_file()
-    assert re.search(r"checkpoint \d+ signed: the transparency log of [\d,]+ events", demo.stdout)
+    assert re.search(r"\d+ checkpoints signed, one per log partition that grew: the transparency logs of [\d,]+ "
+                     r"records", demo.stdout)
     assert re.search(r"verify chains: [\d,]+ events of 40 streams, intact", demo.stdout)
     page = Path(demo.stdout.rsplit("people without Grafana: ", 1)[1].split()[0])
     assert page.is_file() and "Spend by model" in page.read_text()
@@ -211,12 +212,12 @@ async def test_letters_resolutions_replays_and_the_transparency_log_survive_the_
     assert resolved.returncode == 0, resolved.stderr
     replayed = runledger(env, "dlq", "replay", "--stream", first["subject"], "--yes", "--quiet")
     assert replayed.returncode in (0, 1), replayed.stderr  # it fails again: the bytes are what they were
-    for args in (("keys", "init"), ("checkpoint", "--out", str(tmp_path / "before.note"))):
+    for args in (("keys", "init"), ("checkpoint", "--out", str(tmp_path / "before"))):
         assert (done := runledger(env, *args)).returncode == 0, done.stderr
     kept = ("SELECT * FROM dead_letters ORDER BY id", "SELECT * FROM dlq_replays ORDER BY id",
             "SELECT * FROM dlq_replay_items ORDER BY replay_id, dead_letter_id", "SELECT * FROM checkpoints",
-            "SELECT * FROM tlog_state", "SELECT stream_id, seq, event_id FROM parked_events",
-            "SELECT event_id, tlog_index, recorded_at FROM audit_log ORDER BY tlog_index")
+            "SELECT * FROM log_trees ORDER BY id", "SELECT stream_id, seq, event_id FROM parked_events",
+            "SELECT event_id, tree, leaf_index, recorded_at FROM audit_log ORDER BY tree, leaf_index")
     conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
     try:
         before = [await _rows(conn, sql) for sql in kept]
@@ -227,8 +228,10 @@ async def test_letters_resolutions_replays_and_the_transparency_log_survive_the_
         assert [await _rows(conn, sql) for sql in kept] == before
     finally:
         await conn.close()
-    for check in (("verify", "--checkpoint", str(tmp_path / "before.note")), ("verify", "chains"),
-                  ("verify", "projection")):
+    notes = sorted((tmp_path / "before").iterdir())
+    assert notes
+    for check in (*(("verify", "--checkpoint", str(note)) for note in notes), ("verify", "chains"),
+                  ("verify", "projection"), ("verify", "log")):
         verified = runledger(env, *check)
         assert verified.returncode == 0, verified.stdout + verified.stderr
 
@@ -307,7 +310,7 @@ async def test_a_stall_under_the_lock_is_cut_at_the_time_limit(live: tuple[dict[
     _, settings = live
     await migrate(settings.database_url, settings.db_schema)
     await _project_all(settings, await _append_runs(settings, 20, seed=9))
-    tree_size = rebuild_module._tree_size
+    tree_size = rebuild_module._audit_size
     stalls = [3.0]
 
     async def stalling_tree_size(conn: asyncpg.Connection, schema: str) -> int:
@@ -316,7 +319,7 @@ async def test_a_stall_under_the_lock_is_cut_at_the_time_limit(live: tuple[dict[
             await asyncio.sleep(stalls.pop())
         return await tree_size(conn, schema)
 
-    monkeypatch.setattr(rebuild_module, "_tree_size", stalling_tree_size)
+    monkeypatch.setattr(rebuild_module, "_audit_size", stalling_tree_size)
     worker = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
     waits: list[float] = []
     others = asyncio.create_task(_batches(worker, waits))

@@ -51,9 +51,9 @@ async def tamper(owner: asyncpg.Connection) -> None:
     forged["hash"] = compute_hash(forged)
     await owner.execute(
         "INSERT INTO audit_log (event_id, stream_id, seq, type, source, specversion, datacontenttype, time, hash, "
-        "raw, prevhash, kafka_topic, kafka_partition, kafka_offset, tlog_index) SELECT $1::uuid, stream_id, 3, type, "
-        "source, specversion, datacontenttype, time, $2, $3, $4, kafka_topic, kafka_partition, kafka_offset + 1000, "
-        "(SELECT max(tlog_index) + 1 FROM audit_log) FROM audit_log WHERE stream_id = $5 AND seq = 2",
+        "raw, prevhash, kafka_topic, kafka_partition, kafka_offset) SELECT $1::uuid, stream_id, 3, type, "
+        "source, specversion, datacontenttype, time, $2, $3, $4, kafka_topic, kafka_partition, kafka_offset + 1000 "
+        "FROM audit_log WHERE stream_id = $5 AND seq = 2",
         forged["id"], forged["hash"], orjson.dumps(forged),
         forged["prevhash"], D)
     await owner.execute("DELETE FROM audit_log WHERE stream_id = $1", E)  # E: a whole stream deleted

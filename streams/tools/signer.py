@@ -1,0 +1,231 @@
+"""The signer: one C2SP tlog-checkpoint per partition of the log topic, of a root it derived from Kafka itself.
+
+Its state is the checkpoints topic: every checkpoint it signed, each published with the tree's compact frontier
+(a header, used only if it folds to the signed root). A round reads what was published since, extends each
+partition's tree from its newest signed frontier with the partition's new records (read from Kafka, never from
+PostgreSQL), and signs the partitions that grew, all published together. It never signs a checkpoint that
+contradicts one signed before (``SignedLog``); a partition whose log does is refused, logged and reported.
+
+PostgreSQL's copy of each tree (``runledger.projections.postgres.trees``) is compared with what was derived: a
+disagreement is signed over with the log's version, recorded in ``tree_findings``, counted in
+``runledger_tree_disagreements_total{partition}`` (an alert) and logged, naming partition and leaf.
+
+Run by ``runledger signer`` (a process of its own), ``runledger checkpoint`` (one round now), or on a worker's
+checkpoint timer (one worker per interval, picked by an advisory lock).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.trees import StoredTree, stored_trees
+from runledger.schemas.checkpoint import Checkpoint, CheckpointError, Signer, Verifier
+from runledger.schemas.errors import TransientError
+from runledger.schemas.logtrees import FRONTIER_HEADER, Frontier, Refused, SignedLog, origin_of, partition_of
+from runledger.streams import metrics
+from runledger.streams.kafka import read_to_end, stop_consumer
+from runledger.streams.settings import Settings
+from runledger.streams.topics import ensure_topics
+
+__all__ = ["LogSigner", "Round", "Signed"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A checkpoint signed and published in a round."""
+
+    partition: int
+    checkpoint: Checkpoint
+    note: str
+
+
+@dataclass(slots=True)
+class Round:
+    """What a round did: checkpoints signed, partitions refused (why), and disagreements with PostgreSQL."""
+
+    signed: list[Signed] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)
+    findings: list[tuple[int, int | None, int | None, str]] = field(default_factory=list)  # partition, leaf, offset
+
+
+class LogSigner:
+    """Signs the log topic's per-partition trees with ``signer``; ``start``, then ``round`` as often as due."""
+
+    def __init__(self, settings: Settings, signer: Signer) -> None:
+        self.settings, self.signer = settings, signer
+        self._verifier = Verifier(signer.verifier_key)
+        self.logs: dict[int, SignedLog] = {}
+        self._checkpoints_read: dict[int, int] = {}  # partition of the checkpoints topic -> offset read to
+        servers = settings.kafka_bootstrap_servers
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None, enable_auto_commit=False,
+                                          auto_offset_reset="none", max_partition_fetch_bytes=4 * 1024 * 1024)
+        self._producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=False, linger_ms=5)
+
+    async def start(self) -> None:
+        await ensure_topics(self.settings, {self.settings.checkpoints_topic: 1})
+        try:
+            await self._consumer.start()
+            await self._producer.start()
+        except KafkaError as e:
+            raise TransientError(f"cannot reach Kafka at {self.settings.kafka_bootstrap_servers}: {e}") from e
+
+    async def stop(self) -> None:
+        await stop_consumer(self._consumer)
+        await self._producer.stop()
+
+    async def round(self, conn: asyncpg.Connection | None) -> Round:
+        """Read, derive, compare with PostgreSQL (on ``conn``, if given), sign and publish (module docstring)."""
+        done = Round()
+        try:
+            await self._read_checkpoints()
+            pg = await stored_trees(conn, self.settings.events_topic) if conn is not None else {}
+            at = await self._extend(pg)
+        except KafkaError as e:
+            raise TransientError(f"cannot read the log or the checkpoints at "
+                                 f"{self.settings.kafka_bootstrap_servers}: {e}") from e
+        if conn is not None:
+            for partition, stored in pg.items():
+                if partition in self.logs:
+                    await self._compare(conn, stored, at.get(partition, {}), done)
+        to_sign: list[tuple[int, Checkpoint]] = []
+        for partition, signed_log in sorted(self.logs.items()):
+            try:
+                checkpoint = signed_log.checkpoint()
+            except Refused as e:
+                log.error("not signing log partition %d: %s", partition, e)
+                done.refused[partition] = str(e)
+                continue
+            if checkpoint is not None:
+                to_sign.append((partition, checkpoint))
+        await self._publish(to_sign, conn, done)
+        return done
+
+    async def _read_checkpoints(self) -> None:
+        """Take in the checkpoints published since the last round (by this signer or another with its key)."""
+        cluster = await self._consumer._client.fetch_all_metadata()  # noqa: SLF001 - every topic, not the assigned
+        topic_ = self.settings.checkpoints_topic
+        tps = [TopicPartition(topic_, p) for p in sorted(cluster.partitions_for_topic(topic_) or ())]
+        self._consumer.assign(tps)
+        for tp in tps:  # all of them: an operator may have made the topic with more than one
+            self._consumer.seek(tp, self._checkpoints_read.get(tp.partition, 0))
+        base, topic = self.settings.checkpoint_origin, self.settings.events_topic
+        taken: list[tuple[int, Checkpoint, Frontier | None]] = []
+
+        def take(_: TopicPartition, messages: list[object]) -> None:
+            for m in messages:
+                try:
+                    checkpoint = self._verifier.open(m.value.decode())  # type: ignore[attr-defined]
+                    if partition_of(checkpoint.origin, base)[0] != topic:
+                        continue
+                except (CheckpointError, UnicodeDecodeError, AttributeError):
+                    continue  # another key's, another log's, or no note: not this signer's
+                headers = dict(m.headers or ())  # type: ignore[attr-defined]
+                frontier = None
+                if FRONTIER_HEADER in headers:
+                    try:
+                        frontier = Frontier.decode(headers[FRONTIER_HEADER])
+                    except CheckpointError as e:
+                        log.warning("checkpoint %s at size %d: %s; the tree is derived again", checkpoint.origin,
+                                    checkpoint.size, e)
+                taken.append((partition_of(checkpoint.origin, base)[1], checkpoint, frontier))
+
+        ends = await read_to_end(self._consumer, tps, take)
+        self._checkpoints_read.update({tp.partition: end for tp, end in ends.items()})
+        for partition, checkpoint, frontier in taken:
+            self._log(partition).signed_before(checkpoint, frontier)
+
+    def _log(self, partition: int) -> SignedLog:
+        if partition not in self.logs:
+            self.logs[partition] = SignedLog(origin_of(self.settings.checkpoint_origin, self.settings.events_topic,
+                                                       partition))
+        return self.logs[partition]
+
+    async def _extend(self, pg: dict[int, StoredTree]) -> dict[int, dict[int, bytes]]:
+        """Read each partition from where its tree ends; per partition, the leaves read (index -> hash) and the
+        root at PostgreSQL's size if the read passed it (index -1)."""
+        topic = self.settings.events_topic
+        cluster = await self._consumer._client.fetch_all_metadata()  # noqa: SLF001 - every topic, not the assigned
+        partitions = sorted(cluster.partitions_for_topic(topic) or ())
+        tps = [TopicPartition(topic, p) for p in partitions]
+        seen: dict[int, dict[int, bytes]] = {p: {} for p in partitions}
+        for p in partitions:  # born at 0 before a finding can count
+            metrics.TREE_DISAGREEMENTS.labels(str(p))
+        if not tps:
+            return seen
+        self._consumer.assign(tps)
+        for tp in tps:
+            signed_log, stored = self._log(tp.partition), pg.get(tp.partition)
+            if stored is not None and stored.size == signed_log.tree.size:
+                seen[tp.partition][-1] = signed_log.tree.root()
+            self._consumer.seek(tp, signed_log.next_offset)
+
+        def take(tp: TopicPartition, messages: list[object]) -> None:
+            signed_log, leaves = self.logs[tp.partition], seen[tp.partition]
+            stored = pg.get(tp.partition)
+            for m in messages:
+                index = signed_log.tree.size
+                leaves[index] = signed_log.append(m.offset, m.value or b"")  # type: ignore[attr-defined]
+                if stored is not None and signed_log.tree.size == stored.size:
+                    leaves[-1] = signed_log.tree.root()
+
+        await read_to_end(self._consumer, tps, take)
+        return seen
+
+    async def _compare(self, conn: asyncpg.Connection, stored: StoredTree, leaves: dict[int, bytes],
+                       done: Round) -> None:
+        """PostgreSQL's tree of one partition against the leaves just derived (and the root at its size)."""
+        signed_log = self.logs[stored.partition]
+        problem: tuple[int | None, int | None, str] | None = None
+        if stored.size > signed_log.tree.size:
+            problem = (signed_log.tree.size, None, f"PostgreSQL's tree holds {stored.size:,} leaves, the log "
+                       f"{signed_log.tree.size:,}: leaves that are no record of the log")
+        elif -1 in leaves and leaves[-1] != stored.root:
+            problem = (None, None, f"PostgreSQL's root at size {stored.size:,} is {stored.root.hex()}, the log's "
+                       f"{leaves[-1].hex()}")
+        indexes = sorted(i for i in leaves if 0 <= i < stored.size)
+        if indexes:
+            rows = await conn.fetch(query("tree_leaf_range"), stored.id, indexes[0], indexes[-1] + 1)
+            kept = {r["index"]: bytes(r["hash"]) for r in rows}
+            for i in indexes:
+                if kept.get(i) != leaves[i]:
+                    problem = (i, None, f"PostgreSQL's leaf {i:,} is not the log's record there")
+                    break
+        if problem is None:
+            return
+        leaf, offset, what = problem
+        origin = signed_log.origin
+        log.error("log partition %d: %s; signing the log's tree, not PostgreSQL's", stored.partition, what)
+        metrics.TREE_DISAGREEMENTS.labels(str(stored.partition)).inc()
+        done.findings.append((stored.partition, leaf, offset, what))
+        await conn.execute(query("insert_tree_finding"), origin, leaf, offset, what)
+
+    async def _publish(self, to_sign: Sequence[tuple[int, Checkpoint]], conn: asyncpg.Connection | None,
+                       done: Round) -> None:
+        """Sign, publish all together, then keep them in PostgreSQL (for `runledger prove`)."""
+        if not to_sign:
+            return
+        signed = [Signed(p, c, self.signer.sign(c)) for p, c in to_sign]
+        try:
+            sent = [await self._producer.send(
+                self.settings.checkpoints_topic, key=s.checkpoint.origin.encode(), value=s.note.encode(),
+                headers=[(FRONTIER_HEADER, self.logs[s.partition].frontier().encode())]) for s in signed]
+            for future in sent:
+                await future
+        except KafkaError as e:
+            raise TransientError(f"cannot publish checkpoints to {self.settings.checkpoints_topic}: {e}") from e
+        for s in signed:
+            self.logs[s.partition].signed[s.checkpoint.size] = s.checkpoint.root
+            done.signed.append(s)
+        if conn is not None:
+            for s in signed:
+                await conn.execute(query("insert_checkpoint"), s.checkpoint.origin, s.checkpoint.size,
+                                   s.checkpoint.root, self.signer.name, s.note, s.partition)

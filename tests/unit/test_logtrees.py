@@ -1,0 +1,114 @@
+"""The per-partition transparency logs: what the signer derives and refuses, and what a comparison of PostgreSQL's
+copy with the partition's records finds."""
+
+from __future__ import annotations
+
+import hashlib
+
+import orjson
+import pytest
+
+from runledger.schemas.checkpoint import Checkpoint, CheckpointError
+from runledger.schemas.logtrees import AuditRow, Frontier, PartitionComparer, Refused, SignedLog, partition_of
+from runledger.schemas.merkle import TreeState, leaf_hash, root_of
+from tests.conftest import VECTOR_EVENTS
+
+RECORDS = [orjson.dumps(e) for e in VECTOR_EVENTS]
+LEAVES = [leaf_hash(r) for r in RECORDS]
+ORIGIN = "runledger.test/log/t.events/0"
+
+
+def derived(n: int, offset: int = 0) -> SignedLog:
+    log = SignedLog(ORIGIN)
+    for i, record in enumerate(RECORDS[:n]):
+        log.append(offset + i, record)
+    return log
+
+
+def test_origins_name_a_partition_of_a_topic() -> None:
+    assert partition_of("runledger.test/log/t.events/12", "runledger.test/log") == ("t.events", 12)
+    for origin in ("runledger.test/log", "other/t.events/1", "runledger.test/log/t.events/x"):
+        with pytest.raises(CheckpointError):
+            partition_of(origin, "runledger.test/log")
+
+
+def test_the_signer_signs_the_tree_of_the_records_and_extends_it_from_a_signed_frontier() -> None:
+    log = derived(10)
+    checkpoint = log.checkpoint()
+    assert checkpoint == Checkpoint(ORIGIN, 10, root_of(LEAVES[:10]))
+    frontier = log.frontier()
+    assert frontier.fits(checkpoint) and Frontier.decode(frontier.encode()) == frontier
+    later = SignedLog(ORIGIN)  # a new signer process: its state is what was published
+    later.signed_before(checkpoint, frontier)
+    assert later.checkpoint() is None  # nothing grew
+    for i in range(10, len(RECORDS)):
+        later.append(i, RECORDS[i])
+    assert later.checkpoint() == Checkpoint(ORIGIN, len(RECORDS), root_of(LEAVES))
+
+
+def test_a_frontier_that_does_not_fold_to_the_signed_root_is_not_used() -> None:
+    checkpoint = derived(10).checkpoint()
+    assert checkpoint is not None
+    lying = Frontier(10, tuple(TreeState(10, [b"\x00" * 32, b"\x01" * 32]).peaks))
+    log = SignedLog(ORIGIN)
+    log.signed_before(checkpoint, lying)
+    assert log.tree.size == 0 and log.next_offset == 0  # derived again from the partition's start
+
+
+def test_the_signer_never_signs_a_second_root_for_a_size_it_signed() -> None:
+    rewritten = [*RECORDS[:4], b'{"forged": true}', *RECORDS[5:10]]
+    signed = Checkpoint(ORIGIN, 10, root_of([leaf_hash(r) for r in rewritten]))
+    log = SignedLog(ORIGIN)
+    log.signed_before(signed, None)  # published without a frontier: the signer reads the log from its start
+    for i, record in enumerate(RECORDS[:10]):
+        log.append(i, record)
+    with pytest.raises(Refused, match=r"first 10 records give root .* but a checkpoint signed root"):
+        log.checkpoint()
+
+
+def test_the_signer_refuses_a_log_that_no_longer_gives_a_root_it_signed_on_the_way() -> None:
+    rewritten = [*RECORDS[:4], b'{"forged": true}', *RECORDS[5:10]]
+    log = SignedLog(ORIGIN)
+    log.signed_before(Checkpoint(ORIGIN, 6, root_of([leaf_hash(r) for r in rewritten[:6]])), None)
+    for i, record in enumerate(RECORDS):
+        log.append(i, record)
+    with pytest.raises(Refused, match="first 6 records give root"):
+        log.checkpoint()
+    two = SignedLog(ORIGIN)
+    two.signed_before(Checkpoint(ORIGIN, 3, root_of(LEAVES[:3])), None)
+    two.signed_before(Checkpoint(ORIGIN, 3, root_of(LEAVES[1:4])), None)
+    with pytest.raises(Refused, match="two checkpoints of size 3"):
+        two.checkpoint()
+
+
+def rows_of(records: list[bytes], tree: int = 1) -> list[AuditRow]:
+    return [AuditRow(i, f"id-{i}", "s", i + 1, hashlib.sha256(r).digest(), tree, i) for i, r in enumerate(records)]
+
+
+def compare(rows: list[AuditRow], leaves: list[tuple[int, bytes, int | None]] | None = None,
+            size: int | None = None, records: list[bytes] = RECORDS) -> tuple[list[str], list[int]]:
+    leaves = [(i, leaf, i) for i, leaf in enumerate(LEAVES)] if leaves is None else leaves
+    size = len(leaves) if size is None else size
+    comparer = PartitionComparer("t.events", 0, rows, leaves, 1, size, root_of([h for _, h, _ in leaves[:size]]))
+    comparer.feed(enumerate(records))
+    found = list(comparer.finish(len(records)))
+    return [f"{f.code}@{f.offset}" for f in found], [o for o, _ in comparer.unmatched]
+
+
+def test_postgresql_matching_the_log_has_no_findings() -> None:
+    assert compare(rows_of(RECORDS)) == ([], [])
+
+
+def test_each_way_postgresql_can_differ_from_the_log_is_named_by_position() -> None:
+    rows = rows_of(RECORDS)
+    edited = rows_of([b"edited"])[0]._replace(offset=5, leaf_index=5)
+    assert compare([*rows[:5], edited, *rows[6:]])[0] == ["audit_differs@5"]
+    assert compare([*rows[:5], *rows[6:]]) == ([], [5])  # a deleted row: the caller accounts for the record
+    forged = rows[0]._replace(offset=len(RECORDS) + 3, event_id="forged")
+    assert compare([*rows, forged])[0] == [f"audit_not_in_log@{len(RECORDS) + 3}"]
+    assert compare([*rows[:2], rows[2]._replace(leaf_index=9), *rows[3:]])[0] == ["leaf_index_wrong@2"]
+    leaves = [(i, leaf, i) for i, leaf in enumerate(LEAVES)]
+    leaves[4] = (4, b"\x00" * 32, 4)
+    assert compare(rows, leaves)[0] == ["tree_leaf_differs@4", "tree_root_differs@None"]
+    longer = [*((i, leaf, i) for i, leaf in enumerate(LEAVES)), (len(LEAVES), b"\x01" * 32, len(LEAVES))]
+    assert compare(rows, longer)[0] == [f"tree_longer@{len(RECORDS)}"]
