@@ -28,6 +28,7 @@ from runledger.projections.rules import ArtifactRow, CostRow, ExecutionState, Pr
 from runledger.schemas.chain import Head, link_error
 from runledger.schemas.errors import (
     ChainBroken,
+    DuplicateMember,
     PermanentError,
     PredecessorMissing,
     RetriesExhausted,
@@ -95,6 +96,8 @@ def decode(record: LogRecord) -> Decoded:
     try:
         raw = decode_event(record.value)
         return Decoded(record, parse_event(raw), raw)
+    except DuplicateMember as e:  # its letter names its stream, as for any event read as JSON
+        return Decoded(record, None, e.decoded, e)
     except PermanentError as e:
         return Decoded(record, None, raw, e)
     except Exception as e:  # noqa: BLE001 - a bug in runledger's checks: this record alone is dead-lettered

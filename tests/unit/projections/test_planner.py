@@ -133,6 +133,16 @@ def test_invalid_records_are_dead_lettered_with_what_is_known_of_them() -> None:
     assert plan.result.dead[0].stream_id is None
 
 
+def test_an_event_with_two_members_of_one_name_is_an_invalid_event_that_names_its_stream() -> None:
+    values = run("x")
+    twice = b'{"data":{"workflow":"another"},' + values[0][1:]  # the hash is right for the last "data"
+    plan = planned(records([twice, *values[1:]]), retry_gaps=True)
+    [letter] = plan.result.dead
+    assert (letter.error.code, str(letter.error)) == ("invalid_event", 'data: duplicate member "data"')
+    assert (letter.stream_id, letter.seq, letter.event_id) == ("x", 1, orjson.loads(values[0])["id"])
+    assert (plan.result.projected, plan.result.retry, plan.result.parked) == ([], [], len(values) - 1)
+
+
 def test_a_dead_letter_blocks_its_stream_so_later_events_park_even_with_retry_topics() -> None:
     e = Stream("x")
     values = [e("execution.started", workflow="w"), e("step.completed", step_id="never"),
