@@ -74,7 +74,8 @@ def test_a_colon_written_as_an_escape_is_no_member(text: bytes | str) -> None:
     assert duplicate_members(text, encoded_colons(orjson.loads(text))) == []
 
 
-@pytest.mark.parametrize("text", [b'{"a":"\\u003a","a":1}', '{"a":"\\u003a","a":1}', b'{"a":"x","a":":"}'])
+@pytest.mark.parametrize("text", [b'{"a":"\\u003a","a":1}', '{"a":"\\u003a","a":1}', b'{"a":"x","a":":"}',
+                                  b'{"a":1,"a":2,"b":"\\u003a"}', '{"a":1,"a":2,"b":"\\u003A"}'])
 def test_a_repeated_name_is_found_beside_colons_in_strings(text: bytes | str) -> None:
     assert duplicate_members(text, encoded_colons(orjson.loads(text))) == [("a", 'duplicate member "a"')]
 
@@ -91,6 +92,22 @@ def test_valid_events_read_as_before() -> None:
         assert decode_event(json.dumps(event, indent=2, ensure_ascii=True)) == event  # white space, escapes
         assert parse_event(json.dumps(event, separators=(" , ", " : "))).hash == event["hash"]
         assert stored_event(orjson.dumps(event))[2] == event["hash"]
+
+
+def test_valid_events_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runledger.schemas import ijson
+
+    def second_parse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("parsed twice")
+
+    monkeypatch.setattr(ijson.json, "loads", second_parse)
+    for event in VECTOR_EVENTS:
+        for value in (orjson.dumps(event), json.dumps(event, indent=1)):
+            decode_event(value)
+            stored_event(value.encode() if isinstance(value, str) else value)
+    stored_event(orjson.dumps({**STARTED, "data": {**STARTED["data"], "input": {"f": 0.5, "k": "a:b"}}}))
+    with pytest.raises(AssertionError, match="parsed twice"):
+        decode_event(TWO_DATA)
 
 
 _KEYS = st.text(alphabet="ab:\\\"é\U0001f600", max_size=3)
