@@ -1,11 +1,13 @@
 """The batch planner: what becomes of each record of a batch, and the rows to write. Pure: no I/O.
 
-Every record ends in one outcome (SPEC.md section 6): projected, duplicate,
-parked behind a dead-lettered predecessor (or, without retry topics, behind a
-gap), dead-lettered, or handed back for retry (its predecessor is not projected
-yet). The PostgreSQL side decodes nothing and decides nothing: it locks the
-batch's streams, loads what the planner asks for (``Loaded``), and writes the
-``Plan`` it gets back in one transaction.
+Every record ends in one outcome (SPEC.md section 6): projected, duplicate (its
+``id`` and ``hash`` are a projected event's), parked behind a dead-lettered
+predecessor (or, without retry topics, behind a gap), dead-lettered (among
+others, ``id_conflict``: its ``id`` is a projected event's, its ``hash`` is
+not), or handed back for retry (its predecessor is not projected yet). The
+PostgreSQL side decodes nothing and decides nothing: it locks the batch's
+streams, loads what the planner asks for (``Loaded``), and writes the ``Plan``
+it gets back in one transaction.
 
 Within a stream, events apply in ``seq`` order and, for equal ``seq``, in log
 order, so a batch gives the same tables whatever order its records come in.
@@ -20,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from runledger.projections.pricing import PriceCatalog
 from runledger.projections.records import BatchResult, Failure, LogRecord, ProcessingFailed, pg_text
@@ -28,6 +30,8 @@ from runledger.projections.rules import ArtifactRow, CostRow, ExecutionState, Pr
 from runledger.schemas.chain import Head, link_error
 from runledger.schemas.errors import (
     ChainBroken,
+    DuplicateMember,
+    IdConflict,
     PermanentError,
     PredecessorMissing,
     RetriesExhausted,
@@ -37,8 +41,8 @@ from runledger.schemas.errors import (
 from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, parse_event
 
 __all__ = ["ARTIFACT_COLUMNS", "AUDIT_COLUMNS", "COST_COLUMNS", "EXECUTION_COLUMNS", "STEP_COLUMNS", "BatchPlanner",
-           "Decoded", "Loaded", "Parked", "Plan", "Policy", "artifact_row", "as_record", "cost_row", "decode",
-           "decoded", "execution_row", "step_row"]
+           "Decoded", "Loaded", "Parked", "Plan", "Policy", "ProjectedEvent", "artifact_row", "as_record", "cost_row",
+           "decode", "decoded", "execution_row", "step_row"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,8 @@ def decode(record: LogRecord) -> Decoded:
     try:
         raw = decode_event(record.value)
         return Decoded(record, parse_event(raw), raw)
+    except DuplicateMember as e:  # its letter names its stream, as for any event read as JSON
+        return Decoded(record, None, e.decoded, e)
     except PermanentError as e:
         return Decoded(record, None, raw, e)
     except Exception as e:  # noqa: BLE001 - a bug in runledger's checks: this record alone is dead-lettered
@@ -122,14 +128,23 @@ class Parked:
     record: LogRecord
 
 
+class ProjectedEvent(NamedTuple):
+    """A projected event, as ``audit_log`` holds it under its ``id``: its stream, ``seq`` and ``hash``."""
+
+    stream_id: str
+    seq: int
+    hash: str
+
+
 @dataclass(slots=True)
 class Loaded:
-    """What the tables hold for the batch's streams, read under their locks. The planner updates ``states``
-    in place."""
+    """What the tables hold for the batch's streams, read under their locks: ``projected`` has every projected
+    event whose ``id`` is one of the batch's (parked events' included). The planner updates ``states`` and
+    ``projected`` in place."""
 
     heads: dict[str, Head] = field(default_factory=dict)
     states: dict[str, ExecutionState] = field(default_factory=dict)
-    projected_ids: set[str] = field(default_factory=set)
+    projected: dict[str, ProjectedEvent] = field(default_factory=dict)
     blocked: set[str] = field(default_factory=set)  # streams with an open dead letter
     parked: list[Parked] = field(default_factory=list)
 
@@ -244,11 +259,21 @@ class BatchPlanner:
             advanced, waiting = False, []
             for item in pending:
                 event, record, was_parked = item
-                if event.id in loaded.projected_ids:
+                known = loaded.projected.get(event.id)
+                # Same id, same hash: a copy (the hash covers subject and seq too, so this is also the event
+                # projected at its subject and seq). Same id, another hash: another event, never a duplicate.
+                if known is not None and known.hash == event.hash:
                     if was_parked:
                         plan.unparks.append((event.subject, event.seq, event.id))
                     else:
                         result.duplicates += 1
+                    continue
+                if known is not None:
+                    if was_parked:
+                        plan.unparks.append((event.subject, event.seq, event.id))
+                    self._fail(record, IdConflict(
+                        f"{stream} seq {event.seq}: id {event.id} is taken by {known.stream_id} seq {known.seq}, "
+                        f"projected with hash {known.hash}; this event hashes to {event.hash}"), event)
                     continue
                 problem = link_error(head, {"seq": event.seq, "prevhash": event.prevhash})
                 if problem is not None and problem[0] == "seq_gap":
@@ -266,7 +291,7 @@ class BatchPlanner:
                     self._fail(record, e, event)
                     continue
                 state, head, advanced = done.state, Head(event.seq, event.hash), True
-                loaded.projected_ids.add(event.id)
+                loaded.projected[event.id] = ProjectedEvent(event.subject, event.seq, event.hash)
                 self._record(done, event, record)
                 touched.update(done.touched_steps)
             pending = waiting

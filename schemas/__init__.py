@@ -6,7 +6,9 @@ Knows nothing of Kafka, Faust or PostgreSQL.
 from runledger.schemas.chain import GENESIS_HASH, ChainBreak, Head, canonical, compute_hash, link_error, verify_chain
 from runledger.schemas.errors import (
     ChainBroken,
+    DuplicateMember,
     HashMismatch,
+    IdConflict,
     IllegalTransition,
     InvalidEvent,
     InvalidJson,
@@ -56,11 +58,13 @@ __all__ = [
     "PermanentError",
     "InvalidJson",
     "InvalidEvent",
+    "DuplicateMember",
     "UnknownType",
     "TooLarge",
     "HashMismatch",
     "ChainBroken",
     "SeqConflict",
+    "IdConflict",
     "IllegalTransition",
     "PredecessorMissing",
     "RetriesExhausted",

@@ -9,12 +9,14 @@ output.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "ChainBroken",
+    "DuplicateMember",
     "FieldError",
     "HashMismatch",
+    "IdConflict",
     "IllegalTransition",
     "InvalidEvent",
     "InvalidJson",
@@ -74,6 +76,19 @@ class InvalidEvent(PermanentError):
         super().__init__("; ".join(f"{f or '(event)'}: {r}" for f, r in self.errors))
 
 
+class DuplicateMember(InvalidEvent):
+    """An object of the event, at some depth, has two members of one name: the event is not I-JSON (RFC 7493),
+    which RFC 8785 and so the hash require (SPEC.md section 3), whatever its ``hash`` says. Two parsers could read
+    different values under one hash. Fix the producer's JSON encoder; the event cannot be projected as it is.
+
+    ``decoded``: the event as a parser that keeps the last member of a name reads it, to name its stream.
+    """
+
+    def __init__(self, errors: Sequence[FieldError], decoded: dict[str, Any] | None = None) -> None:
+        super().__init__(errors)
+        self.decoded = decoded
+
+
 class UnknownType(InvalidEvent):
     """The event ``type`` is not one of SPEC.md section 5's types."""
 
@@ -114,6 +129,14 @@ class SeqConflict(PermanentError):
     """A ``seq`` already taken in its stream by an event with a different hash (a fork)."""
 
     code = "seq_conflict"
+
+
+class IdConflict(PermanentError):
+    """The event's ``id`` is already taken by a projected event with another ``hash`` (SPEC.md section 6): not a
+    copy of that event but another one. Ids are unique across the whole log: find the producer that reuses them
+    (or forges them to hide another stream's event); the projected event stays as it is."""
+
+    code = "id_conflict"
 
 
 class IllegalTransition(PermanentError):

@@ -23,7 +23,16 @@ import orjson
 from msgspec import Meta, Struct
 
 from runledger.schemas.chain import MAX_SAFE_INTEGER, compute_hash, is_plain, unsafe_values
-from runledger.schemas.errors import FieldError, HashMismatch, InvalidEvent, InvalidJson, TooLarge, UnknownType
+from runledger.schemas.errors import (
+    DuplicateMember,
+    FieldError,
+    HashMismatch,
+    InvalidEvent,
+    InvalidJson,
+    TooLarge,
+    UnknownType,
+)
+from runledger.schemas.ijson import duplicate_members, encoded_colons
 
 __all__ = [
     "EVENT_TYPES",
@@ -339,13 +348,18 @@ def validate_data(event_type: object, data: object, *, plain: bool | None = None
 
 
 def decode_json(value: bytes | str) -> dict[str, Any]:
-    """Decode one JSON object; raise InvalidJson (never a bare decoder error)."""
+    """Decode one JSON object; raise InvalidJson (never a bare decoder error), or DuplicateMember
+    (``invalid_event``) if an object in it, at any depth, has two members of one name (I-JSON, SPEC.md section 3).
+    """
     try:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as e:
         raise InvalidJson(f"not valid UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
         raise InvalidJson(f"expected a JSON object, got a JSON {type(obj).__name__}")
+    problems = duplicate_members(value, encoded_colons(obj))
+    if problems:
+        raise DuplicateMember(problems, obj)
     return obj
 
 
@@ -369,7 +383,7 @@ def parse_event(value: bytes | str | dict[str, Any], *, verify_hash: bool = True
 
     ``value`` is the record value from Kafka (bytes), JSON text, or an already
     decoded object (whose size is not checked: there are no bytes to count).
-    Raises TooLarge, InvalidJson, UnknownType, InvalidEvent or HashMismatch;
+    Raises TooLarge, InvalidJson, UnknownType, InvalidEvent (DuplicateMember among them) or HashMismatch;
     all are ``PermanentError``.
     """
     raw = value if isinstance(value, dict) else decode_event(value)

@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 
-from runledger.schemas.chain import stored_hash
+from runledger.schemas.chain import stored_event
 from runledger.schemas.checkpoint import Checkpoint, CheckpointError, Verifier
+from runledger.schemas.errors import DuplicateMember
 from runledger.schemas.logtrees import partition_of
 from runledger.schemas.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 
@@ -102,7 +103,9 @@ def _inclusion(document: dict[str, Any], verifier: Verifier, proof: list[bytes],
         _check_origin(checkpoint, base, document["partition"])
     raw = base64.b64decode(document["event"], validate=True)
     try:
-        event, carried, computed = stored_hash(raw)
+        event, carried, computed = stored_event(raw)
+    except DuplicateMember as e:
+        raise ProofError(f"the event in the proof is not I-JSON (invalid_event): {e}") from None
     except (msgspec.DecodeError, ValueError, TypeError) as e:
         raise ProofError(f"the event in the proof cannot be read: {e}") from None
     if carried != computed:

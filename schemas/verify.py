@@ -2,10 +2,11 @@
 
 ``ChainAuditor`` is fed stored events in stream and ``seq`` order (from ``audit_log``, or a log topic sorted
 the same way) and reports, for each stream that is not intact, the first event where it stops being so and
-why: bytes that are not JSON, a hash that does not match the bytes, columns that say something else than the
-bytes, a missing first event, a gap, a repeated ``seq``, a broken ``prevhash`` link, or a stream head (the
-tables' ``stream_heads``) that is not where the stream ends. ``LogAuditor`` makes the same checks over the log
-topic's records as they come, streams interleaved, out of ``seq`` order and with retried copies. Pure: no I/O.
+why: bytes that are not JSON, or not I-JSON (an object with two members of one name), a hash that does not
+match the bytes, columns that say something else than the bytes, a missing first event, a gap, a repeated
+``seq``, a broken ``prevhash`` link, or a stream head (the tables' ``stream_heads``) that is not where the
+stream ends. ``LogAuditor`` makes the same checks over the log topic's records as they come, streams
+interleaved, out of ``seq`` order and with retried copies. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-from runledger.schemas.chain import GENESIS_HASH, Head, stored_hash
+from runledger.schemas.chain import GENESIS_HASH, Head, stored_event
+from runledger.schemas.errors import DuplicateMember
 
 __all__ = ["ChainAuditor", "Finding", "LogAuditor", "LogEntry", "LogRecord", "StoredEvent"]
 
@@ -43,11 +45,11 @@ class Finding:
     stream_id: str  # "" for the log as a whole
     seq: int | None
     event_id: str | None
-    code: str  # not_json | hash_mismatch | row_mismatch | first_missing | seq_gap | seq_duplicate | chain_broken
-    #            | head_mismatch | head_missing | stream_missing; in the log topic: not_event | log_start_deleted;
-    #            PostgreSQL against the log (runledger.schemas.logtrees): audit_differs | audit_not_in_log
-    #            | leaf_index_wrong | record_unaccounted | tree_leaf_differs | tree_longer | tree_root_differs
-    #            | tree_missing; the log against a checkpoint: log_shorter | root_mismatch
+    code: str  # not_json | invalid_event | hash_mismatch | row_mismatch | first_missing | seq_gap | seq_duplicate
+    #            | chain_broken | head_mismatch | head_missing | stream_missing; in the log topic: not_event
+    #            | log_start_deleted; PostgreSQL against the log (runledger.schemas.logtrees): audit_differs
+    #            | audit_not_in_log | leaf_index_wrong | record_unaccounted | tree_leaf_differs | tree_longer
+    #            | tree_root_differs; the log against a checkpoint: log_shorter | root_mismatch
     reason: str
     partition: int | None = None  # where in the log topic, for a finding of the log's records
     offset: int | None = None
@@ -106,9 +108,11 @@ class ChainAuditor:
 
     def _check_row(self, row: StoredEvent) -> Finding | None:
         try:
-            event, carried, computed = stored_hash(row[2])
+            event, carried, computed = stored_event(row[2])
         except msgspec.DecodeError as e:
             return _found(row, "not_json", f"the stored bytes are not a JSON object: {e}")
+        except DuplicateMember as e:
+            return _found(row, "invalid_event", f"the stored event is not I-JSON: {e}")
         except (TypeError, ValueError, RecursionError) as e:
             return _found(row, "hash_mismatch", f"the stored event cannot be canonicalised: {e}")
         if carried != computed:
@@ -252,13 +256,17 @@ class LogAuditor:
 
     def _check_record(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Finding | None:
         try:
-            event, carried, computed = stored_hash(value or b"")
-            unhashable = None
+            event, carried, computed = stored_event(value or b"")
+            refused: tuple[str, str] | None = None
         except msgspec.DecodeError as e:
             return _in_log(partition, offset, "", None, None, "not_json",
                            f"the record (key {key!r}) is not a JSON object: {e}")
+        except DuplicateMember as e:
+            event, carried, computed = e.decoded or {}, None, ""
+            refused = "invalid_event", f"the event is not I-JSON: {e}"
         except (TypeError, ValueError, RecursionError) as e:
-            event, carried, computed, unhashable = _decoded(value or b""), None, "", e
+            event, carried, computed = _decoded(value or b""), None, ""
+            refused = "hash_mismatch", f"the event cannot be canonicalised: {e}"
         subject, seq, event_id = event.get("subject"), event.get("seq"), event.get("id")
         if type(subject) is not str or type(seq) is not int:
             return _in_log(partition, offset, "", None, None, "not_event",
@@ -271,10 +279,10 @@ class LogAuditor:
         self.events += 1
         if chain.broken:
             return None
-        if unhashable is not None or carried != computed:
-            reason = (f"the event cannot be canonicalised: {unhashable}" if unhashable is not None else
-                      f"the event carries hash {carried}, its bytes hash to {computed}")
-            return self._break(chain, _in_log(partition, offset, subject, seq, event_id, "hash_mismatch", reason))
+        if refused is not None or carried != computed:
+            code, reason = refused or ("hash_mismatch", f"the event carries hash {carried}, its bytes hash to "
+                                                        f"{computed}")
+            return self._break(chain, _in_log(partition, offset, subject, seq, event_id, code, reason))
         if seq < 1:
             return self._break(chain, _in_log(partition, offset, subject, seq, event_id, "chain_broken",
                                               f"seq {seq}: a stream's seq runs from 1"))

@@ -33,8 +33,9 @@ SELECT * FROM executions WHERE stream_id = ANY($1::text[]);
 -- name: load_steps
 SELECT * FROM steps WHERE stream_id = ANY($1::text[]);
 
+-- The projected events with these ids: a delivery with the same hash is a duplicate, with another an id_conflict.
 -- name: load_projected_ids
-SELECT event_id::text FROM audit_log WHERE event_id = ANY($1::uuid[]);
+SELECT event_id::text, stream_id, seq, hash FROM audit_log WHERE event_id = ANY($1::uuid[]);
 
 -- name: load_parked
 SELECT stream_id, seq, event_id::text, value, kafka_topic, kafka_partition, kafka_offset

@@ -83,8 +83,8 @@ for _outcome in ("appended", "duplicate", "refused", "failed"):
 
 _CHAIN_CODES = ("chain_broken", "seq_conflict", "hash_mismatch")
 _DEAD_LETTER_REASONS = ("invalid_json", "invalid_event", "unknown_type", "too_large", "hash_mismatch",
-                        "chain_broken", "seq_conflict", "illegal_transition", "retries_exhausted",
-                        "rejected_by_database", "processing_failed")
+                        "chain_broken", "seq_conflict", "id_conflict", "illegal_transition",
+                        "retries_exhausted", "rejected_by_database", "processing_failed")
 
 
 def declare(delays: Iterable[str] = ()) -> None:

@@ -36,6 +36,7 @@ from runledger.projections.planner import (
     Parked,
     Plan,
     Policy,
+    ProjectedEvent,
     decoded,
 )
 from runledger.projections.postgres.db import RejectedByDatabase, StoreConflict, StoreUnavailable, database_error
@@ -213,10 +214,11 @@ async def _load(conn: asyncpg.Connection, streams: list[str], event_ids: list[st
     heads = {r["stream_id"]: Head(r["seq"], r["hash"]) for r in await conn.fetch(query("load_heads"), streams)}
     states = _load_states(await conn.fetch(query("load_executions"), streams),
                           await conn.fetch(query("load_steps"), streams))
-    projected = {r["event_id"] for r in await conn.fetch(query("load_projected_ids"), event_ids)}
     blocked = {r["stream_id"] for r in await conn.fetch(query("open_dead_streams"), streams)}
     parked = [Parked(r["stream_id"], r["seq"], r["event_id"], _parked_record(r))
               for r in await conn.fetch(query("load_parked"), streams)] if follow_parked else []
+    projected = {r["event_id"]: ProjectedEvent(r["stream_id"], r["seq"], r["hash"]) for r in await conn.fetch(
+        query("load_projected_ids"), [*event_ids, *(p.event_id for p in parked)])}
     return Loaded(heads, states, projected, blocked, parked)
 
 

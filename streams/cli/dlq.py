@@ -87,7 +87,8 @@ def _register_resolve(dlq_sub: Subparsers) -> None:
 
 def _filters(p: argparse.ArgumentParser, *, status: bool = False, limit: bool = True) -> None:
     """The options that select dead letters, read back by ``_letter_filter``."""
-    p.add_argument("--reason", action="append", metavar="CODE", help="e.g. hash_mismatch, retries_exhausted")
+    p.add_argument("--reason", action="append", metavar="CODE",
+                   help="e.g. hash_mismatch, id_conflict, retries_exhausted")
     p.add_argument("--type", action="append", metavar="TYPE", help="event type, e.g. step.completed")
     p.add_argument("--stream", action="append", metavar="ID", help="stream id (the event's subject)")
     p.add_argument("--since", metavar="TIME", help="dead-lettered at or after: 2h, 30m, 1d or RFC 3339")

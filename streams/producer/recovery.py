@@ -25,7 +25,8 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from runledger.schemas.chain import GENESIS_HASH, compute_hash
-from runledger.schemas.errors import TransientError
+from runledger.schemas.errors import PermanentError, TransientError
+from runledger.schemas.events import decode_json
 from runledger.streams.kafka import read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 
@@ -106,10 +107,10 @@ async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, l
 def _collect(events: dict[str, list[tuple[int, str, str, str]]], value: bytes) -> None:
     """Keep a record that is an event whose hash is right; a stream's events may come from several partitions."""
     try:
-        event = orjson.loads(value)
+        event = decode_json(value)  # not I-JSON (two members of one name): not an event either
         subject, seq, prevhash, claimed = event["subject"], event["seq"], event["prevhash"], event["hash"]
         valid = isinstance(subject, str) and isinstance(seq, int) and compute_hash(event) == claimed
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
+    except (PermanentError, KeyError, TypeError, ValueError, RecursionError):
         return  # not an event: it never was a head
     if valid:
         events.setdefault(subject, []).append((seq, prevhash, claimed, str(event.get("type", ""))))

@@ -19,7 +19,12 @@ __all__ = ["check_heads"]
 
 
 async def check_heads(settings: Settings) -> list[dict[str, Any]]:
-    """One row per stream whose heads disagree: Redis, the log and PostgreSQL's projection (``stream_heads``)."""
+    """One row per stream whose heads disagree: Redis, the log and PostgreSQL's projection (``stream_heads``).
+
+    PostgreSQL disagrees when its head is beyond the log's, when it is at the log's seq with another hash, and
+    when it has none for a stream of the log (workers may simply be behind). If its heads cannot be read (no
+    database, a schema never migrated), only Redis and the log are compared.
+    """
     log = await log_heads(settings)
     redis = Redis.from_url(settings.redis_url)
     try:
@@ -28,11 +33,12 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
         raw = [await redis.hgetall(f"{settings.topic_prefix}:head:{s}") for s in streams]
     finally:
         await redis.aclose()
-    projected: dict[str, int] = {}
+    projected: dict[str, tuple[int, str]] | None = None  # None: PostgreSQL's heads could not be read
     with contextlib.suppress(StoreUnavailable, asyncpg.UndefinedTableError):
         conn = await connect_one(settings.database_url, settings.db_schema)
         try:
-            projected = {r["stream_id"]: r["seq"] for r in await conn.fetch("SELECT stream_id, seq FROM stream_heads")}
+            projected = {r["stream_id"]: (r["seq"], r["hash"]) for r in await conn.fetch(
+                "SELECT stream_id, seq, hash FROM stream_heads WHERE stream_id = ANY($1::text[])", streams)}
         finally:
             await conn.close()
     rows = []
@@ -49,11 +55,18 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
                             "events were lost from the log")
         if log_head.forks:
             problems.append(f"the log holds two events at seq {', '.join(map(str, log_head.forks))}")
-        if projected.get(stream, 0) > log_head.seq:
-            problems.append(f"PostgreSQL projected seq {projected[stream]}, beyond the log's {log_head.seq}")
+        pg_seq, pg_hash = (projected or {}).get(stream, (None, None))
+        if projected is not None and pg_seq is None and log_head.seq > 0:
+            problems.append(f"PostgreSQL has no head for the stream, the log is at seq {log_head.seq}: workers may "
+                            f"simply be behind, or its first event was dead-lettered")
+        elif pg_seq is not None and pg_seq > log_head.seq:
+            problems.append(f"PostgreSQL projected seq {pg_seq}, beyond the log's {log_head.seq}")
+        elif pg_seq == log_head.seq and pg_hash != log_head.hash:
+            problems.append(f"PostgreSQL's head at seq {pg_seq} has hash {pg_hash}, the log's event at seq "
+                            f"{pg_seq} hashes to {log_head.hash}: the projection followed another chain")
         if problems:
-            rows.append({"stream": stream, "redis": redis_seq, "log": log_head.seq,
-                         "projected": projected.get(stream), "problems": problems})
+            rows.append({"stream": stream, "redis": redis_seq, "log": log_head.seq, "projected": pg_seq,
+                         "problems": problems})
     if not complete:
         rows.append({"stream": None, "redis": None, "log": None, "projected": None,
                      "problems": ["Redis is not marked complete: its heads are recovered from the log at the next "

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 from redis.asyncio import Redis
 
+from runledger.projections.postgres.db import migrate
 from runledger.schemas.chain import verify_chain
 from runledger.streams.dev import devstack
 from runledger.streams.producer.client import EventProducer
@@ -38,9 +42,12 @@ async def _continue_streams(settings: Settings, step: int) -> list[int]:
         return [(await producer.append_batch(stream, [_step(step)]))[0].seq for stream in STREAMS]
 
 
-def _heads_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "heads", "check", "--json"],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+def _heads_check(env: dict[str, str], schema: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``runledger heads check --json`` against PostgreSQL's heads in ``schema``; by default a schema never
+    migrated, whose heads cannot be read: Redis and the log alone are compared."""
+    schema = schema or f"never_{uuid.uuid4().hex[:12]}"
+    return subprocess.run([*CLI, "heads", "check", "--json"], env={**os.environ, **env, "RUNLEDGER_DB_SCHEMA": schema},
+                          capture_output=True, text=True, timeout=120)
 
 
 async def _assert_one_chain_each(settings: Settings, length: int) -> None:
@@ -102,3 +109,32 @@ async def test_heads_check_names_a_head_behind_the_log(env: dict[str, str], sett
                                env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert orjson.loads(recovered.stdout) == {"streams": len(STREAMS), "moved": 1}
     assert _heads_check(env).returncode == 0
+
+
+async def test_heads_check_compares_postgresql_heads_with_the_log(env: dict[str, str], settings: Settings) -> None:
+    await _open_streams(settings)
+    last = {e["subject"]: e["hash"] for e in sorted((orjson.loads(r.value) for r in await read_log(settings)),
+                                                     key=lambda e: e["seq"])}
+    schema = f"heads_{uuid.uuid4().hex[:12]}"
+    await migrate(settings.database_url, schema)
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
+    try:  # exec-0 at the log's seq on another chain, exec-1 agreeing, exec-2 beyond the log; no head for the rest
+        now = datetime.now(UTC)
+        await conn.executemany("INSERT INTO stream_heads (stream_id, seq, hash, updated_at) VALUES ($1, $2, $3, $4)",
+                               [("exec-0", 2, "f" * 64, now), ("exec-1", 2, last["exec-1"], now),
+                                ("exec-2", 3, last["exec-2"], now)])
+        done = _heads_check(env, schema)
+    finally:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()
+    assert done.returncode == 1
+    rows = {row["stream"]: row for row in map(orjson.loads, done.stdout.splitlines())}
+    assert sorted(rows) == ["exec-0", "exec-2", "exec-3", "exec-4", "exec-5"]
+    assert (rows["exec-0"]["projected"], rows["exec-0"]["log"]) == (2, 2)
+    assert rows["exec-0"]["problems"] == [f"PostgreSQL's head at seq 2 has hash {'f' * 64}, the log's event at seq 2 "
+                                          f"hashes to {last['exec-0']}: the projection followed another chain"]
+    assert rows["exec-2"]["problems"] == ["PostgreSQL projected seq 3, beyond the log's 2"]
+    for stream in ("exec-3", "exec-4", "exec-5"):
+        assert rows[stream]["projected"] is None
+        assert rows[stream]["problems"] == ["PostgreSQL has no head for the stream, the log is at seq 2: workers "
+                                            "may simply be behind, or its first event was dead-lettered"]

@@ -42,3 +42,15 @@ def test_command_reads_stdin_and_exits_1_on_any_invalid_line() -> None:
     assert [r["valid"] for r in reports] == [True, True, True, False]
     assert reports[3]["error"].startswith("invalid_json")
     assert done.returncode == 1
+
+
+def test_command_refuses_an_event_with_two_members_of_one_name_whatever_its_hash() -> None:
+    event = VECTOR_LINES[0]["event"]
+    line = '{"data": {"workflow": "another"}, ' + orjson.dumps(event).decode()[1:]  # the last "data" is hashed
+    assert orjson.loads(line) == event
+    done = subprocess.run([*CLI, "hash"], input=orjson.dumps(event).decode() + "\n" + line,
+                          capture_output=True, text=True, check=False)
+    reports = [orjson.loads(out) for out in done.stdout.splitlines()]
+    assert [r["valid"] for r in reports] == [True, False]
+    assert reports[1]["error"] == 'invalid_event: data: duplicate member "data"'
+    assert done.returncode == 1

@@ -144,6 +144,43 @@ async def test_a_conflicting_seq_and_a_broken_link_are_rejected(store: Projectio
     assert await owner.fetchval("SELECT last_seq FROM executions") == 2
 
 
+def _chained(subject: str, ids: list[str]) -> list[bytes]:
+    """The first vector stream's first events as stream ``subject``, with ``ids``, chained and hashed."""
+    out, prev = [], GENESIS_HASH
+    for value, event_id in zip(VECTOR_VALUES, ids, strict=False):
+        event = {**orjson.loads(value), "subject": subject, "id": event_id, "prevhash": prev}
+        event["hash"] = prev = compute_hash(event)
+        out.append(orjson.dumps(event))
+    return out
+
+
+async def test_an_id_projected_in_another_stream_is_an_id_conflict_never_a_duplicate(
+        store: ProjectionStore, owner: asyncpg.Connection) -> None:
+    taken, parked_id = "00000000-0000-4000-8000-00000000a001", "00000000-0000-4000-8000-00000000c001"
+    a = _chained("a", [taken, "00000000-0000-4000-8000-00000000a002"])
+    b = _chained("b", [taken, "00000000-0000-4000-8000-00000000b002"])
+    c = _chained("c", [parked_id])
+    p = _chained("p", ["00000000-0000-4000-8000-00000000d001", parked_id])
+    first = await store.apply_batch(records([a[0], p[1]]))  # p seq 2 parks: its id is not taken yet
+    assert (first.projected, first.parked) == ([("a", 1)], 1)
+    second = await store.apply_batch(records([*b, a[0], c[0]], start=10))
+    assert (second.rejected, second.duplicates, second.parked) == ({"id_conflict": 1}, 1, 1)
+    assert second.projected == [("c", 1)]
+    third = await store.apply_batch(records([p[0]], start=20))  # p seq 2 follows, and its id is c's now
+    assert (third.rejected, third.projected) == ({"id_conflict": 1}, [("p", 1)])
+    letters = await owner.fetch("SELECT reason, stream_id, seq, event_id::text, error, attempts FROM dead_letters "
+                                "ORDER BY id")
+    # Once each: the planner knew the parked event's id was taken, PostgreSQL did not have to refuse it first.
+    assert [(r["reason"], r["stream_id"], r["seq"], r["event_id"], r["attempts"]) for r in letters] == [
+        ("id_conflict", "b", 1, taken, 1), ("id_conflict", "p", 2, parked_id, 1)]
+    assert f"b seq 1: id {taken} is taken by a seq 1, projected with hash {orjson.loads(a[0])['hash']}" \
+        in letters[0]["error"]
+    assert "p seq 2" in letters[1]["error"] and "taken by c seq 1" in letters[1]["error"]
+    audit = await owner.fetch("SELECT event_id::text, stream_id, seq FROM audit_log ORDER BY stream_id, seq")
+    assert [tuple(r) for r in audit] == [(taken, "a", 1), (parked_id, "c", 1), (orjson.loads(p[0])["id"], "p", 1)]
+    assert await owner.fetchval("SELECT count(*) FROM parked_events") == 1  # b seq 2, behind b's letter
+
+
 @pytest.mark.parametrize("statement", ["UPDATE audit_log SET type = 'x'", "DELETE FROM audit_log",
                                        "TRUNCATE audit_log"])
 async def test_the_worker_role_cannot_rewrite_the_audit_log(store: ProjectionStore, pool: asyncpg.Pool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,16 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runledger.projections.planner import AUDIT_COLUMNS, BatchPlanner, Loaded, Parked, Plan, Policy, decoded
+from runledger.projections.planner import (
+    AUDIT_COLUMNS,
+    BatchPlanner,
+    Loaded,
+    Parked,
+    Plan,
+    Policy,
+    ProjectedEvent,
+    decoded,
+)
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.schemas.chain import GENESIS_HASH, Head, compute_hash
@@ -66,6 +76,12 @@ def planned(batch: list[LogRecord], loaded: Loaded | None = None, **policy: Any)
     return planner.plan(loaded or Loaded())
 
 
+def projected(value: bytes) -> tuple[str, ProjectedEvent]:
+    """The ``Loaded.projected`` entry of an event of these bytes, as if it were projected."""
+    event = orjson.loads(value)
+    return event["id"], ProjectedEvent(event["subject"], event["seq"], event["hash"])
+
+
 def codes(plan: Plan) -> list[str]:
     return [f.error.code for f in plan.result.dead]
 
@@ -99,9 +115,64 @@ def test_an_event_already_projected_is_a_duplicate() -> None:
     values = run("x")
     plan = planned(records(values + values[:2], first=0))
     assert (len(plan.result.projected), plan.result.duplicates) == (len(values), 2)
-    loaded = Loaded(projected_ids={orjson.loads(v)["id"] for v in values})
+    loaded = Loaded(projected=dict(map(projected, values)))
     again = planned(records(values), loaded)
     assert (again.result.projected, again.result.duplicates, again.audit) == ([], len(values), [])
+
+
+def with_id(value: bytes, event_id: str) -> bytes:
+    """The event of ``value`` under another ``id``, hashed again: a valid event, another one."""
+    event = orjson.loads(value)
+    event["id"] = event_id
+    event["hash"] = compute_hash(event)
+    return orjson.dumps(event)
+
+
+def test_a_copy_is_a_duplicate_however_its_bytes_are_written() -> None:
+    values = run("x")
+    loaded = Loaded(heads={"x": Head(2, orjson.loads(values[1])["hash"])}, projected=dict(map(projected, values[:2])))
+    respaced = [json.dumps(orjson.loads(v), indent=1, sort_keys=True).encode() for v in values[:2]]
+    plan = planned(records(respaced), loaded)  # the same id, subject, seq and hash
+    assert (plan.result.duplicates, plan.result.dead, plan.audit, plan.heads) == (2, [], [], [])
+
+
+def test_a_projected_id_with_another_hash_is_an_id_conflict_naming_both_streams() -> None:
+    a, b = run("a"), run("b")
+    taken = orjson.loads(a[0])["id"]
+    reused = with_id(b[0], taken)
+    plan = planned(records([reused, *b[1:]]), Loaded(projected=dict([projected(a[0])])), retry_gaps=True)
+    [letter] = plan.result.dead
+    assert (letter.error.code, letter.stream_id, letter.seq, letter.event_id) == ("id_conflict", "b", 1, taken)
+    assert str(letter.error) == (f"b seq 1: id {taken} is taken by a seq 1, projected with hash "
+                                 f"{orjson.loads(a[0])['hash']}; this event hashes to {orjson.loads(reused)['hash']}")
+    assert (plan.result.duplicates, plan.result.projected, plan.audit) == (0, [], [])
+    assert (plan.result.parked, plan.result.retry) == (len(b) - 1, [])  # behind the letter, as behind any
+
+
+def test_within_a_batch_the_second_event_with_an_id_is_an_id_conflict_in_any_order() -> None:
+    a, b = run("a"), run("b")
+    taken = orjson.loads(a[0])["id"]
+    batch = records([*a, with_id(b[0], taken), *b[1:]])
+    for order in (batch, batch[::-1]):
+        plan = planned(order)
+        assert [(f.error.code, f.stream_id, f.seq) for f in plan.result.dead] == [("id_conflict", "b", 1)]
+        assert "taken by a seq 1" in str(plan.result.dead[0].error)
+        assert plan.result.projected == [("a", s) for s in range(1, len(a) + 1)] and plan.result.duplicates == 0
+    e = Stream("x")
+    first = e("execution.started", workflow="w")
+    second = with_id(e("step.started", step_id="s", name="n"), orjson.loads(first)["id"])  # one stream
+    plan = planned(records([first, second]))
+    assert [(f.error.code, f.seq) for f in plan.result.dead] == [("id_conflict", 2)]
+    assert "taken by x seq 1" in str(plan.result.dead[0].error) and plan.result.projected == [("x", 1)]
+
+
+def test_a_parked_event_whose_id_was_taken_meanwhile_leaves_the_parked_table_as_an_id_conflict() -> None:
+    a, x = run("a"), run("x")
+    reused = with_id(x[1], orjson.loads(a[0])["id"])
+    parked = [Parked("x", 2, orjson.loads(reused)["id"], records([reused], first=1)[0])]
+    plan = planned(records(x[:1]), Loaded(projected=dict([projected(a[0])]), parked=parked))
+    assert plan.unparks == [("x", 2, orjson.loads(a[0])["id"])] and codes(plan) == ["id_conflict"]
+    assert plan.result.projected == [("x", 1)]
 
 
 def test_a_gap_parks_without_retry_topics_and_retries_with_them() -> None:
@@ -131,6 +202,16 @@ def test_invalid_records_are_dead_lettered_with_what_is_known_of_them() -> None:
     assert codes(plan) == ["invalid_json", "hash_mismatch"]
     assert plan.result.dead[1].stream_id == "x" and plan.result.dead[1].seq == 1
     assert plan.result.dead[0].stream_id is None
+
+
+def test_an_event_with_two_members_of_one_name_is_an_invalid_event_that_names_its_stream() -> None:
+    values = run("x")
+    twice = b'{"data":{"workflow":"another"},' + values[0][1:]  # the hash is right for the last "data"
+    plan = planned(records([twice, *values[1:]]), retry_gaps=True)
+    [letter] = plan.result.dead
+    assert (letter.error.code, str(letter.error)) == ("invalid_event", 'data: duplicate member "data"')
+    assert (letter.stream_id, letter.seq, letter.event_id) == ("x", 1, orjson.loads(values[0])["id"])
+    assert (plan.result.projected, plan.result.retry, plan.result.parked) == ([], [], len(values) - 1)
 
 
 def test_a_dead_letter_blocks_its_stream_so_later_events_park_even_with_retry_topics() -> None:
@@ -172,7 +253,7 @@ def test_parked_events_follow_their_predecessor_and_leave_the_parked_table() -> 
 def test_a_parked_event_that_is_now_a_duplicate_leaves_the_parked_table() -> None:
     values = run("x")
     event = orjson.loads(values[1])
-    loaded = Loaded(heads={"x": Head(1, orjson.loads(values[0])["hash"])}, projected_ids={event["id"]},
+    loaded = Loaded(heads={"x": Head(1, orjson.loads(values[0])["hash"])}, projected=dict([projected(values[1])]),
                     parked=[Parked("x", 2, event["id"], records(values)[1])])
     plan = planned(records(values[2:3], first=2), loaded)
     assert plan.unparks == [("x", 2, event["id"])] and plan.result.duplicates == 0
@@ -210,7 +291,7 @@ class Tables:
         mine = set(planner.streams)
         parked = [Parked(k[0], k[1], k[2], LogRecord(r[4], r[5], r[6], None, r[3]))
                   for k, r in self.rows["parked"].items() if k[0] in mine]
-        plan = planner.plan(Loaded(self.loaded.heads, self.loaded.states, self.loaded.projected_ids,
+        plan = planner.plan(Loaded(self.loaded.heads, self.loaded.states, self.loaded.projected,
                                    self.loaded.blocked, parked))
         rows = self.rows
         rows["executions"].update({r[0]: r for r in plan.executions})
