@@ -101,7 +101,7 @@ async def test_a_partition_whose_start_was_deleted_is_reported_and_the_rest_chec
         return {**await beginning_offsets(self, tps), cut: 2}
 
     monkeypatch.setattr(AIOKafkaConsumer, "beginning_offsets", after_retention)
-    report = await verify_log(settings)
+    report = await verify_log(settings, database=False)
     assert [(f.stream_id, f.seq, f.code, f.partition, f.offset) for f in report.findings] == [
         ("", None, "log_start_deleted", cut.partition, 2), (stream, 3, "first_missing", cut.partition, 2)]
     assert "records before it were deleted (retention)" in report.findings[0].reason
@@ -111,7 +111,7 @@ async def test_a_partition_whose_start_was_deleted_is_reported_and_the_rest_chec
 async def test_a_log_topic_that_does_not_exist_is_refused_with_exit_2(env: dict[str, str],
                                                                       settings: Settings) -> None:
     with pytest.raises(LogMissing, match=f"topic {settings.events_topic} does not exist"):
-        await verify_log(settings)
+        await verify_log(settings, database=False)
     done = verify(env, "--json")
     assert done.returncode == 2 and f"topic {settings.events_topic} does not exist" in done.stderr
     assert done.stdout == ""

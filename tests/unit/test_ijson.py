@@ -17,13 +17,13 @@ from runledger.schemas.errors import DuplicateMember, InvalidJson
 from runledger.schemas.events import decode_event, decode_json, parse_event
 from runledger.schemas.ijson import duplicate_members, encoded_colons
 from runledger.schemas.merkle import ProofError, inclusion_proof, leaf_hash
-from runledger.schemas.proofs import check_proof, inclusion_document
+from runledger.schemas.proofs import INCLUSION_V1, check_proof
 from runledger.schemas.verify import ChainAuditor, LogAuditor, LogEntry, StoredEvent
 from runledger.streams.cli.common import InputError
 from runledger.streams.cli.events import read_produce_input
 from runledger.streams.producer.recovery import _collect
 from tests.conftest import VECTOR_EVENTS
-from tests.unit.test_proofs import LEAVES, RAWS, SIGNER, note
+from tests.unit.test_proofs import RAWS, SIGNER, note
 
 STARTED = VECTOR_EVENTS[0]  # execution.started, seq 1, with data.input {"doc", "pages"}
 
@@ -164,9 +164,14 @@ def test_the_log_auditor_finds_an_event_that_is_not_i_json_in_its_stream() -> No
 
 
 def test_a_proof_of_an_event_that_is_not_i_json_proves_nothing() -> None:
-    document = inclusion_document(note(18), RAWS[0], 0, inclusion_proof(0, LEAVES))
+    # A proof in the retired single tree, whose leaf was the event's hash: the one place the same leaf (and so
+    # the same proof) could stand for other bytes. (A partition's leaf is the record's bytes themselves.)
+    leaves = [leaf_hash(bytes.fromhex(e["hash"])) for e in VECTOR_EVENTS]
+    document = {"format": INCLUSION_V1, "checkpoint": note(18, "runledger.test/log", leaves), "leaf_index": 0,
+                "event": base64.b64encode(RAWS[0]).decode(),
+                "proof": [base64.b64encode(p).decode() for p in inclusion_proof(0, leaves)]}
     assert check_proof(document, SIGNER.verifier_key).leaf_index == 0
-    assert leaf_hash(bytes.fromhex(stored_hash(TWO_DATA)[2])) == LEAVES[0]  # the same leaf, the same proof
+    assert leaf_hash(bytes.fromhex(stored_hash(TWO_DATA)[2])) == leaves[0]  # the same leaf, the same proof
     document["event"] = base64.b64encode(TWO_DATA).decode()
     with pytest.raises(ProofError, match=r'not I-JSON.*data: duplicate member "data"'):
         check_proof(document, SIGNER.verifier_key)
