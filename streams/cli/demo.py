@@ -17,13 +17,16 @@ __all__ = ["register"]
 
 
 def register(sub: Subparsers) -> None:
-    bench = sub.add_parser("bench", help="measure throughput against the raw floor, latency and memory",
+    bench = sub.add_parser("bench", help="measure throughput against the raw floor, lock waits, latency and memory",
                            description="Builds an interleaved workload (a simulated fleet, hundreds of executions "
                            "under way at once, every event type), publishes it to fresh topics, and measures, "
                            "ROUNDS times each: the floor (plain aiokafka reading and COPYing the raw records into "
                            "PostgreSQL), the store (the same loop through runledger's batch projection, no Faust) "
                            "and real `runledger worker` processes (1 and 2, from the first batch committed to "
-                           "the last). Then the p50/p99 latency from event time to commit with one worker at "
+                           "the last), and for the workers the share of their transactions' time spent waiting for a "
+                           "lock (pg_stat_activity sampled every 100 ms: by wait event, and the statement waited in "
+                           "most). "
+                           "Then the p50/p99 latency from event time to commit with one worker at "
                            "each of RATES, and with --long one worker's memory over that many events. Prints "
                            "median, min and max per path and each path's share of the floor. Uses the running "
                            "stack; drops its schemas afterwards.")
