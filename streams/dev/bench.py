@@ -22,15 +22,16 @@ __all__ = ["run_bench", "print_report", "write_report"]
 
 async def run_bench(settings: Settings, *, events: int, rounds: int, workers: tuple[int, ...],
                     rates: tuple[float, ...], rate_seconds: float, long_events: int, command: str,
-                    progress: Progress) -> dict[str, Any]:
-    """Measure throughput (``rounds`` rounds of every path), then, with ``workers``, latency at each of ``rates``
-    and, with ``long_events``, one worker's memory over that many events."""
+                    progress: Progress, lock_every: float = 0.1) -> dict[str, Any]:
+    """Measure throughput (``rounds`` rounds of every path, the workers' lock waits sampled every ``lock_every``
+    seconds), then, with ``workers``, latency at each of ``rates`` and, with ``long_events``, one worker's memory
+    over that many events."""
     run = BenchRun(settings, progress)
     report: dict[str, Any] = {"machine": machine(), "command": command}
     try:
         progress(f"building about {events:,} events ...")
         workload = Workload(events, run_tag=run.settings.topic_prefix)
-        report["throughput"] = await run.throughput(workload, rounds, workers)
+        report["throughput"] = await run.throughput(workload, rounds, workers, lock_every=lock_every)
         del workload  # published: the latency and memory runs build their own
         if workers:
             report["latency"] = []

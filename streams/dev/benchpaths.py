@@ -106,8 +106,10 @@ class BenchRun:
         finally:
             await producer.stop()
 
-    async def throughput(self, workload: Workload, rounds: int, worker_counts: tuple[int, ...]) -> dict[str, Any]:
-        """Events per second of every path, ``rounds`` times each, and each worker path's share of the floor."""
+    async def throughput(self, workload: Workload, rounds: int, worker_counts: tuple[int, ...], *,
+                         lock_every: float = 0.1) -> dict[str, Any]:
+        """Events per second of every path, ``rounds`` times each, each worker path's share of the floor, and its
+        lock waits (sampled every ``lock_every`` seconds)."""
         total = len(workload)
         self.progress(f"publishing {total:,} events of {workload.streams:,} executions, interleaved ...")
         await self.publish(self.settings, workload)
@@ -119,7 +121,7 @@ class BenchRun:
             paths["floor"].append(total / await self._floor(self.fresh(f"floor{r}"), total))
             paths["store"].append(total / await self._store(self.fresh(f"store{r}"), total))
             for n in worker_counts:
-                done = await run_workers(self.fresh(f"w{n}r{r}"), total, n, sample_locks=True)
+                done = await run_workers(self.fresh(f"w{n}r{r}"), total, n, lock_every=lock_every)
                 paths[f"workers_{n}"].append(done.rate)
                 if done.locks is not None:
                     locks[f"workers_{n}"].append(done.locks)
@@ -242,12 +244,13 @@ class WorkerRun(NamedTuple):
 
 
 async def run_workers(settings: Settings, total: int, processes: int, *, stall_s: float = 120,
-                      rss_every: float | None = None, sample_locks: bool = False) -> WorkerRun:
+                      rss_every: float | None = None, lock_every: float | None = None) -> WorkerRun:
     """Run ``processes`` workers over the first ``total`` records of the log: their events per second, every
-    ``rss_every`` seconds (committed, their RSS in MiB), and with ``sample_locks`` their lock waits over the
+    ``rss_every`` seconds (committed, their RSS in MiB), and with ``lock_every`` their lock waits over the
     span the rate covers. Raises if nothing is committed for ``stall_s`` seconds."""
     workers = Workers(settings, processes)
-    sampler = LockSampler(settings.database_url, worker_application_name(settings)) if sample_locks else None
+    sampler = (LockSampler(settings.database_url, worker_application_name(settings), every=lock_every)
+               if lock_every is not None else None)
     marks: list[tuple[float, int]] = [(time.monotonic(), 0)]
     samples: list[tuple[int, float]] = []
     try:
