@@ -17,13 +17,15 @@ __all__ = ["register"]
 
 
 def register(sub: Subparsers) -> None:
-    bench = sub.add_parser("bench", help="measure throughput against the raw floor, latency and memory",
+    bench = sub.add_parser("bench", help="measure throughput against the raw floor, lock waits, latency and memory",
                            description="Builds an interleaved workload (a simulated fleet, hundreds of executions "
                            "under way at once, every event type), publishes it to fresh topics, and measures, "
                            "ROUNDS times each: the floor (plain aiokafka reading and COPYing the raw records into "
                            "PostgreSQL), the store (the same loop through runledger's batch projection, no Faust) "
                            "and real `runledger worker` processes (1 and 2, from the first batch committed to "
-                           "the last). Then the p50/p99 latency from event time to commit with one worker at "
+                           "the last), and for the workers the share of their transactions' time spent waiting for a "
+                           "lock (pg_stat_activity sampled every LOCK_EVERY ms: by wait event, and the statement "
+                           "waited in most). Then the p50/p99 latency from event time to commit with one worker at "
                            "each of RATES, and with --long one worker's memory over that many events. Prints "
                            "median, min and max per path and each path's share of the floor. Uses the running "
                            "stack; drops its schemas afterwards.")
@@ -38,6 +40,8 @@ def register(sub: Subparsers) -> None:
     bench.add_argument("--long", type=int, default=0, metavar="N",
                        help="also run one worker over N events and report its memory (RSS); 1000000 for the "
                        "issue's target (default: skip)")
+    bench.add_argument("--lock-every", type=_milliseconds, default=100, metavar="MS",
+                       help="sample the workers' lock waits every MS milliseconds (default 100)")
     bench.add_argument("--no-worker", action="store_true",
                        help="floor and store only: no worker processes, no latency, no memory")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -110,12 +114,19 @@ def _counts(text: str) -> tuple[int, ...]:
     return values
 
 
+def _milliseconds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of milliseconds, at least 1")
+    return int(text)
+
+
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.dev.bench import print_report, run_bench, write_report
 
     report = asyncio.run(run_bench(
         settings, events=args.events, rounds=args.rounds, workers=() if args.no_worker else args.workers,
         rates=tuple(float(r) for r in args.rates), rate_seconds=args.rate_seconds, long_events=args.long,
+        lock_every=args.lock_every / 1000,
         command=" ".join(["runledger", *sys.argv[1:]]), progress=lambda text: print(text, file=sys.stderr)))
     if args.out is not None:
         for path in write_report(report, args.out):

@@ -16,7 +16,8 @@ class ChartUnavailable(PermanentError):
 
 
 def draw(report: dict[str, Any], path: Path) -> None:
-    """Throughput per path with its spread, latency per rate, and RSS over a long run, side by side."""
+    """Throughput per path with its spread, the worker paths' lock waits, latency per rate, and RSS over a long
+    run, side by side."""
     try:
         import matplotlib
 
@@ -24,12 +25,14 @@ def draw(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ChartUnavailable("drawing the chart needs matplotlib: pip install 'runledger[bench]'") from None
-    panels = [p for p in ("throughput", "latency", "memory") if report.get(p)]
+    data = {"throughput": report.get("throughput"), "locks": (report.get("throughput") or {}).get("lock_wait"),
+            "latency": report.get("latency"), "memory": report.get("memory")}
+    panels = [p for p in ("throughput", "locks", "latency", "memory") if data[p]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    drawers: dict[str, Callable[[Any, Any], None]] = {"throughput": _throughput, "latency": _latency,
-                                                      "memory": _memory}
+    drawers: dict[str, Callable[[Any, Any], None]] = {"throughput": _throughput, "locks": _locks,
+                                                      "latency": _latency, "memory": _memory}
     for ax, panel in zip(axes[0], panels, strict=True):
-        drawers[panel](ax, report[panel])
+        drawers[panel](ax, data[panel])
     machine = report.get("machine", {})
     fig.suptitle(f"runledger bench · {machine.get('cpus')} CPUs, {machine.get('memory_gib')} GiB · "
                  f"{report.get('command', '')}", fontsize=9)
@@ -49,6 +52,19 @@ def _throughput(ax: Any, data: dict[str, Any]) -> None:
         if share:
             ax.annotate(f"{share['median']:.0%}", (i, medians[i]), ha="center", va="bottom", fontsize=8)
     ax.set_title(f"events/s, median of {data['rounds']} rounds (min-max)", fontsize=9)
+
+
+def _locks(ax: Any, paths: dict[str, Any]) -> None:
+    names = list(paths)
+    medians = [100 * (paths[n]["median"] or 0) for n in names]
+    low = [m - 100 * (paths[n]["min"] or 0) for n, m in zip(names, medians, strict=True)]
+    high = [100 * (paths[n]["max"] or 0) - m for n, m in zip(names, medians, strict=True)]
+    ax.bar(names, medians, yerr=[low, high], capsize=4, color="#c0504d")
+    for i, n in enumerate(names):
+        if paths[n]["median"] is None:
+            ax.annotate("no sample", (i, 0), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("% of in-transaction time")
+    ax.set_title("waiting for locks, median of rounds (min-max)", fontsize=9)
 
 
 def _latency(ax: Any, rows: list[dict[str, Any]]) -> None:

@@ -71,7 +71,7 @@ async def memory(run: BenchRun, events: int) -> dict[str, Any]:
     del workload  # gigabytes for a million events: collecting over them would take the worker's CPU
     gc.collect()
     run.progress(f"long run: one worker projects {total:,} events ...")
-    rate, samples = await run_workers(settings, total, 1, rss_every=2.0)
+    rate, samples, _ = await run_workers(settings, total, 1, rss_every=2.0)
     settled = [s for s in samples if s[0] >= total * 0.05] or samples
     return {"events": total, "events_per_s": round(rate), "start_mib": round(settled[0][1], 1),
             "max_mib": round(max(s[1] for s in settled), 1), "end_mib": round(settled[-1][1], 1),

@@ -10,7 +10,8 @@ own. The paths:
   in this process: runledger's work without Faust.
 - ``workers_1``, ``workers_2``: real ``runledger worker`` processes of one consumer group. Their rate runs
   from the first batch committed to the last (offsets as stored with the projection), so that start-up
-  does not count; rebalancing between two workers does.
+  does not count; rebalancing between two workers does. Over the same span, the share of their
+  transactions' time spent waiting for locks (``benchlocks.py``), sampled from ``pg_stat_activity``.
 
 Latency and memory (``benchlatency.py``) run workers the same way. Every schema is dropped afterwards.
 """
@@ -25,7 +26,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import psutil
@@ -38,11 +39,12 @@ from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.schemas.errors import TransientError
 from runledger.streams.dev import WORKER_COMMAND
+from runledger.streams.dev.benchlocks import LockSampler, combine, worker_application_name, worker_database_url
 from runledger.streams.dev.workload import Workload
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
 
-__all__ = ["BenchRun", "Progress", "Workers", "committed", "machine", "run_workers", "spread"]
+__all__ = ["BenchRun", "Progress", "WorkerRun", "Workers", "committed", "machine", "run_workers", "spread"]
 
 Progress = Callable[[str], None]
 
@@ -51,6 +53,15 @@ def spread(values: list[float]) -> dict[str, Any]:
     """Median, min and max of one path's rounds, and the rounds themselves."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "rounds": [round(v, 3) for v in values]}
+
+
+def _lock_spread(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A worker path's lock-wait share over its rounds (``spread``; None each if no round had a transaction to
+    sample), with the totals and the statement waited in most (``benchlocks.combine``)."""
+    together = combine(rounds)
+    shares = together.pop("shares")
+    figures = spread(shares) if shares else {"median": None, "min": None, "max": None, "rounds": []}
+    return {**figures, **together}
 
 
 class BenchRun:
@@ -95,25 +106,31 @@ class BenchRun:
         finally:
             await producer.stop()
 
-    async def throughput(self, workload: Workload, rounds: int, worker_counts: tuple[int, ...]) -> dict[str, Any]:
-        """Events per second of every path, ``rounds`` times each, and each worker path's share of the floor."""
+    async def throughput(self, workload: Workload, rounds: int, worker_counts: tuple[int, ...], *,
+                         lock_every: float = 0.1) -> dict[str, Any]:
+        """Events per second of every path, ``rounds`` times each, each worker path's share of the floor, and its
+        lock waits (sampled every ``lock_every`` seconds)."""
         total = len(workload)
         self.progress(f"publishing {total:,} events of {workload.streams:,} executions, interleaved ...")
         await self.publish(self.settings, workload)
         names = ["floor", "store", *(f"workers_{n}" for n in worker_counts)]
         paths: dict[str, list[float]] = {name: [] for name in names}
+        locks: dict[str, list[dict[str, Any]]] = {f"workers_{n}": [] for n in worker_counts}
         for r in range(1, rounds + 1):
             self.progress(f"round {r} of {rounds}: floor, store" + "".join(f", {n} worker(s)" for n in worker_counts))
             paths["floor"].append(total / await self._floor(self.fresh(f"floor{r}"), total))
             paths["store"].append(total / await self._store(self.fresh(f"store{r}"), total))
             for n in worker_counts:
-                rate, _ = await run_workers(self.fresh(f"w{n}r{r}"), total, n)
-                paths[f"workers_{n}"].append(rate)
+                done = await run_workers(self.fresh(f"w{n}r{r}"), total, n, lock_every=lock_every)
+                paths[f"workers_{n}"].append(done.rate)
+                if done.locks is not None:
+                    locks[f"workers_{n}"].append(done.locks)
         report: dict[str, Any] = {"events": total, "executions": workload.streams, "rounds": rounds,
                                   "events_per_s": {name: spread(v) for name, v in paths.items()}}
         report["share_of_floor"] = {
             name: spread([w / f for w, f in zip(v, paths["floor"], strict=True)])
             for name, v in paths.items() if name != "floor"}
+        report["lock_wait"] = {name: _lock_spread(rounds) for name, rounds in locks.items()}
         return report
 
     async def _floor(self, settings: Settings, total: int) -> float:
@@ -180,7 +197,9 @@ class Workers:
     """Worker processes under measurement, each logging (level info) to a file of the bench's own."""
 
     def __init__(self, settings: Settings, processes: int) -> None:
-        env = {**os.environ, "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix,
+        # Their connections carry an application_name of this schema's, which the lock sampler looks for.
+        env = {**os.environ, "RUNLEDGER_DATABASE_URL": worker_database_url(settings),
+               "RUNLEDGER_TOPIC_PREFIX": settings.topic_prefix,
                "RUNLEDGER_DB_SCHEMA": settings.db_schema, "RUNLEDGER_CONSUMER_GROUP": settings.consumer_group}
         directory = settings.state_dir / "bench"
         directory.mkdir(parents=True, exist_ok=True)
@@ -216,42 +235,61 @@ class Workers:
                 await asyncio.to_thread(process.wait)
 
 
+class WorkerRun(NamedTuple):
+    """What ``run_workers`` measured."""
+
+    rate: float  # events per second (``_span``)
+    rss: list[tuple[int, float]]  # (committed, RSS in MiB) samples, if asked for
+    locks: dict[str, Any] | None  # the lock waits over the same span (``benchlocks.summarize``), if asked for
+
+
 async def run_workers(settings: Settings, total: int, processes: int, *, stall_s: float = 120,
-                      rss_every: float | None = None) -> tuple[float, list[tuple[int, float]]]:
-    """Run ``processes`` workers over the first ``total`` records of the log: their events per second (``_rate``)
-    and, every ``rss_every`` seconds, (committed, their RSS in MiB) samples. Raises if nothing is committed for
-    ``stall_s`` seconds."""
+                      rss_every: float | None = None, lock_every: float | None = None) -> WorkerRun:
+    """Run ``processes`` workers over the first ``total`` records of the log: their events per second, every
+    ``rss_every`` seconds (committed, their RSS in MiB), and with ``lock_every`` their lock waits over the
+    span the rate covers. Raises if nothing is committed for ``stall_s`` seconds."""
     workers = Workers(settings, processes)
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    sampler = (LockSampler(settings.database_url, worker_application_name(settings), every=lock_every)
+               if lock_every is not None else None)
     marks: list[tuple[float, int]] = [(time.monotonic(), 0)]
     samples: list[tuple[int, float]] = []
     try:
-        next_rss = 0.0
-        while marks[-1][1] < total:
-            workers.check(f"after {marks[-1][1]:,} of {total:,} events")
-            now, done = time.monotonic(), sum((await committed(conn, settings)).values())
-            if done == marks[-1][1] and now - next((t for t, d in marks if d == done), now) > stall_s:
-                raise workers.stuck(f"the workers committed nothing for {stall_s:.0f} s, at {done:,} of {total:,}")
-            marks.append((now, done))
-            if rss_every is not None and now >= next_rss:
-                samples.append((done, sum(psutil.Process(pid).memory_info().rss for pid in workers.pids) / 2**20))
-                next_rss = now + rss_every
-            await asyncio.sleep(0.05)
+        if sampler is not None:
+            sampler.start()
+        conn = await connect_one(settings.database_url, settings.db_schema)
+        try:
+            next_rss = 0.0
+            while marks[-1][1] < total:
+                workers.check(f"after {marks[-1][1]:,} of {total:,} events")
+                now, done = time.monotonic(), sum((await committed(conn, settings)).values())
+                if done == marks[-1][1] and now - next((t for t, d in marks if d == done), now) > stall_s:
+                    raise workers.stuck(f"the workers committed nothing for {stall_s:.0f} s, at {done:,} of {total:,}")
+                marks.append((now, done))
+                if rss_every is not None and now >= next_rss:
+                    samples.append((done, sum(psutil.Process(pid).memory_info().rss for pid in workers.pids) / 2**20))
+                    next_rss = now + rss_every
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
     finally:
+        if sampler is not None:
+            await sampler.stop()
         await workers.stop()
-        await conn.close()
-    return _rate(marks, total), samples
+    (start, first), (end, last) = _span(marks, total)
+    return WorkerRun((last - first) / (end - start), samples,
+                     sampler.summary(start, end) if sampler is not None else None)
 
 
-def _rate(marks: list[tuple[float, int]], total: int) -> float:
-    """Events per second from the first commit to the last: start-up (until the first batch is committed) does
-    not count, rebalancing and every later batch do. If the first batch held over a fifth of the events (a
-    run too short to measure), from the start instead: start-up included, as the least bad."""
+def _span(marks: list[tuple[float, int]], total: int) -> tuple[tuple[float, int], tuple[float, int]]:
+    """The (time, committed) marks a rate runs between: from the first commit to the last, so that start-up
+    (until the first batch is committed) does not count, rebalancing and every later batch do. If the first
+    batch held over a fifth of the events (a run too short to measure), from the start instead: start-up
+    included, as the least bad."""
     first = next(m for m in marks if m[1] > 0)  # marks[0] is the start, with nothing committed
     last = next(m for m in marks if m[1] >= total)
     if first[1] <= total * 0.2 and last[0] > first[0]:
-        return (last[1] - first[1]) / (last[0] - first[0])
-    return total / (last[0] - marks[0][0])
+        return first, last
+    return marks[0], (last[0], total)
 
 
 def machine() -> dict[str, Any]:

@@ -1,15 +1,21 @@
-"""``runledger bench`` runs every path end to end and reports figures (the figures themselves are not judged)."""
+"""``runledger bench`` runs every path end to end and reports figures (the figures themselves are not judged);
+its lock sampler sees a real lock wait, and survives losing its connection."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
+from runledger.streams.dev.benchlocks import SAMPLER_APPLICATION_NAME, LockSampler
 from runledger.streams.settings import Settings
 from tests.conftest import CLI
 
@@ -29,6 +35,95 @@ def _bench(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
     return orjson.loads(done.stdout)  # type: ignore[no-any-return]
 
 
+def _sane_lock_waits(throughput: dict[str, Any], paths: set[str]) -> None:
+    """Each worker path has a lock-wait share in [0, 1] per round with its spread, and its samples add up."""
+    assert set(throughput["lock_wait"]) == paths
+    for p in throughput["lock_wait"].values():
+        assert p["failed_ticks"] == 0 and p["errors"] == [], p["errors"]
+        assert len(p["per_round"]) == throughput["rounds"] and 0 <= p["waiting"] <= p["in_transaction"]
+        assert all(r["ticks"] > 0 for r in p["per_round"])
+        if p["in_transaction"]:  # a run this short may have no sample inside a transaction: then no share
+            assert 0 <= p["min"] <= p["median"] <= p["max"] <= 1 and all(0 <= r <= 1 for r in p["rounds"])
+        else:
+            assert p["median"] is None and p["rounds"] == []
+        assert sum(p["by_event"].values()) == p["waiting"] and 0 <= p["blocked_by_worker"] <= p["waiting"]
+        assert (p["top_statement"] is None) == (p["waiting"] == 0)
+
+
+async def _until(check: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f} s"
+        await asyncio.sleep(0.02)
+
+
+async def _samplers(admin: asyncpg.Connection) -> int:
+    return int(await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                                    SAMPLER_APPLICATION_NAME))
+
+
+async def test_the_sampler_sees_a_worker_wait_for_a_row_another_holds_and_closes_its_connection(
+        settings: Settings) -> None:
+    name, schema = f"bench-test {uuid.uuid4().hex[:8]}", f"benchtest_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(settings.database_url)
+    holder = await asyncpg.connect(settings.database_url, server_settings={"application_name": name})
+    waiter = await asyncpg.connect(settings.database_url, server_settings={"application_name": name})
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.state (size bigint);"
+                            f"INSERT INTO {schema}.state VALUES (0)")
+        sampler = LockSampler(settings.database_url, name, every=0.02)
+        async with sampler:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute(f"SELECT size FROM {schema}.state FOR UPDATE")
+            waiting = asyncio.create_task(waiter.execute(f"SELECT size FROM {schema}.state FOR UPDATE"))
+
+            async def seen() -> bool:
+                return any(t.waits for t in sampler.ticks)
+
+            await _until(seen, "a sampled lock wait")
+            await lock.commit()
+            await waiting
+            assert await _samplers(admin) == 1
+        summary = sampler.summary()
+        assert summary["failed_ticks"] == 0 and summary["errors"] == []
+        assert summary["waiting"] >= 1 and 0 < summary["share"] <= 1
+        assert summary["by_event"].get("transactionid", 0) >= 1 and summary["blocked_by_worker"] >= 1
+        assert summary["statements"][0][0] == f"SELECT size FROM {schema}.state FOR UPDATE"
+
+        async def closed() -> bool:
+            return await _samplers(admin) == 0
+
+        await _until(closed, "the sampler's connection closing")
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        for conn in (holder, waiter, admin):
+            await conn.close()
+
+
+async def test_a_sampler_whose_connection_is_cut_reports_it_and_does_not_raise(settings: Settings) -> None:
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        sampler = LockSampler(settings.database_url, "nobody", every=0.02)
+        async with sampler:
+
+            async def ticking() -> bool:
+                return len(sampler.ticks) >= 2
+
+            await _until(ticking, "two samples")
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                                SAMPLER_APPLICATION_NAME)
+
+            async def failed() -> bool:
+                return sampler.failed_ticks > 0
+
+            await _until(failed, "a failed sample")
+        assert sampler.errors and all("sample" in e for e in sampler.errors), sampler.errors
+        assert sampler.summary()["failed_ticks"] == sampler.failed_ticks
+    finally:
+        await admin.close()
+
+
 @pytest.mark.slow
 async def test_floor_and_store_rounds_with_their_spread(env: dict[str, str], settings: Settings) -> None:
     report = _bench(env, "--events", "1500", "--rounds", "2", "--no-worker")
@@ -38,15 +133,16 @@ async def test_floor_and_store_rounds_with_their_spread(env: dict[str, str], set
     for s in t["events_per_s"].values():
         assert len(s["rounds"]) == 2 and 0 < s["min"] <= s["median"] <= s["max"]
     assert 0 < t["share_of_floor"]["store"]["median"]
-    assert "latency" not in report and report["machine"]["cpus"] >= 1
+    assert "latency" not in report and report["machine"]["cpus"] >= 1 and t["lock_wait"] == {}
     await _no_bench_schemas(settings)
 
 
 @pytest.mark.slow
 async def test_workers_latency_memory_and_chart(env: dict[str, str], settings: Settings, tmp_path: Path) -> None:
-    report = _bench(env, "--events", "1500", "--rounds", "1", "--workers", "1", "--rates", "300",
+    report = _bench(env, "--events", "1500", "--rounds", "1", "--workers", "1,2", "--rates", "300",
                     "--rate-seconds", "2", "--long", "1500", "--out", str(tmp_path))
-    assert set(report["throughput"]["events_per_s"]) == {"floor", "store", "workers_1"}
+    assert set(report["throughput"]["events_per_s"]) == {"floor", "store", "workers_1", "workers_2"}
+    _sane_lock_waits(report["throughput"], {"workers_1", "workers_2"})
     [row] = report["latency"]
     assert row["rate"] == 300 and row["events"] > 500 and 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     assert report["memory"]["events"] > 1000 and report["memory"]["samples"]
