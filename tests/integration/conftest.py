@@ -197,10 +197,24 @@ async def kafka_ledger(env: dict[str, str], key_dir: Path, monkeypatch: Any,
     await migrate(settings.database_url, schema)
     pool = await connect(settings.database_url, schema)
     conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
+    catalog = load_tokencost_catalog()
+    await ProjectionStore.save_catalog(pool, catalog)  # as a worker does: the prices verify projection re-prices with
     try:
-        yield KafkaLedger(settings, env, ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group),
-                          conn)
+        yield KafkaLedger(settings, env, ProjectionStore(pool, catalog, settings.consumer_group), conn)
     finally:
         await pool.close()
         await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await conn.close()
+
+
+def independent_root(values: list[bytes]) -> bytes:
+    """RFC 9162's MTH over a partition's record values, with nothing but hashlib: what docs/proofs.md tells an
+    auditor to write."""
+    import hashlib
+
+    def mth(leaves: list[bytes]) -> bytes:
+        if len(leaves) == 1:
+            return leaves[0]
+        k = 1 << ((len(leaves) - 1).bit_length() - 1)
+        return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
+    return mth([hashlib.sha256(b"\x00" + v).digest() for v in values]) if values else hashlib.sha256().digest()

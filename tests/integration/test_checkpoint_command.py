@@ -4,7 +4,6 @@ signed tree per log partition, derived from Kafka, that an auditor checks with t
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,13 @@ from runledger.schemas.checkpoint import Checkpoint, Signer, Verifier
 from runledger.schemas.logtrees import FRONTIER_HEADER
 from runledger.schemas.merkle import TreeState, leaf_hash
 from tests.conftest import VECTOR_EVENTS
-from tests.integration.conftest import KafkaLedger, kafka_ledger, read_log, rechain
+from tests.integration.conftest import KafkaLedger, independent_root, kafka_ledger, read_log, rechain
 
 
 @pytest.fixture
 async def ledger(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KafkaLedger]:
     async with kafka_ledger(env, tmp_path / "keys", monkeypatch) as ledger:
         yield ledger
-
-
-def independent_root(values: list[bytes]) -> bytes:
-    """RFC 9162's MTH over a partition's record values, with nothing but hashlib: what docs/proofs.md tells an
-    auditor to write."""
-    def mth(leaves: list[bytes]) -> bytes:
-        if len(leaves) == 1:
-            return leaves[0]
-        k = 1 << ((len(leaves) - 1).bit_length() - 1)
-        return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
-    return mth([hashlib.sha256(b"\x00" + v).digest() for v in values]) if values else hashlib.sha256().digest()
 
 
 async def partition_values(ledger: KafkaLedger) -> dict[int, list[bytes]]:
