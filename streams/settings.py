@@ -82,8 +82,8 @@ class Settings(BaseSettings):
         None, description="RUNLEDGER_CHECKPOINT_KEY: the Ed25519 signer key of the transparency log's checkpoints "
         "(`runledger keys init` writes it; default <state dir>/checkpoint.key, its verifier key beside it as .pub)")
     checkpoint_interval_s: float = Field(
-        60.0, ge=0, description="RUNLEDGER_CHECKPOINT_INTERVAL_S: how often a worker signs a checkpoint when the "
-        "log has grown (one worker per interval; 0: only `runledger checkpoint`)")
+        60.0, ge=0, description="RUNLEDGER_CHECKPOINT_INTERVAL_S: how often a signer round signs the log "
+        "partitions that grew (in one worker per interval, and in `runledger signer`; 0: not in workers)")
     metrics_host: str = Field(
         "127.0.0.1", min_length=1, description="RUNLEDGER_METRICS_HOST: the address a worker serves its Prometheus "
         "metrics on (0.0.0.0 to be scraped from other hosts)")

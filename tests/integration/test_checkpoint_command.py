@@ -4,6 +4,9 @@ signed tree per log partition, derived from Kafka, that an auditor checks with t
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,16 @@ from aiokafka import AIOKafkaProducer
 from runledger.schemas.checkpoint import Checkpoint, Signer, Verifier
 from runledger.schemas.logtrees import FRONTIER_HEADER
 from runledger.schemas.merkle import TreeState, leaf_hash
-from tests.conftest import VECTOR_EVENTS
-from tests.integration.conftest import KafkaLedger, independent_root, kafka_ledger, read_log, rechain
+from tests.conftest import CLI, VECTOR_EVENTS
+from tests.integration.conftest import (
+    KafkaLedger,
+    auditor_code,
+    independent_root,
+    kafka_ledger,
+    poll,
+    read_log,
+    rechain,
+)
 
 
 @pytest.fixture
@@ -74,6 +85,12 @@ async def test_each_partition_is_signed_from_kafka_and_its_proofs_verify(ledger:
     proven = orjson.loads(ok.stdout)
     assert proven["event_id"] == event_id and proven["origin"].startswith(f"runledger.test/log/{topic}/")
     partition = int(proven["origin"].rsplit("/", 1)[1])
+    auditor = auditor_code()  # docs/proofs.md's own code checks the proof too
+    document = orjson.loads((tmp_path / "inc.json").read_bytes())
+    size, root = auditor["open_checkpoint"](document["checkpoint"], verifier_key, proven["origin"])
+    leaf = hashlib.sha256(b"\x00" + base64.b64decode(document["event"])).digest()
+    assert auditor["root_from_inclusion"](document["leaf_index"], size, leaf,
+                                          [base64.b64decode(p) for p in document["proof"]]) == root
     (tmp_path / "old.note").write_text(first[partition])
     assert run("prove-consistency", str(tmp_path / "old.note"), "--out", str(tmp_path / "con.json")).returncode == 0
     ok = run("verify-proof", str(tmp_path / "con.json"), "--json")  # the key from beside the signer key
@@ -198,3 +215,26 @@ async def test_verify_against_a_checkpoint_catches_a_rewritten_stream_and_a_dele
     found = orjson.loads(caught.stdout)["findings"]
     assert caught.returncode == 1 and {f["code"] for f in found} == {"audit_differs"}
     assert sorted((f["stream_id"], f["seq"]) for f in found) == [("extra", n) for n in range(1, 10)]
+
+
+async def test_the_signer_process_signs_what_grew_on_its_interval(ledger: KafkaLedger) -> None:
+    await ledger.append(VECTOR_EVENTS)
+    await ledger.project()
+    assert ledger.run("keys", "init").returncode == 0
+    signer = subprocess.Popen([*CLI, "signer", "--interval", "0.5"], env={**os.environ, **ledger.env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def signed(records: int) -> bool | None:
+        newest: dict[bytes, int] = {}
+        for r in await read_log(ledger.settings, ledger.settings.checkpoints_topic):
+            newest[r.key] = max(newest.get(r.key, 0), Checkpoint.parse(r.value.decode()).size)
+        return sum(newest.values()) == records or None
+
+    try:
+        await poll(lambda: signed(len(VECTOR_EVENTS)), 60, "the signer's first round")
+        await ledger.append(rechain("later"))  # signed from Kafka, projected or not
+        await poll(lambda: signed(len(VECTOR_EVENTS) + 9), 60, "a round after the log grew")
+        assert signer.poll() is None
+    finally:
+        signer.terminate()
+        signer.wait(30)
