@@ -59,7 +59,8 @@ def register(sub: Subparsers) -> None:
         "--full` derives every stream. Measure a quiet stack: a worker projecting meanwhile counts as the servers'.")
     bench_verify.add_argument("--runs", type=int, default=5, help="runs of each check (default 5)")
     bench_verify.add_argument("--checks", type=_checks, default=None, metavar="C,C",
-                              help="which checks: chains, projection, projection --full, log (default: all)")
+                              help="which checks: chains, projection, projection --full, log, log --no-database "
+                              "(default: all)")
     bench_verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench_verify.set_defaults(func=_cmd_bench_verify)
 

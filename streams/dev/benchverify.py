@@ -31,7 +31,8 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "chains": ("verify", "chains"),
     "projection": ("verify", "projection"),  # every stream attested by a run before the measured ones
     "projection --full": ("verify", "projection", "--full"),
-    "log": ("verify", "log"),
+    "log": ("verify", "log"),  # the log topic, and PostgreSQL against it
+    "log --no-database": ("verify", "log", "--no-database"),
 }
 
 

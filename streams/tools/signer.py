@@ -57,6 +57,32 @@ class Round:
     findings: list[tuple[int, int | None, int | None, str]] = field(default_factory=list)  # partition, leaf, offset
 
 
+_COMPARED_LEAVES = 100_000
+"""Of the leaves a round reads, at most this many (the last below PostgreSQL's size) are compared one by one with
+PostgreSQL's; the root at PostgreSQL's size covers the rest."""
+
+
+@dataclass(slots=True)
+class _Derived:
+    """What a round read of one partition, for comparing PostgreSQL's tree (``stored``) with it: the root at the
+    stored size, if the round's tree passed it, and the last leaves read below it (index -> leaf hash)."""
+
+    stored: StoredTree | None
+    root_at_stored: bytes | None = None
+    leaves: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # index -> (leaf hash, offset)
+
+    def passed(self, signed_log: SignedLog) -> None:
+        if self.stored is not None and signed_log.tree.size == self.stored.size:
+            self.root_at_stored = signed_log.tree.root()
+
+    def read(self, index: int, leaf: bytes, offset: int, signed_log: SignedLog) -> None:
+        if self.stored is None or index >= self.stored.size:
+            return
+        if index >= self.stored.size - _COMPARED_LEAVES:
+            self.leaves[index] = (leaf, offset)
+        self.passed(signed_log)
+
+
 class LogSigner:
     """Signs the log topic's per-partition trees with ``signer``; ``start``, then ``round`` as often as due."""
 
@@ -93,9 +119,8 @@ class LogSigner:
             raise TransientError(f"cannot read the log or the checkpoints at "
                                  f"{self.settings.kafka_bootstrap_servers}: {e}") from e
         if conn is not None:
-            for partition, stored in pg.items():
-                if partition in self.logs:
-                    await self._compare(conn, stored, at.get(partition, {}), done)
+            for partition, derived in at.items():
+                await self._compare(conn, partition, derived, done)
         to_sign: list[tuple[int, Checkpoint]] = []
         for partition, signed_log in sorted(self.logs.items()):
             try:
@@ -149,64 +174,58 @@ class LogSigner:
                                                        partition))
         return self.logs[partition]
 
-    async def _extend(self, pg: dict[int, StoredTree]) -> dict[int, dict[int, bytes]]:
-        """Read each partition from where its tree ends; per partition, the leaves read (index -> hash) and the
-        root at PostgreSQL's size if the read passed it (index -1)."""
+    async def _extend(self, pg: dict[int, StoredTree]) -> dict[int, _Derived]:
+        """Read each partition from where its tree ends, noting what ``_compare`` needs of PostgreSQL's tree."""
         topic = self.settings.events_topic
         cluster = await self._consumer._client.fetch_all_metadata()  # noqa: SLF001 - every topic, not the assigned
-        partitions = sorted(cluster.partitions_for_topic(topic) or ())
-        tps = [TopicPartition(topic, p) for p in partitions]
-        seen: dict[int, dict[int, bytes]] = {p: {} for p in partitions}
-        for p in partitions:  # born at 0 before a finding can count
-            metrics.TREE_DISAGREEMENTS.labels(str(p))
+        tps = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+        derived = {tp.partition: _Derived(pg.get(tp.partition)) for tp in tps}
+        for tp in tps:
+            metrics.TREE_DISAGREEMENTS.labels(str(tp.partition))  # born at 0 before a finding can count
         if not tps:
-            return seen
+            return derived
         self._consumer.assign(tps)
         for tp in tps:
-            signed_log, stored = self._log(tp.partition), pg.get(tp.partition)
-            if stored is not None and stored.size == signed_log.tree.size:
-                seen[tp.partition][-1] = signed_log.tree.root()
+            signed_log = self._log(tp.partition)
+            derived[tp.partition].passed(signed_log)
             self._consumer.seek(tp, signed_log.next_offset)
 
         def take(tp: TopicPartition, messages: list[object]) -> None:
-            signed_log, leaves = self.logs[tp.partition], seen[tp.partition]
-            stored = pg.get(tp.partition)
+            signed_log, seen = self.logs[tp.partition], derived[tp.partition]
             for m in messages:
                 index = signed_log.tree.size
-                leaves[index] = signed_log.append(m.offset, m.value or b"")  # type: ignore[attr-defined]
-                if stored is not None and signed_log.tree.size == stored.size:
-                    leaves[-1] = signed_log.tree.root()
+                leaf = signed_log.append(m.offset, m.value or b"")  # type: ignore[attr-defined]
+                seen.read(index, leaf, m.offset, signed_log)  # type: ignore[attr-defined]
 
         await read_to_end(self._consumer, tps, take)
-        return seen
+        return derived
 
-    async def _compare(self, conn: asyncpg.Connection, stored: StoredTree, leaves: dict[int, bytes],
-                       done: Round) -> None:
-        """PostgreSQL's tree of one partition against the leaves just derived (and the root at its size)."""
-        signed_log = self.logs[stored.partition]
+    async def _compare(self, conn: asyncpg.Connection, partition: int, derived: _Derived, done: Round) -> None:
+        """PostgreSQL's tree of one partition against what was just derived from the log."""
+        stored, size = derived.stored, self.logs[partition].tree.size
+        if stored is None:
+            return
         problem: tuple[int | None, int | None, str] | None = None
-        if stored.size > signed_log.tree.size:
-            problem = (signed_log.tree.size, None, f"PostgreSQL's tree holds {stored.size:,} leaves, the log "
-                       f"{signed_log.tree.size:,}: leaves that are no record of the log")
-        elif -1 in leaves and leaves[-1] != stored.root:
+        if stored.size > size:
+            problem = (size, None, f"PostgreSQL's tree holds {stored.size:,} leaves, the log {size:,}: leaves that "
+                       "are no record of the log")
+        elif derived.root_at_stored is not None and derived.root_at_stored != stored.root:
             problem = (None, None, f"PostgreSQL's root at size {stored.size:,} is {stored.root.hex()}, the log's "
-                       f"{leaves[-1].hex()}")
-        indexes = sorted(i for i in leaves if 0 <= i < stored.size)
-        if indexes:
-            rows = await conn.fetch(query("tree_leaf_range"), stored.id, indexes[0], indexes[-1] + 1)
-            kept = {r["index"]: bytes(r["hash"]) for r in rows}
-            for i in indexes:
-                if kept.get(i) != leaves[i]:
-                    problem = (i, None, f"PostgreSQL's leaf {i:,} is not the log's record there")
-                    break
+                       f"{derived.root_at_stored.hex()}")
+        if derived.leaves:
+            first, last = min(derived.leaves), max(derived.leaves)
+            kept = {r["index"]: bytes(r["hash"]) for r in await conn.fetch(query("tree_leaf_range"), stored.id,
+                                                                             first, last + 1)}
+            if differs := next((i for i in sorted(derived.leaves) if kept.get(i) != derived.leaves[i][0]), None):
+                at = derived.leaves[differs][1]
+                problem = (differs, at, f"PostgreSQL's leaf {differs:,} is not the log's record at offset {at}")
         if problem is None:
             return
         leaf, offset, what = problem
-        origin = signed_log.origin
-        log.error("log partition %d: %s; signing the log's tree, not PostgreSQL's", stored.partition, what)
-        metrics.TREE_DISAGREEMENTS.labels(str(stored.partition)).inc()
-        done.findings.append((stored.partition, leaf, offset, what))
-        await conn.execute(query("insert_tree_finding"), origin, leaf, offset, what)
+        log.error("log partition %d: %s; signing the log's tree, not PostgreSQL's", partition, what)
+        metrics.TREE_DISAGREEMENTS.labels(str(partition)).inc()
+        done.findings.append((partition, leaf, offset, what))
+        await conn.execute(query("insert_tree_finding"), self.logs[partition].origin, leaf, offset, what)
 
     async def _publish(self, to_sign: Sequence[tuple[int, Checkpoint]], conn: asyncpg.Connection | None,
                        done: Round) -> None:
