@@ -12,12 +12,12 @@ import base64
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 
 from runledger.schemas.checkpoint import Checkpoint, CheckpointError
-from runledger.schemas.merkle import TreeState, fold, leaf_hash
+from runledger.schemas.merkle import TreeState, fold, leaf_hash, root_of
 from runledger.schemas.verify import Finding
 
 __all__ = ["FRONTIER_HEADER", "AuditRow", "Frontier", "PartitionComparer", "Refused", "SignedLog", "origin_of",
@@ -128,104 +128,126 @@ class SignedLog:
 
 
 class AuditRow(NamedTuple):
-    """An ``audit_log`` row as ``verify log`` reads it (``audit_at_positions``): its log position, its event, a
-    digest of its bytes, and the leaf it names."""
+    """An ``audit_log`` row as ``verify log`` reads it (``audit_at_positions``): its log position, its event, the
+    leaf hash of its bytes (SHA-256(0x00 || raw), computed by PostgreSQL), and the leaf it names. The comparer
+    reads rows by position, so asyncpg's records of that query do as they are."""
 
     offset: int
     event_id: str
     stream_id: str
     seq: int
-    sha256: bytes
+    leaf: bytes
     tree: int | None
     leaf_index: int | None
 
 
+class _Message(Protocol):
+    offset: int
+    value: bytes | None
+
+
 @dataclass(slots=True)
 class PartitionComparer:
-    """Compares what PostgreSQL holds of one log partition (its audit rows in offset order, its tree's leaves in
-    index order, the tree's size and root) with the partition's records, fed in log order with ``feed``.
+    """Compares what PostgreSQL holds of one log partition (its audit rows in offset order, its tree's id, size
+    and root) with the partition's records, fed in log order with ``feed``; ``finish`` yields the findings.
 
-    ``projected_to``: the tree's next offset; a record before it that no audit row holds is handed back
-    (``unmatched``) for the caller to account for (a duplicate, a dead letter, a parked event). ``limit``: stop
-    after this many leaves (a checkpoint's size).
+    A record no audit row holds is handed back (``unmatched``) for the caller to account for (a duplicate, a
+    dead letter, a parked event). If the stored tree's root is not the records' (``root_differs``), the caller
+    hands the stored leaves to ``first_leaf_differing`` to name where. ``limit``: stop after this many records
+    (a checkpoint's size).
     """
 
     topic: str
     partition: int
     rows: Sequence[AuditRow]
-    leaves: Sequence[tuple[int, bytes, int | None]]  # (index, hash, offset) of each stored leaf, in order
     tree_id: int | None
     stored_size: int
     stored_root: bytes
     limit: int | None = None
-    tree: TreeState = field(default_factory=TreeState)
-    findings: list[Finding] = field(default_factory=list)  # found while fed; ``finish`` yields them
+    leaves: list[bytes] = field(default_factory=list)  # of the records read, in order
+    offsets: list[int] = field(default_factory=list)
     unmatched: list[tuple[int, bytes]] = field(default_factory=list)
+    _findings: list[Finding] = field(default_factory=list)
     _row: int = 0
-    _root_at_stored: bytes | None = None
-    _leaf_differs: bool = False
+    _differs: bool | None = None
 
     @property
-    def done(self) -> bool:
-        return self.limit is not None and self.tree.size >= self.limit
+    def size(self) -> int:
+        return len(self.leaves)
 
-    def feed(self, records: Iterable[tuple[int, bytes]]) -> None:
-        rows, leaves = self.rows, self.leaves
-        for offset, value in records:
-            if self.done:
+    def root(self, size: int) -> bytes:
+        """The root of the first ``size`` records' tree."""
+        return root_of(self.leaves[:size])
+
+    def feed(self, records: Iterable[_Message]) -> None:
+        rows, leaves, n = self.rows, self.leaves, len(self.rows)
+        sha256 = hashlib.sha256
+        for record in records:
+            if self.limit is not None and len(leaves) >= self.limit:
                 return
-            index = self.tree.size
-            leaf = leaf_hash(value)
-            self.tree.append(leaf)
-            if index < len(leaves) and not self._leaf_differs:
-                stored = leaves[index]
-                if stored[1] != leaf or stored[2] != offset:
-                    self._leaf_differs = True
-                    self.findings.append(self._finding(
-                        "tree_leaf_differs", offset, f"leaf {index:,} of the stored tree is not the record at offset "
-                        f"{offset}: the tree was rewritten"))
-            if self.tree.size == self.stored_size:
-                self._root_at_stored = self.tree.root()
-            digest = None
-            while self._row < len(rows) and rows[self._row].offset <= offset:
+            offset, value = record.offset, record.value or b""
+            leaf = sha256(b"\x00" + value).digest()
+            index = len(leaves)
+            leaves.append(leaf)
+            self.offsets.append(offset)
+            matched = False
+            while self._row < n and rows[self._row][0] <= offset:
                 row = rows[self._row]
                 self._row += 1
-                if row.offset < offset:
-                    self.findings.append(self._row_finding(row, "audit_not_in_log", "the log holds no record at its "
-                                                           "position: an event that was never on the log"))
-                    continue
-                digest = digest or hashlib.sha256(value).digest()
-                if row.sha256 != digest:
-                    self.findings.append(self._row_finding(row, "audit_differs", "its bytes are not the record's at "
-                                                           "its position in the log: the event was changed"))
-                elif (row.tree, row.leaf_index) != (self.tree_id, index):
-                    self.findings.append(self._row_finding(row, "leaf_index_wrong", f"it names leaf {row.leaf_index} "
-                                                           f"of tree {row.tree}, the record is leaf {index} of tree "
-                                                           f"{self.tree_id}"))
-            if digest is None:
+                if row[0] < offset:
+                    self._findings.append(self._row_finding(row, "audit_not_in_log", "the log holds no record at its "
+                                                            "position: an event that was never on the log"))
+                elif row[4] != leaf:
+                    self._findings.append(self._row_finding(row, "audit_differs", "its bytes are not the record's at "
+                                                            "its position in the log: the event was changed"))
+                    matched = True
+                else:
+                    matched = True
+                    if row[5] != self.tree_id or row[6] != index:
+                        self._findings.append(self._row_finding(
+                            row, "leaf_index_wrong", f"it names leaf {row[6]} of tree {row[5]}, the record is leaf "
+                            f"{index} of tree {self.tree_id}"))
+            if not matched:
                 self.unmatched.append((offset, value))
+
+    @property
+    def root_differs(self) -> bool:
+        """Does the stored tree hold leaves the log does not, or another root at its size?"""
+        if self._differs is None:
+            self._differs = self.limit is None and bool(self.stored_size) and (
+                self.stored_size > self.size or self.root(self.stored_size) != self.stored_root)
+        return self._differs
+
+    def first_leaf_differing(self, stored: Iterable[tuple[int, bytes, int | None]]) -> Finding | None:
+        """The first of the stored leaves ((index, hash, offset) in order) that is not the record's."""
+        for index, hash_, offset in stored:
+            if index >= self.size or hash_ != self.leaves[index] or offset != self.offsets[index]:
+                at = self.offsets[index] if index < self.size else offset
+                return self._finding("tree_leaf_differs", at, f"leaf {index:,} of the stored tree is not the record "
+                                     f"at offset {at}: the tree was rewritten")
+        return None
 
     def finish(self, read_to: int) -> Iterator[Finding]:
         """Every finding, after the last record (the partition read to offset ``read_to``, exclusive)."""
-        yield from self.findings
+        yield from self._findings
         for row in self.rows[self._row:]:
-            if self.limit is None or (row.leaf_index is not None and row.leaf_index < self.limit):
+            if self.limit is None or (row[6] is not None and row[6] < self.limit):
                 yield self._row_finding(row, "audit_not_in_log", f"the log ends at offset {read_to}: an event that "
                                         "was never on the log")
-        if self.limit is not None:
+        if not self.root_differs:
             return
-        if self.stored_size > self.tree.size:
+        if self.stored_size > self.size:
             yield self._finding("tree_longer", read_to, f"the stored tree holds {self.stored_size:,} leaves, the "
-                                f"log {self.tree.size:,}: leaves that are no record of the log")
-        elif self.stored_size and self._root_at_stored != self.stored_root:
+                                f"log {self.size:,}: leaves that are no record of the log")
+        else:
             yield self._finding("tree_root_differs", None, f"the stored tree's root at size {self.stored_size:,} is "
-                                f"{self.stored_root.hex()}, the log's {(self._root_at_stored or b'').hex()}")
+                                f"{self.stored_root.hex()}, the log's {self.root(self.stored_size).hex()}")
 
     def _finding(self, code: str, offset: int | None, reason: str) -> Finding:
         return Finding("", None, None, code, f"{self.topic} partition {self.partition}: {reason}", self.partition,
                        offset)
 
     def _row_finding(self, row: AuditRow, code: str, reason: str) -> Finding:
-        return Finding(row.stream_id, row.seq, row.event_id, code,
-                       f"audit_log row at {self.topic} partition {self.partition} offset {row.offset}: {reason}",
-                       self.partition, row.offset)
+        return Finding(row[2], row[3], row[1], code,
+                       f"audit_log row at {self.topic} partition {self.partition} offset {row[0]}: {reason}",
+                       self.partition, row[0])

@@ -33,7 +33,7 @@ from runledger.projections.postgres.verify import ChainReport
 from runledger.schemas.checkpoint import Checkpoint
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.events import Event, decode_event, parse_event
-from runledger.schemas.logtrees import AuditRow, PartitionComparer
+from runledger.schemas.logtrees import PartitionComparer
 from runledger.schemas.merkle import EMPTY_ROOT
 from runledger.schemas.verify import Finding, LogAuditor
 from runledger.streams.kafka import read_to_end, stop_consumer
@@ -85,11 +85,22 @@ class _Snapshot:
                 for r in await self.conn.fetch(query("audit_elsewhere"), self.topic, partitions)]
 
     async def comparer(self, partition: int, limit: int | None = None) -> PartitionComparer:
-        rows = [AuditRow(*r) for r in await self.conn.fetch(query("audit_at_positions"), self.topic, partition)]
+        rows = await self.conn.fetch(query("audit_at_positions"), self.topic, partition)  # read as AuditRow
         tree = self.trees.get(partition)
-        leaves = [tuple(r) for r in await self.conn.fetch(query("tree_leaves"), tree.id)] if tree else []
-        return PartitionComparer(self.topic, partition, rows, leaves, tree.id if tree else None,
-                                 tree.size if tree else 0, tree.root if tree else EMPTY_ROOT, limit)
+        return PartitionComparer(self.topic, partition, rows, tree.id if tree else None, tree.size if tree else 0,
+                                 tree.root if tree else EMPTY_ROOT, limit)
+
+    async def finish(self, comparer: PartitionComparer, read_to: int) -> list[Finding]:
+        """The comparer's findings, the first stored leaf that differs if the root does, and the records no audit
+        row holds that are not accounted for."""
+        findings = list(comparer.finish(read_to))
+        tree = self.trees.get(comparer.partition)
+        if comparer.root_differs and tree is not None:
+            differing = comparer.first_leaf_differing(
+                tuple(r) for r in await self.conn.fetch(query("tree_leaves"), tree.id))
+            findings += [differing] if differing is not None else []
+        to = self.projected_to(comparer.partition)
+        return findings + await self.account(comparer.partition, [u for u in comparer.unmatched if u[0] < to])
 
     def projected_to(self, partition: int) -> int:
         tree = self.trees.get(partition)
@@ -181,16 +192,14 @@ async def verify_log(settings: Settings, progress: Progress | None = None, *, da
             def take(_: TopicPartition, messages: list[Any], comparer: PartitionComparer | None = comparer) -> None:
                 report.findings.extend(auditor.check(messages))
                 if comparer is not None:
-                    comparer.feed((m.offset, m.value or b"") for m in messages)
+                    comparer.feed(messages)
                 if progress is not None:
                     progress(auditor.records, total)
 
             ends = await read_to_end(consumer, [tp], take, stalled_s=_STALLED_S, max_records=_FETCH)
             if comparer is not None and snapshot is not None:
-                report.findings += comparer.finish(ends.get(tp, starts[tp]))
-                to = snapshot.projected_to(tp.partition)
-                report.findings += await snapshot.account(tp.partition, [u for u in comparer.unmatched if u[0] < to])
-                report.compared += comparer.tree.size
+                report.findings += await snapshot.finish(comparer, ends.get(tp, starts[tp]))
+                report.compared += comparer.size
         report.findings += auditor.finish()
     except KafkaError as e:
         raise TransientError(f"cannot read {settings.events_topic} at {settings.kafka_bootstrap_servers}: {e}") from e
@@ -229,22 +238,20 @@ async def verify_checkpoint(settings: Settings, checkpoint: Checkpoint, partitio
         consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
 
         def take(_: TopicPartition, messages: list[Any]) -> None:
-            comparer.feed((m.offset, m.value or b"") for m in messages)
+            comparer.feed(messages)
             if progress is not None:
-                progress(comparer.tree.size, checkpoint.size)
+                progress(comparer.size, checkpoint.size)
 
         ends = await read_to_end(consumer, [tp], take, stalled_s=_STALLED_S, max_records=_FETCH)
-        report.findings += comparer.finish(ends.get(tp, 0))
-        to = snapshot.projected_to(partition)
-        report.findings += await snapshot.account(partition, [u for u in comparer.unmatched if u[0] < to])
-        size = comparer.tree.size
+        report.findings += await snapshot.finish(comparer, ends.get(tp, 0))
+        size = comparer.size
         if size < checkpoint.size:
             report.findings.append(Finding("", None, None, "log_shorter", f"partition {partition} holds {size:,} "
                                            f"records, the checkpoint signed {checkpoint.size:,}: records were "
                                            "deleted", partition))
-        elif comparer.tree.root() != checkpoint.root:
+        elif (root := comparer.root(size)) != checkpoint.root:
             report.findings.append(Finding("", None, None, "root_mismatch", f"partition {partition}'s first "
-                                           f"{size:,} records have root {comparer.tree.root().hex()}, the "
+                                           f"{size:,} records have root {root.hex()}, the "
                                            f"checkpoint signed {checkpoint.root.hex()}: the log was rewritten",
                                            partition))
         report.compared = report.records = report.events = size

@@ -3,7 +3,7 @@ copy with the partition's records finds."""
 
 from __future__ import annotations
 
-import hashlib
+from typing import NamedTuple
 
 import orjson
 import pytest
@@ -82,16 +82,22 @@ def test_the_signer_refuses_a_log_that_no_longer_gives_a_root_it_signed_on_the_w
 
 
 def rows_of(records: list[bytes], tree: int = 1) -> list[AuditRow]:
-    return [AuditRow(i, f"id-{i}", "s", i + 1, hashlib.sha256(r).digest(), tree, i) for i, r in enumerate(records)]
+    return [AuditRow(i, f"id-{i}", "s", i + 1, leaf_hash(r), tree, i) for i, r in enumerate(records)]
 
 
-def compare(rows: list[AuditRow], leaves: list[tuple[int, bytes, int | None]] | None = None,
-            size: int | None = None, records: list[bytes] = RECORDS) -> tuple[list[str], list[int]]:
-    leaves = [(i, leaf, i) for i, leaf in enumerate(LEAVES)] if leaves is None else leaves
-    size = len(leaves) if size is None else size
-    comparer = PartitionComparer("t.events", 0, rows, leaves, 1, size, root_of([h for _, h, _ in leaves[:size]]))
-    comparer.feed(enumerate(records))
+class Message(NamedTuple):
+    offset: int
+    value: bytes | None
+
+
+def compare(rows: list[AuditRow], stored: list[tuple[int, bytes, int | None]] | None = None,
+            records: list[bytes] = RECORDS) -> tuple[list[str], list[int]]:
+    stored = [(i, leaf, i) for i, leaf in enumerate(LEAVES)] if stored is None else stored
+    comparer = PartitionComparer("t.events", 0, rows, 1, len(stored), root_of([h for _, h, _ in stored]))
+    comparer.feed(Message(i, r) for i, r in enumerate(records))
     found = list(comparer.finish(len(records)))
+    if comparer.root_differs and (differing := comparer.first_leaf_differing(stored)) is not None:
+        found.append(differing)
     return [f"{f.code}@{f.offset}" for f in found], [o for o, _ in comparer.unmatched]
 
 
@@ -109,6 +115,18 @@ def test_each_way_postgresql_can_differ_from_the_log_is_named_by_position() -> N
     assert compare([*rows[:2], rows[2]._replace(leaf_index=9), *rows[3:]])[0] == ["leaf_index_wrong@2"]
     leaves = [(i, leaf, i) for i, leaf in enumerate(LEAVES)]
     leaves[4] = (4, b"\x00" * 32, 4)
-    assert compare(rows, leaves)[0] == ["tree_leaf_differs@4", "tree_root_differs@None"]
+    assert compare(rows, leaves)[0] == ["tree_root_differs@None", "tree_leaf_differs@4"]
     longer = [*((i, leaf, i) for i, leaf in enumerate(LEAVES)), (len(LEAVES), b"\x01" * 32, len(LEAVES))]
-    assert compare(rows, longer)[0] == [f"tree_longer@{len(RECORDS)}"]
+    assert compare(rows, longer)[0] == [f"tree_longer@{len(RECORDS)}", f"tree_leaf_differs@{len(RECORDS)}"]
+
+
+def test_the_root_level_by_level_is_rfc_9162s() -> None:
+    from runledger.schemas.merkle import fold, subtrees
+
+    for n in range(1, 70):
+        tree = TreeState()
+        for leaf in (leaf_hash(bytes([i % 256, i // 256])) for i in range(n)):
+            tree.append(leaf)
+        leaves = [leaf_hash(bytes([i % 256, i // 256])) for i in range(n)]
+        assert root_of(leaves) == tree.root() == fold([root_of(leaves[i << lv:(i + 1) << lv])
+                                                        for lv, i in subtrees(0, n)])
