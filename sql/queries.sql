@@ -569,3 +569,20 @@ FROM verifications ORDER BY check_name, finished_at DESC;
 
 -- name: panel_checkpoints
 SELECT signed_at, size, origin, key_name FROM checkpoints ORDER BY id DESC LIMIT 10;
+
+-- The stored offsets with the next offset of each partition's current tree (NULL: no tree), read in one
+-- statement: a batch commits both together, so they agree unless the tree lags (projected before migration 012).
+-- name: load_offsets_trees
+SELECT o.partition, o.next_offset, o.last_sha256, t.next_offset AS tree_offset FROM consumer_offsets o
+LEFT JOIN log_trees t ON t.topic = o.topic AND t.partition = o.partition AND t.retired_at IS NULL
+WHERE o.group_id = $1 AND o.topic = $2 ORDER BY o.partition;
+
+-- `runledger trees rebuild`: a partition's stored offset, read under its tree's row lock.
+-- name: tree_rebuild_target
+SELECT next_offset, last_sha256 FROM consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3;
+
+-- The audit rows at the positions of tree $1's leaves from index $2 on that name no leaf yet: their leaf.
+-- name: tree_rebuild_audit
+UPDATE audit_log a SET tree = n.tree, leaf_index = n.index FROM log_tree_nodes n
+WHERE n.tree = $1 AND n.level = 0 AND n.index >= $2 AND a.kafka_topic = $3 AND a.kafka_partition = $4
+    AND a.kafka_offset = n.kafka_offset AND a.tree IS NULL;

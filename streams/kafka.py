@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -48,7 +48,8 @@ async def stop_consumer(consumer: AIOKafkaConsumer, *, grace_s: float = 5.0) -> 
 async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
                       take: Callable[[TopicPartition, list[Any]], None], *, stalled_s: float = 60.0,
                       max_records: int = 10_000,
-                      progress: Callable[[dict[TopicPartition, int]], None] | None = None) -> dict[TopicPartition, int]:
+                      progress: Callable[[dict[TopicPartition, int]], None] | None = None,
+                      until: Mapping[TopicPartition, int] | None = None) -> dict[TopicPartition, int]:
     """Read ``tps`` (assigned to ``consumer`` and sought to where to read from: ``seek``, not a lazy
     ``seek_to_beginning``, which an offset reset already under way can override) up to where each ends when the
     read starts, handing each fetched list of records to ``take``; returns those ends. ``progress`` is called
@@ -62,7 +63,8 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
     will never hold a record (until the next write past them). A partition whose fetches come back empty for
     ``_HOLE_S`` while it is read past the start of its most recently written batch has nothing more: its end is
     where it is read to, and a warning says so. Raises TransientError if partitions send nothing for
-    ``stalled_s`` before their end.
+    ``stalled_s`` before their end. ``until``: read a partition named there no further than that offset (its end
+    is the lower of the two; the consumer's position may then be past it).
     """
     ends: dict[TopicPartition, int] = {}
     progressed = time.monotonic()
@@ -79,7 +81,7 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
                                  f"nothing for {stalled_s:.0f} s before their end: is their leader down? Try again")
         for tp in behind:
             if tp not in ends and (highwater := consumer.highwater(tp)) is not None:
-                ends[tp] = highwater
+                ends[tp] = min(highwater, until[tp]) if until is not None and tp in until else highwater
         for tp, messages in fetched.items():
             if messages[-1].offset >= ends[tp]:  # appended since the read started
                 messages = [m for m in messages if m.offset < ends[tp]]

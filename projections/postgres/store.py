@@ -105,6 +105,17 @@ class ProjectionStore:
         except Exception as e:
             raise StoreUnavailable(f"cannot read the stored offsets: {e}") from e
 
+    async def load_offsets_and_trees(self, topic: str) -> tuple[dict[int, tuple[int, str | None]], dict[int, int]]:
+        """``load_offsets``, and partition -> the next offset of its current transparency tree (no entry: no tree),
+        read in one statement."""
+        try:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(query("load_offsets_trees"), self._group_id, topic)
+        except Exception as e:
+            raise StoreUnavailable(f"cannot read the stored offsets: {e}") from e
+        return ({r["partition"]: (r["next_offset"], r["last_sha256"]) for r in rows},
+                {r["partition"]: r["tree_offset"] for r in rows if r["tree_offset"] is not None})
+
     async def apply_batch(self, records: Sequence[LogRecord | Decoded], *, route: Route | None = None) -> BatchResult:
         """Apply ``records`` (decoded already, or not) in one transaction (in parts, if PostgreSQL refuses one).
 

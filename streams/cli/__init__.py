@@ -22,6 +22,7 @@ from runledger.streams.cli import (
     offsets,
     rebuild,
     report,
+    trees,
     verify,
     worker,
 )
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order of registration is the order `runledger --help` lists the commands in.
-    for group in (dev, events, worker, dlq, heads, offsets, rebuild, verify, checkpoint, report, demo):
+    for group in (dev, events, worker, dlq, heads, offsets, rebuild, trees, verify, checkpoint, report, demo):
         group.register(sub)
     return parser
 

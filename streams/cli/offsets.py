@@ -45,13 +45,16 @@ def _cmd_offsets(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 stored = "-" if c.stored is None else f"{c.stored:,}"
                 print(f"partition {c.partition:>3}  projected to {stored:>12}  log {c.start:,}..{c.end:,}  "
-                      f"{c.problem or 'ok'}")
+                      f"{f'{c.problem}; {c.fix}' if c.problem else 'ok'}")
         return EXIT_INVALID if any(c.problem for c in checks) else 0
-    chosen = [c for c in asyncio.run(check_log(settings)) if c.problem and (not args.partition
-                                                                             or c.partition in args.partition)]
+    checks = asyncio.run(check_log(settings))
+    chosen = [c for c in checks if c.resettable and (not args.partition
+                                                                                or c.partition in args.partition)]
     if not chosen:
         print(f"nothing to reset: every partition of {settings.events_topic} matches what group "
               f"{settings.consumer_group} projected", file=sys.stderr)
+        if any(c.problem for c in checks):
+            print("(a partition's transparency tree does not match: see `runledger offsets check`)", file=sys.stderr)
         return 0
     for c in chosen:
         print(f"partition {c.partition}: {c.problem}", file=sys.stderr)

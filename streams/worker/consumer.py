@@ -37,7 +37,7 @@ from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.events import MAX_EVENT_BYTES
 from runledger.streams import metrics
 from runledger.streams.kafka import stop_consumer
-from runledger.streams.worker.logcheck import FIX, check_partitions, save_problems
+from runledger.streams.worker.logcheck import check_partitions, save_problems
 from runledger.streams.worker.retry import delay_name, from_retry_topic, message_time
 
 __all__ = ["LogConsumer", "Projector", "RetryConsumer"]
@@ -216,7 +216,7 @@ class LogConsumer:
             self.held = {}
             return
         try:
-            stored = await self._store.load_offsets(self.topic)
+            stored, trees = await self._store.load_offsets_and_trees(self.topic)
         except StoreUnavailable as e:
             if assigned:  # The group's Kafka offsets are never ahead of what is projected or in a retry topic.
                 log.warning("%s; starting from the group's committed offsets", e)
@@ -224,7 +224,8 @@ class LogConsumer:
                     self._consumer.resume(*(tp for tp in tps if tp.partition in self.assigned))
             return
         try:
-            checks = await check_partitions(self._checker, self.topic, [tp.partition for tp in tps], stored)
+            checks = await check_partitions(self._checker, self.topic, [tp.partition for tp in tps], stored,
+                                            trees=trees)
         except (KafkaError, TimeoutError) as e:
             log.warning("cannot check partitions %s of %s against the stored offsets (%s); holding them back "
                         "until it can", [tp.partition for tp in tps], self.topic, e or type(e).__name__)
@@ -240,7 +241,7 @@ class LogConsumer:
                 if check.problem is not None:
                     if check.partition not in self.held:
                         log.error("not projecting %s partition %d: %s; %s", self.topic, check.partition,
-                                  check.problem, FIX)
+                                  check.problem, check.fix)
                     self.held[check.partition] = check.problem
                     self._consumer.pause(tp)
                     continue

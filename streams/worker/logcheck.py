@@ -10,6 +10,11 @@ were never projected; so such a partition is not projected, and the problem is
 recorded in ``log_problems`` for ``runledger dev status``, ``runledger wait``
 and ``runledger demo`` to show, until ``runledger offsets reset`` says what to
 do.
+
+A partition's transparency tree (``log_trees``) grows in the same transactions as its stored offset, so its next
+offset is the stored offset. A database projected before migration 012 has offsets and no trees: a worker would
+make the first record it reads now leaf 0. Such a partition is held back too, until ``runledger trees rebuild``
+has built its tree from the log.
 """
 
 from __future__ import annotations
@@ -32,21 +37,29 @@ from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.kafka import stop_consumer
 from runledger.streams.settings import Settings
 
-__all__ = ["FIX", "PartitionCheck", "Stored", "check_log", "check_partitions", "projection_health", "reset_offsets",
-           "save_problems"]
+__all__ = ["FIX", "TREES_FIX", "PartitionCheck", "Stored", "Trees", "check_log", "check_partitions",
+           "projection_health", "reset_offsets", "save_problems"]
 
 T = TypeVar("T")
 
 FIX = ("run `runledger offsets reset` to project the partition's log from its start (the projections made so far "
        "are kept), or `runledger dev down --purge` to start over with empty tables")
 
+TREES_FIX = "run `runledger trees rebuild` to build the partition's tree from the log"
+_TREE_AHEAD_FIX = ("find out who moved the stored offset back; if the log was recreated, `runledger offsets reset` "
+                   "starts a new tree")
+
 Stored = Mapping[int, tuple[int, str | None]]
 """partition -> (next offset, SHA-256 of the record at next offset - 1), as stored with the projections."""
+
+Trees = Mapping[int, int]
+"""partition -> the next offset of its current transparency tree (no entry: no tree), read with ``Stored``."""
 
 
 @dataclass(frozen=True, slots=True)
 class PartitionCheck:
-    """One partition: the stored offset (None: none stored), the log's start and end, and what is wrong."""
+    """One partition: the stored offset (None: none stored), the log's start and end, what is wrong, and what to
+    do about it."""
 
     topic: str
     partition: int
@@ -54,14 +67,22 @@ class PartitionCheck:
     start: int
     end: int
     problem: str | None = None
+    fix: str | None = None
+
+    @property
+    def resettable(self) -> bool:
+        """Is the problem the log's (``runledger offsets reset`` is the fix), not the transparency tree's?"""
+        return self.problem is not None and self.fix == FIX
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 async def check_partitions(consumer: AIOKafkaConsumer, topic: str, partitions: Sequence[int], stored: Stored, *,
-                           timeout: float = 5.0) -> list[PartitionCheck]:
-    """Check ``partitions`` of ``topic`` against ``stored``, using ``consumer`` (started, no group).
+                           trees: Trees | None, timeout: float = 5.0) -> list[PartitionCheck]:
+    """Check ``partitions`` of ``topic`` against ``stored``, using ``consumer`` (started, no group), and, unless
+    ``trees`` is None, each partition's transparency tree against its stored offset (a partition whose log
+    matches, stored offset > 0, and a tree that does not end there: no tree counts as ending at 0).
 
     Raises KafkaError or TimeoutError when the log cannot be read.
     """
@@ -87,7 +108,7 @@ async def check_partitions(consumer: AIOKafkaConsumer, topic: str, partitions: S
             fingerprints[tp] = sha
         elif offset is not None and offset > end:
             problem = _shorter(topic, tp.partition, end, offset)
-        checks[tp] = PartitionCheck(topic, tp.partition, offset, start, end, problem)
+        checks[tp] = PartitionCheck(topic, tp.partition, offset, start, end, problem, FIX if problem else None)
     if fingerprints:
         found = await _records_before(consumer, {tp: stored[tp.partition][0] for tp in fingerprints}, timeout)
         for tp, sha in fingerprints.items():
@@ -99,8 +120,23 @@ async def check_partitions(consumer: AIOKafkaConsumer, topic: str, partitions: S
                            "one projected there: the log topic was recreated and written again since")
             else:
                 continue
-            checks[tp] = PartitionCheck(topic, tp.partition, offset, starts[tp], ends[tp], problem)
+            checks[tp] = PartitionCheck(topic, tp.partition, offset, starts[tp], ends[tp], problem, FIX)
+    if trees is not None:
+        for tp, check in checks.items():
+            if check.problem is None and check.stored and trees.get(tp.partition, 0) != check.stored:
+                checks[tp] = _tree_differs(check, trees.get(tp.partition, 0))
     return [checks[tp] for tp in tps]
+
+
+def _tree_differs(check: PartitionCheck, tree: int) -> PartitionCheck:
+    where = (f"the transparency tree of {check.topic} partition {check.partition} covers offsets up to {tree} while "
+             f"the projections cover up to {check.stored}")
+    if tree < (check.stored or 0):
+        return replace(check, fix=TREES_FIX, problem=(
+            f"{where}: records were projected without their leaves (before migration 012), and the next record "
+            "read would get a wrong leaf index"))
+    return replace(check, fix=_TREE_AHEAD_FIX, problem=(
+        f"{where}: the stored offset was moved back, and the tree may be of another log"))
 
 
 def _shorter(topic: str, partition: int, end: int, offset: int) -> str:
@@ -137,7 +173,7 @@ async def save_problems(conn: asyncpg.Connection | asyncpg.Pool, group_id: str, 
     for c in checks:
         if c.problem is not None:
             await conn.execute(query("problem_set"), group_id, c.topic, c.partition, partitions, c.stored,
-                               c.start, c.end, f"{c.problem}; {FIX}")
+                               c.start, c.end, f"{c.problem}; {c.fix or FIX}")
     by_topic: dict[str, list[int]] = {}
     for c in checks:
         if c.problem is None:
@@ -169,9 +205,10 @@ async def _check_all(consumer: AIOKafkaConsumer, conn: asyncpg.Connection,
     topic = settings.events_topic
     await consumer._client.force_metadata_update()  # noqa: SLF001 - a topic created since the client started
     partitions = sorted(consumer.partitions_for_topic(topic) or ())
-    stored = {r["partition"]: (r["next_offset"], r["last_sha256"])
-              for r in await conn.fetch(query("load_offsets"), settings.consumer_group, topic)}
-    return len(partitions), await check_partitions(consumer, topic, partitions, stored)
+    rows = await conn.fetch(query("load_offsets_trees"), settings.consumer_group, topic)
+    stored = {r["partition"]: (r["next_offset"], r["last_sha256"]) for r in rows}
+    trees = {r["partition"]: r["tree_offset"] for r in rows if r["tree_offset"] is not None}
+    return len(partitions), await check_partitions(consumer, topic, partitions, stored, trees=trees)
 
 
 async def check_log(settings: Settings) -> list[PartitionCheck]:
@@ -184,16 +221,19 @@ async def check_log(settings: Settings) -> list[PartitionCheck]:
 
 
 async def reset_offsets(settings: Settings, partitions: Sequence[int] = ()) -> list[PartitionCheck]:
-    """``runledger offsets reset``: the partitions with a problem (of ``partitions``, if given) are projected
-    again from the start of the log as it is now. Returns them, as they were before the reset."""
+    """``runledger offsets reset``: the partitions whose log does not match (of ``partitions``, if given) are
+    projected again from the start of the log as it is now, and their transparency trees retired (a new one starts
+    with the new log). Returns them, as they were before the reset. A partition whose only problem is its tree is
+    left alone: ``runledger trees rebuild`` is its fix."""
     async def work(consumer: AIOKafkaConsumer, conn: asyncpg.Connection) -> list[PartitionCheck]:
         count, checks = await _check_all(consumer, conn, settings)
-        chosen = [c for c in checks if c.problem is not None and (not partitions or c.partition in partitions)]
+        chosen = [c for c in checks if c.resettable and (not partitions or c.partition in partitions)]
         async with conn.transaction():
             for c in chosen:
                 await conn.execute(query("reset_offset"), settings.consumer_group, c.topic, c.partition, c.start)
+                await conn.execute(query("tree_retire"), c.topic, c.partition)
             await save_problems(conn, settings.consumer_group, count,
-                                [replace(c, stored=c.start, problem=None) for c in chosen])
+                                [replace(c, stored=c.start, problem=None, fix=None) for c in chosen])
         return chosen
     return await _with_log(settings, work)
 

@@ -24,7 +24,7 @@ async def test_a_consumer_stops_after_checking_a_log_that_ends_before_the_stored
                                 auto_offset_reset="none")
     await consumer.start()
     # As a worker's checker on an assignment: records up to offset 49 were projected, the log has 10.
-    [check] = await check_partitions(consumer, topic, [0], {0: (50, "0" * 64)}, timeout=2)
+    [check] = await check_partitions(consumer, topic, [0], {0: (50, "0" * 64)}, trees=None, timeout=2)
     assert check.problem is not None and "recreated or emptied" in check.problem
     # With `await consumer.stop()` this waits for ever: the fetch routine swallows its cancellation.
     await asyncio.wait_for(stop_consumer(consumer, grace_s=1), 30)
