@@ -20,8 +20,8 @@ from runledger.schemas.checkpoint import Checkpoint, CheckpointError
 from runledger.schemas.merkle import TreeState, fold, leaf_hash, root_of
 from runledger.schemas.verify import Finding
 
-__all__ = ["FRONTIER_HEADER", "AuditRow", "Frontier", "PartitionComparer", "Refused", "SignedLog", "origin_of",
-           "partition_of"]
+__all__ = ["FRONTIER_HEADER", "AuditRow", "Frontier", "PartitionComparer", "Refused", "RowName", "SignedLog",
+           "origin_of", "partition_of"]
 
 FRONTIER_HEADER = "runledger-frontier"
 """The Kafka header of a published checkpoint that carries the tree's compact frontier (``Frontier``)."""
@@ -128,17 +128,24 @@ class SignedLog:
 
 
 class AuditRow(NamedTuple):
-    """An ``audit_log`` row as ``verify log`` reads it (``audit_at_positions``): its log position, its event, the
-    leaf hash of its bytes (SHA-256(0x00 || raw), computed by PostgreSQL), and the leaf it names. The comparer
-    reads rows by position, so asyncpg's records of that query do as they are."""
+    """An ``audit_log`` row as ``verify log`` reads it (``audit_at_positions``, in (offset, event id) order): its
+    log position, the leaf hash of its bytes (SHA-256(0x00 || raw), computed by PostgreSQL) and the leaf it names.
+    The comparer reads rows by position, so asyncpg's records of that query do as they are. What names a row's
+    event (stream, seq, id) is read only for the rows found wrong (``RowName``)."""
+
+    offset: int
+    leaf: bytes
+    tree: int | None
+    leaf_index: int | None
+
+
+class RowName(NamedTuple):
+    """What names an audit row's event, in the rows' order at one offset (``audit_names_at``)."""
 
     offset: int
     event_id: str
     stream_id: str
     seq: int
-    leaf: bytes
-    tree: int | None
-    leaf_index: int | None
 
 
 class _Message(Protocol):
@@ -167,7 +174,7 @@ class PartitionComparer:
     leaves: list[bytes] = field(default_factory=list)  # of the records read, in order
     offsets: list[int] = field(default_factory=list)
     unmatched: list[tuple[int, bytes]] = field(default_factory=list)
-    _findings: list[Finding] = field(default_factory=list)
+    _rows_found: list[tuple[int, int, str, str]] = field(default_factory=list)  # offset, rank there, code, reason
     _row: int = 0
     _differs: bool | None = None
 
@@ -180,35 +187,41 @@ class PartitionComparer:
         return root_of(self.leaves[:size])
 
     def feed(self, records: Iterable[_Message]) -> None:
-        rows, leaves, n = self.rows, self.leaves, len(self.rows)
+        rows, leaves, offsets = self.rows, self.leaves, self.offsets
+        n, at, tree = len(rows), self._row, self.tree_id
+        stop = len(leaves) + (1 << 62) if self.limit is None else self.limit
         sha256 = hashlib.sha256
-        for record in records:
-            if self.limit is not None and len(leaves) >= self.limit:
-                return
+        for record in records:  # the common case first: one row at the record's offset, its leaf and index right
+            index = len(leaves)
+            if index >= stop:
+                break
             offset, value = record.offset, record.value or b""
             leaf = sha256(b"\x00" + value).digest()
-            index = len(leaves)
             leaves.append(leaf)
-            self.offsets.append(offset)
-            matched = False
-            while self._row < n and rows[self._row][0] <= offset:
-                row = rows[self._row]
-                self._row += 1
+            offsets.append(offset)
+            if at < n and (row := rows[at])[0] == offset and row[1] == leaf and row[2] == tree and row[3] == index \
+                    and (at + 1 == n or rows[at + 1][0] > offset):
+                at += 1
+                continue
+            matched, last, rank = False, -1, 0
+            while at < n and rows[at][0] <= offset:
+                row = rows[at]
+                at += 1
+                rank, last = (rank + 1 if row[0] == last else 0), row[0]
                 if row[0] < offset:
-                    self._findings.append(self._row_finding(row, "audit_not_in_log", "the log holds no record at its "
-                                                            "position: an event that was never on the log"))
-                elif row[4] != leaf:
-                    self._findings.append(self._row_finding(row, "audit_differs", "its bytes are not the record's at "
-                                                            "its position in the log: the event was changed"))
-                    matched = True
-                else:
-                    matched = True
-                    if row[5] != self.tree_id or row[6] != index:
-                        self._findings.append(self._row_finding(
-                            row, "leaf_index_wrong", f"it names leaf {row[6]} of tree {row[5]}, the record is leaf "
-                            f"{index} of tree {self.tree_id}"))
+                    self._row_finding(row[0], rank, "audit_not_in_log", "the log holds no record at its position: an "
+                                      "event that was never on the log")
+                    continue
+                matched = True
+                if row[1] != leaf:
+                    self._row_finding(offset, rank, "audit_differs", "its bytes are not the record's at its position "
+                                      "in the log: the event was changed")
+                elif row[2] != tree or row[3] != index:
+                    self._row_finding(offset, rank, "leaf_index_wrong", f"it names leaf {row[3]} of tree {row[2]}, "
+                                      f"the record is leaf {index} of tree {tree}")
             if not matched:
                 self.unmatched.append((offset, value))
+        self._row = at
 
     @property
     def root_differs(self) -> bool:
@@ -228,12 +241,14 @@ class PartitionComparer:
         return None
 
     def finish(self, read_to: int) -> Iterator[Finding]:
-        """Every finding, after the last record (the partition read to offset ``read_to``, exclusive)."""
-        yield from self._findings
+        """The findings of the partition as a whole, after its last record (read to offset ``read_to``, exclusive);
+        those of rows are ``row_findings``."""
+        last, rank = -1, 0
         for row in self.rows[self._row:]:
-            if self.limit is None or (row[6] is not None and row[6] < self.limit):
-                yield self._row_finding(row, "audit_not_in_log", f"the log ends at offset {read_to}: an event that "
-                                        "was never on the log")
+            rank, last = (rank + 1 if row[0] == last else 0), row[0]
+            if self.limit is None or (row[3] is not None and row[3] < self.limit):
+                self._row_finding(row[0], rank, "audit_not_in_log", f"the log ends at offset {read_to}: an event that "
+                                  "was never on the log")
         if not self.root_differs:
             return
         if self.stored_size > self.size:
@@ -243,11 +258,28 @@ class PartitionComparer:
             yield self._finding("tree_root_differs", None, f"the stored tree's root at size {self.stored_size:,} is "
                                 f"{self.stored_root.hex()}, the log's {self.root(self.stored_size).hex()}")
 
+    @property
+    def wrong_rows(self) -> list[int]:
+        """The offsets of the rows found wrong: whose names ``row_findings`` needs."""
+        return sorted({offset for offset, *_ in self._rows_found})
+
+    def row_findings(self, names: Iterable[RowName]) -> list[Finding]:
+        """The rows' findings (after ``finish``), each naming its event's stream, seq and id from ``names``
+        (those at ``wrong_rows``, in the rows' order)."""
+        by_offset: dict[int, list[RowName]] = {}
+        for name in names:
+            by_offset.setdefault(name[0], []).append(name)
+        found = []
+        for offset, rank, code, reason in self._rows_found:
+            at = by_offset.get(offset, [])
+            _, event_id, stream_id, seq = at[rank] if rank < len(at) else (offset, None, "", None)
+            found.append(Finding(stream_id, seq, event_id, code, f"audit_log row at {self.topic} partition "
+                                 f"{self.partition} offset {offset}: {reason}", self.partition, offset))
+        return found
+
     def _finding(self, code: str, offset: int | None, reason: str) -> Finding:
         return Finding("", None, None, code, f"{self.topic} partition {self.partition}: {reason}", self.partition,
                        offset)
 
-    def _row_finding(self, row: AuditRow, code: str, reason: str) -> Finding:
-        return Finding(row[2], row[3], row[1], code,
-                       f"audit_log row at {self.topic} partition {self.partition} offset {row[0]}: {reason}",
-                       self.partition, row[0])
+    def _row_finding(self, offset: int, rank: int, code: str, reason: str) -> None:
+        self._rows_found.append((offset, rank, code, reason))

@@ -408,9 +408,13 @@ INSERT INTO tree_findings (origin, leaf_index, kafka_offset, finding) VALUES ($1
 
 -- The audit rows of one log partition in log order: `verify log` compares each with the record at its position.
 -- name: audit_at_positions
-SELECT kafka_offset, event_id::text, stream_id, seq, sha256('\x00'::bytea || raw) AS leaf, tree, leaf_index
-FROM audit_log
+SELECT kafka_offset, sha256('\x00'::bytea || raw) AS leaf, tree, leaf_index FROM audit_log
 WHERE kafka_topic = $1 AND kafka_partition = $2 ORDER BY kafka_offset, event_id;
+
+-- What names the events of the rows at some positions ($3), in the order of audit_at_positions.
+-- name: audit_names_at
+SELECT kafka_offset, event_id::text, stream_id, seq FROM audit_log
+WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset = ANY($3::bigint[]) ORDER BY kafka_offset, event_id;
 
 -- name: audit_by_ids
 SELECT event_id::text, stream_id, seq, hash, kafka_partition, kafka_offset FROM audit_log

@@ -9,13 +9,15 @@ import asyncio
 import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
-from runledger.schemas.checkpoint import CheckpointError, Signer
-from runledger.schemas.merkle import ProofError
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, emit
 from runledger.streams.settings import Settings
+
+if TYPE_CHECKING:
+    from runledger.schemas.checkpoint import Signer
 
 __all__ = ["register"]
 
@@ -158,6 +160,8 @@ def _write(document: dict[str, object], out: Path | None) -> None:
 def _checked(document: dict[str, object], settings: Settings) -> int:
     """Write the proof only if it proves what it says (PostgreSQL's tree may have been rewritten since it was
     signed): checked with the verifier key beside the signer key."""
+    from runledger.schemas.checkpoint import CheckpointError
+    from runledger.schemas.merkle import ProofError
     from runledger.schemas.proofs import check_proof
     from runledger.streams.tools.checkpoints import verifier_key
 
@@ -193,6 +197,8 @@ def _cmd_prove_consistency(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_verify_proof(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.schemas.checkpoint import CheckpointError
+    from runledger.schemas.merkle import ProofError
     from runledger.schemas.proofs import check_proof
     from runledger.streams.tools.checkpoints import verifier_key
 

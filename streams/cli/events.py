@@ -8,15 +8,17 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runledger.schemas.chain import canonical, compute_hash
 from runledger.schemas.errors import PermanentError, RunledgerError
 from runledger.schemas.events import decode_event, decode_json, parse_event
 from runledger.streams.cli.common import EXIT_INVALID, InputError, Subparsers, emit, input_lines
-from runledger.streams.producer.client import Appended, append_many
-from runledger.streams.producer.events import NewEvent, check_new_events
 from runledger.streams.settings import Settings
+
+if TYPE_CHECKING:
+    from runledger.streams.producer.client import Appended
+    from runledger.streams.producer.events import NewEvent
 
 __all__ = ["hash_report", "read_produce_input", "register"]
 
@@ -79,6 +81,8 @@ _PRODUCE_FIELDS = {"stream", "type", "data", "idempotency_key", "time"}
 
 def read_produce_input(lines: Iterator[tuple[int, str]]) -> list[tuple[str, NewEvent]]:
     """Parse and validate every line first: one bad line and nothing is published."""
+    from runledger.streams.producer.events import NewEvent, check_new_events  # imported when producing only
+
     out = []
     for number, line in lines:
         try:
@@ -100,6 +104,8 @@ def read_produce_input(lines: Iterator[tuple[int, str]]) -> list[tuple[str, NewE
 
 
 def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.producer.client import append_many
+
     items = read_produce_input(input_lines(args.file))
     started = time.monotonic()
 

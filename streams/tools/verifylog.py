@@ -94,6 +94,9 @@ class _Snapshot:
         """The comparer's findings, the first stored leaf that differs if the root does, and the records no audit
         row holds that are not accounted for."""
         findings = list(comparer.finish(read_to))
+        if wrong := comparer.wrong_rows:
+            findings += comparer.row_findings(await self.conn.fetch(query("audit_names_at"), self.topic,
+                                                                    comparer.partition, wrong))
         tree = self.trees.get(comparer.partition)
         if comparer.root_differs and tree is not None:
             differing = comparer.first_leaf_differing(

@@ -9,7 +9,15 @@ import orjson
 import pytest
 
 from runledger.schemas.checkpoint import Checkpoint, CheckpointError
-from runledger.schemas.logtrees import AuditRow, Frontier, PartitionComparer, Refused, SignedLog, partition_of
+from runledger.schemas.logtrees import (
+    AuditRow,
+    Frontier,
+    PartitionComparer,
+    Refused,
+    RowName,
+    SignedLog,
+    partition_of,
+)
 from runledger.schemas.merkle import TreeState, leaf_hash, root_of
 from tests.conftest import VECTOR_EVENTS
 
@@ -82,7 +90,11 @@ def test_the_signer_refuses_a_log_that_no_longer_gives_a_root_it_signed_on_the_w
 
 
 def rows_of(records: list[bytes], tree: int = 1) -> list[AuditRow]:
-    return [AuditRow(i, f"id-{i}", "s", i + 1, leaf_hash(r), tree, i) for i, r in enumerate(records)]
+    return [AuditRow(i, leaf_hash(r), tree, i) for i, r in enumerate(records)]
+
+
+def names_of(rows: list[AuditRow]) -> list[RowName]:
+    return [RowName(r.offset, f"id-{i}", "s", i + 1) for i, r in enumerate(rows)]
 
 
 class Message(NamedTuple):
@@ -96,6 +108,7 @@ def compare(rows: list[AuditRow], stored: list[tuple[int, bytes, int | None]] | 
     comparer = PartitionComparer("t.events", 0, rows, 1, len(stored), root_of([h for _, h, _ in stored]))
     comparer.feed(Message(i, r) for i, r in enumerate(records))
     found = list(comparer.finish(len(records)))
+    found += comparer.row_findings(n for n in names_of(rows) if n.offset in comparer.wrong_rows)
     if comparer.root_differs and (differing := comparer.first_leaf_differing(stored)) is not None:
         found.append(differing)
     return [f"{f.code}@{f.offset}" for f in found], [o for o, _ in comparer.unmatched]
@@ -110,8 +123,10 @@ def test_each_way_postgresql_can_differ_from_the_log_is_named_by_position() -> N
     edited = rows_of([b"edited"])[0]._replace(offset=5, leaf_index=5)
     assert compare([*rows[:5], edited, *rows[6:]])[0] == ["audit_differs@5"]
     assert compare([*rows[:5], *rows[6:]]) == ([], [5])  # a deleted row: the caller accounts for the record
-    forged = rows[0]._replace(offset=len(RECORDS) + 3, event_id="forged")
+    forged = rows[0]._replace(offset=len(RECORDS) + 3)
     assert compare([*rows, forged])[0] == [f"audit_not_in_log@{len(RECORDS) + 3}"]
+    twin = rows[3]._replace(leaf=leaf_hash(b"a second event at one position"))
+    assert compare([*rows[:4], twin, *rows[4:]])[0] == ["audit_differs@3"]
     assert compare([*rows[:2], rows[2]._replace(leaf_index=9), *rows[3:]])[0] == ["leaf_index_wrong@2"]
     leaves = [(i, leaf, i) for i, leaf in enumerate(LEAVES)]
     leaves[4] = (4, b"\x00" * 32, 4)
@@ -130,3 +145,14 @@ def test_the_root_level_by_level_is_rfc_9162s() -> None:
         leaves = [leaf_hash(bytes([i % 256, i // 256])) for i in range(n)]
         assert root_of(leaves) == tree.root() == fold([root_of(leaves[i << lv:(i + 1) << lv])
                                                         for lv, i in subtrees(0, n)])
+
+
+def test_a_wrong_row_is_named_by_its_own_event_among_rows_at_one_offset() -> None:
+    rows = rows_of(RECORDS)
+    twin = rows[3]._replace(leaf=leaf_hash(b"a second event at one position"))
+    table = [*rows[:4], twin, *rows[4:]]  # two rows at offset 3: the second is wrong
+    comparer = PartitionComparer("t.events", 0, table, 1, len(LEAVES), root_of(LEAVES))
+    comparer.feed(Message(i, r) for i, r in enumerate(RECORDS))
+    assert list(comparer.finish(len(RECORDS))) == [] and comparer.wrong_rows == [3]
+    [finding] = comparer.row_findings(n for n in names_of(table) if n.offset == 3)
+    assert (finding.stream_id, finding.seq, finding.event_id, finding.offset) == ("s", 5, "id-4", 3)
