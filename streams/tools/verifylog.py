@@ -17,6 +17,7 @@ compares the root with the signed one, and the partition's audit rows under it w
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,13 +183,17 @@ async def verify_log(settings: Settings, progress: Progress | None = None, *, da
             await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             snapshot = _Snapshot(conn, settings)
             report.findings += await snapshot.open([tp.partition for tp in tps])
-        for tp in tps:  # one partition at a time: PostgreSQL's rows of one partition in memory
+        # One partition at a time (PostgreSQL's rows of two partitions in memory): the next one's rows are read
+        # while this one's records are.
+        comparer = await snapshot.comparer(tps[0].partition) if snapshot is not None else None
+        for i, tp in enumerate(tps):
             if starts[tp] > 0:
                 report.findings.append(Finding(
                     "", None, None, "log_start_deleted", f"partition {tp.partition} starts at offset {starts[tp]}: "
                     "the records before it were deleted (retention), so its streams cannot be checked from their "
                     "start", tp.partition, starts[tp]))
-            comparer = await snapshot.comparer(tp.partition) if snapshot is not None else None
+            following = (asyncio.ensure_future(snapshot.comparer(tps[i + 1].partition))
+                         if snapshot is not None and i + 1 < len(tps) else None)
             consumer.assign([tp])
             consumer.seek(tp, starts[tp])
 
@@ -199,10 +204,16 @@ async def verify_log(settings: Settings, progress: Progress | None = None, *, da
                 if progress is not None:
                     progress(auditor.records, total)
 
-            ends = await read_to_end(consumer, [tp], take, stalled_s=_STALLED_S, max_records=_FETCH)
+            try:
+                ends = await read_to_end(consumer, [tp], take, stalled_s=_STALLED_S, max_records=_FETCH)
+                after = await following if following is not None else None
+            finally:
+                if following is not None and not following.done():
+                    following.cancel()
             if comparer is not None and snapshot is not None:
                 report.findings += await snapshot.finish(comparer, ends.get(tp, starts[tp]))
                 report.compared += comparer.size
+            comparer = after
         report.findings += auditor.finish()
     except KafkaError as e:
         raise TransientError(f"cannot read {settings.events_topic} at {settings.kafka_bootstrap_servers}: {e}") from e
