@@ -111,8 +111,8 @@ async def run_signer(settings: Settings, signer: Signer, interval_s: float) -> N
         await pool.close()
 
 
-async def _open_tree(conn: asyncpg.Connection, settings: Settings, origin: str) -> tuple[StoredTree, str]:
-    """The stored tree a checkpoint origin names, and the origin's topic."""
+async def _open_tree(conn: asyncpg.Connection, settings: Settings, origin: str) -> StoredTree:
+    """The stored tree a checkpoint origin names."""
     try:
         topic, partition = partition_of(origin, settings.checkpoint_origin)
     except CheckpointError as e:
@@ -120,7 +120,7 @@ async def _open_tree(conn: asyncpg.Connection, settings: Settings, origin: str) 
     tree = (await stored_trees(conn, topic)).get(partition)
     if tree is None:
         raise PermanentError(f"no tree of {topic} partition {partition} is stored in schema {settings.db_schema}")
-    return tree, topic
+    return tree
 
 
 async def prove_inclusion(settings: Settings, event_id: str) -> dict[str, Any]:
@@ -161,7 +161,7 @@ async def prove_consistency(settings: Settings, old: str, new: str | None) -> di
         sizes = [Checkpoint.parse(note).size for note in (old, new)]
         if sizes[0] > sizes[1]:
             raise PermanentError(f"the old checkpoint ({sizes[0]}) is larger than the new one ({sizes[1]})")
-        tree, _ = await _open_tree(conn, settings, origin)
+        tree = await _open_tree(conn, settings, origin)
         proof = await range_roots(conn, tree.id, consistency_ranges(sizes[0], sizes[1]))
     finally:
         await conn.close()
