@@ -156,6 +156,11 @@ async def test_the_signer_signs_the_log_when_postgresql_disagrees(ledger: KafkaL
         assert signed[tree["partition"]].root == independent_root(values[tree["partition"]])
     finding = await conn.fetchrow("SELECT * FROM tree_findings")
     assert finding["origin"].endswith(f"/{tree['partition']}") and "root" in finding["finding"]
+    # A proof whose path runs through the rewritten leaf is refused before it is written.
+    neighbour = await conn.fetchval("SELECT event_id::text FROM audit_log WHERE tree = $1 AND leaf_index = 0",
+                                    tree["id"])
+    refused = ledger.run("prove", neighbour, "--out", str(tmp_path / "inc.json"))
+    assert refused.returncode == 1 and "does not verify" in refused.stderr and not (tmp_path / "inc.json").exists()
 
 
 async def test_the_signer_never_signs_two_roots_for_one_size(ledger: KafkaLedger) -> None:
