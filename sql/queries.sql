@@ -385,10 +385,6 @@ ORDER BY index;
 SELECT a.raw, a.leaf_index, a.kafka_topic, a.kafka_partition, a.kafka_offset, a.tree FROM audit_log a
 WHERE a.event_id = $1::uuid;
 
--- name: insert_checkpoint
-INSERT INTO checkpoints (origin, size, root, key_name, note, kafka_partition) VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING id, signed_at;
-
 -- One signer round of a schema at a time (a worker's timer, `runledger signer`, `runledger checkpoint`).
 -- name: checkpoint_try_lock
 SELECT pg_try_advisory_xact_lock(hashtext('runledger.checkpoint:' || current_schema()));
@@ -399,6 +395,11 @@ SELECT pg_advisory_xact_lock(hashtext('runledger.checkpoint:' || current_schema(
 -- name: checkpoint_due
 -- Not if one was signed within the interval ($1 seconds).
 SELECT NOT EXISTS (SELECT 1 FROM checkpoints WHERE signed_at > now() - make_interval(secs => $1));
+
+-- A published checkpoint, kept unless it is already.
+-- name: keep_checkpoint
+INSERT INTO checkpoints (origin, size, root, key_name, note, kafka_partition)
+SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM checkpoints WHERE origin = $1 AND size = $2 AND note = $5);
 
 -- name: covering_checkpoint
 SELECT note FROM checkpoints WHERE size > $1 AND origin = $2 ORDER BY size DESC, id DESC LIMIT 1;

@@ -112,13 +112,15 @@ class LogSigner:
         """Read, derive, compare with PostgreSQL (on ``conn``, if given), sign and publish (module docstring)."""
         done = Round()
         try:
-            await self._read_checkpoints()
+            published = await self._read_checkpoints()
             pg = await stored_trees(conn, self.settings.events_topic) if conn is not None else {}
             at = await self._extend(pg)
         except KafkaError as e:
             raise TransientError(f"cannot read the log or the checkpoints at "
                                  f"{self.settings.kafka_bootstrap_servers}: {e}") from e
         if conn is not None:
+            for partition, (kept, note) in published.items():  # published but maybe not kept: a signer stopped in
+                await self._keep(conn, partition, kept, note)  # between, or another signer's
             for partition, derived in at.items():
                 await self._compare(conn, partition, derived, done)
         to_sign: list[tuple[int, Checkpoint]] = []
@@ -134,8 +136,9 @@ class LogSigner:
         await self._publish(to_sign, conn, done)
         return done
 
-    async def _read_checkpoints(self) -> None:
-        """Take in the checkpoints published since the last round (by this signer or another with its key)."""
+    async def _read_checkpoints(self) -> dict[int, tuple[Checkpoint, str]]:
+        """Take in the checkpoints published since the last round (by this signer or another with its key); the
+        last read of each partition, with its note."""
         cluster = await self._consumer._client.fetch_all_metadata()  # noqa: SLF001 - every topic, not the assigned
         topic_ = self.settings.checkpoints_topic
         tps = [TopicPartition(topic_, p) for p in sorted(cluster.partitions_for_topic(topic_) or ())]
@@ -143,12 +146,13 @@ class LogSigner:
         for tp in tps:  # all of them: an operator may have made the topic with more than one
             self._consumer.seek(tp, self._checkpoints_read.get(tp.partition, 0))
         base, topic = self.settings.checkpoint_origin, self.settings.events_topic
-        taken: list[tuple[int, Checkpoint, Frontier | None]] = []
+        taken: list[tuple[int, Checkpoint, Frontier | None, str]] = []
 
         def take(_: TopicPartition, messages: list[object]) -> None:
             for m in messages:
                 try:
-                    checkpoint = self._verifier.open(m.value.decode())  # type: ignore[attr-defined]
+                    note = m.value.decode()  # type: ignore[attr-defined]
+                    checkpoint = self._verifier.open(note)
                     if partition_of(checkpoint.origin, base)[0] != topic:
                         continue
                 except (CheckpointError, UnicodeDecodeError, AttributeError):
@@ -161,12 +165,13 @@ class LogSigner:
                     except CheckpointError as e:
                         log.warning("checkpoint %s at size %d: %s; the tree is derived again", checkpoint.origin,
                                     checkpoint.size, e)
-                taken.append((partition_of(checkpoint.origin, base)[1], checkpoint, frontier))
+                taken.append((partition_of(checkpoint.origin, base)[1], checkpoint, frontier, note))
 
         ends = await read_to_end(self._consumer, tps, take)
         self._checkpoints_read.update({tp.partition: end for tp, end in ends.items()})
-        for partition, checkpoint, frontier in taken:
+        for partition, checkpoint, frontier, _ in taken:
             self._log(partition).signed_before(checkpoint, frontier)
+        return {partition: (checkpoint, note) for partition, checkpoint, _, note in taken}
 
     def _log(self, partition: int) -> SignedLog:
         if partition not in self.logs:
@@ -246,5 +251,9 @@ class LogSigner:
             done.signed.append(s)
         if conn is not None:
             for s in signed:
-                await conn.execute(query("insert_checkpoint"), s.checkpoint.origin, s.checkpoint.size,
-                                   s.checkpoint.root, self.signer.name, s.note, s.partition)
+                await self._keep(conn, s.partition, s.checkpoint, s.note)
+
+    async def _keep(self, conn: asyncpg.Connection, partition: int, checkpoint: Checkpoint, note: str) -> None:
+        """Keep a published checkpoint in PostgreSQL, for `runledger prove`, unless it is kept already."""
+        await conn.execute(query("keep_checkpoint"), checkpoint.origin, checkpoint.size, checkpoint.root,
+                           self.signer.name, note, partition)

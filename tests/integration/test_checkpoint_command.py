@@ -243,3 +243,23 @@ async def test_the_signer_process_signs_what_grew_on_its_interval(ledger: KafkaL
     finally:
         signer.terminate()
         signer.wait(30)
+
+
+async def test_a_checkpoint_published_but_not_kept_is_kept_by_the_next_round(ledger: KafkaLedger) -> None:
+    from runledger.streams.tools.signer import LogSigner
+
+    await ledger.append(VECTOR_EVENTS)
+    await ledger.project()
+    assert ledger.run("keys", "init").returncode == 0
+    signer = LogSigner(ledger.settings, Signer.from_private_key(ledger.settings.checkpoint_key_path.read_text()))
+    await signer.start()
+    try:
+        done = await signer.round(None)  # signed and published; the signer stops before PostgreSQL keeps them
+    finally:
+        await signer.stop()
+    assert done.signed and await ledger.conn.fetchval("SELECT count(*) FROM checkpoints") == 0
+    again = ledger.run("checkpoint", "--json")
+    assert again.returncode == 0 and orjson.loads(again.stdout)["signed"] == []  # nothing grew: nothing new
+    kept = {r["note"] for r in await ledger.conn.fetch("SELECT note FROM checkpoints")}
+    assert kept == {s.note for s in done.signed}
+    assert ledger.run("prove", VECTOR_EVENTS[0]["id"]).returncode == 0

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 
 from runledger.projections.postgres.db import connect, migrate
 from runledger.projections.postgres.queries import migrations, quote_schema
@@ -113,3 +115,15 @@ async def test_the_migration_retires_the_single_tree_and_keeps_its_checkpoints(s
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {quote_schema(name)} CASCADE")
         await conn.close()
+
+
+async def test_a_key_that_cannot_be_read_never_stops_a_worker(settings: Settings, pool: asyncpg.Pool,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    from runledger.streams.worker.app import _sign_checkpoint
+
+    key = tmp_path / "checkpoint.key"
+    key.write_text("PRIVATE+KEY+not+a+key")
+    monkeypatch.setenv("RUNLEDGER_CHECKPOINT_KEY", str(key))
+    await _sign_checkpoint(Settings(), pool)  # says so, and returns: the worker's timer goes on
+    assert "checkpoints are not signed on an interval" in caplog.text
