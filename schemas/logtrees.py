@@ -129,7 +129,8 @@ class SignedLog:
 
 class AuditRow(NamedTuple):
     """An ``audit_log`` row as ``verify log`` reads it (``audit_at_positions``, in (offset, event id) order): its
-    log position, the leaf hash of its bytes (SHA-256(0x00 || raw), computed by PostgreSQL) and the leaf it names.
+    log position, the leaf hash of its bytes (SHA-256(0x00 || raw), computed by PostgreSQL) and the leaf it names
+    (None: the leaf at its position, for a row written before its leaf was, from a retry topic).
     The comparer reads rows by position, so asyncpg's records of that query do as they are. What names a row's
     event (stream, seq, id) is read only for the rows found wrong (``RowName``)."""
 
@@ -216,7 +217,7 @@ class PartitionComparer:
                 if row[1] != leaf:
                     self._row_finding(offset, rank, "audit_differs", "its bytes are not the record's at its position "
                                       "in the log: the event was changed")
-                elif row[2] != tree or row[3] != index:
+                elif row[3] is not None and (row[2] != tree or row[3] != index):  # None: the leaf at its position
                     self._row_finding(offset, rank, "leaf_index_wrong", f"it names leaf {row[3]} of tree {row[2]}, "
                                       f"the record is leaf {index} of tree {tree}")
             if not matched:

@@ -421,11 +421,11 @@ WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset = ANY($3::bigin
 SELECT event_id::text, stream_id, seq, hash, kafka_partition, kafka_offset FROM audit_log
 WHERE event_id = ANY($1::uuid[]);
 
+-- The dead letters and parked events at some positions of a partition ($3), with the bytes they hold.
 -- name: letters_at_positions
-SELECT partition, "offset", status FROM dead_letters WHERE topic = $1 AND partition = $2 AND "offset" = ANY($3::bigint[]);
-
--- name: parked_at_positions
-SELECT kafka_partition, kafka_offset FROM parked_events
+SELECT "offset", value FROM dead_letters WHERE topic = $1 AND partition = $2 AND "offset" = ANY($3::bigint[])
+UNION ALL
+SELECT kafka_offset, value FROM parked_events
 WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset = ANY($3::bigint[]);
 
 -- name: verify_prices

@@ -5,6 +5,10 @@ byte for byte (SPEC.md section 7). The worker that reads a record appends its le
 (``grow``), under the row of that partition's tree, which only the partition's owner takes. A record applied
 later (from a retry topic, a parking or a replay) is a leaf already: ``grow`` finds it by its log position.
 
+A record read again from a retry topic before the log's reader appended its leaf (its batch was forwarded whole
+while PostgreSQL was away, and the reader reads it again from the log since) gets an audit row that names no leaf:
+its leaf is the one at its position, found through ``log_tree_nodes`` once the reader has appended it.
+
 This copy serves proofs and checks; it proves nothing by itself. The signer (``runledger.streams.tools.signer``)
 derives every root it signs from Kafka, and ``runledger verify log`` compares this copy with Kafka.
 """
@@ -20,9 +24,24 @@ import asyncpg
 
 from runledger.projections.postgres.queries import query
 from runledger.projections.records import LogRecord
+from runledger.schemas.errors import TransientError
 from runledger.schemas.merkle import Range, TreeState, fold, leaf_hash, subtrees
 
-__all__ = ["StoredTree", "grow", "range_roots", "stored_trees"]
+__all__ = ["StoredTree", "TreeBehind", "grow", "range_roots", "stored_trees"]
+
+
+class TreeBehind(TransientError):
+    """The batch's first record of a partition is not where the partition's tree ends, and the tree would start
+    past the log's first offset: its reader skipped records (it resumed from the group's Kafka offsets while
+    PostgreSQL was away, or the tree was retired under it). Nothing is written; the reader must read the
+    partition again from where PostgreSQL says it was projected to."""
+
+    code = "tree_behind"
+
+    def __init__(self, message: str, partition: int) -> None:
+        super().__init__(message)
+        self.partition = partition
+
 
 Position = tuple[str, int, int]
 """(topic, partition, offset) of a record in the log."""
@@ -69,6 +88,9 @@ async def grow(conn: asyncpg.Connection, fresh: Sequence[LogRecord],
             new = sorted(o for o in records if o >= row["next_offset"])
             if not new:
                 continue
+            if row["size"] == 0 and new[0] > 0:
+                raise TreeBehind(f"{topic} partition {row['partition']}: its tree would start at offset {new[0]}, "
+                                 "not at the log's start: records before it were not read", row["partition"])
             tree = TreeState(row["size"], [bytes(p) for p in row["peaks"]])
             nodes: list[tuple[Any, ...]] = []
             for offset in new:

@@ -72,20 +72,15 @@ async def sign_round(settings: Settings, signer: Signer) -> Round:
         await conn.close()
 
 
-async def sign_if_due(settings: Settings, signer: Signer, pool: asyncpg.Pool, interval_s: float) -> Round | None:
-    """What a worker does on its checkpoint timer: a signer round, unless another worker or signer is in one
-    or one was signed within ``interval_s``."""
+async def sign_if_due(log_signer: LogSigner, pool: asyncpg.Pool, interval_s: float) -> Round | None:
+    """What a worker does on its checkpoint timer: a round of its (started) signer, unless another worker or
+    signer is in one or one was signed within ``interval_s``."""
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval(query("checkpoint_try_lock")):
             return None
         if not await conn.fetchval(query("checkpoint_due"), interval_s):
             return None
-        log_signer = LogSigner(settings, signer)
-        try:
-            await log_signer.start()
-            return await log_signer.round(conn)
-        finally:
-            await log_signer.stop()
+        return await log_signer.round(conn)
 
 
 async def run_signer(settings: Settings, signer: Signer, interval_s: float) -> None:
@@ -131,20 +126,26 @@ async def prove_inclusion(settings: Settings, event_id: str) -> dict[str, Any]:
         leaf = await conn.fetchrow(query("event_leaf"), event_id)
         if leaf is None:
             raise PermanentError(f"event {event_id} is not in audit_log")
-        if leaf["leaf_index"] is None:
-            raise PermanentError(f"event {event_id} has no leaf yet: its partition's tree was not rebuilt since "
-                                 "migration 012 (`runledger trees rebuild`)")
+        position = (leaf["kafka_topic"], leaf["kafka_partition"], leaf["kafka_offset"])
+        tree, index = leaf["tree"], leaf["leaf_index"]
+        if index is None:  # written before its leaf was (from a retry topic): the leaf at its position
+            at = await conn.fetchrow(query("tree_leaves_at"), *([p] for p in position))
+            if at is None:
+                raise PermanentError(f"event {event_id} has no leaf at {position[0]} partition {position[1]} offset "
+                                     f"{position[2]}: its partition's tree does not reach it yet (`runledger trees "
+                                     "rebuild` builds the trees of a log projected before migration 012)")
+            tree, index = at["tree"], at["index"]
         origin = origin_of(settings.checkpoint_origin, leaf["kafka_topic"], leaf["kafka_partition"])
-        note = await conn.fetchval(query("covering_checkpoint"), leaf["leaf_index"], origin)
+        note = await conn.fetchval(query("covering_checkpoint"), index, origin)
         if note is None:
-            raise PermanentError(f"no checkpoint of {origin} covers event {event_id} (leaf {leaf['leaf_index']}) "
-                                 "yet: sign one with `runledger checkpoint`")
+            raise PermanentError(f"no checkpoint of {origin} covers event {event_id} (leaf {index}) yet: sign one "
+                                 "with `runledger checkpoint`")
         size = Checkpoint.parse(note).size
-        proof = await range_roots(conn, leaf["tree"], inclusion_ranges(leaf["leaf_index"], size))
+        proof = await range_roots(conn, tree, inclusion_ranges(index, size))
     finally:
         await conn.close()
-    return inclusion_document(note, bytes(leaf["raw"]), leaf["kafka_partition"], leaf["kafka_offset"],
-                              int(leaf["leaf_index"]), proof)
+    return inclusion_document(note, bytes(leaf["raw"]), leaf["kafka_partition"], leaf["kafka_offset"], int(index),
+                              proof)
 
 
 async def prove_consistency(settings: Settings, old: str, new: str | None) -> dict[str, Any]:

@@ -221,7 +221,8 @@ class LogSigner:
             first, last = min(derived.leaves), max(derived.leaves)
             kept = {r["index"]: bytes(r["hash"]) for r in await conn.fetch(query("tree_leaf_range"), stored.id,
                                                                              first, last + 1)}
-            if differs := next((i for i in sorted(derived.leaves) if kept.get(i) != derived.leaves[i][0]), None):
+            differs = next((i for i in sorted(derived.leaves) if kept.get(i) != derived.leaves[i][0]), None)
+            if differs is not None:
                 at = derived.leaves[differs][1]
                 problem = (differs, at, f"PostgreSQL's leaf {differs:,} is not the log's record at offset {at}")
         if problem is None:

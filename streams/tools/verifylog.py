@@ -115,13 +115,12 @@ class _Snapshot:
         if not unmatched:
             return []
         offsets = [o for o, _ in unmatched]
-        lettered = {r["offset"] for r in await self.conn.fetch(query("letters_at_positions"), self.topic, partition,
-                                                                 offsets)}
-        lettered |= {r["kafka_offset"] for r in await self.conn.fetch(query("parked_at_positions"), self.topic,
-                                                                       partition, offsets)}
+        # A letter or a parked event explains a record only if it holds the record's bytes.
+        held = {(r["offset"], bytes(r["value"])) for r in await self.conn.fetch(
+            query("letters_at_positions"), self.topic, partition, offsets) if r["value"] is not None}
         events: dict[int, Event | PermanentError] = {}
         for offset, value in unmatched:
-            if offset in lettered:
+            if (offset, value) in held:
                 continue
             try:
                 events[offset] = parse_event(decode_event(value))

@@ -46,6 +46,7 @@ from runledger.streams.producer.client import EventProducer
 from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
 from runledger.streams.tools.checkpoints import checkpoint_signer, sign_if_due
+from runledger.streams.tools.signer import LogSigner
 from runledger.streams.worker.consumer import LogConsumer, Projector, RetryConsumer
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
 from runledger.streams.worker.retry import RetrySchedule, delay_name
@@ -70,6 +71,7 @@ class _Ready:
     pool: asyncpg.Pool
     handler: BatchHandler
     log_consumer: LogConsumer
+    signers: dict[str, LogSigner] = field(default_factory=dict)  # by key: each keeps what it read between rounds
 
 
 def create_app(settings: Settings, *, metrics_url: str | None = None) -> faust.App:
@@ -110,7 +112,7 @@ def create_app(settings: Settings, *, metrics_url: str | None = None) -> faust.A
     @app.timer(settings.checkpoint_interval_s or 3600.0)
     async def sign_checkpoints() -> None:
         if settings.checkpoint_interval_s and ready.done():
-            await _sign_checkpoint(settings, (await ready).pool)
+            await _sign_checkpoint(settings, await ready)
 
     @app.task
     async def sweep_staged() -> None:
@@ -182,6 +184,8 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for log_signer in ready.result().signers.values():
+            await log_signer.stop()
         await forwarder.stop()
         await pool.close()
 
@@ -200,7 +204,7 @@ async def _sweep_staged(settings: Settings) -> None:
             await asyncio.sleep(5)
 
 
-async def _sign_checkpoint(settings: Settings, pool: asyncpg.Pool) -> None:
+async def _sign_checkpoint(settings: Settings, ready: _Ready) -> None:
     """A signer round if one is due (one worker per interval, ``runledger.streams.tools.signer``). Without a key,
     or with one that cannot be read, the timer does nothing and says so; nothing here stops the worker."""
     try:
@@ -212,7 +216,12 @@ async def _sign_checkpoint(settings: Settings, pool: asyncpg.Pool) -> None:
         _warn_unsigned(f"no checkpoint key at {settings.checkpoint_key_path}")
         return
     try:
-        done = await sign_if_due(settings, signer, pool,
+        log_signer = ready.signers.get(signer.private_key)
+        if log_signer is None:  # one per worker and key: a round reads only what was published and appended since
+            log_signer = LogSigner(settings, signer)
+            await log_signer.start()
+            ready.signers[signer.private_key] = log_signer
+        done = await sign_if_due(log_signer, ready.pool,
                                  settings.checkpoint_interval_s * 0.9)  # the timer's jitter must not skip one
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TransientError) as e:
         log.warning("signing checkpoints: %s; trying at the next interval", database_error(e, "checkpoint") or e)

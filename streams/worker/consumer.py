@@ -33,6 +33,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from runledger.projections.planner import Decoded, decoded
 from runledger.projections.postgres.db import StoreUnavailable, database_error
 from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.postgres.trees import TreeBehind
 from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.events import MAX_EVENT_BYTES
 from runledger.streams import metrics
@@ -63,13 +64,16 @@ def _consumer(bootstrap_servers: str, group_id: str | None, *, fetch_wait_ms: in
         fetch_max_wait_ms=fetch_wait_ms)
 
 
-async def _project_until_done(project: Projector, records: list[LogRecord] | list[Decoded], what: str) -> None:
-    """``project`` the batch; an unexpected error is logged and the batch tried again: never skipped."""
+async def _project_until_done(project: Projector, records: list[LogRecord] | list[Decoded],
+                              what: str) -> BatchResult | None:
+    """``project`` the batch (None: it went to the retry topics whole); an unexpected error is logged and the
+    batch tried again: never skipped. TreeBehind is the caller's: the batch must be read again."""
     pause = 1.0
     while True:
         try:
-            await project(records)
-            return
+            return await project(records)
+        except TreeBehind:
+            raise
         except Exception:
             log.exception("%s: a batch of %d records failed unexpectedly; trying it again in %.0f s", what,
                           len(records), pause)
@@ -101,7 +105,7 @@ class _CheckOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
 class _InFlight:
     """A batch handed to the projector, and what to commit to Kafka once it is applied."""
 
-    task: asyncio.Task[None]
+    task: asyncio.Task[BatchResult | None]
     fetched: dict[TopicPartition, list[Any]]
     assignment: int  # the assignment it was read under
 
@@ -122,6 +126,7 @@ class LogConsumer:
         self._next: dict[int, int] = {}
         self._ends: dict[int, int] = {}
         self._assignment = 0  # counts assignments: a batch read under an earlier one says nothing of the lag now
+        self._rewind = False  # records were passed on without their leaves: read again from the stored offsets
 
     @property
     def assigned(self) -> set[int]:
@@ -152,11 +157,19 @@ class LogConsumer:
                 # Decoded while the batch before is still being written: it needs nothing of the tables.
                 items = decoded(records)
                 if in_flight is not None:
-                    await self._applied(in_flight.task)
+                    try:
+                        if await self._applied(in_flight.task) is None:
+                            self._rewind = True  # forwarded whole: its records are to be read again as leaves
+                    except TreeBehind as e:
+                        log.warning("%s; reading the partitions again from where PostgreSQL says", e)
+                        self._rewind, in_flight, items = True, None, []
+                        continue
                     await _commit(self._consumer, in_flight.fetched, self.topic)
                     if in_flight.assignment == self._assignment:
                         self._projected(in_flight.fetched)
                     in_flight = None
+                if self._rewind and await self._read_again():
+                    continue  # what was read since is read again, from the stored offsets
                 self._observe_lag()
                 if items:
                     in_flight = _InFlight(asyncio.create_task(_project_until_done(self._project, items, self.topic)),
@@ -168,7 +181,20 @@ class LogConsumer:
             await stop_consumer(self._checker)
             await stop_consumer(self._consumer)
 
-    async def _applied(self, task: asyncio.Task[None]) -> None:
+    async def _read_again(self) -> bool:
+        """After records were passed on without their leaves (a batch forwarded whole, or partitions resumed from
+        the group's Kafka offsets while PostgreSQL was away): once PostgreSQL answers, seek every partition back
+        to its stored offset, so that every record of the log becomes its tree's next leaf in order. Records
+        projected meanwhile from the retry topics are duplicates then. False while PostgreSQL does not answer."""
+        try:
+            await self._store.load_offsets_and_trees(self.topic)
+        except StoreUnavailable:
+            return False
+        self._rewind = False
+        await self._check(list(self._consumer.assignment()))
+        return True
+
+    async def _applied(self, task: asyncio.Task[BatchResult | None]) -> BatchResult | None:
         """Wait for a batch to be applied; while it takes long (a lock, PostgreSQL away), the lag goes on
         counting what the log grows by: the fetcher's high watermarks stand still meanwhile."""
         while not (await asyncio.wait({task}, timeout=_LAG_REFRESH_S))[0]:
@@ -180,7 +206,7 @@ class LogConsumer:
                 continue
             self._ends.update({tp.partition: end for tp, end in ends.items()})
             self._observe_lag()
-        await task
+        return await task
 
     def _projected(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         for tp, batch in fetched.items():
@@ -220,6 +246,7 @@ class LogConsumer:
         except StoreUnavailable as e:
             if assigned:  # The group's Kafka offsets are never ahead of what is projected or in a retry topic.
                 log.warning("%s; starting from the group's committed offsets", e)
+                self._rewind = True  # and back to the stored ones once PostgreSQL answers: the trees need them
                 with contextlib.suppress(IllegalStateError, AssertionError):
                     self._consumer.resume(*(tp for tp in tps if tp.partition in self.assigned))
             return

@@ -120,10 +120,10 @@ async def test_the_migration_retires_the_single_tree_and_keeps_its_checkpoints(s
 async def test_a_key_that_cannot_be_read_never_stops_a_worker(settings: Settings, pool: asyncpg.Pool,
                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    from runledger.streams.worker.app import _sign_checkpoint
+    from runledger.streams.worker.app import _Ready, _sign_checkpoint
 
     key = tmp_path / "checkpoint.key"
     key.write_text("PRIVATE+KEY+not+a+key")
     monkeypatch.setenv("RUNLEDGER_CHECKPOINT_KEY", str(key))
-    await _sign_checkpoint(Settings(), pool)  # says so, and returns: the worker's timer goes on
+    await _sign_checkpoint(Settings(), _Ready(pool, None, None))  # type: ignore[arg-type]  # says so, returns
     assert "checkpoints are not signed on an interval" in caplog.text
