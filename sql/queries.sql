@@ -421,6 +421,12 @@ WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset = ANY($3::bigin
 SELECT event_id::text, stream_id, seq, hash, kafka_partition, kafka_offset FROM audit_log
 WHERE event_id = ANY($1::uuid[]);
 
+-- The log positions ($1: the log topic) of the retry copies in the outbox, not published yet.
+-- name: outbox_positions
+SELECT (headers->>'runledger.original.partition')::int AS partition,
+       (headers->>'runledger.original.offset')::bigint AS "offset"
+FROM outbox WHERE value IS NOT NULL AND headers->>'runledger.original.topic' = $1;
+
 -- The dead letters and parked events at some positions of a partition ($3), with the bytes they hold.
 -- name: letters_at_positions
 SELECT "offset", value FROM dead_letters WHERE topic = $1 AND partition = $2 AND "offset" = ANY($3::bigint[])

@@ -18,8 +18,9 @@ compares the root with the signed one, and the partition's audit rows under it w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from runledger.schemas.merkle import EMPTY_ROOT
 from runledger.schemas.verify import Finding, LogAuditor
 from runledger.streams.kafka import read_to_end, stop_consumer
 from runledger.streams.settings import Settings
+from runledger.streams.worker.retry import HEADER, RetrySchedule, delay_name
 
 __all__ = ["LogMissing", "LogReport", "verify_checkpoint", "verify_log"]
 
@@ -63,17 +65,20 @@ class LogReport(ChainReport):
     records: int = 0
     duplicates: int = 0
     compared: int = 0
+    in_flight: int = 0  # records not projected yet but on their way through the retry topics
 
     def as_dict(self) -> dict[str, Any]:
         return {**ChainReport.as_dict(self), "records": self.records, "duplicates": self.duplicates,
-                "compared": self.compared}
+                "compared": self.compared, "in_flight": self.in_flight}
 
 
 class _Snapshot:
     """What PostgreSQL holds of the log, read in one repeatable-read transaction on ``conn``."""
 
-    def __init__(self, conn: asyncpg.Connection, settings: Settings) -> None:
+    def __init__(self, conn: asyncpg.Connection, settings: Settings,
+                 in_flight: Callable[[], Awaitable[set[tuple[int, int]]]] | None = None) -> None:
         self.conn, self.topic, self.group = conn, settings.events_topic, settings.consumer_group
+        self.in_flight, self.flying = in_flight, 0
 
     async def open(self, partitions: list[int]) -> list[Finding]:
         self.trees = await stored_trees(self.conn, self.topic)
@@ -118,10 +123,13 @@ class _Snapshot:
         # A letter or a parked event explains a record only if it holds the record's bytes.
         held = {(r["offset"], bytes(r["value"])) for r in await self.conn.fetch(
             query("letters_at_positions"), self.topic, partition, offsets) if r["value"] is not None}
+        unmatched = [(o, v) for o, v in unmatched if (o, v) not in held]
+        if unmatched and self.in_flight is not None:  # on their way through the retry topics: not a finding yet
+            flying = await self.in_flight()
+            self.flying += sum((partition, o) in flying for o, _ in unmatched)
+            unmatched = [(o, v) for o, v in unmatched if (partition, o) not in flying]
         events: dict[int, Event | PermanentError] = {}
         for offset, value in unmatched:
-            if (offset, value) in held:
-                continue
             try:
                 events[offset] = parse_event(decode_event(value))
             except PermanentError as e:
@@ -144,6 +152,59 @@ class _Snapshot:
             findings.append(Finding(event.subject, event.seq, event.id, "record_unaccounted",
                                     f"{self.topic} partition {partition} offset {offset}: {why}", partition, offset))
         return findings
+
+
+class _InFlight:
+    """The log positions of the records on their way through the retry topics now (read once, when first
+    asked): the copies in the outbox not published yet, and those in each retry topic past where its consumer
+    group committed. A record there is neither projected nor a dead letter yet, and is no finding."""
+
+    def __init__(self, settings: Settings, conn: asyncpg.Connection, consumer: AIOKafkaConsumer) -> None:
+        self.settings, self.conn, self.consumer = settings, conn, consumer
+        self.positions: set[tuple[int, int]] | None = None
+
+    async def __call__(self) -> set[tuple[int, int]]:
+        if self.positions is None:
+            self.positions = await self._read()
+        return self.positions
+
+    async def _read(self) -> set[tuple[int, int]]:
+        topic, settings = self.settings.events_topic, self.settings
+        found = {(r["partition"], r["offset"]) for r in await self.conn.fetch(query("outbox_positions"), topic)}
+        schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
+        cluster = await self.consumer._client.fetch_all_metadata()  # noqa: SLF001 - every topic
+        for delay, retry_topic in schedule.topics:
+            tps = [TopicPartition(retry_topic, p) for p in sorted(cluster.partitions_for_topic(retry_topic) or ())]
+            if not tps:
+                continue
+            committed = await _committed(settings, f"{settings.consumer_group}.retry.{delay_name(delay)}", tps)
+            self.consumer.assign(tps)
+            starts = await self.consumer.beginning_offsets(tps)
+            for tp in tps:
+                self.consumer.seek(tp, max(committed.get(tp) or 0, starts[tp]))
+
+            def take(_: TopicPartition, messages: list[Any]) -> None:
+                for m in messages:
+                    h = {k: v.decode("utf-8", "replace") for k, v in m.headers or () if v}
+                    with contextlib.suppress(KeyError, ValueError):
+                        if h[f"{HEADER}original.topic"] == topic:
+                            found.add((int(h[f"{HEADER}original.partition"]), int(h[f"{HEADER}original.offset"])))
+
+            await read_to_end(self.consumer, tps, take, stalled_s=_STALLED_S, max_records=_FETCH)
+        return found
+
+
+async def _committed(settings: Settings, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+    """The offsets ``group`` committed on ``tps``, asked without joining it (a consumer assigned, never
+    subscribed, commits nothing)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group,
+                                enable_auto_commit=False)
+    try:
+        await consumer.start()
+        consumer.assign(tps)
+        return {tp: await consumer.committed(tp) for tp in tps}
+    finally:
+        await stop_consumer(consumer)
 
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
@@ -180,7 +241,7 @@ async def verify_log(settings: Settings, progress: Progress | None = None, *, da
         snapshot = None
         if conn is not None:
             await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            snapshot = _Snapshot(conn, settings)
+            snapshot = _Snapshot(conn, settings, _InFlight(settings, conn, consumer))
             report.findings += await snapshot.open([tp.partition for tp in tps])
         # One partition at a time (PostgreSQL's rows of two partitions in memory): the next one's rows are read
         # while this one's records are.
@@ -213,6 +274,7 @@ async def verify_log(settings: Settings, progress: Progress | None = None, *, da
                 report.findings += await snapshot.finish(comparer, ends.get(tp, starts[tp]))
                 report.compared += comparer.size
             comparer = after
+        report.in_flight = snapshot.flying if snapshot is not None else 0
         report.findings += auditor.finish()
     except KafkaError as e:
         raise TransientError(f"cannot read {settings.events_topic} at {settings.kafka_bootstrap_servers}: {e}") from e
@@ -244,7 +306,7 @@ async def verify_checkpoint(settings: Settings, checkpoint: Checkpoint, partitio
         if tp not in tps:
             raise LogMissing(f"{settings.events_topic} has no partition {partition}")
         await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        snapshot = _Snapshot(conn, settings)
+        snapshot = _Snapshot(conn, settings, _InFlight(settings, conn, consumer))
         await snapshot.open([p.partition for p in tps])
         comparer = await snapshot.comparer(partition, limit=checkpoint.size)
         consumer.assign([tp])

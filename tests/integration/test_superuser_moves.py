@@ -182,3 +182,45 @@ async def test_each_superuser_move_is_caught_and_never_signed(ledger: KafkaLedge
     for event_id in touched:
         with pytest.raises((ProofError, PermanentError)):
             check_proof(await prove_inclusion(ledger.settings, event_id), signer(ledger).verifier_key)
+
+
+async def test_a_record_on_its_way_through_the_retry_topics_is_no_finding(env: dict[str, str], tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from runledger.projections.records import LogRecord
+    from runledger.streams.worker.retry import RetrySchedule, delay_name
+
+    async with kafka_ledger(env, tmp_path / "keys", monkeypatch, partitions=1) as ledger:
+        events = rechain("in-flight")
+        await ledger.append([events[0], events[2], events[1]])  # seq 3 before seq 2: to the retry topics
+        schedule = RetrySchedule(ledger.settings.topic_prefix, ledger.settings.retry_delays)
+        log = await read_log(ledger.settings)
+        result = await ledger.store.apply_batch([LogRecord(r.topic, r.partition, r.offset, r.key, r.value or b"")
+                                                 for r in log[:2]], route=schedule.route)  # seq 2 not read yet
+        assert [f.seq for f in result.retry] == [3]
+        in_outbox = await verify_log(ledger.settings)  # its copy waits in the outbox
+        assert in_outbox.intact and in_outbox.in_flight == 1, [f.as_dict() for f in in_outbox.findings]
+        topic, key, value, headers = await ledger.conn.fetchrow("SELECT topic, key, value, headers FROM outbox")
+        producer = AIOKafkaProducer(bootstrap_servers=ledger.settings.kafka_bootstrap_servers, acks="all")
+        await producer.start()
+        try:  # published: it waits in a retry topic that no consumer group read yet
+            await producer.send_and_wait(topic, value, key=key,
+                                         headers=[(k, v.encode()) for k, v in orjson.loads(headers).items()])
+        finally:
+            await producer.stop()
+        await ledger.conn.execute("DELETE FROM outbox")
+        in_topic = await verify_log(ledger.settings)
+        assert in_topic.intact and in_topic.in_flight == 1, [f.as_dict() for f in in_topic.findings]
+        delay = next(d for d, t in schedule.topics if t == topic)
+        consumer = AIOKafkaConsumer(bootstrap_servers=ledger.settings.kafka_bootstrap_servers,
+                                    group_id=f"{ledger.settings.consumer_group}.retry.{delay_name(delay)}",
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:  # the retry topic's group read it, and it went nowhere: a record lost on its way is a finding
+            consumer.assign([TopicPartition(topic, 0)])
+            await consumer.commit({TopicPartition(topic, 0): 1})
+        finally:
+            await consumer.stop()
+        lost = await verify_log(ledger.settings)
+        assert [(f.stream_id, f.seq, f.code) for f in lost.findings] == [("in-flight", 3, "record_unaccounted")]
