@@ -8,8 +8,10 @@ checkpoints have the origin ``<origin>/<topic>/<partition>``.
 
 from __future__ import annotations
 
+import array
 import base64
 import hashlib
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -231,6 +233,16 @@ class PartitionComparer:
             self._differs = self.limit is None and bool(self.stored_size) and (
                 self.stored_size > self.size or self.root(self.stored_size) != self.stored_root)
         return self._differs
+
+    def leaves_digest(self) -> tuple[bytes, bytes]:
+        """SHA-256 over the first ``stored_size`` leaf hashes, and over their offsets (8 bytes each, big-endian):
+        what ``tree_leaves_digest`` computes of the stored leaves, to tell a stored leaf changed under unchanged
+        peaks without reading the leaves."""
+        size = min(self.stored_size, self.size)
+        offsets = array.array("q", self.offsets[:size])
+        if sys.byteorder == "little":
+            offsets.byteswap()
+        return hashlib.sha256(b"".join(self.leaves[:size])).digest(), hashlib.sha256(offsets.tobytes()).digest()
 
     def first_leaf_differing(self, stored: Iterable[tuple[int, bytes, int | None]]) -> Finding | None:
         """The first of the stored leaves ((index, hash, offset) in order) that is not the record's."""

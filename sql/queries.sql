@@ -368,7 +368,7 @@ UPDATE log_trees SET retired_at = now() WHERE topic = $1 AND partition = $2 AND 
 SELECT n.level, n.index, n.hash FROM log_tree_nodes n
 JOIN unnest($2::smallint[], $3::bigint[]) AS want(level, index) USING (level, index) WHERE n.tree = $1;
 
--- Level 0 of a tree from leaf $2 on, in order: what `verify log` compares with Kafka.
+-- Level 0 of a tree in order: what `verify log` compares with Kafka when it differs.
 -- name: tree_leaves
 SELECT index, hash, kafka_offset FROM log_tree_nodes WHERE tree = $1 AND level = 0 ORDER BY index;
 
@@ -376,6 +376,13 @@ SELECT index, hash, kafka_offset FROM log_tree_nodes WHERE tree = $1 AND level =
 -- name: audit_elsewhere
 SELECT kafka_topic, kafka_partition, kafka_offset, event_id::text, stream_id, seq FROM audit_log
 WHERE kafka_topic <> $1 OR kafka_partition <> ALL($2::int[]);
+
+-- What PartitionComparer.leaves_digest computes of the records' leaves, of the stored ones, in index order: over
+-- the hashes, and over the offsets (8 bytes each, big-endian).
+-- name: tree_leaves_digest
+SELECT sha256(coalesce(string_agg(hash, ''::bytea ORDER BY index), ''::bytea)) AS leaves,
+       sha256(coalesce(string_agg(int8send(kafka_offset), ''::bytea ORDER BY index), ''::bytea)) AS offsets
+FROM log_tree_nodes WHERE tree = $1 AND level = 0;
 
 -- name: tree_leaf_range
 SELECT index, hash, kafka_offset FROM log_tree_nodes WHERE tree = $1 AND level = 0 AND index >= $2 AND index < $3

@@ -104,7 +104,10 @@ class _Snapshot:
             findings += comparer.row_findings(await self.conn.fetch(query("audit_names_at"), self.topic,
                                                                     comparer.partition, wrong))
         tree = self.trees.get(comparer.partition)
-        if comparer.root_differs and tree is not None:
+        # The stored leaves are read only if the root folded from the stored peaks, or a digest of the stored
+        # leaves (a leaf changed under unchanged peaks), is not the records'.
+        if tree is not None and comparer.limit is None and (comparer.root_differs or tuple(await self.conn.fetchrow(
+                query("tree_leaves_digest"), tree.id)) != comparer.leaves_digest()):
             differing = comparer.first_leaf_differing(
                 tuple(r) for r in await self.conn.fetch(query("tree_leaves"), tree.id))
             findings += [differing] if differing is not None else []
