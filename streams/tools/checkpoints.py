@@ -98,7 +98,7 @@ async def run_signer(settings: Settings, signer: Signer, interval_s: float) -> N
                     done = await log_signer.round(conn)
                 for s in done.signed:
                     log.info("signed %s at size %d", s.checkpoint.origin, s.checkpoint.size)
-            except (TransientError, StoreUnavailable, asyncpg.PostgresError, OSError) as e:
+            except (TransientError, StoreUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
                 log.warning("signer round failed: %s; trying again in %.0f s", e, interval_s)
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
     finally:

@@ -13,12 +13,12 @@
    round is small.
 3. Switch-over, in one short transaction: take the live schema's apply lock exclusively (workers pause
    between batches) with a lock timeout, apply the last few records, compare the streams they touched, check
-   that both transparency logs have the same size, and move the tables in: the live derived tables
+   that both audit logs have the same size, and move the tables in: the live derived tables
    (executions, steps, costs, artifacts, stream heads) to ``<live>_retired_<time>`` (kept), the rebuilt ones
    into the live schema. The whole section has a time limit; past it, it is rolled back and tried again, so
    workers never wait on it for more than about a second.
 
-Everything else stays where it is, in the live schema: the audit log with its transparency log and
+Everything else stays where it is, in the live schema: the audit log with its transparency logs and
 checkpoints (so earlier checkpoints still verify), the dead letters with their resolutions and notes, the
 replay history, the parked events, the outbox and the offsets. So the audit log must be equal: ``force``
 switches when only derived tables differ (after a deliberate change of the projection rules), never when the
