@@ -13,6 +13,7 @@ import pytest
 
 from runledger.projections.postgres.verify import verify_projection
 from runledger.schemas.chain import compute_hash
+from runledger.schemas.checkpoint import Signer
 from runledger.schemas.errors import PermanentError
 from runledger.schemas.merkle import ProofError, TreeState, leaf_hash
 from runledger.schemas.proofs import check_proof
@@ -36,9 +37,7 @@ async def ledger(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.Monkey
         yield ledger
 
 
-def signer(ledger: KafkaLedger) -> Any:
-    from runledger.schemas.checkpoint import Signer
-
+def signer(ledger: KafkaLedger) -> Signer:
     return Signer.from_private_key(ledger.settings.checkpoint_key_path.read_text())
 
 
