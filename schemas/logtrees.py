@@ -45,21 +45,24 @@ def partition_of(origin: str, base: str) -> tuple[str, int]:
 @dataclass(frozen=True, slots=True)
 class Frontier:
     """What a signer needs to extend a tree it signed without reading it again: the roots of the perfect subtrees
-    its size splits into (largest first), and the offset after its last leaf. Published beside the signed note,
-    unsigned: it is used only if it folds to the signed root."""
+    its size splits into (largest first), the offset after its last leaf, and that leaf's hash (checked against
+    the record there before the tree is extended: a log recreated since is not extended). Published beside the
+    signed note, unsigned: it is used only if it folds to the signed root."""
 
     next_offset: int
     peaks: tuple[bytes, ...]
+    last_leaf: bytes
 
     def encode(self) -> bytes:
-        return orjson.dumps({"next_offset": self.next_offset,
+        return orjson.dumps({"next_offset": self.next_offset, "last_leaf": base64.b64encode(self.last_leaf).decode(),
                              "peaks": [base64.b64encode(p).decode() for p in self.peaks]})
 
     @classmethod
     def decode(cls, raw: bytes) -> Frontier:
         try:
             value = orjson.loads(raw)
-            return cls(int(value["next_offset"]), tuple(base64.b64decode(p, validate=True) for p in value["peaks"]))
+            return cls(int(value["next_offset"]), tuple(base64.b64decode(p, validate=True) for p in value["peaks"]),
+                       base64.b64decode(value["last_leaf"], validate=True))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the frontier cannot be read: {e}") from None
 
@@ -89,6 +92,7 @@ class SignedLog:
     signed: dict[int, bytes] = field(default_factory=dict)
     tree: TreeState = field(default_factory=TreeState)
     next_offset: int = 0
+    last_leaf: bytes = b""
     fork: str | None = None
 
     def signed_before(self, checkpoint: Checkpoint, frontier: Frontier | None) -> None:
@@ -99,13 +103,24 @@ class SignedLog:
                          f"{checkpoint.root.hex()}")
         if frontier is not None and frontier.fits(checkpoint) and checkpoint.size > self.tree.size:
             self.tree = TreeState(checkpoint.size, list(frontier.peaks))
-            self.next_offset = frontier.next_offset
+            self.next_offset, self.last_leaf = frontier.next_offset, frontier.last_leaf
 
-    def append(self, offset: int, value: bytes) -> bytes:
-        """The partition's next record (at ``offset``); its leaf hash."""
+    @property
+    def read_from(self) -> int:
+        """Where to read the partition from: the last leaf's record (checked by ``append``), or the start."""
+        return self.next_offset - 1 if self.tree.size else self.next_offset
+
+    def append(self, offset: int, value: bytes) -> bytes | None:
+        """The partition's next record (at ``offset``); its leaf hash. The last leaf's record, read again to
+        check the log is still the one the tree was made of, is no leaf (None)."""
         leaf = leaf_hash(value)
+        if self.tree.size and offset < self.next_offset:
+            if self.fork is None and leaf != self.last_leaf:
+                self.fork = (f"the record at offset {offset} is not the one the tree's leaf {self.tree.size - 1:,} "
+                             "was made of: the log was recreated or rewritten since it was signed")
+            return None
         self.tree.append(leaf)
-        self.next_offset = offset + 1
+        self.next_offset, self.last_leaf = offset + 1, leaf
         size = self.tree.size
         if self.fork is None and size in self.signed and self.signed[size] != self.tree.root():
             self.fork = (f"the log's first {size:,} records give root {self.tree.root().hex()}, but a checkpoint "
@@ -126,7 +141,7 @@ class SignedLog:
         return Checkpoint(self.origin, size, root)
 
     def frontier(self) -> Frontier:
-        return Frontier(self.next_offset, tuple(self.tree.peaks))
+        return Frontier(self.next_offset, tuple(self.tree.peaks), self.last_leaf)
 
 
 class AuditRow(NamedTuple):

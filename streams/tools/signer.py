@@ -193,14 +193,15 @@ class LogSigner:
         for tp in tps:
             signed_log = self._log(tp.partition)
             derived[tp.partition].passed(signed_log)
-            self._consumer.seek(tp, signed_log.next_offset)
+            self._consumer.seek(tp, signed_log.read_from)
 
         def take(tp: TopicPartition, messages: list[object]) -> None:
             signed_log, seen = self.logs[tp.partition], derived[tp.partition]
             for m in messages:
                 index = signed_log.tree.size
                 leaf = signed_log.append(m.offset, m.value or b"")  # type: ignore[attr-defined]
-                seen.read(index, leaf, m.offset, signed_log)  # type: ignore[attr-defined]
+                if leaf is not None:
+                    seen.read(index, leaf, m.offset, signed_log)  # type: ignore[attr-defined]
 
         await read_to_end(self._consumer, tps, take)
         return derived

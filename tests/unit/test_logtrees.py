@@ -48,16 +48,29 @@ def test_the_signer_signs_the_tree_of_the_records_and_extends_it_from_a_signed_f
     assert frontier.fits(checkpoint) and Frontier.decode(frontier.encode()) == frontier
     later = SignedLog(ORIGIN)  # a new signer process: its state is what was published
     later.signed_before(checkpoint, frontier)
-    assert later.checkpoint() is None  # nothing grew
-    for i in range(10, len(RECORDS)):
+    assert later.checkpoint() is None and later.read_from == 9  # nothing grew; the last leaf is read again
+    for i in range(9, len(RECORDS)):
         later.append(i, RECORDS[i])
     assert later.checkpoint() == Checkpoint(ORIGIN, len(RECORDS), root_of(LEAVES))
+
+
+def test_a_log_recreated_since_it_was_signed_is_not_extended() -> None:
+    signed = derived(10)
+    checkpoint, frontier = signed.checkpoint(), signed.frontier()
+    assert checkpoint is not None
+    later = SignedLog(ORIGIN)
+    later.signed_before(checkpoint, frontier)
+    later.append(9, b"another log's record at the same offset")  # the log was recreated and written again
+    for i in range(10, len(RECORDS)):
+        later.append(i, RECORDS[i])
+    with pytest.raises(Refused, match="not the one the tree's leaf 9 was made of"):
+        later.checkpoint()
 
 
 def test_a_frontier_that_does_not_fold_to_the_signed_root_is_not_used() -> None:
     checkpoint = derived(10).checkpoint()
     assert checkpoint is not None
-    lying = Frontier(10, tuple(TreeState(10, [b"\x00" * 32, b"\x01" * 32]).peaks))
+    lying = Frontier(10, tuple(TreeState(10, [b"\x00" * 32, b"\x01" * 32]).peaks), LEAVES[9])
     log = SignedLog(ORIGIN)
     log.signed_before(checkpoint, lying)
     assert log.tree.size == 0 and log.next_offset == 0  # derived again from the partition's start
