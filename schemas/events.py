@@ -99,7 +99,10 @@ def _utc_time(value: object) -> UtcTime:
     try:
         parsed = UtcTime.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
+        leap = _leap_second(value)
+        if leap is None:
+            raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
+        return leap
     if parsed.tzinfo is UTC and value[10:11] == "T":  # the usual form, as producers write it
         return parsed
     if "T" not in value.upper() or parsed.tzinfo is None:
@@ -107,6 +110,24 @@ def _utc_time(value: object) -> UtcTime:
     if parsed.utcoffset() != timedelta(0):
         raise ValueError(f"{value!r} is not in UTC (use Z or +00:00)")
     return parsed if parsed.tzinfo is UTC else parsed.replace(tzinfo=UTC)
+
+
+_LEAP = re.compile(r"(\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}):60(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _leap_second(value: str) -> UtcTime | None:
+    """A leap second (RFC 3339 section 5.7: second 60 of 23:59 UTC) as the minute's last microsecond, as SPEC.md
+    section 2 says; None if ``value`` is not one."""
+    match = _LEAP.fullmatch(value)
+    if match is None:
+        return None
+    try:
+        moment = UtcTime.fromisoformat(f"{match[1]}:59{match[3].upper()}").astimezone(UTC)
+    except ValueError:
+        return None
+    if (moment.hour, moment.minute) != (23, 59):
+        return None
+    return moment.replace(microsecond=999_999)
 
 
 def _error_info(value: object) -> ErrorInfo:

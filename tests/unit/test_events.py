@@ -243,3 +243,16 @@ def test_the_field_by_field_check_agrees_with_the_one_pass_check() -> None:
             assert passed == (not errors), (obj, errors)
             refused += not passed
     assert refused > 1000  # the mutations do reach the checks
+
+
+@pytest.mark.parametrize("written", ["2016-12-31T23:59:60Z", "2016-12-31T23:59:60.250Z",
+                                     "2017-01-01T01:59:60+02:00"])
+def test_a_leap_second_is_the_minutes_last_microsecond(written: str) -> None:
+    parsed = parse_event(event(time=written))  # RFC 3339 section 5.7; SPEC.md section 2
+    assert parsed.time.isoformat() == "2016-12-31T23:59:59.999999+00:00"
+
+
+@pytest.mark.parametrize("written", ["2016-12-31T12:00:60Z", "2016-12-31T23:59:61Z", "2016-12-31T23:59:60"])
+def test_a_second_60_that_is_no_leap_second_is_refused(written: str) -> None:
+    with pytest.raises(InvalidEvent, match="time"):
+        parse_event(event(time=written))
