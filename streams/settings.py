@@ -33,6 +33,10 @@ class Settings(BaseSettings):
         "also prefixes Redis keys",
     )
     event_partitions: int = Field(8, ge=1, description="RUNLEDGER_EVENT_PARTITIONS: partitions of a new log topic")
+    retry_retention_ms: int = Field(
+        7 * 24 * 3600 * 1000, ge=1, description="RUNLEDGER_RETRY_RETENTION_MS: how long a new retry topic keeps a "
+        "record (default 7 days: a record waits there seconds; a PostgreSQL outage must not copy the log into "
+        "them for ever); the log, dead-letter and checkpoint topics keep theirs for ever")
     topic_replication_factor: int = Field(
         1, ge=1, description="RUNLEDGER_TOPIC_REPLICATION_FACTOR: replicas of each new topic (3 on a Kafka cluster "
         "of three brokers or more: the log is the record)")

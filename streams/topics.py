@@ -1,23 +1,39 @@
-"""Creating runledger's Kafka topics: infinite retention (SPEC.md section 1), created once."""
+"""Creating runledger's Kafka topics, once: the log, the dead letters and the checkpoints kept for ever (SPEC.md
+section 1); the retry topics, which a record only passes through, for ``RUNLEDGER_RETRY_RETENTION_MS``. A worker
+starts only on a log topic kept for ever (``check_log_topic``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from runledger.schemas.errors import TransientError
+from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.settings import Settings
 from runledger.streams.worker.retry import RetrySchedule, dlq_topic
 
-__all__ = ["ensure_topics", "worker_topics"]
+__all__ = ["LogNotKept", "check_log_topic", "ensure_topics", "topic_configs", "worker_topics"]
 
 _TOPIC_ALREADY_EXISTS = 36
 
 
+class LogNotKept(PermanentError):
+    """The log topic deletes records: the source of truth would lose them (SPEC.md section 1)."""
+
+    code = "log_not_kept"
+
+
+def topic_configs(settings: Settings, name: str) -> dict[str, str]:
+    """The configuration a new topic is created with: a retry topic keeps records for the retry retention,
+    every other topic for ever."""
+    retry_topics = {topic for _, topic in RetrySchedule(settings.topic_prefix, settings.retry_delays).topics}
+    return {"retention.ms": str(settings.retry_retention_ms) if name in retry_topics else "-1"}
+
+
 async def ensure_topics(settings: Settings, topics: Mapping[str, int]) -> None:
-    """Create each topic (name -> partitions) that does not exist yet, with ``retention.ms=-1`` and
+    """Create each topic (name -> partitions) that does not exist yet, with ``topic_configs`` and
     ``settings.topic_replication_factor`` replicas."""
     bootstrap_servers = settings.kafka_bootstrap_servers
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
@@ -25,7 +41,7 @@ async def ensure_topics(settings: Settings, topics: Mapping[str, int]) -> None:
         await admin.start()
         response = await admin.create_topics(
             [NewTopic(name, num_partitions=n, replication_factor=settings.topic_replication_factor,
-                      topic_configs={"retention.ms": "-1"})
+                      topic_configs=topic_configs(settings, name))
              for name, n in topics.items()]
         )
     except KafkaError as e:
@@ -43,3 +59,22 @@ def worker_topics(settings: Settings) -> dict[str, int]:
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     names = [settings.events_topic, *(topic for _, topic in schedule.topics), dlq_topic(settings.topic_prefix)]
     return {**dict.fromkeys(names, settings.event_partitions), settings.checkpoints_topic: 1}
+
+
+async def check_log_topic(settings: Settings) -> None:
+    """LogNotKept if the log topic deletes records (``retention.ms`` other than -1, or ``retention.bytes`` other
+    than -1), naming the fix; TransientError if Kafka cannot say."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    try:
+        await admin.start()
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.events_topic)])
+    except KafkaError as e:
+        raise TransientError(f"cannot read the configuration of {settings.events_topic}: {e}") from e
+    finally:
+        await admin.close()
+    for *_, entries in response.resources:
+        for name, value, *_ in entries:
+            if name in ("retention.ms", "retention.bytes") and value not in (None, "-1"):
+                raise LogNotKept(f"topic {settings.events_topic} has {name}={value}: the log would lose records, "
+                                 f"and the record with them. Keep it for ever: kafka-configs --alter --entity-type "
+                                 f"topics --entity-name {settings.events_topic} --add-config {name}=-1")

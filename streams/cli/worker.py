@@ -63,7 +63,7 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.streams.topics import ensure_topics, worker_topics
+    from runledger.streams.topics import ensure_topics, topic_configs, worker_topics
 
     wanted = worker_topics(settings)
     asyncio.run(ensure_topics(settings, wanted))
@@ -71,17 +71,20 @@ def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
         emit({"topics": wanted})
     else:
         for name, partitions in wanted.items():
-            print(f"{name}: {partitions} partitions, kept for ever")
+            kept = topic_configs(settings, name)["retention.ms"]
+            print(f"{name}: {partitions} partitions, kept "
+                  + ("for ever" if kept == "-1" else f"{int(kept) / 1000:,.0f} s"))
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.streams.topics import ensure_topics, worker_topics
+    from runledger.streams.topics import check_log_topic, ensure_topics, worker_topics
     from runledger.streams.worker.app import create_app
 
     # Before Faust starts: a worker may start before any producer, and the retry topics need the
-    # log's partition count and infinite retention, not Faust's defaults.
+    # log's partition count and their retention, not Faust's defaults. A log that deletes records: no worker.
     asyncio.run(ensure_topics(settings, worker_topics(settings)))
+    asyncio.run(check_log_topic(settings))
     metrics_url = None
     if settings.metrics_port:
         from runledger.streams.metrics import declare, serve
