@@ -86,9 +86,11 @@ async def test_each_permanent_reason_is_dead_lettered_and_the_worker_goes_on(env
                     count = await conn.fetchval(f'SELECT count(*) FROM "{schema}".audit_log')
                 except asyncpg.UndefinedTableError:
                     return None
-                return letters if len(letters) == len(dead) and count == projected else None
+                # A letter's copy is in the dead-letter topic once the outbox published it, after the commit.
+                published = all(r["dlq_offset"] is not None for r in letters)
+                return letters if len(letters) == len(dead) and count == projected and published else None
 
-            letters = await poll(settled, DEADLINE_S, "every record projected or dead-lettered")
+            letters = await poll(settled, DEADLINE_S, "every record projected or dead-lettered, and its copy out")
             by_reason = {r["reason"]: r for r in letters}
             assert set(by_reason) == set(dead)
             for reason, value in dead.items():
