@@ -51,6 +51,7 @@ def create_signer_key(settings: Settings) -> Signer:
     path = settings.checkpoint_key_path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there keeps its mode through O_CREAT: a secret is never left readable
     with os.fdopen(fd, "w") as out:
         out.write(signer.private_key + "\n")
     path.with_name(path.name + ".pub").write_text(signer.verifier_key + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,16 @@ def test_a_changed_size_or_root_another_key_or_origin_is_refused() -> None:
 def test_malformed_verifier_keys_are_refused(key: str) -> None:
     with pytest.raises(CheckpointError):
         Verifier(key)
+
+
+def test_a_replaced_signer_key_is_readable_by_its_owner_alone(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from runledger.streams.settings import Settings
+    from runledger.streams.tools.checkpoints import create_signer_key
+
+    key = tmp_path / "checkpoint.key"
+    key.write_text("an old key, left readable by everyone\n")
+    key.chmod(0o644)
+    monkeypatch.setenv("RUNLEDGER_CHECKPOINT_KEY", str(key))
+    create_signer_key(Settings())  # what `runledger keys init --force` does
+    assert key.stat().st_mode & 0o777 == 0o600
