@@ -182,6 +182,10 @@ class EventProducer:
         except (PermanentError, TransientError) as e:
             metrics.APPENDS.labels("refused" if isinstance(e, PermanentError) else "failed").inc(len(events))
             raise
+        except RedisError as e:  # Redis went away mid-append: what was staged is published by the sweeper
+            metrics.APPENDS.labels("failed").inc(len(events))
+            raise TransientError(f"Redis failed during the append to {stream_id} ({type(e).__name__}: {e}); "
+                                 "append again with the same idempotency keys") from e
         finally:
             metrics.APPEND_SECONDS.observe(perf_counter() - started)
         duplicates = sum(a.duplicate for a in out)

@@ -232,3 +232,22 @@ async def test_the_producer_counts_its_appends_into_the_prometheus_registry(sett
     assert grew("runledger_appends_total", "duplicate") == 3
     assert grew("runledger_appends_total", "refused") == 1
     assert grew("runledger_append_seconds_count") == 4 and grew("runledger_lease_wait_seconds_count") >= 3
+
+
+async def test_redis_gone_mid_run_is_a_transient_error_and_loses_nothing(settings: Settings) -> None:
+    from runledger.schemas.errors import TransientError
+
+    async with EventProducer(settings) as producer:
+        await producer.append("redis-gone", "execution.started", {"workflow": "w"}, idempotency_key="k1")
+        pool = producer._redis.connection_pool  # Redis goes away: every new connection is refused
+        port = pool.connection_kwargs["port"]
+        pool.connection_kwargs["port"] = 1
+        await pool.disconnect()
+        pool.reset()  # new connections, made from the changed address
+        with pytest.raises(TransientError, match="Redis failed during the append"):
+            await producer.append("redis-gone", "step.started", {"step_id": "s1", "name": "n"}, idempotency_key="k2")
+        pool.connection_kwargs["port"] = port  # back: the same append again lands once
+        pool.reset()
+        again = await producer.append("redis-gone", "step.started", {"step_id": "s1", "name": "n"},
+                                      idempotency_key="k2")
+        assert again.seq == 2
