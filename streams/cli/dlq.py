@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from tqdm import tqdm
 
-from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, confirm, emit
+from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, confirm, emit, terminal_safe
 from runledger.streams.settings import Settings
 
 __all__ = ["register"]
@@ -160,6 +160,8 @@ def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cut(text: str, width: int) -> str:
+    """``text`` made safe for the terminal (it comes from a record), then cut to ``width``."""
+    text = terminal_safe(text)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -197,17 +199,18 @@ def _cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
                  "type", "event_id", "topic", "partition", "offset", "key", "dlq", "replays", "status_at",
                  "status_by", "note"):
         if out.get(name) is not None:
-            print(f"{name + ':':15}{out[name]}")
+            print(f"{name + ':':15}{terminal_safe(out[name])}")  # what came from a record, written out safely
     print("headers:")
     for key, value in out["headers"].items():
-        print(f"  {key}: {value}")
+        print(f"  {terminal_safe(key)}: {terminal_safe(value)}")
     if parked:
-        print(f"parked behind it: seq {', '.join(map(str, parked))} of {out['stream']}")
+        print(f"parked behind it: seq {', '.join(map(str, parked))} of {terminal_safe(out['stream'])}")
     for h in out["replay_history"]:
-        print(f"replay {h['replay']} by {h['by']} at {h['at']}: {h['outcome']}: {h['detail']}")
+        print(f"replay {h['replay']} by {terminal_safe(h['by'])} at {h['at']}: {h['outcome']}: "
+              f"{terminal_safe(h['detail'])}")
     print("event:" if out["event"] is not None else f"payload ({out.get('payload_encoding', 'utf-8')}, not JSON):")
-    print(orjson.dumps(out["event"], option=orjson.OPT_INDENT_2).decode() if out["event"] is not None
-          else out["payload"])
+    print(terminal_safe(orjson.dumps(out["event"], option=orjson.OPT_INDENT_2).decode() if out["event"] is not None
+                        else out["payload"], lines=True))
     return 0
 
 

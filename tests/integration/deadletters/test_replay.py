@@ -224,3 +224,20 @@ async def test_resolve_keeps_the_letter_and_needs_a_selection(db: tuple[Settings
     assert orjson.loads(out) == {"total": 2, "by_reason": {"illegal_transition": 2}}
     code, _, err = await runledger(settings, "dlq", "list", "--since", "yesterday")
     assert code == 2 and "--since: 'yesterday' is neither a duration" in err
+
+
+async def test_a_letter_cannot_drive_the_operators_terminal(db: tuple[Settings, asyncpg.Connection]) -> None:
+    settings, conn = db
+    pool = await connect(settings.database_url, settings.db_schema)
+    try:
+        store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group)
+        hostile = b'{"subject": "\\u001b]0;owned\\u0007\\u001b[2J", "seq": 1, "type": "\\u001b[31mred"}'
+        result = await store.apply_batch([LogRecord(settings.events_topic, 0, 0, b"k", hostile)])
+        assert len(result.dead) == 1
+    finally:
+        await pool.close()
+    letter = await conn.fetchval("SELECT id FROM dead_letters")
+    for args in (("dlq", "list"), ("dlq", "show", str(letter))):
+        code, out, _ = await runledger(settings, *args)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out, out
+        assert "\\u001b]0;owned\\u0007" in out  # written out, not lost
