@@ -106,3 +106,11 @@ def test_the_image_installs_the_package_and_runs_a_worker() -> None:
     for folder in ("schemas", "projections", "streams", "sql"):
         assert f"COPY {folder} {folder}" in dockerfile
     assert 'CMD ["runledger", "worker"' in dockerfile and "pip install --no-cache-dir ." in dockerfile
+
+
+def test_redis_commits_every_head_to_disk_before_it_answers() -> None:
+    """A head Redis acknowledged and then lost in a crash would let the next append fork its stream (the complete
+    mark survives): every deployment the project ships syncs the append-only file on every write."""
+    command = compose()["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"
