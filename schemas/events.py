@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import typing
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
@@ -33,6 +32,7 @@ from runledger.schemas.errors import (
     UnknownType,
 )
 from runledger.schemas.ijson import duplicate_members, encoded_colons
+from runledger.schemas.times import UtcTime, format_time, parse_utc_time
 
 __all__ = [
     "EVENT_TYPES",
@@ -68,12 +68,6 @@ class Money(Decimal):
     __slots__ = ()
 
 
-class UtcTime(datetime):
-    """An RFC 3339 date-time in UTC (``Z`` or ``+00:00``), timezone-aware in Python."""
-
-    __slots__ = ()
-
-
 class ErrorInfo(dict[str, Any]):
     """An error object: a non-empty string ``type`` and a string ``message``; other members are kept."""
 
@@ -93,50 +87,14 @@ def _money(value: object) -> Money:
     return Money(value)
 
 
-def _utc_time(value: object) -> UtcTime:
-    if not isinstance(value, str):
-        raise ValueError("must be an RFC 3339 string such as \"2026-11-22T10:00:00.125Z\"")
-    try:
-        parsed = UtcTime.fromisoformat(value)
-    except ValueError:
-        leap = _leap_second(value)
-        if leap is None:
-            raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
-        return leap
-    if parsed.tzinfo is UTC and value[10:11] == "T":  # the usual form, as producers write it
-        return parsed
-    if "T" not in value.upper() or parsed.tzinfo is None:
-        raise ValueError(f"{value!r} is not an RFC 3339 date-time with a UTC offset")
-    if parsed.utcoffset() != timedelta(0):
-        raise ValueError(f"{value!r} is not in UTC (use Z or +00:00)")
-    return parsed if parsed.tzinfo is UTC else parsed.replace(tzinfo=UTC)
-
-
-_LEAP = re.compile(r"(\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}):60(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
-
-
-def _leap_second(value: str) -> UtcTime | None:
-    """A leap second (RFC 3339 section 5.7: second 60 of 23:59 UTC) as the minute's last microsecond, as SPEC.md
-    section 2 says; None if ``value`` is not one."""
-    match = _LEAP.fullmatch(value)
-    if match is None:
-        return None
-    try:
-        moment = UtcTime.fromisoformat(f"{match[1]}:59{match[3].upper()}").astimezone(UTC)
-    except ValueError:
-        return None
-    if (moment.hour, moment.minute) != (23, 59):
-        return None
-    return moment.replace(microsecond=999_999)
-
-
 def _error_info(value: object) -> ErrorInfo:
     msgspec.convert(value, _ErrorShape, strict=True)
     assert isinstance(value, dict)  # _ErrorShape accepts only an object
     return ErrorInfo(value)
 
 
-_HOOKS: dict[type, typing.Callable[[object], object]] = {Money: _money, UtcTime: _utc_time, ErrorInfo: _error_info}
+_HOOKS: dict[type, typing.Callable[[object], object]] = {Money: _money, UtcTime: parse_utc_time,
+                                                          ErrorInfo: _error_info}
 
 
 def _decode_hook(kind: type, value: object) -> object:
@@ -146,13 +104,6 @@ def _decode_hook(kind: type, value: object) -> object:
     except KeyError:
         raise NotImplementedError(kind) from None
     return hook(value)
-
-
-def format_time(moment: datetime) -> str:
-    """The RFC 3339 UTC form producers write: millisecond precision, ``Z`` suffix."""
-    if moment.tzinfo is None:
-        raise ValueError("time must be timezone-aware")
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 Count = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
