@@ -18,6 +18,9 @@
    into the live schema. The whole section has a time limit; past it, it is rolled back and tried again, so
    workers never wait on it for more than about a second.
 
+Whatever stops a read of the log midway (that time limit, an interruption, an error) seeks every partition back
+to where the rebuild has applied it: the records fetched and not applied are read again, never skipped.
+
 Everything else stays where it is, in the live schema: the audit log with its transparency logs and
 checkpoints (so earlier checkpoints still verify), the dead letters with their resolutions and notes, the
 replay history, the parked events, the outbox and the offsets. So the audit log must be equal: ``force``
@@ -163,30 +166,46 @@ class _Follower:
                                 "log topic was recreated or emptied since (see `runledger offsets check`)")
         before = self.applied
         self._report(targets)
-        while behind := [TopicPartition(self._topic, p) for p, end in sorted(targets.items())
-                         if self.positions.get(p, 0) < end]:
-            try:
-                fetched = await self._consumer.getmany(*behind, timeout_ms=1000, max_records=_FETCH_RECORDS)
-            except OffsetOutOfRangeError as e:
-                raise RebuildFailed(f"{self._topic}: records were deleted while the rebuild read them ({e}), so the "
-                                    "log no longer holds the whole history") from e
-            if not fetched:
-                self._check_reachable(behind, targets)
-            records = []
-            for tp, messages in fetched.items():
-                end = targets[tp.partition]
-                records += [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
-                            for m in messages if m.offset < end]
-                if messages and messages[-1].offset >= end:
-                    self._consumer.seek(tp, end)  # fetched past the target: read it again next round
-            if records:
-                result = await self._store.apply_until_done(records)
-                self.touched.update(stream for stream, _ in result.projected)
-                for r in records:
-                    self.positions[r.partition] = r.offset + 1
-                self.applied += len(records)
-                self._report(targets)
+        try:
+            while behind := [TopicPartition(self._topic, p) for p, end in sorted(targets.items())
+                             if self.positions.get(p, 0) < end]:
+                await self._follow_once(behind, targets)
+        except BaseException:
+            # A time limit, an interruption or an error may come after getmany moved the consumer past records
+            # not applied: read them again next time, or they would be a hole no later round fills.
+            self._seek_back()
+            raise
         return self.applied - before
+
+    async def _follow_once(self, behind: list[TopicPartition], targets: dict[int, int]) -> None:
+        """One fetch of the partitions ``behind``, and the apply of what it brought below ``targets``."""
+        try:
+            fetched = await self._consumer.getmany(*behind, timeout_ms=1000, max_records=_FETCH_RECORDS)
+        except OffsetOutOfRangeError as e:
+            raise RebuildFailed(f"{self._topic}: records were deleted while the rebuild read them ({e}), so the "
+                                "log no longer holds the whole history") from e
+        if not fetched:
+            self._check_reachable(behind, targets)
+        records = []
+        for tp, messages in fetched.items():
+            end = targets[tp.partition]
+            records += [LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b"")
+                        for m in messages if m.offset < end]
+            if messages and messages[-1].offset >= end:
+                self._consumer.seek(tp, end)  # fetched past the target: read it again next round
+        if records:
+            result = await self._store.apply_until_done(records)
+            self.touched.update(stream for stream, _ in result.projected)
+            for r in records:
+                self.positions[r.partition] = r.offset + 1
+            self.applied += len(records)
+            self._report(targets)
+
+    def _seek_back(self) -> None:
+        """Every partition back to where it is applied up to. (A batch committed just before a cancellation
+        reached it is applied once more: its records are duplicates, and the tree takes no leaf twice.)"""
+        for partition, position in self.positions.items():
+            self._consumer.seek(TopicPartition(self._topic, partition), position)
 
     def _check_reachable(self, behind: list[TopicPartition], targets: dict[int, int]) -> None:
         """Nothing came: refuse to wait for ever for offsets the log does not have. (The high watermark of a

@@ -336,6 +336,59 @@ async def test_a_stall_under_the_lock_is_cut_at_the_time_limit(live: tuple[dict[
     assert max(waits) < 1.2, f"a batch waited {max(waits):.2f} s for the apply lock"
 
 
+async def test_a_switch_cut_off_inside_its_apply_reads_those_records_again_and_switches(
+        live: tuple[dict[str, str], Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch's time limit cuts it off while it applies records its consumer has fetched: the rebuild reads
+    them again (they would otherwise be a hole that no later round fills, and it could never switch), catches up
+    with what the live workers did meanwhile, switches, and the switched-in tables hold every event."""
+    _, settings = live
+    await migrate(settings.database_url, settings.db_schema)
+    totals = [await _append_runs(settings, 20, seed=12)]
+    await _project_all(settings, totals[-1])
+    copy_catalogs, apply, compare = (rebuild_module._copy_catalogs, ProjectionStore.apply_until_done,
+                                     rebuild_module._Rounds.compare)
+    owners: list[asyncpg.Connection] = []
+    steps: list[str] = []
+
+    async def more_before_the_switch(owner: asyncpg.Connection, rebuilt: str) -> None:
+        """Right before the switch the live tables move on: the switch has records to apply."""
+        await copy_catalogs(owner, rebuilt)
+        totals.append(totals[-1] + await _append_runs(settings, 5, seed=13))
+        await _project_all(settings, totals[-1])
+        owners.append(owner)
+
+    async def stalling_apply(store: ProjectionStore, records: list[LogRecord]) -> Any:
+        """The switch's first apply (under the live schema's lock, held by the owner's transaction) stalls."""
+        if not steps and owners and owners[0].is_in_transaction():
+            steps.append("stalled")
+            await asyncio.sleep(60)  # cut off by the switch's time limit
+        return await apply(store, records)
+
+    async def more_after_the_stall(rounds: Any) -> int:
+        """Meanwhile the live workers go on: what the rebuild reads next lies beyond the records cut off."""
+        if steps == ["stalled"]:
+            steps.append("caught up")
+            totals.append(totals[-1] + await _append_runs(settings, 20, seed=14))
+            await _project_all(settings, totals[-1])
+        return int(await compare(rounds))
+
+    monkeypatch.setattr(rebuild_module, "_copy_catalogs", more_before_the_switch)
+    monkeypatch.setattr(ProjectionStore, "apply_until_done", stalling_apply)
+    monkeypatch.setattr(rebuild_module._Rounds, "compare", more_after_the_stall)
+    async with asyncio.timeout(180):  # without the seek back, a partition cut off can also wait for ever
+        report = await rebuild(settings)
+    assert steps == ["stalled", "caught up"], steps
+    assert report.switched and report.equal and report.switch_tries > 1, report.as_dict()
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM audit_log") == totals[-1]
+        assert await conn.fetchval("SELECT count(*) FROM executions") == 45
+    finally:
+        await conn.close()
+    again = await rebuild(settings, switch=False)  # the switched-in tables, against a projection of the log anew
+    assert again.equal and again.checksums["executions"][1][0] == 45, again.as_dict()
+
+
 async def test_a_rebuild_begun_under_other_rules_starts_over_and_two_never_run_at_once(
         live: tuple[dict[str, str], Settings], monkeypatch: pytest.MonkeyPatch) -> None:
     _, settings = live
