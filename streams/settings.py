@@ -32,7 +32,8 @@ class Settings(BaseSettings):
         description="RUNLEDGER_TOPIC_PREFIX: topics are <prefix>.events, <prefix>.events.retry.<delay>, ...; "
         "also prefixes Redis keys",
     )
-    event_partitions: int = Field(8, ge=1, description="RUNLEDGER_EVENT_PARTITIONS: partitions of a new log topic")
+    event_partitions: int = Field(8, ge=1, description="RUNLEDGER_EVENT_PARTITIONS: partitions of a new log topic; "
+                                  "a worker refuses to start on a log topic with fewer")
     retry_retention_ms: int = Field(
         7 * 24 * 3600 * 1000, ge=1, description="RUNLEDGER_RETRY_RETENTION_MS: how long a new retry topic keeps a "
         "record (default 7 days: a record waits there seconds; a PostgreSQL outage must not copy the log into "

@@ -1,6 +1,6 @@
 """Creating runledger's Kafka topics, once: the log, the dead letters and the checkpoints kept for ever (SPEC.md
 section 1); the retry topics, which a record only passes through, for ``RUNLEDGER_RETRY_RETENTION_MS``. A worker
-starts only on a log topic kept for ever (``check_log_topic``)."""
+starts only on a log topic kept for ever, with the partitions it is configured for (``check_log_topic``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.settings import Settings
 from runledger.streams.worker.retry import RetrySchedule, dlq_topic
 
-__all__ = ["LogNotKept", "check_log_topic", "ensure_topics", "topic_configs", "worker_topics"]
+__all__ = ["LogNotKept", "LogTooFewPartitions", "check_log_topic", "ensure_topics", "topic_configs", "worker_topics"]
 
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -23,6 +23,14 @@ class LogNotKept(PermanentError):
     """The log topic deletes records: the source of truth would lose them (SPEC.md section 1)."""
 
     code = "log_not_kept"
+
+
+class LogTooFewPartitions(PermanentError):
+    """The log topic has fewer partitions than ``RUNLEDGER_EVENT_PARTITIONS`` (made before ``runledger topics
+    create``, by a broker's automatic topic creation for example): fewer workers can share it than planned.
+    Add partitions to the topic, or set ``RUNLEDGER_EVENT_PARTITIONS`` to the partitions it has."""
+
+    code = "log_too_few_partitions"
 
 
 def topic_configs(settings: Settings, name: str) -> dict[str, str]:
@@ -63,18 +71,30 @@ def worker_topics(settings: Settings) -> dict[str, int]:
 
 async def check_log_topic(settings: Settings) -> None:
     """LogNotKept if the log topic deletes records (``retention.ms`` other than -1, or ``retention.bytes`` other
-    than -1), naming the fix; TransientError if Kafka cannot say."""
+    than -1), LogTooFewPartitions if it has fewer partitions than ``settings.event_partitions``, each naming the
+    fix; TransientError if Kafka cannot say."""
+    topic = settings.events_topic
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     try:
         await admin.start()
-        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.events_topic)])
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        described = await admin.describe_topics([topic])
     except KafkaError as e:
-        raise TransientError(f"cannot read the configuration of {settings.events_topic}: {e}") from e
+        raise TransientError(f"cannot read the configuration of {topic}: {e}") from e
     finally:
         await admin.close()
     for *_, entries in response.resources:
         for name, value, *_ in entries:
             if name in ("retention.ms", "retention.bytes") and value not in (None, "-1"):
-                raise LogNotKept(f"topic {settings.events_topic} has {name}={value}: the log would lose records, "
+                raise LogNotKept(f"topic {topic} has {name}={value}: the log would lose records, "
                                  f"and the record with them. Keep it for ever: kafka-configs --alter --entity-type "
-                                 f"topics --entity-name {settings.events_topic} --add-config {name}=-1")
+                                 f"topics --entity-name {topic} --add-config {name}=-1")
+    partitions = sum(len(t["partitions"]) for t in described if t["topic"] == topic)
+    if partitions < settings.event_partitions:
+        raise LogTooFewPartitions(
+            f"topic {topic} has {partitions} partitions, fewer than RUNLEDGER_EVENT_PARTITIONS="
+            f"{settings.event_partitions} (was it created before `runledger topics create`, by the broker's automatic "
+            f"topic creation?): no more than {partitions} workers can share it. Add partitions: kafka-topics --alter "
+            f"--topic {topic} --partitions {settings.event_partitions} (a stream's later events may then land on "
+            f"another partition than its earlier ones; workers still apply each stream in seq order), or set "
+            f"RUNLEDGER_EVENT_PARTITIONS={partitions}")

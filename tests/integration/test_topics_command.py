@@ -10,6 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from runledger.streams.settings import Settings
+from runledger.streams.topics import check_log_topic
 from tests.conftest import CLI
 
 
@@ -63,3 +64,22 @@ async def test_a_worker_refuses_a_log_topic_that_deletes_records(env: dict[str, 
                              timeout=120)
     assert refused.returncode == 2, refused.stderr
     assert "retention.ms=86400000" in refused.stderr and "--add-config retention.ms=-1" in refused.stderr
+
+
+async def test_a_worker_refuses_a_log_topic_with_fewer_partitions_than_configured(env: dict[str, str],
+                                                                                  settings: Settings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:  # as a broker's automatic topic creation might have made it, before `runledger topics create`
+        await admin.create_topics([NewTopic(settings.events_topic, 2, 1, topic_configs={"retention.ms": "-1"})])
+    finally:
+        await admin.close()
+    assert settings.event_partitions == 4
+    refused = subprocess.run([*CLI, "worker"], env={**os.environ, **env}, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "has 2 partitions, fewer than RUNLEDGER_EVENT_PARTITIONS=4" in refused.stderr, refused.stderr
+    assert f"--topic {settings.events_topic} --partitions 4" in refused.stderr
+    assert "or set RUNLEDGER_EVENT_PARTITIONS=2" in refused.stderr
+    for enough in (1, 2):  # as many partitions as configured, or more: a worker starts
+        await check_log_topic(settings.model_copy(update={"event_partitions": enough}))
