@@ -68,5 +68,5 @@ def _cmd_offsets(args: argparse.Namespace, settings: Settings) -> int:
             emit({"partition": c.partition, "from": c.stored, "to": c.start})
         else:
             print(f"partition {c.partition}: projected again from offset {c.start} (was {c.stored}); running "
-                  "workers resume it within seconds")
+                  "workers resume it within a minute")
     return 0

@@ -28,7 +28,7 @@ def register(sub: Subparsers) -> None:
         "consumer group, reads the partition from where the tree ends up to that offset and appends every record's "
         "leaf (checking that the last one is the record projected there), then names each audit row at those "
         "positions its leaf; one transaction per partition, under the tree's row lock. Running workers resume the "
-        "partitions within seconds. A second run does nothing. Exit status 2 if the log no longer holds what was "
+        "partitions within a minute. A second run does nothing. Exit status 2 if the log no longer holds what was "
         "projected (see `runledger offsets check`).")
     rebuild.add_argument("--json", action="store_true", help="print the report as one JSON object, no progress bar")
     trees.set_defaults(func=_cmd_trees)

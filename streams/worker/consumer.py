@@ -9,7 +9,8 @@ durable in PostgreSQL, and whoever owns the partition now starts after it.
 
 The log's offsets that count are those the store writes in the same
 transaction as the projections; on every partition assignment the consumer
-checks them against the log (``runledger.streams.worker.logcheck``) and seeks there. The Kafka
+checks them against the log (``runledger.streams.worker.logcheck``) and seeks there, or holds the
+partition back, checking it again in a task of its own, less and less often. The Kafka
 group commit is the fallback when PostgreSQL is down, and what lag monitoring
 reads. Retry topics have no offsets in PostgreSQL: their group commit is what
 counts, so a record there is read again until its batch is done.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 Projector = Callable[[list[LogRecord] | list[Decoded]], Awaitable[BatchResult | None]]
 
 _LOG_FETCH_WAIT_MS = 50
-_RECHECK_S = 5.0  # how often a partition held back by a problem is checked again
+# A partition held back by a problem is checked again after 5 s, then at doubling intervals up to 60 s.
+_RECHECK_S, _RECHECK_MAX_S = 5.0, 60.0
 _LAG_REFRESH_S = 5.0  # while a batch is being applied for longer, the log's ends are asked for this often
 _FETCH_BYTES = 4 * MAX_EVENT_BYTES  # a record over the limit still arrives, and is dead-lettered as too_large
 
@@ -121,7 +122,8 @@ class LogConsumer:
         self._consumer = _consumer(bootstrap_servers, group_id, fetch_wait_ms=_LOG_FETCH_WAIT_MS)
         self._checker = _consumer(bootstrap_servers, None)
         self.held: dict[int, str] = {}  # partitions not projected, and why
-        self._checked_at = 0.0
+        self._checking = asyncio.Lock()  # one check at a time: they share the checker's assignment
+        self._newly_held = asyncio.Event()  # a partition is held that was not: check it again soon
         # The lag: per partition, the offset after the last record committed, and the log's end as last seen.
         self._next: dict[int, int] = {}
         self._ends: dict[int, int] = {}
@@ -137,10 +139,9 @@ class LogConsumer:
         await self._checker.start()
         self._consumer.subscribe([self.topic], listener=_CheckOnAssign(self))
         in_flight: _InFlight | None = None  # the batch being applied while the next is read and decoded
+        recheck = asyncio.create_task(self._recheck_held())
         try:
             while True:
-                if self.held and time.monotonic() - self._checked_at > _RECHECK_S:
-                    await self._check([TopicPartition(self.topic, p) for p in self.held if p in self.assigned])
                 try:
                     # With a batch in flight, take only what has arrived: its commit must not wait for more.
                     fetched = await self._consumer.getmany(timeout_ms=0 if in_flight else 500,
@@ -178,6 +179,8 @@ class LogConsumer:
             if in_flight is not None:  # not committed to Kafka: read again, a duplicate where it was applied
                 in_flight.task.cancel()
                 await asyncio.gather(in_flight.task, return_exceptions=True)
+            recheck.cancel()
+            await asyncio.gather(recheck, return_exceptions=True)
             await stop_consumer(self._checker)
             await stop_consumer(self._consumer)
 
@@ -235,9 +238,42 @@ class LogConsumer:
         log.info("assigned partitions %s of %s", sorted(tp.partition for tp in assigned), self.topic)
         await self._check(assigned, assigned=True)
 
-    async def _check(self, tps: list[TopicPartition], *, assigned: bool = False) -> None:
-        """Seek and resume ``tps`` whose log matches; hold back the others. ``assigned``: just assigned."""
-        self._checked_at = time.monotonic()
+    async def _recheck_held(self) -> None:
+        """Beside the consumer loop, never in it: check the partitions held back again, 5 s after one was newly
+        held, then at doubling intervals up to 60 s while any stays held. (A check of a log that ends before the
+        stored offset waits 5 s for a record that is not there; in the loop, every healthy partition waited.)"""
+        delay = _RECHECK_S
+        while True:
+            try:
+                async with asyncio.timeout(delay):
+                    await self._newly_held.wait()
+            except TimeoutError:
+                assignment = self._assignment
+                held = [TopicPartition(self.topic, p) for p in self.held if p in self.assigned]
+                try:
+                    if held:
+                        await self._check(held, assignment=assignment)
+                except Exception:  # noqa: BLE001 - a check that fails is tried again, later
+                    log.exception("checking the partitions held back of %s failed; trying again in %.0f s",
+                                  self.topic, min(delay * 2, _RECHECK_MAX_S))
+                delay = min(delay * 2, _RECHECK_MAX_S)
+            else:
+                self._newly_held.clear()
+                delay = _RECHECK_S
+
+    def _hold(self, partition: int, why: str) -> None:
+        if partition not in self.held:
+            self._newly_held.set()  # its first check again comes soon, whatever the others' interval
+        self.held[partition] = why
+
+    async def _check(self, tps: list[TopicPartition], *, assigned: bool = False,
+                     assignment: int | None = None) -> None:
+        """Seek and resume ``tps`` whose log matches; hold back the others. ``assigned``: just assigned;
+        ``assignment``: checked under that assignment only (an assignment since checks its partitions itself)."""
+        async with self._checking:
+            await self._check_now(tps, assigned=assigned, assignment=assignment)
+
+    async def _check_now(self, tps: list[TopicPartition], *, assigned: bool, assignment: int | None) -> None:
         if not tps:
             self.held = {}
             return
@@ -256,8 +292,11 @@ class LogConsumer:
         except (KafkaError, TimeoutError) as e:
             log.warning("cannot check partitions %s of %s against the stored offsets (%s); holding them back "
                         "until it can", [tp.partition for tp in tps], self.topic, e or type(e).__name__)
-            self.held.update({tp.partition: f"not checked yet: {e or type(e).__name__}" for tp in tps})
+            for tp in tps:
+                self._hold(tp.partition, f"not checked yet: {e or type(e).__name__}")
             return
+        if assignment is not None and assignment != self._assignment:
+            return  # the group rebalanced while we looked: the new assignment's own check decides
         current = self.assigned  # the group may have rebalanced while we looked
         for check in (c for c in checks if c.partition in current):
             tp = TopicPartition(self.topic, check.partition)
@@ -269,7 +308,7 @@ class LogConsumer:
                     if check.partition not in self.held:
                         log.error("not projecting %s partition %d: %s; %s", self.topic, check.partition,
                                   check.problem, check.fix)
-                    self.held[check.partition] = check.problem
+                    self._hold(check.partition, check.problem)
                     self._consumer.pause(tp)
                     continue
                 # None stored: from the log's start, which is offset 0 (any other start is a problem above), never

@@ -13,12 +13,14 @@ import asyncpg
 import pytest
 
 from runledger.projections.postgres.checksum import table_checksums
+from runledger.projections.postgres.db import migrate
+from runledger.projections.postgres.wait import stream_partition
 from runledger.schemas.checkpoint import Signer
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 from tests.conftest import CLI
-from tests.integration.conftest import poll, read_log
+from tests.integration.conftest import poll, read_log, running_worker, settings_of
 
 DEADLINE_S = 120
 
@@ -115,3 +117,42 @@ async def test_a_worker_starts_without_a_faust_group_even_after_others_left(env:
                 assert not [t for t in topics if t.startswith(f"{settings.topic_prefix}-worker")], topics
     finally:
         await admin.close()
+
+
+async def test_a_partition_held_back_does_not_slow_the_others(env: dict[str, str]) -> None:
+    """A partition whose log ends before its stored offset (the log topic emptied since) is held back; checking it
+    waits 5 s for the record before that offset, which is not there. It is checked again beside the consumer, not
+    in its loop: events on the other partitions, appended one after another, are each projected at once."""
+    schema = f"h_{uuid.uuid4().hex[:12]}"
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
+           "RUNLEDGER_CHECKPOINT_INTERVAL_S": "0"}
+    settings = settings_of(env)
+    streams: dict[int, list[str]] = {}
+    for n in range(400):
+        streams.setdefault(stream_partition(f"{schema}-{n}", settings.event_partitions), []).append(f"{schema}-{n}")
+    healthy = [p for p in range(settings.event_partitions) if p != 0]
+    one_by_one = [streams[healthy[n % len(healthy)]][n // len(healthy)] for n in range(24)]
+    await migrate(settings.database_url, schema)
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
+    try:
+        await conn.execute("INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, last_sha256, "
+                           "updated_at) VALUES ($1, $2, 0, 1000, $3, now())", settings.consumer_group,
+                           settings.events_topic, "0" * 64)
+        async with EventProducer(settings) as producer, running_worker(env):
+            await producer.append(streams[0][0], "execution.started", {"workflow": "held"})
+            problem = await poll(lambda: conn.fetchval("SELECT problem FROM log_problems WHERE partition = 0"), 60,
+                                 "partition 0 held back")
+            assert "ends at offset" in problem, problem
+            deadline = time.monotonic() + 45  # generous: at the old pace, one event every 5 s, it takes 2 minutes
+            for n, stream in enumerate(one_by_one):
+                await producer.append(stream, "execution.started", {"workflow": "healthy"})
+
+                async def projected(stream: str = stream) -> bool:
+                    return bool(await conn.fetchval("SELECT count(*) FROM audit_log WHERE stream_id = $1", stream))
+
+                await poll(projected, max(deadline - time.monotonic(), 0.0),
+                           f"event {n + 1} of {len(one_by_one)}, appended one after another, projected")
+            assert not await conn.fetchval("SELECT count(*) FROM audit_log WHERE stream_id = $1", streams[0][0])
+    finally:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()
