@@ -62,6 +62,9 @@ TREE_FINDINGS = Gauge("runledger_tree_findings", "Disagreements the signer found
                       "the log")
 TREE_DISAGREEMENTS = Counter("runledger_tree_disagreements", "Partitions whose tree in PostgreSQL disagreed with the "
                              "one the signer derived from the log", ["partition"])
+SIGNER_KEY_ERRORS = Counter("runledger_signer_key_errors", "Signer rounds a worker could not run because its "
+                            "checkpoint key could not be used: unreadable (the file cannot be read) or invalid "
+                            "(read, but not a key it may sign with)", ["reason"])
 CHECKPOINT_SIZE = Gauge("runledger_checkpoint_size_events", "Records the newest signed checkpoints of all partitions "
                         "cover")
 CHECKPOINT_TIME = Gauge("runledger_checkpoint_timestamp_seconds", "When the newest checkpoint was signed (Unix time; "
@@ -82,6 +85,7 @@ for _outcome in ("appended", "duplicate", "refused", "failed"):
     APPENDS.labels(_outcome)
 
 _CHAIN_CODES = ("chain_broken", "seq_conflict", "hash_mismatch")
+SIGNER_KEY_REASONS = ("unreadable", "invalid")
 _DEAD_LETTER_REASONS = ("invalid_json", "invalid_event", "unknown_type", "too_large", "hash_mismatch",
                         "chain_broken", "seq_conflict", "id_conflict", "illegal_transition",
                         "retries_exhausted", "rejected_by_database", "processing_failed")
@@ -97,6 +101,8 @@ def declare(delays: Iterable[str] = ()) -> None:
         DEAD_LETTERED.labels(reason)
     for code in _CHAIN_CODES:
         CHAIN_VIOLATIONS.labels(code)
+    for reason in SIGNER_KEY_REASONS:
+        SIGNER_KEY_ERRORS.labels(reason)
     for delay in delays:
         RETRIED.labels(delay)
         RETRY_DEPTH.labels(delay)

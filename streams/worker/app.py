@@ -39,7 +39,6 @@ from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import BatchResult, LogRecord
-from runledger.schemas.checkpoint import CheckpointError
 from runledger.schemas.errors import TransientError
 from runledger.streams import metrics
 from runledger.streams.producer.client import EventProducer
@@ -205,12 +204,17 @@ async def _sweep_staged(settings: Settings) -> None:
 
 
 async def _sign_checkpoint(settings: Settings, ready: _Ready) -> None:
-    """A signer round if one is due (one worker per interval, ``runledger.streams.tools.signer``). Without a key,
-    or with one that cannot be read, the timer does nothing and says so; nothing here stops the worker."""
+    """A signer round if one is due (one worker per interval, ``runledger.streams.tools.signer``). Without a key
+    the timer does nothing and says so once; a key that cannot be used is logged and counted
+    (``runledger_signer_key_errors_total``) at every interval, and read again at the next. Nothing here stops the
+    worker."""
     try:
         signer = checkpoint_signer(settings)
-    except (CheckpointError, OSError) as e:
-        _warn_unsigned(f"{settings.checkpoint_key_path} cannot be used ({e})")
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with the key stops the signing, never the worker
+        reason = "unreadable" if isinstance(e, OSError) else "invalid"
+        metrics.SIGNER_KEY_ERRORS.labels(reason).inc()
+        log.error("the checkpoint key %s cannot be used (%s: %s): no checkpoint is signed; reading it again in "
+                  "%.0f s", settings.checkpoint_key_path, type(e).__name__, e, settings.checkpoint_interval_s)
         return
     if signer is None:
         _warn_unsigned(f"no checkpoint key at {settings.checkpoint_key_path}")

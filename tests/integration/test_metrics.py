@@ -17,6 +17,7 @@ from runledger.projections.postgres.queries import query
 from runledger.schemas.checkpoint import Signer
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import EventProducer
+from runledger.streams.tools.checkpoints import create_signer_key
 from tests.conftest import CLI, free_ports
 from tests.integration.conftest import poll, running_worker, settings_of, worker_log
 
@@ -150,3 +151,62 @@ async def _ignoring_missing_table(check: Callable[[], Awaitable[bool]]) -> bool:
         return await check()
     except asyncpg.UndefinedTableError:
         return False
+
+
+async def test_a_checkpoint_key_that_cannot_be_used_is_counted_and_never_stops_the_worker(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """A signer key the worker cannot read, then two that are no key (text, and bytes that are not UTF-8): at every
+    interval the worker logs it, counts it and goes on projecting; once the key is good, the next interval signs."""
+    schema = f"m_{uuid.uuid4().hex[:12]}"
+    key = tmp_path / "checkpoint.key"
+    key.mkdir()  # a key file the worker cannot read (running as root, a mode of 000 would not stop it)
+    (port,) = free_ports(1)
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
+           "RUNLEDGER_METRICS_PORT": str(port), "RUNLEDGER_CHECKPOINT_KEY": str(key),
+           "RUNLEDGER_CHECKPOINT_INTERVAL_S": "1"}
+    settings = settings_of(env)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with EventProducer(settings) as producer, running_worker(env) as worker:
+            async def served() -> str | None:
+                return await conn.fetchval(f'SELECT metrics_url FROM "{schema}".workers')  # noqa: S608
+
+            url = await poll(lambda: _ignoring_missing_table(served), 120, "the worker to serve its metrics")
+
+            async def errors(reason: str) -> float:
+                return (await asyncio.to_thread(scrape, url)).get(
+                    ("runledger_signer_key_errors_total", (("reason", reason),)), 0.0)
+
+            for n, (reason, bad) in enumerate((("unreadable", None), ("invalid", b"PRIVATE+KEY+not a key\n"),
+                                               ("invalid", b"\xff\xfe not UTF-8\n"))):
+                if bad is not None:
+                    if key.is_dir():
+                        key.rmdir()
+                    key.write_bytes(bad)
+                    key.chmod(0o600)
+                before = await errors(reason)
+
+                async def rising(reason: str = reason, before: float = before) -> bool:
+                    return await errors(reason) >= before + 2  # counted at two intervals more
+
+                await poll(rising, 60, f"runledger_signer_key_errors_total{{reason={reason!r}}} to rise")
+                await producer.append(f"{schema}-{n}", "execution.started", {"workflow": "w"})
+
+                async def projected(stream: str = f"{schema}-{n}") -> bool:
+                    return bool(await conn.fetchval(f'SELECT count(*) FROM "{schema}".audit_log '  # noqa: S608
+                                                    "WHERE stream_id = $1", stream))
+
+                await poll(projected, 60, f"event {n + 1} projected while the key cannot be used")
+                assert worker.poll() is None, worker_log(worker)
+            assert "cannot be used (IsADirectoryError" in worker_log(worker)
+            key.unlink()
+            create_signer_key(settings)
+
+            async def signed() -> bool:
+                return bool(await conn.fetchval(f'SELECT count(*) FROM "{schema}".checkpoints '  # noqa: S608
+                                                "WHERE kafka_partition IS NOT NULL"))
+
+            await poll(signed, 60, "a checkpoint signed with the good key")
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()

@@ -84,7 +84,7 @@ def test_the_rules_comparisons_are_found() -> None:
     assert comparisons('absent(up{job="w"} == 1)') == ['up{job="w"} == bool 1']
     assert comparisons("time() - max(t) > 120\n or sum(a) >= 0") == ["time() - max(t) > bool 120",
                                                                     "sum(a) >= bool 0"]
-    assert sum(len(comparisons(r["expr"])) for r in RULES) == 16
+    assert sum(len(comparisons(r["expr"])) for r in RULES) == 17
 
 
 class Prometheus:
