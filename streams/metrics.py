@@ -85,7 +85,7 @@ for _outcome in ("appended", "duplicate", "refused", "failed"):
     APPENDS.labels(_outcome)
 
 _CHAIN_CODES = ("chain_broken", "seq_conflict", "hash_mismatch")
-SIGNER_KEY_REASONS = ("unreadable", "invalid")
+_SIGNER_KEY_REASONS = ("unreadable", "invalid")
 _DEAD_LETTER_REASONS = ("invalid_json", "invalid_event", "unknown_type", "too_large", "hash_mismatch",
                         "chain_broken", "seq_conflict", "id_conflict", "illegal_transition",
                         "retries_exhausted", "rejected_by_database", "processing_failed")
@@ -101,7 +101,7 @@ def declare(delays: Iterable[str] = ()) -> None:
         DEAD_LETTERED.labels(reason)
     for code in _CHAIN_CODES:
         CHAIN_VIOLATIONS.labels(code)
-    for reason in SIGNER_KEY_REASONS:
+    for reason in _SIGNER_KEY_REASONS:
         SIGNER_KEY_ERRORS.labels(reason)
     for delay in delays:
         RETRIED.labels(delay)

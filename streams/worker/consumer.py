@@ -248,15 +248,13 @@ class LogConsumer:
                 async with asyncio.timeout(delay):
                     await self._newly_held.wait()
             except TimeoutError:
-                assignment = self._assignment
-                held = [TopicPartition(self.topic, p) for p in self.held if p in self.assigned]
-                try:
-                    if held:
-                        await self._check(held, assignment=assignment)
-                except Exception:  # noqa: BLE001 - a check that fails is tried again, later
-                    log.exception("checking the partitions held back of %s failed; trying again in %.0f s",
-                                  self.topic, min(delay * 2, _RECHECK_MAX_S))
                 delay = min(delay * 2, _RECHECK_MAX_S)
+                if held := [TopicPartition(self.topic, p) for p in self.held if p in self.assigned]:
+                    try:
+                        await self._check(held, assignment=self._assignment)
+                    except Exception:  # noqa: BLE001 - a check that fails is tried again, later
+                        log.exception("checking the partitions held back of %s failed; trying again in %.0f s",
+                                      self.topic, delay)
             else:
                 self._newly_held.clear()
                 delay = _RECHECK_S
@@ -290,12 +288,13 @@ class LogConsumer:
             checks = await check_partitions(self._checker, self.topic, [tp.partition for tp in tps], stored,
                                             trees=trees)
         except (KafkaError, TimeoutError) as e:
-            log.warning("cannot check partitions %s of %s against the stored offsets (%s); holding them back "
-                        "until it can", [tp.partition for tp in tps], self.topic, e or type(e).__name__)
-            for tp in tps:
-                self._hold(tp.partition, f"not checked yet: {e or type(e).__name__}")
+            if assignment in (None, self._assignment):
+                log.warning("cannot check partitions %s of %s against the stored offsets (%s); holding them back "
+                            "until it can", [tp.partition for tp in tps], self.topic, e or type(e).__name__)
+                for tp in tps:
+                    self._hold(tp.partition, f"not checked yet: {e or type(e).__name__}")
             return
-        if assignment is not None and assignment != self._assignment:
+        if assignment not in (None, self._assignment):
             return  # the group rebalanced while we looked: the new assignment's own check decides
         current = self.assigned  # the group may have rebalanced while we looked
         for check in (c for c in checks if c.partition in current):

@@ -183,7 +183,7 @@ async def test_a_checkpoint_key_that_cannot_be_used_is_counted_and_never_stops_t
                     if key.is_dir():
                         key.rmdir()
                     key.write_bytes(bad)
-                    key.chmod(0o600)
+                    key.chmod(0o600)  # as a key file is kept: only what it holds is wrong
                 before = await errors(reason)
 
                 async def rising(reason: str = reason, before: float = before) -> bool:
