@@ -11,6 +11,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from runledger.schemas.errors import PermanentError, TransientError
+from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
 from runledger.streams.worker.retry import RetrySchedule, dlq_topic
 
@@ -35,8 +36,7 @@ def topic_configs(settings: Settings, name: str) -> dict[str, str]:
 async def ensure_topics(settings: Settings, topics: Mapping[str, int]) -> None:
     """Create each topic (name -> partitions) that does not exist yet, with ``topic_configs`` and
     ``settings.topic_replication_factor`` replicas."""
-    bootstrap_servers = settings.kafka_bootstrap_servers
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
         response = await admin.create_topics(
@@ -45,7 +45,7 @@ async def ensure_topics(settings: Settings, topics: Mapping[str, int]) -> None:
              for name, n in topics.items()]
         )
     except KafkaError as e:
-        raise TransientError(f"cannot create topics on {bootstrap_servers}: {e}") from e
+        raise TransientError(f"cannot create topics on {settings.kafka_bootstrap_servers}: {e}") from e
     finally:
         await admin.close()
     for name, code, message in response.topic_errors:
@@ -64,7 +64,7 @@ def worker_topics(settings: Settings) -> dict[str, int]:
 async def check_log_topic(settings: Settings) -> None:
     """LogNotKept if the log topic deletes records (``retention.ms`` other than -1, or ``retention.bytes`` other
     than -1), naming the fix; TransientError if Kafka cannot say."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
         [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.events_topic)])
