@@ -65,7 +65,7 @@ def redact_url(text: str) -> str:
 class Settings(BaseSettings):
     """runledger configuration. Each field is read from ``RUNLEDGER_<FIELD NAME>``."""
 
-    # hide_input_in_errors: a refused value could be a URL with a password in it.
+    # hide_input_in_errors: a refused value is not repeated (a password set in the wrong variable by mistake).
     model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     kafka_bootstrap_servers: str = Field(

@@ -15,19 +15,14 @@ import yaml
 
 from runledger.streams.kafka import client_options
 from runledger.streams.settings import DATABASE_ROLES, Settings, redact_url
+from tests.unit.test_ops import ROOT, compose
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRETS = "/run/secrets/"
 # The PostgreSQL logins whose passwords each runledger service holds, and no other: the workers never the owner's.
 LOGINS = {"roles": {"admin", "owner", "worker", "producer", "reader"}, "migrate": {"owner"}, "worker": {"worker"}}
 PASSWORD_SETTING = {"owner": "RUNLEDGER_DATABASE_PASSWORD_FILE", "admin": "RUNLEDGER_DATABASE_ADMIN_PASSWORD_FILE",
                     **{login: f"RUNLEDGER_DATABASE_{login.upper()}_PASSWORD_FILE"
                        for login in ("worker", "producer", "reader")}}
-
-
-def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    return data
 
 
 def runledger_services() -> dict[str, dict[str, Any]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from pydantic import ValidationError
 
 from runledger.projections.postgres.db import cannot_connect
 from runledger.streams.kafka import client_options
@@ -33,6 +34,9 @@ def test_a_password_in_a_url_never_shows_in_the_settings() -> None:
     assert redact_url("at postgresql://u:x@h/d and redis://:y@h:1") == "at postgresql://u:***@h/d and redis://:***@h:1"
     assert redact_url("postgresql://u@h:5432/d") == "postgresql://u@h:5432/d"
     assert redact_url("redis://:p@ss@h:1/0 x") == "redis://:***@h:1/0 x"  # an @ left unencoded in the password
+    with pytest.raises(ValidationError, match="kafka_sasl_mechanism") as refused:  # a password in the wrong place
+        Settings(kafka_sasl_mechanism="hunter2")  # type: ignore[arg-type]
+    assert "hunter2" not in str(refused.value)
 
 
 def test_each_login_takes_its_password_from_its_file(tmp_path: Path) -> None:

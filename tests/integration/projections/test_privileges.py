@@ -22,7 +22,7 @@ from runledger.projections.postgres.wait import wait_projected
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.streams.settings import DATABASE_ROLES, Settings
-from runledger.streams.worker.app import worker_pool
+from runledger.streams.worker.app import SchemaNotMigrated, check_schema, worker_pool
 from tests.conftest import VECTOR_EVENTS
 
 OTHER_ROLES = ("postgres", "runledger_owner", "runledger_worker", "runledger_producer", "runledger_reader",
@@ -103,6 +103,12 @@ async def test_the_worker_logs_in_as_itself_and_cannot_become_another_role(owned
             await refused(conn, "INSERT INTO schema_migrations (version, name) VALUES (999, 'x')")
     finally:
         await pool.close()
+
+
+async def test_a_worker_applies_no_migration_and_refuses_a_schema_that_lacks_one(owned: Settings) -> None:
+    await check_schema(owned)  # migrated by the owner: the worker may start
+    with pytest.raises(SchemaNotMigrated, match=r"lacks migrations 001_projections, .*`runledger db migrate`"):
+        await check_schema(owned.model_copy(update={"db_schema": f"{owned.db_schema}_never"}))
 
 
 async def test_the_reader_sees_the_panels_and_no_payload_and_cannot_stall_the_workers(owned: Settings) -> None:
