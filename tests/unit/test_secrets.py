@@ -17,7 +17,7 @@ from runledger.projections.postgres.db import cannot_connect
 from runledger.streams.kafka import client_options
 from runledger.streams.settings import SecretMissing, Settings, redact_url
 from runledger.streams.tools.checkpoints import SignerKeyExposed, checkpoint_signer, create_signer_key
-from tests.conftest import CLI, free_ports
+from tests.conftest import CLI, ROOT, free_ports
 
 PASSWORD = "s3cret/p@ss:w0rd"  # what a URL must encode: / @ :
 
@@ -153,3 +153,23 @@ def test_without_the_embedded_servers_only_the_embedded_stack_is_missing(tmp_pat
     assert done.returncode == 2, done.stderr  # every module imported; `dev up` refused, not crashed
     assert "the embedded PostgreSQL is not installed" in done.stderr
     assert "pip install 'runledger[embedded]'" in done.stderr and "RUNLEDGER_EMBEDDED" in done.stderr
+
+
+def test_every_kafka_client_logs_in_as_the_settings_say(tmp_path: Path) -> None:
+    password = tmp_path / "kafka_password"
+    password.write_text("k4fka\n")
+    settings = settings_with(tmp_path, kafka_sasl_username="runledger", kafka_sasl_password_file=password,
+                             kafka_tls=True)
+    kafka = client_options(settings)
+    assert (kafka["security_protocol"], kafka["sasl_plain_password"]) == ("SASL_SSL", "k4fka")
+    assert kafka["ssl_context"] is not None
+    from runledger.streams.worker.app import create_app
+
+    faust = create_app(settings).conf.broker_credentials  # the worker's Faust clients
+    assert (faust.protocol.value, faust.mechanism.value, faust.username, faust.password) == (
+        "SASL_SSL", "SCRAM-SHA-512", "runledger", "k4fka")
+    # Every aiokafka client of runledger is made with client_options: none names its servers alone.
+    made_alone = [f"{path.relative_to(ROOT)}:{number}" for path in sorted((ROOT / "streams").rglob("*.py"))
+                  for number, line in enumerate(path.read_text().splitlines(), start=1)
+                  if "bootstrap_servers=" in line and path.name != "kafka.py"]
+    assert made_alone == []
