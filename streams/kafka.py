@@ -1,5 +1,5 @@
-"""What every Kafka client of runledger needs beyond aiokafka's own API: a consumer stop that always ends, and a
-read of partitions to their true end."""
+"""What every Kafka client of runledger needs beyond aiokafka's own API: its connection options (TLS and SASL
+as the settings say), a consumer stop that always ends, and a read of partitions to their true end."""
 
 from __future__ import annotations
 
@@ -11,14 +11,37 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
 
 from runledger.schemas.errors import TransientError
+from runledger.streams.settings import SecretMissing, Settings
 
-__all__ = ["read_to_end", "stop_consumer"]
+__all__ = ["client_options", "read_to_end", "stop_consumer"]
 
 log = logging.getLogger(__name__)
 
 _GRACES = 6  # grace periods before giving up on a stop
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments every aiokafka client of runledger (producer, consumer, admin) is made with: the
+    bootstrap servers, TLS with RUNLEDGER_KAFKA_TLS, and SASL (SCRAM-SHA-512 by default) as
+    RUNLEDGER_KAFKA_SASL_USERNAME with the password of RUNLEDGER_KAFKA_SASL_PASSWORD_FILE. Raises SecretMissing
+    if a SASL user has no password."""
+    options: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap_servers}
+    if settings.kafka_tls:
+        cafile = str(settings.kafka_tls_cafile) if settings.kafka_tls_cafile is not None else None
+        options |= {"security_protocol": "SSL", "ssl_context": create_ssl_context(cafile=cafile)}
+    if settings.kafka_sasl_username is not None:
+        password = settings.secret("kafka_sasl_password_file")
+        if password is None:
+            raise SecretMissing(f"Kafka user {settings.kafka_sasl_username} has no password: set "
+                                "RUNLEDGER_KAFKA_SASL_PASSWORD_FILE")
+        options |= {"security_protocol": "SASL_SSL" if settings.kafka_tls else "SASL_PLAINTEXT",
+                    "sasl_mechanism": settings.kafka_sasl_mechanism,
+                    "sasl_plain_username": settings.kafka_sasl_username,
+                    "sasl_plain_password": password.get_secret_value()}
+    return options
 
 
 async def stop_consumer(consumer: AIOKafkaConsumer, *, grace_s: float = 5.0) -> None:

@@ -3,30 +3,87 @@
 Defaults point at the embedded stack that ``runledger dev up`` starts, so a
 laptop needs no configuration; production sets the URLs of real servers and
 drops their names from ``RUNLEDGER_EMBEDDED``.
+
+No password is a setting: each secret is a file (``RUNLEDGER_*_PASSWORD_FILE``, docker secrets in compose.yaml),
+read when a connection is made, so that no environment (``docker inspect``), URL or ``repr`` shows it. Each
+component logs in to PostgreSQL as its own role (``database_dsn``): the owner (migrations, operator commands),
+the worker, the producers' ``wait`` and Grafana's reader.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Component", "Settings"]
+from runledger.schemas.errors import PermanentError
+
+__all__ = ["Component", "DatabaseLogin", "DATABASE_ROLES", "DATABASE_PASSWORD_FILES", "Settings", "SecretMissing",
+           "redact_url"]
 
 Component = Literal["kafka", "postgres", "redis"]
+DatabaseLogin = Literal["owner", "worker", "producer", "reader", "admin"]
+
+# The LOGIN role of each component (sql/roles.sql creates them, the migrations grant to them). The owner's login
+# is the user RUNLEDGER_DATABASE_URL names (runledger_owner in compose and the embedded stack), the admin's
+# RUNLEDGER_DATABASE_ADMIN_USER.
+DATABASE_ROLES: dict[DatabaseLogin, str] = {"owner": "runledger_owner", "worker": "runledger_worker",
+                                           "producer": "runledger_producer", "reader": "grafana"}
+# The setting that names each login's password file.
+DATABASE_PASSWORD_FILES: dict[DatabaseLogin, str] = {
+    "owner": "database_password_file", "worker": "database_worker_password_file",
+    "producer": "database_producer_password_file", "reader": "database_reader_password_file",
+    "admin": "database_admin_password_file"}
+# scheme://user:password@host: the password runs to the authority's last @ (an unencoded @ in it included).
+_USERINFO = re.compile(r"(?<=://)([^/@:\s]*):([^/\s]*)@")
+
+
+def _with_login(url: str, user: str, password: str | None) -> str:
+    """``url`` with ``user`` and ``password`` (percent-encoded) in place of the login it names."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    userinfo = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}" if userinfo else host))
+
+
+class SecretMissing(PermanentError):
+    """A secret a setting names cannot be read: the message names the setting and the file. Mount the secret
+    (compose.yaml's ``secrets:``) or point the setting at the file that holds it."""
+
+    code = "secret_missing"
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it (``scheme://user:password@host``) written as ``***``."""
+    return _USERINFO.sub(lambda m: f"{m[1]}:***@", text)
 
 
 class Settings(BaseSettings):
     """runledger configuration. Each field is read from ``RUNLEDGER_<FIELD NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a refused value is not repeated (a password set in the wrong variable by mistake).
+    model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:19092", description="RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS: host:port[,host:port...]"
     )
+    kafka_sasl_username: str | None = Field(
+        None, min_length=1, description="RUNLEDGER_KAFKA_SASL_USERNAME: log in to Kafka with SASL as this user, "
+        "its password in RUNLEDGER_KAFKA_SASL_PASSWORD_FILE (unset: no authentication, the embedded broker)")
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="RUNLEDGER_KAFKA_SASL_MECHANISM: SCRAM-SHA-512 (compose.yaml), SCRAM-SHA-256, "
+        "or PLAIN (over TLS only)")
+    kafka_sasl_password_file: Path | None = Field(
+        None, description="RUNLEDGER_KAFKA_SASL_PASSWORD_FILE: the file holding the Kafka SASL password")
+    kafka_tls: bool = Field(
+        False, description="RUNLEDGER_KAFKA_TLS: talk to Kafka over TLS (SSL, or SASL_SSL with a SASL user)")
+    kafka_tls_cafile: Path | None = Field(
+        None, description="RUNLEDGER_KAFKA_TLS_CAFILE: the CA certificates Kafka's are checked against (default: "
+        "the system's)")
     topic_prefix: str = Field(
         "runledger", pattern=r"^[A-Za-z0-9._-]{1,100}$",
         description="RUNLEDGER_TOPIC_PREFIX: topics are <prefix>.events, <prefix>.events.retry.<delay>, ...; "
@@ -42,8 +99,28 @@ class Settings(BaseSettings):
         1, ge=1, description="RUNLEDGER_TOPIC_REPLICATION_FACTOR: replicas of each new topic (3 on a Kafka cluster "
         "of three brokers or more: the log is the record)")
     database_url: str = Field(
-        "postgresql://postgres@127.0.0.1:15432/runledger", description="RUNLEDGER_DATABASE_URL"
-    )
+        "postgresql://runledger_owner@127.0.0.1:15432/runledger",
+        description="RUNLEDGER_DATABASE_URL: where PostgreSQL is, and the owner's login (migrations and operator "
+        "commands); the other components log in to the same server and database as their own roles. Its password "
+        "belongs in RUNLEDGER_DATABASE_PASSWORD_FILE, not in the URL")
+    database_password_file: Path | None = Field(
+        None, description="RUNLEDGER_DATABASE_PASSWORD_FILE: the owner's password (default <state dir>/secrets/"
+        "database-password, which the embedded stack writes)")
+    database_worker_password_file: Path | None = Field(
+        None, description="RUNLEDGER_DATABASE_WORKER_PASSWORD_FILE: the password of runledger_worker, the workers' "
+        "login (default <state dir>/secrets/database-worker-password)")
+    database_producer_password_file: Path | None = Field(
+        None, description="RUNLEDGER_DATABASE_PRODUCER_PASSWORD_FILE: the password of runledger_producer, the login "
+        "of a producer's `wait` (default <state dir>/secrets/database-producer-password)")
+    database_reader_password_file: Path | None = Field(
+        None, description="RUNLEDGER_DATABASE_READER_PASSWORD_FILE: the password `runledger db roles` gives grafana, "
+        "the dashboards' login (default <state dir>/secrets/database-reader-password)")
+    database_admin_user: str = Field(
+        "postgres", min_length=1, description="RUNLEDGER_DATABASE_ADMIN_USER: the superuser `runledger db roles` "
+        "logs in as, on the server and database of RUNLEDGER_DATABASE_URL")
+    database_admin_password_file: Path | None = Field(
+        None, description="RUNLEDGER_DATABASE_ADMIN_PASSWORD_FILE: that superuser's password (default <state dir>/"
+        "secrets/database-admin-password; the embedded stack's superuser needs none on loopback)")
     db_schema: str = Field(
         "runledger", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         description="RUNLEDGER_DB_SCHEMA: PostgreSQL schema of the projection tables",
@@ -51,7 +128,10 @@ class Settings(BaseSettings):
     consumer_group: str = Field(
         "runledger-projector", description="RUNLEDGER_CONSUMER_GROUP: Kafka group of the projection workers"
     )
-    redis_url: str = Field("redis://127.0.0.1:16379/0", description="RUNLEDGER_REDIS_URL")
+    redis_url: str = Field("redis://127.0.0.1:16379/0", description="RUNLEDGER_REDIS_URL: its password belongs in "
+                           "RUNLEDGER_REDIS_PASSWORD_FILE")
+    redis_password_file: Path | None = Field(
+        None, description="RUNLEDGER_REDIS_PASSWORD_FILE: the file holding Redis' password (requirepass)")
     retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
         (1.0, 2.0, 4.0, 8.0, 16.0), description="RUNLEDGER_RETRY_DELAYS: seconds, comma-separated, e.g. 1,2,4,8,16"
     )
@@ -112,6 +192,66 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
+
+    def secret_path(self, setting: str) -> Path:
+        """Where the ``*_file`` setting ``setting`` looks for its secret: the file it names, or by default
+        ``<state dir>/secrets/<its name>`` (``database_worker_password_file``: ``database-worker-password``), where the
+        embedded stack writes it."""
+        path: Path | None = getattr(self, setting)
+        return path or self.state_dir / "secrets" / setting.removesuffix("_file").replace("_", "-")
+
+    def secret(self, setting: str) -> SecretStr | None:
+        """The secret in the file of ``secret_path(setting)``, without its final newline; read now (a rotated secret
+        is read again on the next connection). None if the setting is unset and its default file does not exist.
+        Raises SecretMissing if a file that was set cannot be read."""
+        path = self.secret_path(setting)
+        try:
+            return SecretStr(path.read_text().removesuffix("\n"))
+        except FileNotFoundError:
+            if getattr(self, setting) is None:
+                return None
+            raise SecretMissing(f"RUNLEDGER_{setting.upper()}: {path} does not exist") from None
+        except OSError as e:
+            raise SecretMissing(f"RUNLEDGER_{setting.upper()}: cannot read {path}: {e}") from None
+
+    def database_dsn(self, login: DatabaseLogin = "owner") -> str:
+        """The URL ``login`` connects with: RUNLEDGER_DATABASE_URL's server, database and parameters, that login's
+        user, and its password from its secret file. Never print it (``redact_url``)."""
+        parts = urlsplit(self.database_url)
+        if login == "owner":
+            user = unquote(parts.username or "")
+        else:
+            user = self.database_admin_user if login == "admin" else DATABASE_ROLES[login]
+        secret = self.secret(DATABASE_PASSWORD_FILES[login])
+        password = secret.get_secret_value() if secret is not None else None
+        if password is None and login == "owner" and parts.password:
+            password = unquote(parts.password)
+        return _with_login(self.database_url, user, password)
+
+    def role_passwords(self) -> dict[str, str]:
+        """The password of each LOGIN role ``runledger db roles`` creates, by role name. Raises SecretMissing if
+        one has none."""
+        out = {}
+        for login, role in DATABASE_ROLES.items():
+            setting = DATABASE_PASSWORD_FILES[login]
+            secret = self.secret(setting)
+            if secret is None or not secret.get_secret_value():
+                raise SecretMissing(f"{role} has no password: write one to {self.secret_path(setting)} or set "
+                                    f"RUNLEDGER_{setting.upper()}")
+            out[role] = secret.get_secret_value()
+        return out
+
+    @property
+    def redis_dsn(self) -> str:
+        """RUNLEDGER_REDIS_URL with the password of RUNLEDGER_REDIS_PASSWORD_FILE. Never print it (``redact_url``)."""
+        secret = self.secret("redis_password_file")
+        if secret is None:
+            return self.redis_url
+        return _with_login(self.redis_url, unquote(urlsplit(self.redis_url).username or ""), secret.get_secret_value())
 
     @property
     def events_topic(self) -> str:

@@ -11,6 +11,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from runledger.schemas.errors import PermanentError, TransientError
+from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
 from runledger.streams.worker.retry import RetrySchedule, dlq_topic
 
@@ -43,8 +44,7 @@ def topic_configs(settings: Settings, name: str) -> dict[str, str]:
 async def ensure_topics(settings: Settings, topics: Mapping[str, int]) -> None:
     """Create each topic (name -> partitions) that does not exist yet, with ``topic_configs`` and
     ``settings.topic_replication_factor`` replicas."""
-    bootstrap_servers = settings.kafka_bootstrap_servers
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
         response = await admin.create_topics(
@@ -53,7 +53,7 @@ async def ensure_topics(settings: Settings, topics: Mapping[str, int]) -> None:
              for name, n in topics.items()]
         )
     except KafkaError as e:
-        raise TransientError(f"cannot create topics on {bootstrap_servers}: {e}") from e
+        raise TransientError(f"cannot create topics on {settings.kafka_bootstrap_servers}: {e}") from e
     finally:
         await admin.close()
     for name, code, message in response.topic_errors:
@@ -74,7 +74,7 @@ async def check_log_topic(settings: Settings) -> None:
     than -1), LogTooFewPartitions if it has fewer partitions than ``settings.event_partitions``, each naming the
     fix; TransientError if Kafka cannot say."""
     topic = settings.events_topic
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
         [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from runledger.streams.dev import devstack
-from runledger.streams.settings import Settings
+from runledger.streams.settings import DATABASE_PASSWORD_FILES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # The command line, run as a child process of this interpreter (the venv under test).
@@ -44,12 +44,18 @@ def free_ports(count: int) -> list[int]:
 
 
 _KAFKA, _POSTGRES, _REDIS = free_ports(3)
+_STATE = ROOT / ".runledger" / "test" / f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 TEST_ENV = {
     # A stack of the session's own: its own state and free ports, so that two suites, or a `dev up` stack on
     # any ports, never meet.
-    "RUNLEDGER_STATE_DIR": str(ROOT / ".runledger" / "test" / f"{os.getpid()}-{uuid.uuid4().hex[:6]}"),
+    "RUNLEDGER_STATE_DIR": str(_STATE),
     "RUNLEDGER_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{_KAFKA}",
+    # The tests' own connections as the superuser (to look past triggers and privileges); runledger's workers,
+    # waits and roles as in production, with the passwords `dev up` writes (named here, so that a test with a
+    # state directory of its own still finds the session's).
     "RUNLEDGER_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{_POSTGRES}/runledger",
+    **{f"RUNLEDGER_{setting.upper()}": str(_STATE / "secrets" / setting.removesuffix("_file").replace("_", "-"))
+       for login, setting in DATABASE_PASSWORD_FILES.items() if login != "admin"},
     "RUNLEDGER_REDIS_URL": f"redis://127.0.0.1:{_REDIS}/0",
     "RUNLEDGER_EVENT_PARTITIONS": "4",
     # The session's broker keeps its log in memory, for speed; the durable log has tests of its own.

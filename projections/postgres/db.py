@@ -8,6 +8,8 @@ that caused it is dead-lettered alone, see ``runledger.projections.postgres.stor
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 import asyncpg
 import orjson
 
@@ -15,10 +17,9 @@ from runledger.projections.postgres.queries import migrations, quote_schema
 from runledger.projections.records import pg_text
 from runledger.schemas.errors import PermanentError, RunledgerError, TransientError
 
-__all__ = ["NOTIFY_CHANNEL", "WORKER_ROLE", "RejectedByDatabase", "StoreConflict", "StoreTimeout",
-           "StoreUnavailable", "connect", "connect_one", "database_error", "migrate"]
+__all__ = ["NOTIFY_CHANNEL", "RejectedByDatabase", "StoreConflict", "StoreTimeout", "StoreUnavailable",
+           "cannot_connect", "connect", "connect_one", "database_error", "migrate", "pending_migrations"]
 
-WORKER_ROLE = "runledger_worker"
 NOTIFY_CHANNEL = "runledger_projected"
 
 
@@ -85,34 +86,44 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
 
 
-async def connect(database_url: str, schema: str, *, role: str | None = WORKER_ROLE,
-                  min_size: int = 0, max_size: int = 4) -> asyncpg.Pool:
-    """A pool whose connections use ``schema`` and act as ``role`` (the worker role by default)."""
-    # Startup parameters, not SET: the pool's RESET ALL on release returns to them.
+def cannot_connect(database_url: str, e: BaseException, what: str = "connect to") -> StoreUnavailable:
+    """The error for a failed connection to ``database_url``: its server and user, never its password (not even
+    where the driver's message would repeat it)."""
+    parts = urlsplit(database_url)
+    message = f"{e or type(e).__name__}"
+    if parts.password:
+        message = message.replace(unquote(parts.password), "***").replace(parts.password, "***")
+    return StoreUnavailable(f"cannot {what} PostgreSQL at {parts.hostname}:{parts.port or 5432} as "
+                            f"{unquote(parts.username or '') or 'the default user'}: {message}")
+
+
+async def connect(database_url: str, schema: str, *, min_size: int = 0, max_size: int = 4) -> asyncpg.Pool:
+    """A pool whose connections use ``schema``, logged in as the URL's user: the worker's own login
+    (``Settings.database_dsn("worker")``), with no role it could SET ROLE to, or the owner's for operator work."""
+    # A startup parameter, not SET: the pool's RESET ALL on release returns to it.
     server_settings = {"search_path": quote_schema(schema)}
-    if role is not None:
-        server_settings["role"] = role
     try:
         return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
                                          command_timeout=60, init=_init_connection, server_settings=server_settings)
     except (*_NETWORK, asyncpg.PostgresError) as e:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+        raise cannot_connect(database_url, e) from e
 
 
 async def connect_one(database_url: str, schema: str, *, decode_jsonb: bool = False) -> asyncpg.Connection:
-    """One connection on ``schema`` as the connecting user (the owner): for reads, waits and admin work.
-    ``decode_jsonb``: jsonb values as Python objects, as the workers' pool has them (else as JSON text)."""
+    """One connection on ``schema`` as the URL's user (the owner, or a producer's login for a wait): for reads,
+    waits and admin work. ``decode_jsonb``: jsonb values as Python objects, as the workers' pool has them (else
+    as JSON text)."""
     try:
         conn = await asyncpg.connect(database_url, server_settings={"search_path": quote_schema(schema)})
     except (OSError, asyncpg.PostgresError) as e:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+        raise cannot_connect(database_url, e) from e
     try:
         if decode_jsonb:
             await _init_connection(conn)
     except BaseException as e:
         await conn.close()
         if isinstance(e, OSError | asyncpg.PostgresError):
-            raise StoreUnavailable(f"cannot set up the PostgreSQL connection: {e}") from e
+            raise cannot_connect(database_url, e, "set up the connection to") from e
         raise
     return conn
 
@@ -122,7 +133,7 @@ async def migrate(database_url: str, schema: str) -> list[str]:
     try:
         conn = await asyncpg.connect(database_url)
     except (OSError, asyncpg.PostgresError) as e:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+        raise cannot_connect(database_url, e) from e
     applied = []
     try:
         quoted = quote_schema(schema)
@@ -142,3 +153,13 @@ async def migrate(database_url: str, schema: str) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+async def pending_migrations(conn: asyncpg.Connection) -> list[str]:
+    """The migrations the schema of ``conn``'s search path lacks (all of them if it has none): a worker, which
+    applies none, refuses to start on a schema that lacks any."""
+    try:
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    except asyncpg.UndefinedTableError:
+        done = set()
+    return [f"{version:03d}_{name}" for version, name, _ in migrations() if version not in done]

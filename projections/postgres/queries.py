@@ -1,5 +1,6 @@
-"""Loads the SQL shipped in ``runledger.sql`` (the ``sql/`` folder): numbered migrations and the named queries
-of ``queries.sql``. Read as package data, so an installed wheel works outside the repository."""
+"""Loads the SQL shipped in ``runledger.sql`` (the ``sql/`` folder): numbered migrations, the named queries
+of ``queries.sql`` and the roles of ``roles.sql``. Read as package data, so an installed wheel works outside the
+repository."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from functools import cache
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 
-__all__ = ["SQL_DIR", "migrations", "query", "quote_schema"]
+__all__ = ["SQL_DIR", "migrations", "query", "quote_schema", "roles_sql"]
 
 SQL_DIR: Traversable = files("runledger.sql")
 _MIGRATION = re.compile(r"[0-9]{3}_\w+\.sql")
@@ -36,6 +37,11 @@ def migrations() -> list[tuple[int, str, str]]:
         if _MIGRATION.fullmatch(path.name):
             out.append((int(path.name[:3]), path.name[4:-4], path.read_text()))
     return out
+
+
+def roles_sql() -> str:
+    """``sql/roles.sql``: the LOGIN roles, and what a superuser grants them (``postgres/roles.py``)."""
+    return (SQL_DIR / "roles.sql").read_text()
 
 
 def quote_schema(schema: str) -> str:

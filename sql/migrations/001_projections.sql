@@ -176,10 +176,13 @@ CREATE TABLE model_prices (
 );
 
 -- The role workers use: everything they need, and no way to rewrite the audit log.
+-- Created here only where `runledger db roles` (sql/roles.sql) has not made it a login yet: an owner without
+-- CREATEROLE is refused a CREATE ROLE even of a role that exists.
 DO $$
 BEGIN
-    CREATE ROLE runledger_worker NOLOGIN;
-EXCEPTION WHEN duplicate_object THEN NULL;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'runledger_worker') THEN
+        CREATE ROLE runledger_worker NOLOGIN;
+    END IF;
 END $$;
 DO $$
 BEGIN

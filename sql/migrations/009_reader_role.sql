@@ -1,9 +1,11 @@
 -- The role dashboards and reports read with (Grafana's datasource user is a member): SELECT on every table,
 -- now and later, and nothing else: a dashboard editor must not be able to rewrite the record.
+-- (Migration 014 narrows this to the columns the panels read.)
 DO $$
 BEGIN
-    CREATE ROLE runledger_reader NOLOGIN;
-EXCEPTION WHEN duplicate_object THEN NULL;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'runledger_reader') THEN
+        CREATE ROLE runledger_reader NOLOGIN;
+    END IF;
 END $$;
 DO $$
 BEGIN

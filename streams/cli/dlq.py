@@ -122,7 +122,7 @@ async def _with_owner(settings: Settings, work: Any) -> Any:
 
     from runledger.projections.postgres.db import connect_one
 
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         return await work(conn)
     except asyncpg.UndefinedTableError:

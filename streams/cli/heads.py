@@ -60,7 +60,7 @@ def _recover(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.producer.recovery import marker_key, recover_heads
 
     async def recover() -> tuple[int, int]:
-        redis = Redis.from_url(settings.redis_url)
+        redis = Redis.from_url(settings.redis_dsn)
         try:
             await redis.delete(marker_key(settings.topic_prefix))
             return await recover_heads(redis, settings)

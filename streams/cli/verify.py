@@ -136,11 +136,11 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             report = asyncio.run(verify_log(settings, progress, database=not args.no_database))
         elif args.check == "projection":
             attestations = args.attestations or settings.state_dir / f"verified-{settings.db_schema}.json"
-            report = asyncio.run(verify_projection(settings.database_url, settings.db_schema, stream=args.stream,
+            report = asyncio.run(verify_projection(settings.database_dsn(), settings.db_schema, stream=args.stream,
                                                    since=args.since, attestations=attestations, full=args.full,
                                                    progress=progress))
         else:
-            report = asyncio.run(verify_chains(settings.database_url, settings.db_schema, stream=args.stream,
+            report = asyncio.run(verify_chains(settings.database_dsn(), settings.db_schema, stream=args.stream,
                                                since=args.since, progress=progress))
     finally:
         bar.close()
@@ -150,7 +150,7 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
         check = "checkpoint" if args.checkpoint is not None else args.check
         try:
-            asyncio.run(record_verification(settings.database_url, settings.db_schema, check, report))
+            asyncio.run(record_verification(settings.database_dsn(), settings.db_schema, check, report))
         except RunledgerError as e:
             print(f"note: {e}; the result is not kept for the metrics (--no-record skips this)", file=sys.stderr)
     if args.json:

@@ -20,6 +20,14 @@ def register(sub: Subparsers) -> None:
     db_sub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
     db_sub.add_parser("migrate", help="apply the migrations in sql/migrations that the schema lacks (idempotent, "
                       "safe from several processes at once)")
+    db_sub.add_parser("roles", help="as the superuser (RUNLEDGER_DATABASE_ADMIN_USER), create or update the login "
+                      "of each component with its password from its secret file (idempotent: run it again after "
+                      "changing a password)",
+                      description="Runs sql/roles.sql: the logins runledger_owner, runledger_worker, "
+                      "runledger_producer and grafana (a member of runledger_reader), their passwords from "
+                      "RUNLEDGER_DATABASE_PASSWORD_FILE, RUNLEDGER_DATABASE_{WORKER,PRODUCER,READER}_PASSWORD_FILE, "
+                      "none of them able to SET ROLE to another; the advisory lock functions for the owner and "
+                      "the workers only. `runledger dev up` does the same for the embedded stack.")
     db.set_defaults(func=_cmd_db)
 
     topics = sub.add_parser("topics", help="create runledger's Kafka topics",
@@ -55,9 +63,16 @@ def register(sub: Subparsers) -> None:
 
 
 def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "roles":
+        from runledger.projections.postgres.roles import create_roles
+
+        passwords = settings.role_passwords()
+        asyncio.run(create_roles(settings.database_dsn("admin"), settings.db_schema, passwords))
+        print(f"roles {', '.join(passwords)}: up to date")
+        return 0
     from runledger.projections.postgres.db import migrate
 
-    applied = asyncio.run(migrate(settings.database_url, settings.db_schema))
+    applied = asyncio.run(migrate(settings.database_dsn(), settings.db_schema))
     print(f"schema {settings.db_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
     return 0
 
@@ -79,12 +94,14 @@ def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.topics import check_log_topic, ensure_topics, worker_topics
-    from runledger.streams.worker.app import create_app
+    from runledger.streams.worker.app import check_schema, create_app
 
     # Before Faust starts: a worker may start before any producer, and the retry topics need the
-    # log's partition count and their retention, not Faust's defaults. A log that deletes records: no worker.
+    # log's partition count and their retention, not Faust's defaults. A log that deletes records: no worker;
+    # nor a schema its login cannot reach or that lacks a migration.
     asyncio.run(ensure_topics(settings, worker_topics(settings)))
     asyncio.run(check_log_topic(settings))
+    asyncio.run(check_schema(settings))
     metrics_url = None
     if settings.metrics_port:
         from runledger.streams.metrics import declare, serve
@@ -110,7 +127,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.projections.postgres.wait import wait_projected
 
-    result = asyncio.run(wait_projected(settings.database_url, settings.db_schema, args.stream, args.seq,
+    result = asyncio.run(wait_projected(settings.database_dsn("producer"), settings.db_schema, args.stream, args.seq,
                                         event_id=args.id, timeout=args.timeout, group_id=settings.consumer_group,
                                         topic=settings.events_topic,
                                         note=lambda text: print(f"note: {text}; waiting anyway", file=sys.stderr)))

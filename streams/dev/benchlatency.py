@@ -19,10 +19,11 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from runledger.projections.postgres.db import NOTIFY_CHANNEL, connect_one
+from runledger.projections.postgres.db import NOTIFY_CHANNEL, connect_one, migrate
 from runledger.projections.postgres.queries import query
 from runledger.streams.dev.benchpaths import BenchRun, Workers, committed, run_workers
 from runledger.streams.dev.workload import Workload
+from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
 
@@ -36,8 +37,9 @@ async def latency(run: BenchRun, rate: float, seconds: float) -> dict[str, Any]:
     settings = run.fresh(f"lat{int(rate)}", prefix=f"lat{int(rate)}")
     count = max(int(rate * seconds), 1)
     await ensure_topics(settings, {settings.events_topic: settings.event_partitions})
+    await migrate(settings.database_dsn(), settings.db_schema)  # as the owner: a worker's login applies none
     workers = Workers(settings, 1)
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     marks: list[tuple[float, dict[int, int]]] = []
     woken = asyncio.Event()
     await conn.add_listener(NOTIFY_CHANNEL, lambda *args: woken.set() if args[3] == settings.db_schema else None)
@@ -105,7 +107,7 @@ async def _watch(conn: asyncpg.Connection, settings: Settings, woken: asyncio.Ev
 
 async def _send_on_schedule(settings: Settings, workload: Workload, start: float, rate: float) -> list[tuple[int, int]]:
     """Send event ``i`` at ``start + i / rate`` (in bursts every 5 ms); the (partition, offset) of each."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
+    producer = AIOKafkaProducer(**client_options(settings), acks="all",
                                 enable_idempotence=False, linger_ms=1)
     await producer.start()
     try:

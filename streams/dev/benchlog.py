@@ -25,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from runledger.schemas.errors import TransientError
+from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
 
 __all__ = ["bench_log", "print_report"]
@@ -34,8 +35,8 @@ async def bench_log(settings: Settings, *, records: int, slice_size: int, partit
                     value_bytes: int, keep: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """Run the probe; the report's rates are records per second of each slice."""
     topic = f"{settings.topic_prefix}.bench-log.{uuid.uuid4().hex[:8]}"
-    servers = settings.kafka_bootstrap_servers
-    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    servers = client_options(settings)
+    admin = AIOKafkaAdminClient(**servers)
     try:
         await admin.start()
         await admin.create_topics([NewTopic(topic, partitions, 1)])
@@ -45,7 +46,7 @@ async def bench_log(settings: Settings, *, records: int, slice_size: int, partit
         if not keep:
             await admin.delete_topics([topic])
     except KafkaError as e:
-        raise TransientError(f"the broker at {servers}: {e}") from e
+        raise TransientError(f"the broker at {settings.kafka_bootstrap_servers}: {e}") from e
     finally:
         await admin.close()
     return {"topic": topic, "records": records, "slice": slice_size, "partitions": partitions, "keys": keys,
@@ -70,9 +71,9 @@ class _Slices:
             self._started, self._since, self._mark = now, count, self._mark + self.size
 
 
-async def _produce(servers: str, topic: str, records: int, slice_size: int, keys: int, batch: int,
+async def _produce(servers: dict[str, Any], topic: str, records: int, slice_size: int, keys: int, batch: int,
                    value_bytes: int, progress: Callable[[str], None]) -> list[float]:
-    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(**servers, acks="all", linger_ms=5, max_batch_size=1 << 20)
     await producer.start()
     slices = _Slices(slice_size, records, "produced", progress)
     try:
@@ -87,9 +88,9 @@ async def _produce(servers: str, topic: str, records: int, slice_size: int, keys
     return slices.rates
 
 
-async def _consume(servers: str, topic: str, partitions: int, records: int, slice_size: int,
+async def _consume(servers: dict[str, Any], topic: str, partitions: int, records: int, slice_size: int,
                    progress: Callable[[str], None]) -> list[float]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**servers, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     slices = _Slices(slice_size, records, "consumed", progress)

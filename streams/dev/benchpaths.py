@@ -41,6 +41,7 @@ from runledger.schemas.errors import TransientError
 from runledger.streams.dev import WORKER_COMMAND
 from runledger.streams.dev.benchlocks import LockSampler, combine, worker_application_name, worker_database_url
 from runledger.streams.dev.workload import Workload
+from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
 
@@ -83,7 +84,7 @@ class BenchRun:
         return self.settings.model_copy(update=update)
 
     async def close(self) -> None:
-        admin = await asyncpg.connect(self.settings.database_url)
+        admin = await asyncpg.connect(self.settings.database_dsn())  # the owner of the bench's schemas
         try:
             for schema in self.schemas:
                 await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(schema)} CASCADE")
@@ -93,7 +94,7 @@ class BenchRun:
     async def publish(self, settings: Settings, workload: Workload) -> list[tuple[int, int]]:
         """Send every record and wait for the acknowledgements; the (partition, offset) of each."""
         await ensure_topics(settings, {settings.events_topic: settings.event_partitions})
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
+        producer = AIOKafkaProducer(**client_options(settings), acks="all",
                                     enable_idempotence=False, linger_ms=5, max_batch_size=256 * 1024)
         await producer.start()
         try:
@@ -134,7 +135,7 @@ class BenchRun:
         return report
 
     async def _floor(self, settings: Settings, total: int) -> float:
-        conn = await connect_one(settings.database_url, settings.db_schema)
+        conn = await connect_one(settings.database_dsn(), settings.db_schema)
         try:
             await conn.execute(f"CREATE SCHEMA {quote_schema(settings.db_schema)}")  # a fixed, validated name
             await conn.execute(query("bench_create_raw"))
@@ -149,8 +150,8 @@ class BenchRun:
             await conn.close()
 
     async def _store(self, settings: Settings, total: int) -> float:
-        await migrate(settings.database_url, settings.db_schema)
-        pool = await connect(settings.database_url, settings.db_schema)
+        await migrate(settings.database_dsn(), settings.db_schema)
+        pool = await connect(settings.database_dsn("worker"), settings.db_schema)
         try:
             store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group)
 
@@ -164,7 +165,7 @@ class BenchRun:
 
 async def _consume_all(settings: Settings, total: int, handle: Callable[[list[LogRecord]], Awaitable[None]]) -> float:
     """Seconds to read ``total`` records from the start of the log and hand them over batch by batch."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None,
                                 enable_auto_commit=False, max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()
     try:
@@ -248,15 +249,17 @@ async def run_workers(settings: Settings, total: int, processes: int, *, stall_s
     """Run ``processes`` workers over the first ``total`` records of the log: their events per second, every
     ``rss_every`` seconds (committed, their RSS in MiB), and with ``lock_every`` their lock waits over the
     span the rate covers. Raises if nothing is committed for ``stall_s`` seconds."""
+    await migrate(settings.database_dsn(), settings.db_schema)  # as the owner: a worker's login applies none
     workers = Workers(settings, processes)
-    sampler = (LockSampler(settings.database_url, worker_application_name(settings), every=lock_every)
+    # As the superuser: only it sees what the workers' backends (another role's) wait for.
+    sampler = (LockSampler(settings.database_dsn("admin"), worker_application_name(settings), every=lock_every)
                if lock_every is not None else None)
     marks: list[tuple[float, int]] = [(time.monotonic(), 0)]
     samples: list[tuple[int, float]] = []
     try:
         if sampler is not None:
             sampler.start()
-        conn = await connect_one(settings.database_url, settings.db_schema)
+        conn = await connect_one(settings.database_dsn(), settings.db_schema)
         try:
             next_rss = 0.0
             while marks[-1][1] < total:

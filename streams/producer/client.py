@@ -42,10 +42,11 @@ from runledger.schemas.chain import Head
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.lifecycle import check_lifecycle
 from runledger.streams import metrics
+from runledger.streams.kafka import client_options
 from runledger.streams.producer.events import NewEvent, build_events, check_new_events
 from runledger.streams.producer.heads import StagedBatch, StreamBusy, StreamHeads
 from runledger.streams.producer.recovery import forget_if_restarted, recover_heads, stream_in_log
-from runledger.streams.settings import Settings
+from runledger.streams.settings import Settings, redact_url
 from runledger.streams.topics import ensure_topics
 
 if TYPE_CHECKING:
@@ -115,10 +116,10 @@ class EventProducer:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._redis = Redis.from_url(settings.redis_url)
+        self._redis = Redis.from_url(settings.redis_dsn)
         self._heads = StreamHeads(self._redis, settings.topic_prefix, settings.producer_lease_ms)
         self._kafka = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+            **client_options(settings),
             acks="all",
             # Idempotent producers need InitProducerId, which Tansu refuses; order per stream comes
             # from the lease instead (one batch of a stream in flight at a time).
@@ -137,7 +138,7 @@ class EventProducer:
         try:
             await forget_if_restarted(self._redis, self._settings.topic_prefix)
         except RedisError as e:
-            raise TransientError(f"cannot reach Redis at {self._settings.redis_url}: {e}") from e
+            raise TransientError(f"cannot reach Redis at {redact_url(self._settings.redis_url)}: {e}") from e
         if self._settings.producer_sweep_s > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever())
 
@@ -271,8 +272,9 @@ class EventProducer:
         # Imported here: a producer that never waits never loads the PostgreSQL side (asyncpg).
         from runledger.projections.postgres.wait import wait_projected
 
-        return await wait_projected(self._settings.database_url, self._settings.db_schema, appended.stream_id,
-                                    appended.seq, event_id=appended.id, timeout=timeout,
+        # As the producers' own login: read-only, where an event is and never what it holds.
+        return await wait_projected(self._settings.database_dsn("producer"), self._settings.db_schema,
+                                    appended.stream_id, appended.seq, event_id=appended.id, timeout=timeout,
                                     group_id=self._settings.consumer_group, topic=self._settings.events_topic)
 
     async def _publish(self, stream_id: str, batch: StagedBatch) -> None:

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from runledger.schemas.chain import GENESIS_HASH, compute_hash
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.events import decode_json
-from runledger.streams.kafka import read_to_end, stop_consumer
+from runledger.streams.kafka import client_options, read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 
 __all__ = ["LogHead", "forget_if_restarted", "log_heads", "marker_key", "recover_heads", "stream_in_log"]
@@ -66,7 +66,7 @@ async def log_heads(settings: Settings) -> dict[str, LogHead]:
 async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, list[tuple[int, str, str, str]]]:
     """stream -> (seq, prevhash, hash, type) of each valid event in the log (of ``only`` these streams)."""
     # "earliest": the reset that assign() starts must not put a partition at its end meanwhile.
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=2 * 1024 * 1024)
     events: dict[str, list[tuple[int, str, str, str]]] = {}

@@ -23,8 +23,8 @@ from runledger.schemas.proofs import consistency_document, inclusion_document
 from runledger.streams.settings import Settings
 from runledger.streams.tools.signer import LogSigner, Round
 
-__all__ = ["checkpoint_signer", "create_signer_key", "prove_consistency", "prove_inclusion", "run_signer",
-           "sign_if_due", "sign_round", "verifier_key"]
+__all__ = ["SignerKeyExposed", "checkpoint_signer", "create_signer_key", "prove_consistency", "prove_inclusion",
+           "run_signer", "sign_if_due", "sign_round", "verifier_key"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,26 @@ def verifier_key(settings: Settings, key: str | None) -> str:
     return Path(key).read_text().strip() if Path(key).is_file() else key
 
 
+class SignerKeyExposed(PermanentError):
+    """The signer key's file is open to users other than its owner, any of whom could sign checkpoints in the
+    log's name: ``chmod 600`` it, and if someone else may have read it, make a new key (``runledger keys init
+    --force``) and hand auditors its verifier key."""
+
+    code = "signer_key_exposed"
+
+
 def checkpoint_signer(settings: Settings) -> Signer | None:
-    """The signer key in ``RUNLEDGER_CHECKPOINT_KEY``, or None if there is none (`runledger keys init`)."""
+    """The signer key in ``RUNLEDGER_CHECKPOINT_KEY``, or None if there is none (`runledger keys init`). Raises
+    SignerKeyExposed, and uses nothing, if its file's mode lets group or others in."""
+    path = settings.checkpoint_key_path
     try:
-        return Signer.from_private_key(settings.checkpoint_key_path.read_text())
+        with open(path) as key:
+            mode = os.fstat(key.fileno()).st_mode & 0o777  # of the file read, not of a name it was swapped for
+            if mode & 0o077:
+                raise SignerKeyExposed(f"refusing the signer key {path}: its mode {mode:04o} lets group or others "
+                                       f"read it. `chmod 600 {path}` (and `runledger keys init --force` if "
+                                       "another may have read it)")
+            return Signer.from_private_key(key.read())
     except FileNotFoundError:
         return None
 
@@ -61,7 +77,7 @@ def create_signer_key(settings: Settings) -> Signer:
 async def sign_round(settings: Settings, signer: Signer) -> Round:
     """``runledger checkpoint``: one signer round now (``runledger.streams.tools.signer``), under the lock that
     keeps two signers of one schema from racing."""
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     log_signer = LogSigner(settings, signer)
     try:
         await log_signer.start()
@@ -87,7 +103,7 @@ async def sign_if_due(log_signer: LogSigner, pool: asyncpg.Pool, interval_s: flo
 async def run_signer(settings: Settings, signer: Signer, interval_s: float) -> None:
     """``runledger signer``: a round every ``interval_s`` seconds, until cancelled; a failed round is logged and
     tried again at the next interval."""
-    pool = await connect(settings.database_url, settings.db_schema, max_size=1)
+    pool = await connect(settings.database_dsn(), settings.db_schema, max_size=1)
     log_signer = LogSigner(settings, signer)
     try:
         await log_signer.start()
@@ -122,7 +138,7 @@ async def _open_tree(conn: asyncpg.Connection, settings: Settings, origin: str) 
 async def prove_inclusion(settings: Settings, event_id: str) -> dict[str, Any]:
     """The event's inclusion proof in its partition's tree, under the newest checkpoint of that partition that
     covers it."""
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         leaf = await conn.fetchrow(query("event_leaf"), event_id)
         if leaf is None:
@@ -151,7 +167,7 @@ async def prove_inclusion(settings: Settings, event_id: str) -> dict[str, Any]:
 
 async def prove_consistency(settings: Settings, old: str, new: str | None) -> dict[str, Any]:
     """A consistency proof from checkpoint note ``old`` to ``new`` (default: the newest kept of its origin)."""
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         origin = Checkpoint.parse(old).origin
         if new is None:

@@ -26,7 +26,7 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
     database, a schema never migrated), only Redis and the log are compared.
     """
     log = await log_heads(settings)
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_dsn)
     try:
         complete = bool(await redis.exists(marker_key(settings.topic_prefix)))
         streams = sorted(log)
@@ -35,7 +35,7 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
         await redis.aclose()
     projected: dict[str, tuple[int, str]] | None = None  # None: PostgreSQL's heads could not be read
     with contextlib.suppress(StoreUnavailable, asyncpg.UndefinedTableError):
-        conn = await connect_one(settings.database_url, settings.db_schema)
+        conn = await connect_one(settings.database_dsn(), settings.db_schema)
         try:
             projected = {r["stream_id"]: (r["seq"], r["hash"]) for r in await conn.fetch(
                 "SELECT stream_id, seq, hash FROM stream_heads WHERE stream_id = ANY($1::text[])", streams)}

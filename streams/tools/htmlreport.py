@@ -34,7 +34,7 @@ async def write_report(settings: Settings, path: Path, start: datetime | None = 
     if start >= end:
         raise ValueError(f"the range starts at {start.isoformat()}, not before its end {end.isoformat()} "
                          "(--since, --until)")
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             sections = [(title, [(panel, await panel_rows(conn, panel, start, end)) for panel in panels])

@@ -50,7 +50,7 @@ from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.schemas.errors import PermanentError, TransientError
-from runledger.streams.kafka import stop_consumer
+from runledger.streams.kafka import client_options, stop_consumer
 from runledger.streams.settings import Settings
 from runledger.streams.worker.logcheck import Stored, check_partitions
 
@@ -241,7 +241,7 @@ async def rebuild(settings: Settings, *, force: bool = False, switch: bool = Tru
     """
     live = settings.db_schema
     started = time.monotonic()
-    owner = await connect_one(settings.database_url, live)
+    owner = await connect_one(settings.database_dsn(), live)
     try:
         if not await owner.fetchval("SELECT to_regclass('consumer_offsets') IS NOT NULL"):
             raise RebuildFailed(f"schema {live} has no projection tables to rebuild; run a worker or "
@@ -275,7 +275,7 @@ async def _resume_or_create(owner: asyncpg.Connection, settings: Settings, *, fr
     if earlier and not fresh:
         newest = earlier[0]
         if newest["comment"] == rules and newest["derived"] == len(DERIVED_TABLES):
-            await migrate(settings.database_url, newest["nspname"])  # the migrations added since it began, if any
+            await migrate(settings.database_dsn(), newest["nspname"])  # the migrations added since it began, if any
             return str(newest["nspname"])
         log.warning("%s is not resumed: %s; starting over", newest["nspname"],
                     "the rules' code changed since it began" if newest["derived"] == len(DERIVED_TABLES)
@@ -285,8 +285,8 @@ async def _resume_or_create(owner: asyncpg.Connection, settings: Settings, *, fr
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     rebuilt = f"{live}_rebuild_{stamp}"
     quote_schema(f"{live}_retired_{stamp}")  # a name too long for PostgreSQL fails here, before any work
-    await migrate(settings.database_url, rebuilt)
-    pool = await connect(settings.database_url, rebuilt)
+    await migrate(settings.database_dsn(), rebuilt)
+    pool = await connect(settings.database_dsn(), rebuilt)
     try:
         await ProjectionStore.save_catalog(pool, load_tokencost_catalog())
     finally:
@@ -305,9 +305,9 @@ def _literal(text: str) -> str:
 async def _rebuild_into(owner: asyncpg.Connection, settings: Settings, rebuilt: str, *, force: bool, switch: bool,
                         progress: Progress | None) -> RebuildReport:
     report = RebuildReport(settings.db_schema, rebuilt, None, 0, 0.0)
-    pool = await connect(settings.database_url, rebuilt)
-    snapshot = await connect_one(settings.database_url, settings.db_schema)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    pool = await connect(settings.database_dsn(), rebuilt)
+    snapshot = await connect_one(settings.database_dsn(), settings.db_schema)
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="none",
                                 max_partition_fetch_bytes=4 * 1024 * 1024)
     try:

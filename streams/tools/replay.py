@@ -37,7 +37,7 @@ from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import BatchResult, LogRecord
 from runledger.schemas.errors import TransientError
 from runledger.streams.producer.heads import RELEASE_IF_HELD
-from runledger.streams.settings import Settings
+from runledger.streams.settings import Settings, redact_url
 
 __all__ = ["ReplayItem", "ReplayLocked", "ReplayReport", "replay", "run_by"]
 
@@ -86,7 +86,7 @@ def run_by() -> str:
 
 @contextlib.asynccontextmanager
 async def _replay_lock(settings: Settings) -> AsyncIterator[None]:
-    client = redis.from_url(settings.redis_url)
+    client = redis.from_url(settings.redis_dsn)
     key = f"{settings.topic_prefix}:dlq:replay:{settings.db_schema}"
     token = orjson.dumps({"by": run_by(), "pid": os.getpid(), "since": datetime.now(UTC).isoformat(),
                           "token": uuid.uuid4().hex}).decode()
@@ -112,7 +112,7 @@ async def _replay_lock(settings: Settings) -> AsyncIterator[None]:
             with contextlib.suppress(redis.RedisError):
                 await client.eval(RELEASE_IF_HELD, 1, key, token)
     except redis.RedisError as e:
-        raise TransientError(f"cannot take the replay lock in Redis ({settings.redis_url}): {e}") from e
+        raise TransientError(f"cannot take the replay lock in Redis ({redact_url(settings.redis_url)}): {e}") from e
     finally:
         await client.aclose()
 
@@ -121,7 +121,7 @@ async def replay(settings: Settings, letters: list[asyncpg.Record], filter_json:
                  dry_run: bool = False, rate: float | None = None,
                  on_item: Callable[[ReplayItem], None] = lambda item: None) -> ReplayReport:
     """Replay ``letters`` (rows of ``dead_letters``, in replay order). See the module docstring."""
-    pool = await connect(settings.database_url, settings.db_schema, role=None, max_size=1)
+    pool = await connect(settings.database_dsn(), settings.db_schema, max_size=1)
     try:
         catalog = await ProjectionStore.load_catalog(pool) or load_tokencost_catalog()
         store = ProjectionStore(pool, catalog, settings.consumer_group)
@@ -147,7 +147,7 @@ async def replay(settings: Settings, letters: list[asyncpg.Record], filter_json:
                     status, report.interrupted = "interrupted", True
                 finally:
                     # A connection interrupted mid-query is unusable: record the end on a fresh one.
-                    end = await connect_one(settings.database_url, settings.db_schema)
+                    end = await connect_one(settings.database_dsn(), settings.db_schema)
                     try:
                         await end.execute(query("dlq_finish_replay"), replay_id, status,
                                           orjson.dumps(report.outcomes).decode())

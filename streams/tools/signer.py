@@ -30,7 +30,7 @@ from runledger.schemas.checkpoint import Checkpoint, CheckpointError, Signer, Ve
 from runledger.schemas.errors import TransientError
 from runledger.schemas.logtrees import FRONTIER_HEADER, Frontier, Refused, SignedLog, origin_of, partition_of
 from runledger.streams import metrics
-from runledger.streams.kafka import read_to_end, stop_consumer
+from runledger.streams.kafka import client_options, read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 from runledger.streams.topics import ensure_topics
 
@@ -91,10 +91,10 @@ class LogSigner:
         self._verifier = Verifier(signer.verifier_key)
         self.logs: dict[int, SignedLog] = {}
         self._checkpoints_read: dict[int, int] = {}  # partition of the checkpoints topic -> offset read to
-        servers = settings.kafka_bootstrap_servers
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None, enable_auto_commit=False,
+        servers = client_options(settings)
+        self._consumer = AIOKafkaConsumer(**servers, group_id=None, enable_auto_commit=False,
                                           auto_offset_reset="none", max_partition_fetch_bytes=4 * 1024 * 1024)
-        self._producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=False, linger_ms=5)
+        self._producer = AIOKafkaProducer(**servers, acks="all", enable_idempotence=False, linger_ms=5)
 
     async def start(self) -> None:
         await ensure_topics(self.settings, {self.settings.checkpoints_topic: 1})

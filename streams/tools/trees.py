@@ -35,7 +35,7 @@ from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.queries import query
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.merkle import TreeState, leaf_hash
-from runledger.streams.kafka import read_to_end, stop_consumer
+from runledger.streams.kafka import client_options, read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 
 __all__ = ["PartitionTree", "TreesNotBuilt", "TreesReport", "rebuild_trees"]
@@ -93,8 +93,8 @@ async def rebuild_trees(settings: Settings, progress: Progress | None = None) ->
     projected, TransientError if Kafka cannot be read.
     """
     report = TreesReport(settings.events_topic)
-    conn = await connect_one(settings.database_url, settings.db_schema)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="none",
                                 max_partition_fetch_bytes=4 * 1024 * 1024)
     try:

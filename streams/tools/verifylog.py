@@ -38,7 +38,7 @@ from runledger.schemas.events import Event, decode_event, parse_event
 from runledger.schemas.logtrees import PartitionComparer
 from runledger.schemas.merkle import EMPTY_ROOT
 from runledger.schemas.verify import Finding, LogAuditor
-from runledger.streams.kafka import read_to_end, stop_consumer
+from runledger.streams.kafka import client_options, read_to_end, stop_consumer
 from runledger.streams.settings import Settings
 from runledger.streams.worker.retry import HEADER, RetrySchedule, delay_name
 
@@ -200,7 +200,7 @@ class _InFlight:
 async def _committed(settings: Settings, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
     """The offsets ``group`` committed on ``tps``, asked without joining it (a consumer assigned, never
     subscribed, commits nothing)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group,
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=group,
                                 enable_auto_commit=False)
     try:
         await consumer.start()
@@ -212,7 +212,7 @@ async def _committed(settings: Settings, group: str, tps: list[TopicPartition]) 
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
     # auto_offset_reset="none": records deleted while they are read fail the check instead of being skipped.
-    return AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    return AIOKafkaConsumer(**client_options(settings), group_id=None,
                             enable_auto_commit=False, auto_offset_reset="none",
                             max_partition_fetch_bytes=4 * 1024 * 1024)
 
@@ -235,7 +235,7 @@ async def verify_log(settings: Settings, progress: Progress | None = None, *, da
     started, cpu = time.perf_counter(), time.process_time()
     auditor = LogAuditor()
     consumer = _consumer(settings)
-    conn = await connect_one(settings.database_url, settings.db_schema) if database else None
+    conn = await connect_one(settings.database_dsn(), settings.db_schema) if database else None
     try:
         await consumer.start()
         tps = await _partitions(consumer, settings)
@@ -301,7 +301,7 @@ async def verify_checkpoint(settings: Settings, checkpoint: Checkpoint, partitio
     report = LogReport()
     started, cpu = time.perf_counter(), time.process_time()
     consumer = _consumer(settings)
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         await consumer.start()
         tps = await _partitions(consumer, settings)

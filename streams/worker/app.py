@@ -34,13 +34,14 @@ import faust
 from faust.app.base import BootStrategy
 
 from runledger.projections.planner import Decoded
-from runledger.projections.postgres.db import connect, database_error, migrate
+from runledger.projections.postgres.db import connect, connect_one, database_error, pending_migrations
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import BatchResult, LogRecord
-from runledger.schemas.errors import TransientError
+from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams import metrics
+from runledger.streams.kafka import client_options
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
@@ -50,12 +51,19 @@ from runledger.streams.worker.consumer import LogConsumer, Projector, RetryConsu
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
 from runledger.streams.worker.retry import RetrySchedule, delay_name
 
-__all__ = ["HEARTBEAT_S", "create_app"]
+__all__ = ["HEARTBEAT_S", "SchemaNotMigrated", "check_schema", "create_app", "worker_pool"]
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 _SWEEP_S = 5.0
+
+
+class SchemaNotMigrated(PermanentError):
+    """The worker's schema lacks migrations, which its login cannot apply: run ``runledger db migrate`` (the
+    owner's login) first; compose.yaml's migrate service does before any worker starts."""
+
+    code = "schema_not_migrated"
 
 
 @dataclass
@@ -71,6 +79,25 @@ class _Ready:
     handler: BatchHandler
     log_consumer: LogConsumer
     signers: dict[str, LogSigner] = field(default_factory=dict)  # by key: each keeps what it read between rounds
+
+
+async def worker_pool(settings: Settings) -> asyncpg.Pool:
+    """The worker's connections: its own login (runledger_worker), a member of no role it could SET ROLE to, never
+    the owner's; ``check_schema`` has found the schema migrated before the app starts."""
+    return await connect(settings.database_dsn("worker"), settings.db_schema)
+
+
+async def check_schema(settings: Settings) -> None:
+    """Before a worker starts: its login connects, and its schema holds every migration (a worker applies none).
+    Raises SchemaNotMigrated or StoreUnavailable."""
+    conn = await connect_one(settings.database_dsn("worker"), settings.db_schema)
+    try:
+        pending = await pending_migrations(conn)
+    finally:
+        await conn.close()
+    if pending:
+        raise SchemaNotMigrated(f"schema {settings.db_schema} lacks migrations {', '.join(pending)}: apply them with "
+                                "`runledger db migrate` (as the owner) before starting workers")
 
 
 def create_app(settings: Settings, *, metrics_url: str | None = None) -> faust.App:
@@ -138,10 +165,20 @@ class _WorkerApp(faust.App):
     BootStrategy = _OwnConsumers
 
 
+def _faust_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """Faust's clients log in as the worker's own (``client_options``)."""
+    options = client_options(settings)
+    if "sasl_mechanism" in options:
+        return faust.SASLCredentials(username=options["sasl_plain_username"], password=options["sasl_plain_password"],
+                                     ssl_context=options.get("ssl_context"), mechanism=options["sasl_mechanism"])
+    return faust.SSLCredentials(options["ssl_context"]) if "ssl_context" in options else None
+
+
 def _faust_app(settings: Settings) -> faust.App:
     return _WorkerApp(
         f"{settings.topic_prefix}-worker",
         broker=f"kafka://{settings.kafka_bootstrap_servers.split(',')[0]}",
+        broker_credentials=_faust_credentials(settings),
         web_enabled=False,
         producer_acks=-1,
         topic_replication_factor=1,
@@ -158,18 +195,18 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
                    send: Projector) -> None:
     """Set up the store and the outbox, make them ``ready`` for the agent, then run the consumers of the log
     and of each retry topic, which hand their batches to the agent through ``send``."""
-    await migrate(settings.database_url, settings.db_schema)
-    pool = await connect(settings.database_url, settings.db_schema)
+    pool = await worker_pool(settings)
     catalog = load_tokencost_catalog()
     await ProjectionStore.save_catalog(pool, catalog)
     store = ProjectionStore(pool, catalog, settings.consumer_group, max_attempts=schedule.max_attempts)
-    forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule, settings.db_schema)
+    kafka = client_options(settings)
+    forwarder = Forwarder(kafka, schedule, settings.db_schema)
     await forwarder.start()
-    log_consumer = LogConsumer(settings.kafka_bootstrap_servers, settings.events_topic, settings.consumer_group,
+    log_consumer = LogConsumer(kafka, settings.events_topic, settings.consumer_group,
                                store, pool, send)
     ready.set_result(_Ready(pool, BatchHandler(store, forwarder, pool), log_consumer))
     tune_gc()
-    retries = [RetryConsumer(settings.kafka_bootstrap_servers, topic, delay,
+    retries = [RetryConsumer(kafka, topic, delay,
                              f"{settings.consumer_group}.retry.{delay_name(delay)}", send)
                for delay, topic in schedule.topics]
     consumers: list[LogConsumer | RetryConsumer] = [log_consumer, *retries]

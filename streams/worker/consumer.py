@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -54,9 +54,9 @@ _LAG_REFRESH_S = 5.0  # while a batch is being applied for longer, the log's end
 _FETCH_BYTES = 4 * MAX_EVENT_BYTES  # a record over the limit still arrives, and is dead-lettered as too_large
 
 
-def _consumer(bootstrap_servers: str, group_id: str | None, *, fetch_wait_ms: int = 500) -> AIOKafkaConsumer:
+def _consumer(kafka: Mapping[str, Any], group_id: str | None, *, fetch_wait_ms: int = 500) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+        **kafka, group_id=group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", max_partition_fetch_bytes=_FETCH_BYTES, fetch_max_bytes=4 * _FETCH_BYTES,
         # Tansu holds a join for half the session timeout of the group's first member.
         session_timeout_ms=6000, heartbeat_interval_ms=2000,
@@ -115,12 +115,12 @@ class LogConsumer:
     """One consumer-group member of the log: ``run()`` until cancelled. Batch N+1 is read and decoded while
     batch N is applied; N+1 is applied only after N is, and each is committed to Kafka after it is applied."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, group_id: str, store: ProjectionStore,
+    def __init__(self, kafka: Mapping[str, Any], topic: str, group_id: str, store: ProjectionStore,
                  pool: asyncpg.Pool, project: Projector, *, max_records: int = 5000) -> None:
         self.topic, self._group_id = topic, group_id
         self._store, self._pool, self._project, self._max_records = store, pool, project, max_records
-        self._consumer = _consumer(bootstrap_servers, group_id, fetch_wait_ms=_LOG_FETCH_WAIT_MS)
-        self._checker = _consumer(bootstrap_servers, None)
+        self._consumer = _consumer(kafka, group_id, fetch_wait_ms=_LOG_FETCH_WAIT_MS)
+        self._checker = _consumer(kafka, None)
         self.held: dict[int, str] = {}  # partitions not projected, and why
         self._checking = asyncio.Lock()  # one check at a time: they share the checker's assignment
         self._newly_held = asyncio.Event()  # a partition is held that was not: check it again soon
@@ -330,10 +330,10 @@ class LogConsumer:
 class RetryConsumer:
     """Reads one retry topic: waits until each batch is due, then projects it. ``run()`` until cancelled."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, delay: float, group_id: str,
+    def __init__(self, kafka: Mapping[str, Any], topic: str, delay: float, group_id: str,
                  project: Projector) -> None:
         self.topic, self._delay, self._project = topic, delay, project
-        self._consumer = _consumer(bootstrap_servers, group_id)
+        self._consumer = _consumer(kafka, group_id)
         self._depth = metrics.RETRY_DEPTH.labels(delay_name(delay))
 
     async def run(self) -> None:

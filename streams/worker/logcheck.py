@@ -34,7 +34,7 @@ from runledger.projections.postgres.db import connect_one
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.wait import WORKER_GONE_S
 from runledger.schemas.errors import PermanentError, TransientError
-from runledger.streams.kafka import stop_consumer
+from runledger.streams.kafka import client_options, stop_consumer
 from runledger.streams.settings import Settings
 
 __all__ = ["FIX", "TREES_FIX", "PartitionCheck", "Stored", "Trees", "check_log", "check_partitions",
@@ -184,8 +184,8 @@ async def save_problems(conn: asyncpg.Connection | asyncpg.Pool, group_id: str, 
 
 async def _with_log(settings: Settings, work: Callable[[AIOKafkaConsumer, asyncpg.Connection], Awaitable[T]]) -> T:
     """Run ``work`` with a group-less consumer of the log and an owner connection on the schema."""
-    conn = await connect_one(settings.database_url, settings.db_schema)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None,
                                 enable_auto_commit=False)
     try:
         await consumer.start()
@@ -240,7 +240,7 @@ async def reset_offsets(settings: Settings, partitions: Sequence[int] = ()) -> l
 
 async def projection_health(settings: Settings) -> dict[str, Any]:
     """The group's live workers and the partitions they hold back, as PostgreSQL records them."""
-    conn = await connect_one(settings.database_url, settings.db_schema)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         workers = await conn.fetch(query("live_workers"), settings.consumer_group, WORKER_GONE_S)
         problems = await conn.fetch(query("problems"), settings.consumer_group, settings.events_topic)

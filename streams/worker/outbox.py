@@ -24,7 +24,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -55,12 +55,12 @@ class Forwarder:
     """Publishes the outbox to the retry topics and the dead-letter topic, and forwards whole batches while
     PostgreSQL is down."""
 
-    def __init__(self, bootstrap_servers: str, schedule: RetrySchedule, schema: str) -> None:
+    def __init__(self, kafka: Mapping[str, Any], schedule: RetrySchedule, schema: str) -> None:
         self.schedule = schedule
         self.dlq_topic = dlq_topic(schedule.prefix)
         self._schema = schema
         # Tansu refuses idempotent producers (InitProducerId); a duplicate here is harmless anyway.
-        self._kafka = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=False,
+        self._kafka = AIOKafkaProducer(**kafka, acks="all", enable_idempotence=False,
                                        linger_ms=5, max_request_size=2 * MAX_EVENT_BYTES,
                                        request_timeout_ms=int(_SEND_TIMEOUT_S * 1000))
 

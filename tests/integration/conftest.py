@@ -89,7 +89,12 @@ def worker_log(worker: subprocess.Popen[bytes]) -> str:
 async def running_worker(env: dict[str, str], *, loglevel: str = "warning") -> AsyncIterator[subprocess.Popen[bytes]]:
     """A ``runledger worker`` process with ``env``; its log (``worker_log``) is shown if the test fails.
 
-    It is stopped without blocking the event loop, which may serve its connections (a proxy)."""
+    It is stopped without blocking the event loop, which may serve its connections (a proxy). Its schema is
+    migrated first, as the owner: a worker's login applies no migration."""
+    from runledger.projections.postgres.db import migrate
+
+    settings = settings_of(env)
+    await migrate(settings.database_url, settings.db_schema)
     log = tempfile.TemporaryFile()
     worker = subprocess.Popen([*CLI, "worker", "--loglevel", loglevel],
                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
@@ -195,7 +200,7 @@ async def kafka_ledger(env: dict[str, str], key_dir: Path, monkeypatch: Any,
     settings = Settings()
     await ensure_topics(settings, {settings.events_topic: partitions})
     await migrate(settings.database_url, schema)
-    pool = await connect(settings.database_url, schema)
+    pool = await connect(settings.database_dsn("worker"), schema)
     conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
     catalog = load_tokencost_catalog()
     await ProjectionStore.save_catalog(pool, catalog)  # as a worker does: the prices verify projection re-prices with

@@ -103,7 +103,7 @@ async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], 
 
 async def _live_worker(settings: Settings, stop: asyncio.Event) -> None:
     """The worker's path without Faust: read every partition, apply batches, offsets in PostgreSQL."""
-    pool = await connect(settings.database_url, settings.db_schema)
+    pool = await connect(settings.database_dsn("worker"), settings.db_schema)
     store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
                                 enable_auto_commit=False)

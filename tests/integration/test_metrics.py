@@ -34,6 +34,7 @@ async def test_two_workers_on_one_host_serve_what_they_did(env: dict[str, str], 
     schema = f"m_{uuid.uuid4().hex[:12]}"
     key = tmp_path / "checkpoint.key"
     key.write_text(Signer.generate("runledger.local/log").private_key)
+    key.chmod(0o600)  # a signer key others may read is refused
     (port,) = free_ports(1)
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
            "RUNLEDGER_METRICS_PORT": str(port), "RUNLEDGER_CHECKPOINT_KEY": str(key),

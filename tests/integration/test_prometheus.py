@@ -197,6 +197,7 @@ async def test_prometheus_scrapes_a_worker_under_load_and_every_query_returns_da
     schema = f"p_{uuid.uuid4().hex[:12]}"
     key = tmp_path / "checkpoint.key"
     key.write_text(Signer.generate("runledger.local/log").private_key)
+    key.chmod(0o600)  # a signer key others may read is refused
     worker_port, producer_port = free_ports(2)
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
            "RUNLEDGER_METRICS_PORT": str(worker_port), "RUNLEDGER_CHECKPOINT_KEY": str(key),

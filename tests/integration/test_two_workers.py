@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncpg
 
+from runledger.projections.postgres.db import migrate
 from runledger.streams.dev.fleet import simulate_fleet
 from runledger.streams.producer.client import append_many
 from runledger.streams.settings import Settings
@@ -33,6 +34,7 @@ async def test_two_workers_split_the_partitions_and_project_everything_once(
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}"}
     settings = settings.model_copy(update={"db_schema": schema, "consumer_group": f"g-{schema}"})
     await ensure_topics(settings, {settings.events_topic: settings.event_partitions})
+    await migrate(settings.database_url, schema)  # the owner's work: a worker's login applies no migration
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     workers = []
     for log in logs:

@@ -30,6 +30,7 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
     schema = f"w_{uuid.uuid4().hex[:12]}"
     key = tmp_path / "checkpoint.key"
     key.write_text(Signer.generate("runledger.local/log").private_key)
+    key.chmod(0o600)  # a signer key others may read is refused
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
            "RUNLEDGER_CHECKPOINT_KEY": str(key), "RUNLEDGER_CHECKPOINT_INTERVAL_S": "1"}
     settings = Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
@@ -39,6 +40,7 @@ async def test_worker_projects_everything_appended_and_survives_bad_records(env:
             await producer.append_batch(run.stream_id, run.events)
         await producer._kafka.send_and_wait(settings.events_topic, b"not json", key=b"junk")  # noqa: SLF001
     total = sum(len(run.events) for run in fleet)
+    await migrate(settings.database_url, schema)  # the owner's work: a worker's login applies no migration
     worker = subprocess.Popen([*CLI, "worker"], env={**os.environ, **env},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     conn = await asyncpg.connect(settings.database_url)

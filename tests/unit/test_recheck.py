@@ -19,7 +19,7 @@ class _Counted(LogConsumer):
     assigned = frozenset({0, 1})  # in place of the group's assignment
 
     def __init__(self) -> None:
-        super().__init__("127.0.0.1:9", "log", "group", store=None, pool=None, project=None)  # type: ignore[arg-type]
+        super().__init__({"bootstrap_servers": "127.0.0.1:9"}, "log", "group", store=None, pool=None, project=None)  # type: ignore[arg-type]
         self.checks: list[tuple[float, list[int]]] = []
 
     async def close(self) -> None:

@@ -29,6 +29,7 @@ from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.schemas.errors import IllegalTransition
+from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
 from runledger.streams.tools.replay import replay
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
@@ -70,8 +71,8 @@ async def _dead_letter_by_bug(settings: Settings, streams: list[str], monkeypatc
     log = await read_log(settings)
     records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in log]
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
-    pool = await connect(settings.database_url, settings.db_schema)
-    forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule, settings.db_schema)
+    pool = await connect(settings.database_dsn("worker"), settings.db_schema)
+    forwarder = Forwarder(client_options(settings), schedule, settings.db_schema)
     await forwarder.start()
     try:
         store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group,
@@ -228,7 +229,7 @@ async def test_resolve_keeps_the_letter_and_needs_a_selection(db: tuple[Settings
 
 async def test_a_letter_cannot_drive_the_operators_terminal(db: tuple[Settings, asyncpg.Connection]) -> None:
     settings, conn = db
-    pool = await connect(settings.database_url, settings.db_schema)
+    pool = await connect(settings.database_dsn("worker"), settings.db_schema)
     try:
         store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group)
         hostile = b'{"subject": "\\u001b]0;owned\\u0007\\u001b[2J", "seq": 1, "type": "\\u001b[31mred"}'

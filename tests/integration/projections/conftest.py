@@ -28,7 +28,7 @@ async def schema(settings: Settings) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def pool(settings: Settings, schema: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await connect(settings.database_url, schema)
+    pool = await connect(settings.database_dsn("worker"), schema)
     yield pool
     await pool.close()
 

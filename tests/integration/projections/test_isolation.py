@@ -15,6 +15,7 @@ from runledger.projections import planner as planner_module
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.records import LogRecord
 from runledger.schemas.events import MAX_EVENT_BYTES
+from runledger.streams.kafka import client_options
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
 from runledger.streams.worker.retry import RetrySchedule
 from tests.integration.conftest import FIRST_STREAM, read_log, rechain, rehashed
@@ -153,7 +154,7 @@ async def test_a_refusal_at_commit_leaves_no_copy_without_its_letter(
     tampered = stream("tampered")
     tampered[0] = {**tampered[0], "data": {**tampered[0]["data"], "workflow": "rewritten"}}  # hash no longer matches
     schedule = RetrySchedule(settings.topic_prefix, (1.0,))
-    forwarder = Forwarder(settings.kafka_bootstrap_servers, schedule, "test")
+    forwarder = Forwarder(client_options(settings), schedule, "test")
     await forwarder.start()
     try:
         result = await BatchHandler(store, forwarder, pool).handle(as_records(interleave(*good, tampered[:1])))
@@ -175,7 +176,7 @@ async def test_a_dead_letter_too_large_for_the_topic_gets_a_reference_copy(
     huge = rechain(f"big-{uuid.uuid4().hex[:6]}")[0]
     huge = rehashed(huge, data={**huge["data"], "input": {"blob": "y" * (2 * 1024 * 1024)}})
     value, key = orjson.dumps(huge), b"k" * (1024 * 1024)  # a key that large would not fit either
-    forwarder = Forwarder(settings.kafka_bootstrap_servers, RetrySchedule(settings.topic_prefix, (1.0,)), "sch")
+    forwarder = Forwarder(client_options(settings), RetrySchedule(settings.topic_prefix, (1.0,)), "sch")
     await forwarder.start()
     try:
         await BatchHandler(store, forwarder, pool).handle([LogRecord("t.events", 0, 0, key, value)])

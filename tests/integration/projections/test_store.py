@@ -78,7 +78,7 @@ async def test_twice_or_shuffled_across_streams_gives_the_same_tables(
     other = schema + "_b"
     await migrate(settings.database_url, other)
     from runledger.projections.postgres.db import connect
-    pool = await connect(settings.database_url, other)
+    pool = await connect(settings.database_dsn("worker"), other)
     try:
         store_b = ProjectionStore(pool, store.catalog, "g")
         for i in range(0, len(shuffled), 4):

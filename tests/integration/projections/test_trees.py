@@ -74,7 +74,7 @@ async def test_a_record_applied_from_a_retry_topic_finds_its_leaf_by_position(st
 async def test_workers_of_different_partitions_lock_only_their_own_tree(settings: Settings, schema: str,
                                                                          owner: asyncpg.Connection,
                                                                          store: ProjectionStore) -> None:
-    pool = await connect(settings.database_url, schema)
+    pool = await connect(settings.database_dsn("worker"), schema)
     other = ProjectionStore(pool, store.catalog, "test-group")
     try:
         async with owner.transaction():  # partition 0's owner is mid-batch, holding its tree's row
@@ -108,7 +108,7 @@ async def test_the_migration_retires_the_single_tree_and_keeps_its_checkpoints(s
                     await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", version, migration)
             await conn.execute("INSERT INTO checkpoints (origin, size, root, key_name, note) VALUES "
                                "('runledger.test/log', 18, '\\x00', 'k', 'note')")
-        assert await migrate(settings.database_url, name) == ["012_partition_trees"]
+        assert (await migrate(settings.database_url, name))[0] == "012_partition_trees"  # then any later ones
         await conn.execute(f"SET search_path TO {quote_schema(name)}")
         assert await conn.fetchval("SELECT kafka_partition IS NULL FROM checkpoints") is True
         assert await conn.fetchval("SELECT to_regclass('tlog_state')") is None
