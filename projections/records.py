@@ -93,6 +93,7 @@ class BatchResult:
     rows: Counter[str] = field(default_factory=Counter)
     cost_usd: Decimal = Decimal(0)
     times: list[datetime] = field(default_factory=list)  # of the events projected, in the same order
+    lock_wait_s: float = 0.0  # in the statements that take the batch's locks (``projections.postgres.db.LockWaits``)
 
     @property
     def rejected(self) -> Counter[str]:
@@ -103,4 +104,5 @@ class BatchResult:
         """Both results as one (a batch applied in parts)."""
         return BatchResult(self.projected + other.projected, self.duplicates + other.duplicates,
                            self.parked + other.parked, self.dead + other.dead, self.retry + other.retry,
-                           self.rows + other.rows, self.cost_usd + other.cost_usd, self.times + other.times)
+                           self.rows + other.rows, self.cost_usd + other.cost_usd, self.times + other.times,
+                           self.lock_wait_s + other.lock_wait_s)

@@ -392,6 +392,11 @@ ORDER BY index;
 SELECT a.raw, a.leaf_index, a.kafka_topic, a.kafka_partition, a.kafka_offset, a.tree FROM audit_log a
 WHERE a.event_id = $1::uuid;
 
+-- name: round_idle_bound
+-- A signer round in a worker reads the log between its statements: its transaction may idle for up to 10 minutes,
+-- not a batch's few seconds (RUNLEDGER_DB_IDLE_IN_TRANSACTION_TIMEOUT_S), and only it.
+SELECT set_config('idle_in_transaction_session_timeout', '10min', true);
+
 -- One signer round of a schema at a time (a worker's timer, `runledger signer`, `runledger checkpoint`).
 -- name: checkpoint_try_lock
 SELECT pg_try_advisory_xact_lock(hashtext('runledger.checkpoint:' || current_schema()));

@@ -42,6 +42,11 @@ BATCH_RECORDS = Histogram("runledger_batch_records", "Records per applied batch"
                           buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 BATCH_SECONDS = Histogram("runledger_batch_commit_seconds", "Time to apply and commit one batch in PostgreSQL",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+LOCK_WAIT = Histogram("runledger_batch_lock_wait_seconds", "Time one committed batch spent taking its locks (the "
+                      "apply lock, its streams', its partitions' tree rows), its attempts that timed out included",
+                      buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0))
+LOCK_TIMEOUTS = Counter("runledger_batch_lock_timeouts", "Batch attempts that gave up waiting for a lock "
+                        "(RUNLEDGER_DB_LOCK_TIMEOUT_S) and were tried again in place")
 LATENCY = Histogram("runledger_event_latency_seconds", "From an event's time to the commit of the batch that "
                     "projected it", buckets=_LATENCY_BUCKETS)
 LAG = Gauge("runledger_consumer_lag_records", "Records of the log this worker has not projected and committed yet, "
@@ -109,12 +114,14 @@ def declare(delays: Iterable[str] = ()) -> None:
 
 
 def observe_batch(result: BatchResult, source: str, records: int, seconds: float,
-                  delays: Sequence[str], times: Iterable[datetime]) -> None:
-    """Count one applied batch: ``records`` read from ``source`` (log or retry), applied in ``seconds``;
-    ``delays``: the retry delay of each event sent to a retry topic; ``times``: the projected events' times."""
+                  delays: Sequence[str], times: Iterable[datetime], lock_wait_s: float) -> None:
+    """Count one applied batch: ``records`` read from ``source`` (log or retry), applied in ``seconds``, of which
+    ``lock_wait_s`` taking its locks; ``delays``: the retry delay of each event sent to a retry topic; ``times``:
+    the projected events' times."""
     RECORDS.labels(source).inc(records)
     BATCH_RECORDS.observe(records)
     BATCH_SECONDS.observe(seconds)
+    LOCK_WAIT.observe(lock_wait_s)
     PROJECTED.inc(len(result.projected))
     DUPLICATES.inc(result.duplicates)
     PARKED.inc(result.parked)

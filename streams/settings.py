@@ -175,6 +175,30 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="RUNLEDGER_METRICS_PORT: the port a worker serves /metrics on; the next "
         "free one of the 20 from it if taken (several workers on one host); 0: no metrics endpoint")
+    db_lock_timeout_s: float = Field(
+        5.0, gt=0, description="RUNLEDGER_DB_LOCK_TIMEOUT_S: how long a worker's statement waits for a lock (the "
+        "apply lock, a stream's, a partition's tree row) before its batch rolls back and is tried again in place "
+        "(PostgreSQL's lock_timeout)")
+    db_idle_in_transaction_timeout_s: float = Field(
+        10.0, gt=0, description="RUNLEDGER_DB_IDLE_IN_TRANSACTION_TIMEOUT_S: PostgreSQL ends a worker's session that "
+        "sits this long inside a transaction without sending a statement (a process frozen mid-batch), releasing "
+        "its locks (idle_in_transaction_session_timeout)")
+    db_keepalives_idle_s: int = Field(
+        10, ge=1, description="RUNLEDGER_DB_KEEPALIVES_IDLE_S: PostgreSQL probes a silent worker connection after "
+        "this many seconds (tcp_keepalives_idle)")
+    db_keepalives_interval_s: int = Field(
+        5, ge=1, description="RUNLEDGER_DB_KEEPALIVES_INTERVAL_S: then once every this many seconds "
+        "(tcp_keepalives_interval)")
+    db_keepalives_count: int = Field(
+        3, ge=1, description="RUNLEDGER_DB_KEEPALIVES_COUNT: and drops it after this many probes unanswered "
+        "(tcp_keepalives_count); data it sent that stays unacknowledged as long drops it too (tcp_user_timeout)")
+    worker_session_timeout_s: float = Field(
+        6.0, ge=1, description="RUNLEDGER_WORKER_SESSION_TIMEOUT_S: a worker that stops sending Kafka heartbeats "
+        "(one every third of it) this long loses its partitions to the others (the consumers' session.timeout.ms; "
+        "Kafka's group.min.session.timeout.ms, 6 s by default, is the least a broker accepts)")
+    test_stop_after_locks: bool = Field(
+        False, description="RUNLEDGER_TEST_STOP_AFTER_LOCKS: tests only: a worker stops itself (SIGSTOP) once, in "
+        "its first batch, after the batch has taken its locks and before it commits: a frozen worker on cue")
     checkpoint_origin: str = Field(
         "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
         description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")
@@ -256,6 +280,18 @@ class Settings(BaseSettings):
     @property
     def events_topic(self) -> str:
         return f"{self.topic_prefix}.events"
+
+    @property
+    def db_session(self) -> dict[str, str]:
+        """The PostgreSQL session settings of the connections that act as the worker role, which bound how long
+        they wait for a lock, and how long a stopped or vanished client keeps its locks and its connection."""
+        dead_after_s = self.db_keepalives_idle_s + self.db_keepalives_interval_s * self.db_keepalives_count
+        return {"lock_timeout": f"{round(self.db_lock_timeout_s * 1000)}ms",
+                "idle_in_transaction_session_timeout": f"{round(self.db_idle_in_transaction_timeout_s * 1000)}ms",
+                "tcp_keepalives_idle": str(self.db_keepalives_idle_s),
+                "tcp_keepalives_interval": str(self.db_keepalives_interval_s),
+                "tcp_keepalives_count": str(self.db_keepalives_count),
+                "tcp_user_timeout": str(dead_after_s * 1000)}
 
     @property
     def checkpoint_key_path(self) -> Path:

@@ -4,10 +4,17 @@ Every driver or network error is translated here into one of runledger's
 error classes: the database is unavailable or busy (transient: try again
 later), or it refuses this data (``RejectedByDatabase``, permanent: the record
 that caused it is dead-lettered alone, see ``runledger.projections.postgres.store``).
+
+A lock that another transaction holds past ``lock_timeout`` is ``StoreLockTimeout``: the database answers, the
+work is only to be tried again in place. ``connect`` takes the session settings that bound how long a
+connection waits for a lock and how long a client that stopped (frozen, partitioned, dead) keeps its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -17,8 +24,9 @@ from runledger.projections.postgres.queries import migrations, quote_schema
 from runledger.projections.records import pg_text
 from runledger.schemas.errors import PermanentError, RunledgerError, TransientError
 
-__all__ = ["NOTIFY_CHANNEL", "RejectedByDatabase", "StoreConflict", "StoreTimeout", "StoreUnavailable",
-           "cannot_connect", "connect", "connect_one", "database_error", "migrate", "pending_migrations"]
+__all__ = ["NOTIFY_CHANNEL", "LockWaits", "RejectedByDatabase", "StoreConflict", "StoreLockTimeout", "StoreTimeout",
+           "StoreUnavailable", "cannot_connect", "connect", "connect_one", "database_error", "migrate",
+           "pending_migrations"]
 
 NOTIFY_CHANNEL = "runledger_projected"
 
@@ -41,6 +49,40 @@ class StoreTimeout(StoreUnavailable):
     code = "database_timeout"
 
 
+class StoreLockTimeout(StoreUnavailable):
+    """Another transaction held a lock this one needs past ``lock_timeout`` (RUNLEDGER_DB_LOCK_TIMEOUT_S; SQLSTATE
+    55P03), and this one rolled back, releasing its own. PostgreSQL is up: a worker tries the batch again in place,
+    never sends it to the retry topics (its copies would wait for the same lock). If it lasts, find the holder
+    (``SELECT pid, state, xact_start, query FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(<waiter>))``):
+    a process frozen mid-transaction is ended by PostgreSQL after RUNLEDGER_DB_IDLE_IN_TRANSACTION_TIMEOUT_S.
+
+    ``waited_s``: how long the attempt waited in the statements that take its locks (``LockWaits``)."""
+
+    code = "database_lock_timeout"
+
+    def __init__(self, message: str, waited_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.waited_s = waited_s
+
+
+class LockWaits:
+    """Seconds spent in the statements that take a batch's locks: the wait for the locks, and a round trip each.
+    A statement that gave up waiting (``StoreLockTimeout``) counts too."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 class RejectedByDatabase(PermanentError):
     """PostgreSQL refuses to store this data (SQLSTATE classes 22, 23 and others not known to be transient).
 
@@ -53,8 +95,8 @@ class RejectedByDatabase(PermanentError):
 # SQLSTATE classes that say something about the server or the schema, not about the data: connection (08),
 # transaction state (25, 26), authorization (28), missing database or schema (3D, 3F), rollback (40),
 # privileges and missing objects (42: an operator's mistake must not dead-letter every record), resources (53),
-# object state and locks (55), operator intervention (57), system (58), configuration (F0), feature (0A: a
-# cached plan gone stale after a migration).
+# object state and locks (55; 55P03, a lock timeout, is StoreLockTimeout), operator intervention (57), system (58),
+# configuration (F0), feature (0A: a cached plan gone stale after a migration).
 _TRANSIENT_CLASSES = frozenset({"08", "25", "26", "28", "3D", "3F", "40", "42", "53", "55", "57", "58", "F0", "0A"})
 _CONFLICTS = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError)
 _NETWORK = (ConnectionError, OSError, TimeoutError, asyncpg.InterfaceError)
@@ -66,6 +108,8 @@ def database_error(e: BaseException, what: str) -> RunledgerError | None:
         return e
     if isinstance(e, _CONFLICTS):
         return StoreConflict(f"{what}: {e}")
+    if isinstance(e, asyncpg.LockNotAvailableError):
+        return StoreLockTimeout(f"{what}: {e}")
     if isinstance(e, TimeoutError | asyncpg.QueryCanceledError):
         return StoreTimeout(f"{what}: timed out ({e or type(e).__name__})")
     if isinstance(e, asyncpg.DataError):  # refused while encoding a parameter (an integer out of range, say)
@@ -97,11 +141,13 @@ def cannot_connect(database_url: str, e: BaseException, what: str = "connect to"
                             f"{unquote(parts.username or '') or 'the default user'}: {message}")
 
 
-async def connect(database_url: str, schema: str, *, min_size: int = 0, max_size: int = 4) -> asyncpg.Pool:
+async def connect(database_url: str, schema: str, *, min_size: int = 0, max_size: int = 4,
+                  session: Mapping[str, str] | None = None) -> asyncpg.Pool:
     """A pool whose connections use ``schema``, logged in as the URL's user: the worker's own login
-    (``Settings.database_dsn("worker")``), with no role it could SET ROLE to, or the owner's for operator work."""
-    # A startup parameter, not SET: the pool's RESET ALL on release returns to it.
-    server_settings = {"search_path": quote_schema(schema)}
+    (``Settings.database_dsn("worker")``), with no role it could SET ROLE to, or the owner's for operator work.
+    ``session``: more PostgreSQL settings of its sessions, such as ``Settings.db_session``'s bounds."""
+    # Startup parameters, not SET: the pool's RESET ALL on release returns to them.
+    server_settings = {**(session or {}), "search_path": quote_schema(schema)}
     try:
         return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
                                          command_timeout=60, init=_init_connection, server_settings=server_settings)

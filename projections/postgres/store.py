@@ -12,6 +12,11 @@ the same transaction; they are published after it commits
 A batch that PostgreSQL refuses is split in halves, and each half applied on
 its own, until the record that causes the refusal stands alone: it alone is
 dead-lettered as ``rejected_by_database``, and the rest is projected.
+
+A batch takes its locks in one order: the apply lock (shared), its streams' advisory locks, then, last, the
+rows of its partitions' trees. The time spent in those statements is the batch's ``lock_wait_s``; a lock
+held by another transaction past ``lock_timeout`` fails the attempt with ``StoreLockTimeout``, for the caller
+to try again in place.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +44,14 @@ from runledger.projections.planner import (
     ProjectedEvent,
     decoded,
 )
-from runledger.projections.postgres.db import RejectedByDatabase, StoreConflict, StoreUnavailable, database_error
+from runledger.projections.postgres.db import (
+    LockWaits,
+    RejectedByDatabase,
+    StoreConflict,
+    StoreLockTimeout,
+    StoreUnavailable,
+    database_error,
+)
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.trees import grow
 from runledger.projections.pricing import ModelPrice, PriceCatalog
@@ -67,14 +79,18 @@ class ProjectionStore:
     """Applies batches of log records to the projection tables of one schema.
 
     ``max_attempts`` is how many deliveries a record gets before a transient failure
-    becomes the dead letter ``retries_exhausted`` (1 + the retry topics' count).
+    becomes the dead letter ``retries_exhausted`` (1 + the retry topics' count). ``after_locks``, if given, is
+    awaited in each transaction once the batch holds all its locks, before it commits (a fault injected by tests:
+    ``Settings.test_stop_after_locks``).
     """
 
-    def __init__(self, pool: asyncpg.Pool, catalog: PriceCatalog, group_id: str, *, max_attempts: int = 6) -> None:
+    def __init__(self, pool: asyncpg.Pool, catalog: PriceCatalog, group_id: str, *, max_attempts: int = 6,
+                 after_locks: Callable[[], Awaitable[None]] | None = None) -> None:
         self._pool = pool
         self.catalog = catalog
         self._group_id = group_id
         self.max_attempts = max_attempts
+        self._after_locks = after_locks
 
     @staticmethod
     async def save_catalog(pool: asyncpg.Pool, catalog: PriceCatalog) -> None:
@@ -172,22 +188,29 @@ class ProjectionStore:
 
     async def _attempt(self, conn: asyncpg.Connection, records: Sequence[Decoded], route: Route | None, *,
                        follow_parked: bool = True, refused: PermanentError | None = None) -> BatchResult:
+        waits = LockWaits()  # over the tries
         for tries in range(1, _CONFLICT_TRIES + 1):
             try:
                 async with conn.transaction():
                     # Shared: batches run side by side; `runledger rebuild` takes it exclusively to switch over.
-                    await conn.execute(query("apply_lock"))
+                    with waits.timing():
+                        await conn.execute(query("apply_lock"))
                     result = await self._run(conn, records, route, Policy(
-                        self.max_attempts, route is not None, follow_parked, refused))
+                        self.max_attempts, route is not None, follow_parked, refused), waits)
+                    if self._after_locks is not None:
+                        await self._after_locks()
                     if result.projected or result.dead:
                         await conn.execute(query("notify_projected"))  # wakes `runledger wait`, on commit
-                    return result
+                result.lock_wait_s = waits.seconds
+                return result
             except Exception as e:
                 error = database_error(e, f"batch of {len(records)} records not applied")
                 if error is None:
                     log.exception("a batch of %d records failed in runledger's own code", len(records))
                     error = ProcessingFailed(pg_text(f"{type(e).__name__}: {e}"))
-                if isinstance(error, StoreConflict) and tries < _CONFLICT_TRIES:
+                if isinstance(error, StoreLockTimeout):
+                    error.waited_s = waits.seconds
+                elif isinstance(error, StoreConflict) and tries < _CONFLICT_TRIES:
                     await asyncio.sleep(0.05 * tries * (0.5 + random.random()))  # noqa: S311 - jitter
                     continue
                 if isinstance(e, asyncpg.UniqueViolationError):
@@ -196,15 +219,16 @@ class ProjectionStore:
         raise AssertionError("unreachable")
 
     async def _run(self, conn: asyncpg.Connection, records: Sequence[Decoded], route: Route | None,
-                   policy: Policy) -> BatchResult:
+                   policy: Policy, waits: LockWaits) -> BatchResult:
         planner = BatchPlanner(self.catalog, policy, datetime.now(UTC))
         planner.add(records)
         loaded = Loaded()
         if streams := planner.streams:
-            await conn.fetchval(query("lock_streams"), streams)
+            with waits.timing():
+                await conn.fetchval(query("lock_streams"), streams)
             loaded = await _load(conn, streams, planner.event_ids, follow_parked=policy.follow_parked)
         plan = planner.plan(loaded)
-        await _write(conn, plan, route, self._group_id)
+        await _write(conn, plan, route, self._group_id, waits)
         return plan.result
 
     async def apply_until_done(self, records: Sequence[LogRecord]) -> BatchResult:
@@ -238,7 +262,8 @@ def _parked_record(row: asyncpg.Record, attempts: int = 0) -> LogRecord:
                      bytes(row["value"]), attempts=attempts)
 
 
-async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, group_id: str) -> None:
+async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, group_id: str,
+                 waits: LockWaits) -> None:
     """Write ``plan``; ``plan.result.rows`` counts the rows written per table, leaving out tables not changed."""
     if plan.executions:
         await conn.execute(query("upsert_executions"), *_columns(plan.executions))
@@ -263,14 +288,14 @@ async def _write(conn: asyncpg.Connection, plan: Plan, route: Route | None, grou
     if plan.offsets:
         await conn.executemany(query("save_offset"), [(group_id, *o) for o in plan.offsets])
     if plan.audit or plan.fresh:  # last: the locks of the partitions' trees are held until commit
-        await _append_audit(conn, plan)
+        await _append_audit(conn, plan, waits)
     result.rows = Counter({table: n for table, n in result.rows.items() if n})
 
 
-async def _append_audit(conn: asyncpg.Connection, plan: Plan) -> None:
+async def _append_audit(conn: asyncpg.Connection, plan: Plan, waits: LockWaits) -> None:
     """The leaves of the records read from the log now, and the audit rows, each with its leaf."""
     positions = [(row[_AUDIT_TOPIC], row[_AUDIT_PARTITION], row[_AUDIT_OFFSET]) for row in plan.audit]
-    leaves = await grow(conn, plan.fresh, positions)
+    leaves = await grow(conn, plan.fresh, positions, waits)
     if plan.audit:
         await conn.copy_records_to_table(
             "audit_log", records=[(*row, *leaves.get(at, (None, None))) for row, at in zip(plan.audit, positions,

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from runledger.projections.postgres.db import LockWaits
 from runledger.projections.postgres.queries import query
 from runledger.projections.records import LogRecord
 from runledger.schemas.errors import TransientError
@@ -68,21 +69,23 @@ class StoredTree:
                    tuple(bytes(p) for p in row["peaks"]))
 
 
-async def grow(conn: asyncpg.Connection, fresh: Sequence[LogRecord],
-               wanted: Sequence[Position]) -> dict[Position, tuple[int, int]]:
+async def grow(conn: asyncpg.Connection, fresh: Sequence[LogRecord], wanted: Sequence[Position],
+               waits: LockWaits) -> dict[Position, tuple[int, int]]:
     """Append the leaves of the ``fresh`` records not in their partition's tree yet (in offset order, under the
     trees' row locks, held until commit), and return the (tree, leaf index) of each position in ``wanted``
-    that is a leaf (a record read before this batch is found by its offset)."""
+    that is a leaf (a record read before this batch is found by its offset). ``waits`` counts the time spent
+    taking the row locks."""
     found: dict[Position, tuple[int, int]] = {}
     by_partition: dict[tuple[str, int], dict[int, bytes]] = defaultdict(dict)
     for r in fresh:
         by_partition[r.topic, r.partition][r.offset] = r.value
     for topic in sorted({t for t, _ in by_partition}):
         partitions = sorted(p for t, p in by_partition if t == topic)
-        rows = await conn.fetch(query("tree_lock"), topic, partitions)
-        if len(rows) < len(partitions):  # a partition's first leaf: its tree starts
-            await conn.execute(query("tree_create"), topic, partitions)
+        with waits.timing():
             rows = await conn.fetch(query("tree_lock"), topic, partitions)
+            if len(rows) < len(partitions):  # a partition's first leaf: its tree starts
+                await conn.execute(query("tree_create"), topic, partitions)
+                rows = await conn.fetch(query("tree_lock"), topic, partitions)
         for row in rows:
             records = by_partition[topic, row["partition"]]
             new = sorted(o for o in records if o >= row["next_offset"])

@@ -93,6 +93,7 @@ async def sign_if_due(log_signer: LogSigner, pool: asyncpg.Pool, interval_s: flo
     """What a worker does on its checkpoint timer: a round of its (started) signer, unless another worker or
     signer is in one or one was signed within ``interval_s``."""
     async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(query("round_idle_bound"))
         if not await conn.fetchval(query("checkpoint_try_lock")):
             return None
         if not await conn.fetchval(query("checkpoint_due"), interval_s):

@@ -23,8 +23,10 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -81,10 +83,12 @@ class _Ready:
     signers: dict[str, LogSigner] = field(default_factory=dict)  # by key: each keeps what it read between rounds
 
 
-async def worker_pool(settings: Settings) -> asyncpg.Pool:
+async def worker_pool(settings: Settings, *, max_size: int = 4) -> asyncpg.Pool:
     """The worker's connections: its own login (runledger_worker), a member of no role it could SET ROLE to, never
-    the owner's; ``check_schema`` has found the schema migrated before the app starts."""
-    return await connect(settings.database_dsn("worker"), settings.db_schema)
+    the owner's, with the bounds of ``Settings.db_session``; ``check_schema`` has found the schema migrated before
+    the app starts."""
+    return await connect(settings.database_dsn("worker"), settings.db_schema, max_size=max_size,
+                         session=settings.db_session)
 
 
 async def check_schema(settings: Settings) -> None:
@@ -198,16 +202,18 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
     pool = await worker_pool(settings)
     catalog = load_tokencost_catalog()
     await ProjectionStore.save_catalog(pool, catalog)
-    store = ProjectionStore(pool, catalog, settings.consumer_group, max_attempts=schedule.max_attempts)
+    store = ProjectionStore(pool, catalog, settings.consumer_group, max_attempts=schedule.max_attempts,
+                            after_locks=_stop_once() if settings.test_stop_after_locks else None)
     kafka = client_options(settings)
     forwarder = Forwarder(kafka, schedule, settings.db_schema)
     await forwarder.start()
     log_consumer = LogConsumer(kafka, settings.events_topic, settings.consumer_group,
-                               store, pool, send)
+                               store, pool, send, session_timeout_s=settings.worker_session_timeout_s)
     ready.set_result(_Ready(pool, BatchHandler(store, forwarder, pool), log_consumer))
     tune_gc()
     retries = [RetryConsumer(kafka, topic, delay,
-                             f"{settings.consumer_group}.retry.{delay_name(delay)}", send)
+                             f"{settings.consumer_group}.retry.{delay_name(delay)}", send,
+                             session_timeout_s=settings.worker_session_timeout_s)
                for delay, topic in schedule.topics]
     consumers: list[LogConsumer | RetryConsumer] = [log_consumer, *retries]
     tasks = [asyncio.create_task(c.run()) for c in consumers]
@@ -224,6 +230,21 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
             await log_signer.stop()
         await forwarder.stop()
         await pool.close()
+
+
+def _stop_once() -> Callable[[], Awaitable[None]]:
+    """``Settings.test_stop_after_locks``: the first batch to hold its locks stops this process (SIGSTOP) before
+    it commits, as a VM freeze or a partition would; SIGCONT resumes it."""
+    stopped = False
+
+    async def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            log.warning("RUNLEDGER_TEST_STOP_AFTER_LOCKS: stopping this process (SIGSTOP) with its batch's locks held")
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    return stop
 
 
 async def _sweep_staged(settings: Settings) -> None:

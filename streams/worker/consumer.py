@@ -54,12 +54,13 @@ _LAG_REFRESH_S = 5.0  # while a batch is being applied for longer, the log's end
 _FETCH_BYTES = 4 * MAX_EVENT_BYTES  # a record over the limit still arrives, and is dead-lettered as too_large
 
 
-def _consumer(kafka: Mapping[str, Any], group_id: str | None, *, fetch_wait_ms: int = 500) -> AIOKafkaConsumer:
+def _consumer(kafka: Mapping[str, Any], group_id: str | None, *, session_timeout_s: float = 6.0,
+              fetch_wait_ms: int = 500) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         **kafka, group_id=group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", max_partition_fetch_bytes=_FETCH_BYTES, fetch_max_bytes=4 * _FETCH_BYTES,
         # Tansu holds a join for half the session timeout of the group's first member.
-        session_timeout_ms=6000, heartbeat_interval_ms=2000,
+        session_timeout_ms=round(session_timeout_s * 1000), heartbeat_interval_ms=round(session_timeout_s * 1000 / 3),
         # The embedded broker holds a fetch of an empty partition this long even when records arrive meanwhile:
         # on the log, it bounds how long a new event waits to be read (p99 at 2,000 events/s: 505 ms with 500).
         fetch_max_wait_ms=fetch_wait_ms)
@@ -116,10 +117,12 @@ class LogConsumer:
     batch N is applied; N+1 is applied only after N is, and each is committed to Kafka after it is applied."""
 
     def __init__(self, kafka: Mapping[str, Any], topic: str, group_id: str, store: ProjectionStore,
-                 pool: asyncpg.Pool, project: Projector, *, max_records: int = 5000) -> None:
+                 pool: asyncpg.Pool, project: Projector, *, max_records: int = 5000,
+                 session_timeout_s: float = 6.0) -> None:
         self.topic, self._group_id = topic, group_id
         self._store, self._pool, self._project, self._max_records = store, pool, project, max_records
-        self._consumer = _consumer(kafka, group_id, fetch_wait_ms=_LOG_FETCH_WAIT_MS)
+        self._consumer = _consumer(kafka, group_id, session_timeout_s=session_timeout_s,
+                                   fetch_wait_ms=_LOG_FETCH_WAIT_MS)
         self._checker = _consumer(kafka, None)
         self.held: dict[int, str] = {}  # partitions not projected, and why
         self._checking = asyncio.Lock()  # one check at a time: they share the checker's assignment
@@ -331,9 +334,9 @@ class RetryConsumer:
     """Reads one retry topic: waits until each batch is due, then projects it. ``run()`` until cancelled."""
 
     def __init__(self, kafka: Mapping[str, Any], topic: str, delay: float, group_id: str,
-                 project: Projector) -> None:
+                 project: Projector, *, session_timeout_s: float = 6.0) -> None:
         self.topic, self._delay, self._project = topic, delay, project
-        self._consumer = _consumer(kafka, group_id)
+        self._consumer = _consumer(kafka, group_id, session_timeout_s=session_timeout_s)
         self._depth = metrics.RETRY_DEPTH.labels(delay_name(delay))
 
     async def run(self) -> None:

@@ -14,7 +14,8 @@ sends the whole batch one step along the retry schedule straight to Kafka (there
 is no transaction to write an outbox in) instead of blocking every stream
 behind it. Records that have used up the schedule while PostgreSQL is still
 down stay where they are and are tried again in place: their dead letter needs
-the database, and an outage is not the event's fault.
+the database, and an outage is not the event's fault. A lock held by another
+transaction past ``lock_timeout`` is no outage: the batch is tried again in place.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from runledger.projections.planner import Decoded, as_record
-from runledger.projections.postgres.db import StoreUnavailable
+from runledger.projections.postgres.db import StoreLockTimeout, StoreUnavailable
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
 from runledger.projections.records import BatchResult, Failure, LogRecord
@@ -167,10 +168,19 @@ class BatchHandler:
         Returns once every record is projected, parked, dead-lettered or safe in a retry topic (or in the
         outbox, which is published here after the commit, or later if Kafka is down)."""
         pause = 0.2
+        lock_wait = 0.0  # in attempts that gave up waiting for a lock
         while True:
             try:
                 started = time.perf_counter()
                 result = await self._store.apply_batch(records, route=self._forwarder.schedule.route)
+            except StoreLockTimeout as e:
+                # PostgreSQL is up and another transaction holds a lock (a worker frozen mid-batch, until PostgreSQL
+                # ends its session): the same batch again, here. Copies in a retry topic would wait for that lock.
+                metrics.LOCK_TIMEOUTS.inc()
+                lock_wait += e.waited_s
+                log.warning("%s; trying the batch again in place", e)
+                await asyncio.sleep(0.1 * (0.5 + random.random()))  # noqa: S311 - jitter
+                continue
             except StoreUnavailable as e:
                 try:
                     records = await self._forwarder.retry_all([as_record(r) for r in records], e)
@@ -184,7 +194,7 @@ class BatchHandler:
                     log.warning("%s; %d records cannot go to a retry topic: trying them again in place", e,
                                 len(records))
             else:
-                self._observe(records, result, time.perf_counter() - started)
+                self._observe(records, result, time.perf_counter() - started, lock_wait + result.lock_wait_s)
                 for f in result.retry:
                     log.info("retry %s seq %s attempt %d: %s", f.stream_id, f.seq, f.attempts, f.error.code)
                 for f in result.dead:
@@ -196,14 +206,15 @@ class BatchHandler:
             await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter
             pause = min(pause * 2, 5.0)
 
-    def _observe(self, records: Sequence[LogRecord | Decoded], result: BatchResult, seconds: float) -> None:
+    def _observe(self, records: Sequence[LogRecord | Decoded], result: BatchResult, seconds: float,
+                 lock_wait_s: float) -> None:
         """Count the committed batch; never raises (the batch is done whatever the metrics say)."""
         try:
             schedule = self._forwarder.schedule
             first = as_record(records[0]) if records else None
             source = "retry" if first is not None and first.topic != f"{schedule.prefix}.events" else "log"
             delays = [delay_name(step[0]) for f in result.retry if (step := schedule.after(f.attempts)) is not None]
-            metrics.observe_batch(result, source, len(records), seconds, delays, result.times)
+            metrics.observe_batch(result, source, len(records), seconds, delays, result.times, lock_wait_s)
         except Exception:
             log.exception("counting a batch in the metrics failed; the batch is committed")
 
