@@ -141,13 +141,22 @@ WHERE group_id = $1 AND topic = $2 AND partition = $3;
 INSERT INTO outbox (topic, key, value, headers, dead_letter_id) VALUES ($1, $2, $3, $4, $5);
 
 -- name: outbox_claim
--- Other publishers skip the rows one holds; the lock lasts while their copies are sent.
-SELECT o.id, o.topic, o.key, coalesce(o.value, d.value) AS value, o.headers, o.dead_letter_id
-FROM outbox o LEFT JOIN dead_letters d ON d.id = o.dead_letter_id
-ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED;
+-- Up to $1 rows no publisher holds (or whose claim ran out: its publisher died or froze), oldest first, claimed for
+-- $2 seconds: a time in the row, not a lock, so no transaction stays open while their copies are sent.
+WITH claimed AS (
+    UPDATE outbox SET claimed_until = now() + make_interval(secs => $2)
+    WHERE id IN (SELECT id FROM outbox WHERE claimed_until IS NULL OR claimed_until < now()
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING id, topic, key, value, headers, dead_letter_id)
+SELECT c.id, c.topic, c.key, coalesce(c.value, d.value) AS value, c.headers, c.dead_letter_id
+FROM claimed c LEFT JOIN dead_letters d ON d.id = c.dead_letter_id ORDER BY c.id;
 
 -- name: outbox_done
 DELETE FROM outbox WHERE id = ANY($1::bigint[]);
+
+-- name: outbox_release
+-- Rows claimed whose copies Kafka did not acknowledge: free for the next publisher now.
+UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[]);
 
 -- name: outbox_backlog
 SELECT count(*) AS rows, min(created_at) AS oldest FROM outbox;

@@ -204,12 +204,15 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
     await ProjectionStore.save_catalog(pool, catalog)
     store = ProjectionStore(pool, catalog, settings.consumer_group, max_attempts=schedule.max_attempts,
                             after_locks=_stop_once() if settings.test_stop_after_locks else None)
+    # The outbox is published on a connection of its own: a slow broker never holds one the batches, the heartbeat
+    # or the signer need.
+    outbox_pool = await worker_pool(settings, max_size=1)
     kafka = client_options(settings)
     forwarder = Forwarder(kafka, schedule, settings.db_schema)
     await forwarder.start()
     log_consumer = LogConsumer(kafka, settings.events_topic, settings.consumer_group,
                                store, pool, send, session_timeout_s=settings.worker_session_timeout_s)
-    ready.set_result(_Ready(pool, BatchHandler(store, forwarder, pool), log_consumer))
+    ready.set_result(_Ready(pool, BatchHandler(store, forwarder, outbox_pool), log_consumer))
     tune_gc()
     retries = [RetryConsumer(kafka, topic, delay,
                              f"{settings.consumer_group}.retry.{delay_name(delay)}", send,
@@ -229,6 +232,7 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
         for log_signer in ready.result().signers.values():
             await log_signer.stop()
         await forwarder.stop()
+        await outbox_pool.close()
         await pool.close()
 
 

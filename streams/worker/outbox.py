@@ -3,11 +3,12 @@
 ``RetrySchedule.route`` turns what leaves a batch into outbox rows (the retry
 topic one step along the schedule, or the dead-letter topic), which the store
 writes in the batch's transaction; ``Forwarder.publish`` sends the outbox to Kafka
-after the commit and deletes what Kafka acknowledged. So the topics never hold
-a copy whose batch rolled back, and no lock is held across a broker round trip.
-A crash between commit and publish leaves rows that the next ``publish`` of any
-worker sends: a copy may arrive twice, never not at all (dead-letter copies
-carry their letter id).
+after the commit, on a connection of its own, and deletes what Kafka acknowledged.
+So the topics never hold a copy whose batch rolled back, and no transaction, lock
+or shared connection is held across a broker round trip (rows are claimed for a
+while instead). A crash between commit and publish, or between publish and delete,
+leaves rows that a later ``publish`` of any worker sends: a copy may arrive twice,
+never not at all (dead-letter copies carry their letter id).
 
 ``BatchHandler.handle`` applies a batch and, when PostgreSQL is unavailable,
 sends the whole batch one step along the retry schedule straight to Kafka (there
@@ -49,6 +50,7 @@ __all__ = ["BatchHandler", "Forwarder"]
 log = logging.getLogger(__name__)
 
 _SEND_TIMEOUT_S = 30.0
+_CLAIM_S = 2 * _SEND_TIMEOUT_S + 5  # a claim outlasts the slowest publish that succeeds
 _KEY_BYTES = 1024  # a longer key of a dead letter's reference copy is replaced by its SHA-256
 
 
@@ -56,8 +58,10 @@ class Forwarder:
     """Publishes the outbox to the retry topics and the dead-letter topic, and forwards whole batches while
     PostgreSQL is down."""
 
-    def __init__(self, kafka: Mapping[str, Any], schedule: RetrySchedule, schema: str) -> None:
+    def __init__(self, kafka: Mapping[str, Any], schedule: RetrySchedule, schema: str, *,
+                 claim_s: float = _CLAIM_S) -> None:
         self.schedule = schedule
+        self.claim_s = claim_s  # how long a publisher holds the outbox rows it claimed
         self.dlq_topic = dlq_topic(schedule.prefix)
         self._schema = schema
         # Tansu refuses idempotent producers (InitProducerId); a duplicate here is harmless anyway.
@@ -75,30 +79,41 @@ class Forwarder:
         await self._kafka.stop()
 
     async def publish(self, pool: asyncpg.Pool, *, limit: int = 500) -> int:
-        """Send every outbox row to Kafka, oldest first; returns how many. Raises TransientError if Kafka or
-        PostgreSQL fails: what was not acknowledged stays in the outbox for the next call."""
+        """Send every outbox row to Kafka, oldest first; returns how many. ``pool``: the publisher's own, not the
+        batches' and the heartbeat's.
+
+        No transaction is open, and no connection taken, while copies are on their way: a statement claims the
+        rows for ``claim_s`` (a time written in them, not a lock), they are sent, and a short transaction deletes
+        those Kafka acknowledged and releases the others. Rows whose publisher died or froze in between are claimed
+        again once their claim has run out, and sent again: a copy may arrive twice, never not at all (a retry
+        copy of an event already projected is a duplicate, one still failing lands on its open dead letter, a
+        dead-letter copy carries its letter id). Raises TransientError if Kafka or PostgreSQL fails; what was not
+        acknowledged is left for the next call."""
         sent = 0
         while True:
             try:
-                async with pool.acquire() as conn, conn.transaction():
-                    rows = await conn.fetch(query("outbox_claim"), limit)
-                    if not rows:
-                        return sent
-                    copies = await self._send_all(rows)
-                    await conn.executemany(query("set_dead_letter_copy"), copies)
-                    await conn.execute(query("outbox_done"), [r["id"] for r in rows])
-            except (KafkaError, TimeoutError) as e:
-                raise TransientError(f"cannot publish the outbox to Kafka: {e or type(e).__name__}") from e
+                rows = await pool.fetch(query("outbox_claim"), limit, self.claim_s)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
-                raise TransientError(f"cannot publish the outbox: {e}") from e
+                raise TransientError(f"cannot claim the outbox: {e}") from e
+            if not rows:
+                return sent
+            acked: list[int] = []
+            copies: list[tuple[int, str, int, int]] = []
+            try:
+                await self._send_all(rows, acked, copies)
+            except (KafkaError, TimeoutError) as e:
+                await self._settle(pool, rows, acked, copies)
+                raise TransientError(f"cannot publish the outbox to Kafka: {e or type(e).__name__}") from e
+            await self._settle(pool, rows, acked, copies)
             sent += len(rows)
             if len(rows) < limit:
                 return sent
 
-    async def _send_all(self, rows: list[asyncpg.Record]) -> list[tuple[int, str, int, int]]:
-        """Send the rows' copies and wait for every acknowledgement; (letter, topic, partition, offset) per letter."""
+    async def _send_all(self, rows: list[asyncpg.Record], acked: list[int],
+                        copies: list[tuple[int, str, int, int]]) -> None:
+        """Send the rows' copies and wait for every acknowledgement, noting each row acknowledged in ``acked`` and,
+        for a dead letter, (letter, topic, partition, offset) of its copy in ``copies``."""
         pending = [(row, await self._send(row, shrink=False)) for row in rows]
-        copies = []
         for row, future in pending:
             try:
                 meta = await asyncio.wait_for(future, _SEND_TIMEOUT_S)
@@ -106,9 +121,23 @@ class Forwarder:
                 if row["dead_letter_id"] is None:
                     raise
                 meta = await asyncio.wait_for(await self._send(row, shrink=True), _SEND_TIMEOUT_S)
+            acked.append(row["id"])
             if row["dead_letter_id"] is not None:
                 copies.append((row["dead_letter_id"], meta.topic, meta.partition, meta.offset))
-        return copies
+
+    async def _settle(self, pool: asyncpg.Pool, rows: list[asyncpg.Record], acked: list[int],
+                      copies: list[tuple[int, str, int, int]]) -> None:
+        """Delete the rows Kafka acknowledged (with where each letter's copy is), and release the others."""
+        done = set(acked)
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                if copies:
+                    await conn.executemany(query("set_dead_letter_copy"), copies)
+                await conn.execute(query("outbox_done"), acked)
+                await conn.execute(query("outbox_release"), [r["id"] for r in rows if r["id"] not in done])
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+            raise TransientError(f"cannot mark {len(acked)} outbox rows sent ({e}): they are sent again once their "
+                                 "claim runs out") from e
 
     async def _send(self, row: asyncpg.Record, *, shrink: bool) -> asyncio.Future:  # type: ignore[type-arg]
         value: bytes = bytes(row["value"])
@@ -157,10 +186,11 @@ class Forwarder:
 
 
 class BatchHandler:
-    """Applies a batch and routes what fails; never raises for a record, never drops one."""
+    """Applies a batch and routes what fails; never raises for a record, never drops one. ``outbox_pool``: the
+    connection the outbox is published on, apart from the store's (a pool of one)."""
 
-    def __init__(self, store: ProjectionStore, forwarder: Forwarder, pool: asyncpg.Pool) -> None:
-        self._store, self._forwarder, self._pool = store, forwarder, pool
+    def __init__(self, store: ProjectionStore, forwarder: Forwarder, outbox_pool: asyncpg.Pool) -> None:
+        self._store, self._forwarder, self._outbox_pool = store, forwarder, outbox_pool
 
     async def handle(self, records: Sequence[LogRecord | Decoded]) -> BatchResult | None:
         """Apply ``records``; None if PostgreSQL was unavailable and they went to the retry topics instead.
@@ -221,7 +251,7 @@ class BatchHandler:
     async def publish(self) -> int:
         """Publish the outbox; a failure is logged (the rows wait for the next call), never raised."""
         try:
-            return await self._forwarder.publish(self._pool)
+            return await self._forwarder.publish(self._outbox_pool)
         except Exception as e:  # noqa: BLE001 - the rows stay; publishing must not stop projecting
             log.warning("%s; the copies stay in the outbox and are sent later", e)
             return 0
