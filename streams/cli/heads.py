@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from runledger.streams.cli.common import EXIT_INVALID, Subparsers, emit
 from runledger.streams.settings import Settings
+
+if TYPE_CHECKING:
+    from runledger.streams.producer.recovery import Recovered
 
 __all__ = ["register"]
 
@@ -16,16 +20,23 @@ def register(sub: Subparsers) -> None:
     heads = sub.add_parser(
         "heads", help="the chain heads producers keep in Redis: check, recover, sweep",
         description="Each stream's head (seq, hash) lives in Redis; an append stages its batch there before "
-        "publishing it. If Redis loses its data, producers recover every head from the log before they append "
-        "again (never seq 1 for an existing stream). `check` compares Redis, the log and PostgreSQL; `recover` "
-        "recovers now; `sweep` publishes every batch a producer staged but did not publish (it failed or died), "
-        "as producers and workers do every RUNLEDGER_PRODUCER_SWEEP_S seconds.")
+        "publishing it. If Redis loses its data or restarts, producers recover the heads from the log before they "
+        "append again (never seq 1 for an existing stream), reading only what the log holds past the heads' "
+        "checkpoints. `check` compares Redis, the log and PostgreSQL; `recover` recovers now; `sweep` publishes "
+        "every batch a producer staged but did not publish (it failed or died), as the elected producer or worker "
+        "does every RUNLEDGER_PRODUCER_SWEEP_S seconds.")
     heads_sub = heads.add_subparsers(dest="action", required=True, metavar="ACTION")
     hcheck = heads_sub.add_parser("check", help="compare the heads in Redis, the log and PostgreSQL (exit status 1 "
                                   "on any disagreement)")
     hcheck.add_argument("--json", action="store_true", help="one JSON object per disagreement")
-    hrecover = heads_sub.add_parser("recover", help="move every head in Redis forward to the log's")
-    hrecover.add_argument("--json", action="store_true", help="the counts as one JSON object")
+    hrecover = heads_sub.add_parser(
+        "recover", help="move every head in Redis forward to the log's",
+        description="Reads the log from the heads' checkpoints (with --full, from offset 0), follows each stream's "
+        "chain as a worker does, moves each head in Redis forward to its end (never back), and marks the heads "
+        "complete in this run of Redis. Waits for a recovery under way in another process first.")
+    hrecover.add_argument("--full", action="store_true", help="read every partition from offset 0, not from the "
+                          "checkpoints")
+    hrecover.add_argument("--json", action="store_true", help="what was read and moved, as one JSON object")
     sweep = heads_sub.add_parser("sweep", help="publish batches left staged now (whose lease has expired)")
     sweep.add_argument("--json", action="store_true", help="one JSON object per batch published")
     heads.set_defaults(func=_cmd_heads)
@@ -57,21 +68,26 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
 def _recover(args: argparse.Namespace, settings: Settings) -> int:
     from redis.asyncio import Redis
 
-    from runledger.streams.producer.recovery import marker_key, recover_heads
+    from runledger.streams.producer.epoch import redis_errors
+    from runledger.streams.producer.recovery import recover_heads
 
-    async def recover() -> tuple[int, int]:
+    async def recover() -> Recovered | None:
         redis = Redis.from_url(settings.redis_dsn)
         try:
-            await redis.delete(marker_key(settings.topic_prefix))
-            return await recover_heads(redis, settings)
+            with redis_errors("heads recover"):
+                return await recover_heads(redis, settings, full=args.full, force=True)
         finally:
             await redis.aclose()
 
-    streams, moved = asyncio.run(recover())
+    done = asyncio.run(recover())
+    assert done is not None  # forced: it recovers, whatever the epoch
     if args.json:
-        emit({"streams": streams, "moved": moved})
+        emit({"records": done.records, "from": {str(p): o for p, o in sorted(done.starts.items())},
+              "to": {str(p): o for p, o in sorted(done.ends.items())}, "streams": len(done.streams),
+              "moved": len(done.moved)})
     else:
-        print(f"{streams} streams in the log; {moved} heads moved forward in Redis")
+        print(f"read {done.records} records of the log ({'from offset 0' if args.full else 'from the checkpoints'}): "
+              f"{len(done.streams)} streams, {len(done.moved)} heads moved forward in Redis")
     return 0
 
 

@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +43,11 @@ from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.lifecycle import check_lifecycle
 from runledger.streams import metrics
 from runledger.streams.kafka import client_options
+from runledger.streams.producer.epoch import HeadsRecovering, redis_errors
 from runledger.streams.producer.events import NewEvent, build_events, check_new_events
-from runledger.streams.producer.heads import StagedBatch, StreamBusy, StreamHeads
-from runledger.streams.producer.recovery import forget_if_restarted, recover_heads, stream_in_log
+from runledger.streams.producer.heads import StagedBatch, StreamBusy, StreamHeads, StreamState
+from runledger.streams.producer.recovery import recover_heads, stream_in_log
+from runledger.streams.producer.sweeper import Sweeper
 from runledger.streams.settings import Settings, redact_url
 from runledger.streams.topics import ensure_topics
 
@@ -75,7 +77,7 @@ class AppendConflict(PermanentError):
 
 class PublishFailed(TransientError):
     """The broker did not acknowledge a staged batch. Its outcome is unknown, but it is not lost: the
-    sweeper (of any producer or worker, every ``RUNLEDGER_PRODUCER_SWEEP_S``), or else the next append to
+    sweeper (one producer or worker, every ``RUNLEDGER_PRODUCER_SWEEP_S``), or else the next append to
     the stream, publishes it again (same ids and hashes). Retrying with the same idempotency key returns
     the events once they are in."""
 
@@ -136,11 +138,13 @@ class EventProducer:
         except KafkaError as e:
             raise TransientError(f"cannot reach Kafka at {self._settings.kafka_bootstrap_servers}: {e}") from e
         try:
-            await forget_if_restarted(self._redis, self._settings.topic_prefix)
-        except RedisError as e:
-            raise TransientError(f"cannot reach Redis at {redact_url(self._settings.redis_url)}: {e}") from e
+            with redis_errors(f"cannot reach Redis at {redact_url(self._settings.redis_url)}"):
+                await self._redis.ping()
+        except TransientError:
+            await self._kafka.stop()
+            raise
         if self._settings.producer_sweep_s > 0:
-            self._sweeper = asyncio.create_task(self._sweep_forever())
+            self._sweeper = asyncio.create_task(Sweeper(self._redis, self._settings, self.sweep).run())
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -148,7 +152,8 @@ class EventProducer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self._kafka.stop()
-        await self._redis.aclose()
+        with contextlib.suppress(RedisError):
+            await self._redis.aclose()
 
     async def __aenter__(self) -> EventProducer:
         await self.start()
@@ -177,7 +182,7 @@ class EventProducer:
         (a first event that is not ``execution.started``, an event after a terminal one: nothing
         published), AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed).
         """
-        started = perf_counter()
+        started = time.perf_counter()
         try:
             out = await self._append_batch(stream_id, events, expected_seq)
         except (PermanentError, TransientError) as e:
@@ -188,7 +193,7 @@ class EventProducer:
             raise TransientError(f"Redis failed during the append to {stream_id} ({type(e).__name__}: {e}); "
                                  "append again with the same idempotency keys") from e
         finally:
-            metrics.APPEND_SECONDS.observe(perf_counter() - started)
+            metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
         duplicates = sum(a.duplicate for a in out)
         metrics.APPENDS.labels("appended").inc(len(out) - duplicates)
         metrics.APPENDS.labels("duplicate").inc(duplicates)
@@ -200,34 +205,47 @@ class EventProducer:
         if not events:
             return []
         keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
-        token = uuid.uuid4().hex
-        await self._heads.acquire(stream_id, token, self._settings.producer_wait_s)
-        try:
-            state = await self._heads.read(stream_id, keys)
-            if not state.complete:  # Redis lost its heads: a missing head proves nothing until they are back
+        token, deadline = uuid.uuid4().hex, time.monotonic() + self._settings.producer_wait_s
+        for _ in range(3):
+            await self._heads.acquire(stream_id, token, max(0.0, deadline - time.monotonic()))
+            try:
+                state = await self._heads.read(stream_id, keys)
+                if state.complete:
+                    done = await self._append_leased(stream_id, token, state, events, keys, expected_seq)
+                    if done is not None:
+                        return done
+            finally:
                 await self._heads.release(stream_id, token)
-                await self._recover()
-                await self._heads.acquire(stream_id, token, self._settings.producer_wait_s)
-                state = await self._heads.read(stream_id, keys)
-            if state.left_behind is not None:
-                try:
-                    await self._publish(stream_id, state.left_behind)
-                    await self._heads.commit(stream_id, "", state.left_behind)
-                except PublishRefused as e:  # another producer's batch, never acknowledged to anyone: dropped
-                    log.error("%s", e)
-                state = await self._heads.read(stream_id, keys)
-            head, last_type, known = state.head, state.last_type, state.known
-            fresh = [e for e in events if e.idempotency_key not in known]
-            if fresh and expected_seq is not None and expected_seq != head.seq:
-                raise AppendConflict(stream_id, expected_seq, head.seq)
-            check_lifecycle(stream_id, head.seq, last_type or None, [e.type for e in fresh])
-            batch = build_events(self._settings.producer_source, stream_id, head, fresh)
-            if batch.refs:
-                await self._heads.stage(stream_id, token, batch)
-                await self._publish(stream_id, batch)
-                await self._heads.commit(stream_id, token, batch)
-        finally:
-            await self._heads.release(stream_id, token)
+            # Redis lost its heads, or restarted between the read and the stage: a head proves nothing until
+            # they are recovered. Nothing of this append was staged.
+            await self._recover(deadline)
+        raise HeadsRecovering(f"stream {stream_id!r}: Redis lost its chain heads again while they were recovered; "
+                              "nothing was appended")
+
+    async def _append_leased(self, stream_id: str, token: str, state: StreamState, events: Sequence[NewEvent],
+                             keys: list[str], expected_seq: int | None) -> list[Appended] | None:
+        """The append under the stream's lease, from ``state``; None if the epoch changed before the batch was
+        staged (nothing of this append published)."""
+        if state.left_behind is not None:
+            try:
+                await self._publish(stream_id, state.left_behind)
+                await self._heads.commit(stream_id, "", state.left_behind)
+            except PublishRefused as e:  # another producer's batch, never acknowledged to anyone: dropped
+                log.error("%s", e)
+            state = await self._heads.read(stream_id, keys)
+            if not state.complete:
+                return None
+        head, last_type, known = state.head, state.last_type, state.known
+        fresh = [e for e in events if e.idempotency_key not in known]
+        if fresh and expected_seq is not None and expected_seq != head.seq:
+            raise AppendConflict(stream_id, expected_seq, head.seq)
+        check_lifecycle(stream_id, head.seq, last_type or None, [e.type for e in fresh])
+        batch = build_events(self._settings.producer_source, stream_id, head, fresh)
+        if batch.refs:
+            if not await self._heads.stage(stream_id, token, batch):
+                return None
+            await self._publish(stream_id, batch)
+            await self._heads.commit(stream_id, token, batch)
         made = iter(zip(batch.refs, batch.values, strict=True))
         out = []
         for event in events:
@@ -243,10 +261,11 @@ class EventProducer:
         """Raise IllegalTransition now if ``events`` could not follow the stream's head as it is: a check before
         a multi-stream append publishes anything (``append_batch`` checks again under the stream's lease)."""
         keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
-        state = await self._heads.read(stream_id, keys)
-        if not state.complete:
-            await self._recover()
+        with redis_errors(f"checking the head of {stream_id!r}"):
             state = await self._heads.read(stream_id, keys)
+            if not state.complete:
+                await self._recover(time.monotonic() + self._settings.producer_wait_s)
+                state = await self._heads.read(stream_id, keys)
         head, last_type, left_behind = state.head, state.last_type, state.left_behind
         seen = set(state.known)
         if left_behind is not None:  # published before anything else
@@ -260,11 +279,12 @@ class EventProducer:
                 seen.add(e.idempotency_key)
         check_lifecycle(stream_id, head.seq, last_type or None, fresh)
 
-    async def _recover(self) -> None:
-        streams, moved = await recover_heads(self._redis, self._settings)
-        if streams:
-            log.warning("Redis had lost its chain heads: recovered %d streams from the log (%d heads moved)",
-                        streams, moved)
+    async def _recover(self, deadline: float) -> None:
+        done = await recover_heads(self._redis, self._settings, deadline=deadline)
+        if done is not None and done.records:
+            log.warning("Redis had lost its chain heads: recovered them from the log (%d records read from the "
+                        "heads' checkpoints, %d streams, %d heads moved forward)", done.records, len(done.streams),
+                        len(done.moved))
 
     async def wait_projected(self, appended: Appended, *, timeout: float = 30.0) -> WaitResult:
         """Read-your-writes: return once ``appended`` is projected (``status`` "projected"), rejected
@@ -312,7 +332,7 @@ class EventProducer:
             raise PublishFailed(f"stream {stream_id!r}: the broker refuses seq {batch.refs[0].seq}.."
                                 f"{batch.refs[-1].seq} ({error}), and the log cannot be read to settle it: {e}"
                                 ) from error
-        landed = [in_log.get(ref.seq) == ref.hash for ref in batch.refs]
+        landed = [(ref.seq, ref.hash) in in_log for ref in batch.refs]
         if all(landed):  # an earlier attempt put it all in the log
             await self._heads.commit(stream_id, "", batch)
             return
@@ -326,7 +346,7 @@ class EventProducer:
         if kept:
             await self._heads.commit(stream_id, "", batch.prefix(kept))
         else:
-            await self._heads.discard(stream_id, batch)
+            await self._heads.discard(stream_id, batch.batch_id)
         raise PublishRefused(f"{what}; " + (f"seq ..{batch.refs[kept - 1].seq} are in the log; " if kept else "")
                              + "the rest is not kept", kept) from error
 
@@ -334,37 +354,30 @@ class EventProducer:
         """Publish every batch left staged by a producer that failed or died, whose lease has expired, without
         waiting for the next append to its stream. Returns (stream, first seq, last seq) of each published."""
         done = []
-        for stream_id in await self._heads.staged_streams():
-            token = uuid.uuid4().hex
-            try:
-                await self._heads.acquire(stream_id, token, 0)
-            except StreamBusy:
-                continue  # a producer at work, or a lease not expired yet: the next sweep
-            try:
-                left_behind = (await self._heads.read(stream_id, [])).left_behind
-                if left_behind is None:
-                    continue
+        with redis_errors("sweeping staged batches"):
+            for stream_id in await self._heads.staged_streams():
+                token = uuid.uuid4().hex
                 try:
-                    await self._publish(stream_id, left_behind)
-                except PublishRefused as e:
-                    log.error("%s", e)
-                    continue
-                await self._heads.commit(stream_id, "", left_behind)
-                done.append((stream_id, left_behind.refs[0].seq, left_behind.refs[-1].seq))
-                log.warning("published seq %d..%d of stream %r, left staged by a producer that failed or died",
-                            left_behind.refs[0].seq, left_behind.refs[-1].seq, stream_id)
-            finally:
-                await self._heads.release(stream_id, token)
+                    await self._heads.acquire(stream_id, token, 0)
+                except StreamBusy:
+                    continue  # a producer at work, or a lease not expired yet: the next sweep
+                try:
+                    left_behind = (await self._heads.read(stream_id, [])).left_behind
+                    if left_behind is None:
+                        await self._heads.discard(stream_id, "")  # nothing staged: the stream leaves the set
+                        continue
+                    try:
+                        await self._publish(stream_id, left_behind)
+                    except PublishRefused as e:
+                        log.error("%s", e)
+                        continue
+                    await self._heads.commit(stream_id, "", left_behind)
+                    done.append((stream_id, left_behind.refs[0].seq, left_behind.refs[-1].seq))
+                    log.warning("published seq %d..%d of stream %r, left staged by a producer that failed or died",
+                                left_behind.refs[0].seq, left_behind.refs[-1].seq, stream_id)
+                finally:
+                    await self._heads.release(stream_id, token)
         return done
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.producer_sweep_s)
-            try:
-                await forget_if_restarted(self._redis, self._settings.topic_prefix)
-                await self.sweep()
-            except (TransientError, RedisError) as e:
-                log.warning("sweeping staged batches: %s", e)
 
 
 def _batches(events: list[NewEvent], size: int = 1000) -> Iterator[list[NewEvent]]:

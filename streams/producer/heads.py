@@ -8,6 +8,12 @@ dropped) in one Lua script. A producer that dies leaves a staged batch behind;
 once its lease expires, the next producer *rolls it forward*: publishes the very
 same bytes again (same event ids and hashes, so any copy already in the log is
 a duplicate, never a fork) and commits it before appending its own events.
+The streams with a staged batch are kept in the set ``<prefix>:staged`` by the
+stage and commit scripts, for the sweeper (``runledger.streams.producer.sweeper``).
+
+Reading the head and staging both check, inside their scripts, that the heads'
+epoch names this run of Redis (``runledger.streams.producer.epoch``): an append
+never goes on from heads that a restart or a flush may have lost.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import orjson
 from redis.asyncio import Redis
@@ -25,8 +31,9 @@ from runledger.schemas.chain import Head
 from runledger.schemas.errors import TransientError
 from runledger.schemas.lifecycle import TERMINAL_TYPES
 from runledger.streams import metrics
+from runledger.streams.producer.epoch import EPOCH_LUA, RELEASE_IF_HELD, epoch_key
 
-__all__ = ["AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState"]
+__all__ = ["RELEASE_IF_HELD", "AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState"]
 
 
 class StreamBusy(TransientError):
@@ -82,36 +89,45 @@ class StagedBatch:
                    [AppendRef(*r) for r in obj["refs"]], obj["keys"], obj.get("type", ""))
 
 
-_STAGE = """
+# KEYS: head, pending, epoch, idempotency. ARGV: the idempotency keys asked for.
+_READ = EPOCH_LUA + """
+local known = {}
+for i = 1, #ARGV do known[i] = redis.call('HGET', KEYS[4], ARGV[i]) end
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGET', KEYS[2], 'blob'), epoch_current(KEYS[3]) and 1 or 0, known}
+"""
+
+# KEYS: lease, pending, epoch, staged. ARGV: token, batch id, blob, stream id.
+_STAGE = EPOCH_LUA + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if not epoch_current(KEYS[3]) then return -2 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 redis.call('HSET', KEYS[2], 'batch', ARGV[2], 'blob', ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[4])
 return 1
 """
 
-# KEYS: pending, head, idempotency, lease. ARGV: batch id, last seq, last hash, token, last type, how long the
-# idempotency keys live from now in ms (0: for ever; set once the stream has ended), key/value pairs...
+# KEYS: pending, head, idempotency, lease, staged. ARGV: batch id, last seq, last hash, token, last type, how long
+# the idempotency keys live from now in ms (0: for ever; set once the stream has ended), stream id, key/value
+# pairs... Needs no epoch: a batch still staged was staged on a head that Redis still has.
 _COMMIT = """
 local committed = 0
 if redis.call('HGET', KEYS[1], 'batch') == ARGV[1] then
   redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'hash', ARGV[3], 'type', ARGV[5])
-  for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
   if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
   redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[5], ARGV[7])
   committed = 1
 end
 if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
 return committed
 """
 
-# KEYS: pending. ARGV: batch id. A batch the broker refuses for good is dropped, never published again.
+# KEYS: pending, staged. ARGV: batch id, stream id. A batch the broker refuses for good is dropped, never published
+# again; a stream in the set without a staged batch leaves it.
 _DISCARD = """
-if redis.call('HGET', KEYS[1], 'batch') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-RELEASE_IF_HELD = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[1], 'batch') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
 return 0
 """
 
@@ -120,7 +136,7 @@ return 0
 class StreamState:
     """A stream in Redis: its committed head and the type of that event (None: not recorded), a batch left
     staged by another producer, the known idempotency keys asked for, and whether Redis holds every head
-    (``complete``: else a missing head proves nothing, see ``runledger.streams.producer.recovery``)."""
+    (``complete``: the epoch is current; else a head proves nothing, see ``runledger.streams.producer.recovery``)."""
 
     head: Head
     last_type: str | None
@@ -137,6 +153,8 @@ class StreamHeads:
         self._prefix = prefix
         self._lease_ms = lease_ms
         self._ended_keys_ms = ended_keys_ms
+        self._staged = f"{prefix}:staged"
+        self._read = redis.register_script(_READ)
         self._stage = redis.register_script(_STAGE)
         self._commit = redis.register_script(_COMMIT)
         self._discard = redis.register_script(_DISCARD)
@@ -163,39 +181,37 @@ class StreamHeads:
 
     async def read(self, stream_id: str, keys: list[str]) -> StreamState:
         """What Redis knows of the stream now (see ``StreamState``)."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hgetall(self._key("head", stream_id))
-        pipe.hget(self._key("pending", stream_id), "blob")
-        pipe.exists(f"{self._prefix}:heads:complete")
-        if keys:
-            pipe.hmget(self._key("idem", stream_id), keys)
-        results: list[Any] = await pipe.execute()
-        head_raw, blob, complete = results[0], results[1], bool(results[2])
+        head_flat, blob, complete, found = await self._read(
+            keys=[self._key("head", stream_id), self._key("pending", stream_id), epoch_key(self._prefix),
+                  self._key("idem", stream_id)], args=keys)
+        head_raw = {head_flat[i]: head_flat[i + 1] for i in range(0, len(head_flat), 2)}
         head = Head(int(head_raw[b"seq"]), head_raw[b"hash"].decode()) if head_raw else Head()
         last_type = head_raw[b"type"].decode() if b"type" in head_raw else None
-        known = {}
-        if keys:
-            known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, results[3], strict=True) if v is not None}
-        return StreamState(head, last_type, StagedBatch.decode(blob) if blob else None, known, complete)
+        known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, found, strict=True) if v is not None}
+        return StreamState(head, last_type, StagedBatch.decode(blob) if blob else None, known, bool(complete))
 
-    async def stage(self, stream_id: str, token: str, batch: StagedBatch) -> None:
-        """Record ``batch`` as about to be published; raise LeaseLost if our lease is gone."""
+    async def stage(self, stream_id: str, token: str, batch: StagedBatch) -> bool:
+        """Record ``batch`` as about to be published. False: the epoch is not current (Redis restarted or lost its
+        data since the head was read: recover the heads first); LeaseLost if our lease is gone."""
         done = await self._stage(
-            keys=[self._key("lease", stream_id), self._key("pending", stream_id)],
-            args=[token, batch.batch_id, batch.encode()],
+            keys=[self._key("lease", stream_id), self._key("pending", stream_id), epoch_key(self._prefix),
+                  self._staged],
+            args=[token, batch.batch_id, batch.encode(), stream_id],
         )
+        if done == -2:
+            return False
         if done != 1:
             raise LeaseLost(f"stream {stream_id!r}: the append lease expired before the batch was staged")
+        return True
 
     async def staged_streams(self) -> list[str]:
         """The streams with a batch staged now (by a producer at work, or one that failed or died)."""
-        prefix = self._key("pending", "")
-        return sorted([key.decode()[len(prefix):] async for key in self._redis.scan_iter(match=prefix + "*",
-                                                                                         count=1000)])
+        return sorted(member.decode() for member in cast("set[bytes]", await self._redis.smembers(self._staged)))
 
-    async def discard(self, stream_id: str, batch: StagedBatch) -> None:
-        """Drop ``batch``, staged but refused by the broker for good (nothing of it is in the log)."""
-        await self._discard(keys=[self._key("pending", stream_id)], args=[batch.batch_id])
+    async def discard(self, stream_id: str, batch_id: str) -> None:
+        """Drop the batch ``batch_id``, staged but refused by the broker for good (nothing of it is in the log); the
+        stream leaves the staged set if nothing is staged for it."""
+        await self._discard(keys=[self._key("pending", stream_id), self._staged], args=[batch_id, stream_id])
 
     async def commit(self, stream_id: str, token: str, batch: StagedBatch) -> bool:
         """Advance the head past ``batch`` and release the lease. False: someone else committed it."""
@@ -205,8 +221,8 @@ class StreamHeads:
                 pairs += [key, orjson.dumps([ref.seq, ref.id, ref.hash])]
         last = batch.refs[-1]
         done = await self._commit(
-            keys=[self._key(k, stream_id) for k in ("pending", "head", "idem", "lease")],
+            keys=[*(self._key(k, stream_id) for k in ("pending", "head", "idem", "lease")), self._staged],
             args=[batch.batch_id, last.seq, last.hash, token, batch.last_type,
-                  self._ended_keys_ms if batch.last_type in TERMINAL_TYPES else 0, *pairs],
+                  self._ended_keys_ms if batch.last_type in TERMINAL_TYPES else 0, stream_id, *pairs],
         )
         return bool(done)

@@ -1,174 +1,219 @@
 """Chain heads that cannot fork: recovering Redis's heads from the log.
 
-Redis holds every stream's head while the marker ``<prefix>:heads:complete``
-exists: it is written only after a complete recovery (or on first use), and a
-``FLUSHALL`` or a restart without data removes it with the heads. A producer
-that finds a head missing and the marker gone does not start the stream at seq
-1: it recovers every head first. The log is the truth: every partition is read
-from its start, and each stream's chain is followed from seq 1 (hash and link
-checked) to its last event; a head in Redis is only ever moved forward.
-``runledger heads recover`` recovers on demand; ``runledger heads check``
-(``runledger.streams.tools.heads``) compares Redis, the log and PostgreSQL.
+When the heads' epoch (``runledger.streams.producer.epoch``) does not name the Redis run that an append runs in,
+Redis may have lost heads, and a missing or older head proves nothing: the append recovers them first. One
+producer at a time recovers (the others wait for it, each up to its deadline): it reads each partition of the
+log from its checkpoint (offset 0 where there is none, after a flush) to its end, follows each stream's chain
+from the head Redis has, as a worker does (``runledger.streams.producer.chains``: in log order, the first branch
+wins), and moves each head forward, never back. What it has read is checkpointed as it goes, so a recovery cut
+short by its deadline is taken up where it stopped. Then it marks the epoch current again.
+``runledger heads recover`` recovers on demand; ``runledger heads check`` (``runledger.streams.tools.heads``)
+compares Redis, the log and PostgreSQL; ``runledger heads repair`` (``runledger.streams.producer.repair``) moves a
+head that a fork put on the wrong branch back onto the first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from runledger.schemas.chain import GENESIS_HASH, compute_hash
-from runledger.schemas.errors import PermanentError, TransientError
-from runledger.schemas.events import decode_json
-from runledger.streams.kafka import client_options, read_to_end, stop_consumer
+from runledger.schemas.chain import GENESIS_HASH, Head
+from runledger.streams.producer.chains import Chain, LoggedEvent
+from runledger.streams.producer.epoch import (
+    HeadsRecovering,
+    RedisLock,
+    epoch_key,
+    read_epoch,
+    run_id,
+)
+from runledger.streams.producer.logread import LogTimedOut, read_log
 from runledger.streams.settings import Settings
 
-__all__ = ["LogHead", "forget_if_restarted", "log_heads", "marker_key", "recover_heads", "stream_in_log"]
+__all__ = ["Recovered", "log_chains", "parse_head", "read_head", "recover_heads", "stream_in_log"]
 
-_LOCK_MS = 120_000
+_LOCK_MS = 10_000  # the recoverer renews its lock every third of this; a recoverer that dies holds others this long
 
-# KEYS: head. ARGV: seq, hash, type. A head only moves forward.
+# KEYS: head. ARGV: the head it was followed from (seq, hash), the new seq, hash, type. A head only moves forward,
+# and only from the head the log was followed from (anything else moved it meanwhile: follow again).
 _FORWARD = """
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
-if seq >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'hash', ARGV[2], 'type', ARGV[3])
+if (redis.call('HGET', KEYS[1], 'seq') or '0') ~= ARGV[1] then return 0 end
+if (redis.call('HGET', KEYS[1], 'hash') or ARGV[6]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'hash', ARGV[4], 'type', ARGV[5])
+return 1
+"""
+
+# KEYS: epoch, lock. ARGV: lock token, then partition/offset pairs: what the recoverer holding the lock has read.
+_PROGRESS = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do
+  local name = 'p' .. ARGV[i]
+  if tonumber(redis.call('HGET', KEYS[1], name) or '-1') < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], name, ARGV[i + 1])
+  end
+end
+return 1
+"""
+
+# KEYS: epoch, lock. ARGV: lock token, the Redis run id the recovery started in, a new epoch token. The heads are
+# complete in this run, if Redis neither restarted (run id) nor lost its data (the lock) since the recovery began.
+_MARK = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'run_id', ARGV[2], 'token', ARGV[3])
 return 1
 """
 
 
 @dataclass(slots=True)
-class LogHead:
-    """A stream's last event in the log, following its chain from seq 1; ``forks``: seqs held by another event."""
+class Recovered:
+    """What a recovery read and did: the offsets it read each partition from and to, the log records it read,
+    the streams it saw events of, and the heads it moved forward."""
 
-    seq: int = 0
-    hash: str = GENESIS_HASH
-    type: str = ""
-    forks: list[int] = field(default_factory=list)
+    starts: dict[int, int] = field(default_factory=dict)
+    ends: dict[int, int] = field(default_factory=dict)
+    streams: set[str] = field(default_factory=set)
+    moved: set[str] = field(default_factory=set)
 
-
-def marker_key(prefix: str) -> str:
-    """The Redis key that says its heads are complete (see above)."""
-    return f"{prefix}:heads:complete"
-
-
-async def log_heads(settings: Settings) -> dict[str, LogHead]:
-    """Every stream's head as the log has it: each partition read from its start, each chain followed."""
-    return {stream: _follow(found) for stream, found in (await _scan(settings)).items()}
+    @property
+    def records(self) -> int:
+        return sum(end - self.starts.get(p, 0) for p, end in self.ends.items())
 
 
-async def _scan(settings: Settings, only: set[str] | None = None) -> dict[str, list[tuple[int, str, str, str]]]:
-    """stream -> (seq, prevhash, hash, type) of each valid event in the log (of ``only`` these streams)."""
-    # "earliest": the reset that assign() starts must not put a partition at its end meanwhile.
-    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest",
-                                max_partition_fetch_bytes=2 * 1024 * 1024)
-    events: dict[str, list[tuple[int, str, str, str]]] = {}
-    keys = {s.encode() for s in only} if only is not None else None
-    try:
-        await consumer.start()
-        partitions: set[int] = set()
-        for _ in range(10):  # metadata may lag behind a topic created a moment ago
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            partitions = consumer.partitions_for_topic(settings.events_topic) or set()
-            if partitions:
-                break
-            await asyncio.sleep(0.2)
-        tps = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
-        if not tps:
-            return events
-        consumer.assign(tps)
-        starts = await consumer.beginning_offsets(tps)
-        if any(starts.values()):
-            raise TransientError(f"{settings.events_topic} no longer starts at offset 0 (retention): the heads "
-                                 "cannot be proven from it")
-        for tp in tps:  # at once, not a lazy seek_to_beginning that the reset under way can override
-            consumer.seek(tp, 0)
-
-        def take(tp: TopicPartition, messages: list[Any]) -> None:
-            for m in messages:
-                if keys is None or m.key in keys:
-                    _collect(events, m.value or b"")
-
-        await read_to_end(consumer, tps, take)
-    except KafkaError as e:
-        raise TransientError(f"cannot read {settings.events_topic}: {e}") from e
-    finally:
-        await stop_consumer(consumer)
-    return events
+def parse_head(raw: dict[Any, Any]) -> tuple[Head, str | None]:
+    """A head as HGETALL gives it (empty: none) and the type of its last event (None: not recorded)."""
+    if not raw:
+        return Head(), None
+    return Head(int(raw[b"seq"]), raw[b"hash"].decode()), raw[b"type"].decode() if b"type" in raw else None
 
 
-def _collect(events: dict[str, list[tuple[int, str, str, str]]], value: bytes) -> None:
-    """Keep a record that is an event whose hash is right; a stream's events may come from several partitions."""
-    try:
-        event = decode_json(value)  # not I-JSON (two members of one name): not an event either
-        subject, seq, prevhash, claimed = event["subject"], event["seq"], event["prevhash"], event["hash"]
-        valid = isinstance(subject, str) and isinstance(seq, int) and compute_hash(event) == claimed
-    except (PermanentError, KeyError, TypeError, ValueError, RecursionError):
-        return  # not an event: it never was a head
-    if valid:
-        events.setdefault(subject, []).append((seq, prevhash, claimed, str(event.get("type", ""))))
+async def read_head(redis: Redis, prefix: str, stream_id: str) -> tuple[Head, str | None]:
+    """A stream's head in Redis and the type of its last event (None: not recorded)."""
+    return parse_head(await redis.hgetall(f"{prefix}:head:{stream_id}"))
 
 
-def _follow(found: list[tuple[int, str, str, str]]) -> LogHead:
-    """The chain's end, from seq 1, in seq order; a second event at a seq already taken is a fork."""
-    head = LogHead()
-    for seq, prevhash, claimed, event_type in sorted(found):
-        if seq == head.seq and claimed != head.hash:
-            if seq not in head.forks:
-                head.forks.append(seq)
-        elif seq == head.seq + 1 and prevhash == head.hash:
-            head.seq, head.hash, head.type = seq, claimed, event_type
-    return head
+class _Recovery:
+    """Moves heads forward slice by slice of the log, and checkpoints what it has read."""
+
+    def __init__(self, redis: Redis, prefix: str, lock: RedisLock, done: Recovered) -> None:
+        self._redis, self._prefix, self._lock, self.done = redis, prefix, lock, done
+        self._forward = redis.register_script(_FORWARD)
+        self._progress = redis.register_script(_PROGRESS)
+        self._waiting: dict[str, list[LoggedEvent]] = {}  # events that came before their predecessor
+
+    async def slice(self, events: list[LoggedEvent], read_to: dict[int, int]) -> None:
+        by_stream: dict[str, list[LoggedEvent]] = defaultdict(list)
+        for event in events:
+            by_stream[event.subject].append(event)
+        self.done.streams.update(by_stream)
+        pending = list(by_stream.items())
+        while pending:  # again for a head that moved meanwhile (an append's commit from before the loss)
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, _ in pending:
+                pipe.hgetall(f"{self._prefix}:head:{stream}")
+            moves = []
+            for (stream, found), raw in zip(pending, await pipe.execute(), strict=True):
+                head, last_type = parse_head(raw)
+                chain = Chain(head, last_type, waiting=list(self._waiting.get(stream, ())))
+                chain.extend(found)
+                if chain.head != head:
+                    moves.append((stream, found, head, chain))
+                else:
+                    self._wait(stream, chain)
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, _, head, chain in moves:
+                await self._forward(keys=[f"{self._prefix}:head:{stream}"], client=pipe, args=[
+                    head.seq, head.hash, chain.head.seq, chain.head.hash, chain.type or "", GENESIS_HASH])
+            pending = []
+            for (stream, found, _, chain), moved in zip(moves, await pipe.execute() if moves else [], strict=True):
+                if not moved:
+                    pending.append((stream, found))
+                    continue
+                self.done.moved.add(stream)
+                self._wait(stream, chain)
+        self.done.ends = read_to
+        pairs = [x for partition, offset in sorted(read_to.items()) for x in (partition, offset)]
+        if not await self._progress(keys=[epoch_key(self._prefix), self._lock.key], args=[self._lock.token, *pairs]):
+            raise HeadsRecovering("the recovery lock was lost (Redis restarted or lost its data, or this process "
+                                  "stalled past it): another recovery takes over")
+
+    def _wait(self, stream: str, chain: Chain) -> None:
+        if chain.waiting:
+            self._waiting[stream] = chain.waiting
+        else:
+            self._waiting.pop(stream, None)
 
 
-async def stream_in_log(settings: Settings, stream_id: str) -> dict[int, str]:
-    """seq -> hash of the events of ``stream_id`` in the log (all partitions read: it may span several)."""
-    return {seq: claimed for seq, _, claimed, _ in (await _scan(settings, {stream_id})).get(stream_id, [])}
+async def recover_heads(redis: Redis, settings: Settings, *, deadline: float | None = None,
+                        full: bool = False, force: bool = False) -> Recovered | None:
+    """Recover the heads from the log if the epoch is not current (with ``force``, even if it is), and mark it
+    current. None: the epoch was current, or another producer recovered meanwhile.
 
-
-async def recover_heads(redis: Redis, settings: Settings) -> tuple[int, int]:
-    """Move every head in Redis forward to the log's, then mark Redis complete. Returns (streams in the log,
-    heads moved). One recovery at a time; others wait for it."""
-    lock, token = f"{settings.topic_prefix}:heads:recovering", uuid.uuid4().hex
-    while not await redis.set(lock, token, nx=True, px=_LOCK_MS):
+    ``deadline`` (``time.monotonic()``): raise HeadsRecovering past it, waiting for another recoverer or reading
+    the log (what was read is checkpointed: the next recovery goes on from there). ``full``: read the log from
+    offset 0, not from the checkpoints."""
+    prefix = settings.topic_prefix
+    lock = RedisLock(redis, f"{prefix}:heads:recovering", _LOCK_MS)
+    while not await lock.acquire():
+        if not force and (await read_epoch(redis, prefix)).current:
+            return None
+        if deadline is not None and time.monotonic() >= deadline:
+            raise HeadsRecovering(f"Redis lost its chain heads and another producer is recovering them from the log; "
+                                  f"it did not finish within RUNLEDGER_PRODUCER_WAIT_S ({settings.producer_wait_s} s)")
         await asyncio.sleep(0.2)
-        if await redis.exists(marker_key(settings.topic_prefix)):
-            return 0, 0  # another producer recovered meanwhile
-    try:
-        heads = await log_heads(settings)
-        if heads:  # a log in use (not a first start):
-            # an append that was publishing when Redis lost its data lost its lease with it; the lease is how
-            # long a publish may take, so after it that append's events are in the log, where a scan finds them.
-            await asyncio.sleep(settings.producer_lease_ms / 1000)
-            heads = await log_heads(settings)
-        forward = redis.register_script(_FORWARD)
-        moved = 0
-        for stream, head in heads.items():
-            moved += await forward(keys=[f"{settings.topic_prefix}:head:{stream}"],
-                                   args=[head.seq, head.hash, head.type])
-        await redis.set(marker_key(settings.topic_prefix), orjson.dumps(
-            {"streams": len(heads), "moved": moved, "run_id": await _run_id(redis)}))
-        return len(heads), moved
-    finally:
-        with contextlib.suppress(Exception):
-            if await redis.get(lock) == token.encode():
-                await redis.delete(lock)
+    async with lock.renewed():
+        epoch = await read_epoch(redis, prefix)
+        if epoch.current and not force:
+            return None
+        started_in = await run_id(redis)
+        done = Recovered(starts={} if full else dict(epoch.checkpoints))
+        recovery = _Recovery(redis, prefix, lock, done)
+        try:
+            ends = await read_log(settings, done.starts, recovery.slice, deadline=deadline)
+            if not epoch.current and any(ends.values()):
+                # An append that was publishing when Redis lost its data lost its staged batch with it, and its
+                # commit now fails; the lease is how long a publish may take, so after it that append's events
+                # are in the log, where reading on finds them.
+                await asyncio.sleep(settings.producer_lease_ms / 1000)
+                await read_log(settings, ends, recovery.slice,
+                               deadline=None if deadline is None else max(deadline, time.monotonic() + 1))
+        except LogTimedOut as e:
+            raise HeadsRecovering(f"Redis lost its chain heads; recovering them from the log did not finish within "
+                                  f"RUNLEDGER_PRODUCER_WAIT_S ({settings.producer_wait_s} s): {e}") from e
+        if not await redis.register_script(_MARK)(keys=[epoch_key(prefix), lock.key],
+                                                  args=[lock.token, started_in, uuid.uuid4().hex]):
+            raise HeadsRecovering("Redis restarted or lost its data during the recovery of its chain heads: they are "
+                                  "recovered again")
+        return done
 
 
-async def _run_id(redis: Redis) -> str:
-    return str((await redis.info("server")).get("run_id", ""))
+async def log_chains(settings: Settings, only: set[str] | None = None) -> tuple[dict[str, Chain], dict[int, int]]:
+    """Every stream's chain (of ``only`` these) as the log has it, each partition read from its start, and where
+    each partition was read to."""
+    chains: dict[str, Chain] = {}
+
+    async def follow(events: list[LoggedEvent], _: dict[int, int]) -> None:
+        by_stream: dict[str, list[LoggedEvent]] = defaultdict(list)
+        for event in events:
+            by_stream[event.subject].append(event)
+        for stream, found in by_stream.items():
+            chains.setdefault(stream, Chain()).extend(found)
+
+    ends = await read_log(settings, {}, follow, only=only)
+    return chains, ends
 
 
-async def forget_if_restarted(redis: Redis, prefix: str) -> None:
-    """Drop the complete mark if Redis restarted since it was written: a restart may have lost the last
-    writes (the append-only file is synced once a second, a replica may lag), so the heads are proven again."""
-    mark = await redis.get(marker_key(prefix))
-    if mark is not None and orjson.loads(mark).get("run_id") != await _run_id(redis):
-        await redis.delete(marker_key(prefix))
+async def stream_in_log(settings: Settings, stream_id: str) -> set[tuple[int, str]]:
+    """(seq, hash) of every valid event of ``stream_id`` in the log (all partitions read: it may span several)."""
+    found: set[tuple[int, str]] = set()
+
+    async def take(events: list[LoggedEvent], _: dict[int, int]) -> None:
+        found.update((e.seq, e.hash) for e in events)
+
+    await read_log(settings, {}, take, only={stream_id})
+    return found

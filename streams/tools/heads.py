@@ -12,7 +12,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from runledger.projections.postgres.db import StoreUnavailable, connect_one
-from runledger.streams.producer.recovery import log_heads, marker_key
+from runledger.streams.producer.epoch import read_epoch
+from runledger.streams.producer.recovery import log_chains, parse_head
 from runledger.streams.settings import Settings
 
 __all__ = ["check_heads"]
@@ -25,10 +26,10 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
     when it has none for a stream of the log (workers may simply be behind). If its heads cannot be read (no
     database, a schema never migrated), only Redis and the log are compared.
     """
-    log = await log_heads(settings)
+    log, _ = await log_chains(settings)
     redis = Redis.from_url(settings.redis_dsn)
     try:
-        complete = bool(await redis.exists(marker_key(settings.topic_prefix)))
+        complete = (await read_epoch(redis, settings.topic_prefix)).current
         streams = sorted(log)
         raw = [await redis.hgetall(f"{settings.topic_prefix}:head:{s}") for s in streams]
     finally:
@@ -43,18 +44,24 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
             await conn.close()
     rows = []
     for stream, head in zip(streams, raw, strict=True):
-        log_head = log[stream]
-        redis_seq = int(head[b"seq"]) if head else None
+        chain = log[stream]
+        log_head = chain.head
+        redis_head = parse_head(head)[0] if head else None
+        redis_seq, redis_hash = (redis_head.seq, redis_head.hash) if redis_head else (None, None)
         problems = []
         if redis_seq is None and complete:
             problems.append("Redis has no head although it is marked complete: an append would start it at seq 1")
+        elif redis_seq and chain.branch.get(redis_seq) != redis_hash and redis_seq <= log_head.seq:
+            problems.append(f"Redis's head (seq {redis_seq}, hash {redis_hash}) is not on the log's first branch, "
+                            f"which workers project (seq {redis_seq}: hash {chain.branch.get(redis_seq)}): an append "
+                            f"would extend the other branch")
         elif redis_seq is not None and redis_seq < log_head.seq:
             problems.append(f"Redis is behind the log (seq {redis_seq} < {log_head.seq}): an append would fork it")
         elif redis_seq is not None and redis_seq > log_head.seq:
-            problems.append(f"Redis is ahead of the log (seq {redis_seq} > {log_head.seq}): a batch is staged, or "
-                            "events were lost from the log")
-        if log_head.forks:
-            problems.append(f"the log holds two events at seq {', '.join(map(str, log_head.forks))}")
+            problems.append(f"Redis is ahead of the log's first branch (seq {redis_seq} > {log_head.seq}): it is on "
+                            "another branch, or events were lost from the log")
+        if chain.forks:
+            problems.append(f"the log holds two events at seq {', '.join(map(str, chain.forks))}")
         pg_seq, pg_hash = (projected or {}).get(stream, (None, None))
         if projected is not None and pg_seq is None and log_head.seq > 0:
             problems.append(f"PostgreSQL has no head for the stream, the log is at seq {log_head.seq}: workers may "
@@ -69,6 +76,7 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
                          "problems": problems})
     if not complete:
         rows.append({"stream": None, "redis": None, "log": None, "projected": None,
-                     "problems": ["Redis is not marked complete: its heads are recovered from the log at the next "
-                                  "append, or now with `runledger heads recover`"]})
+                     "problems": ["Redis's heads are not marked complete in this run of Redis (it restarted or lost "
+                                  "its data): they are recovered from the log at the next append, or now with "
+                                  "`runledger heads recover`"]})
     return rows

@@ -49,6 +49,23 @@ async def read_log(settings: Settings, topic: str | None = None) -> list[Consume
         await consumer.stop()
 
 
+async def write_log(settings: Settings, events: list[dict[str, Any]] | list[bytes]) -> None:
+    """Produce ``events`` to the log topic, one by one, keyed by stream (records that are no event: key ``raw``),
+    past the producer: as a client that can write the log may."""
+    import orjson
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for e in events:
+            value = e if isinstance(e, bytes) else orjson.dumps(e)
+            key = b"raw" if isinstance(e, bytes) else str(e["subject"]).encode()
+            await producer.send_and_wait(settings.events_topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
 def spawn_child(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     """Run ``append_child.py`` in a process of its own, with the test's RUNLEDGER_* settings."""
     return subprocess.Popen([sys.executable, str(CHILD), *args], env={**os.environ, **env},
@@ -151,18 +168,7 @@ class KafkaLedger:
 
     async def append(self, events: list[dict[str, Any]] | list[bytes]) -> None:
         """Produce ``events`` to the log topic, keyed by stream (records that are no event: key ``raw``)."""
-        import orjson
-        from aiokafka import AIOKafkaProducer
-
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all")
-        await producer.start()
-        try:
-            for e in events:
-                value = e if isinstance(e, bytes) else orjson.dumps(e)
-                key = b"raw" if isinstance(e, bytes) else str(e["subject"]).encode()
-                await producer.send_and_wait(self.settings.events_topic, value, key=key)
-        finally:
-            await producer.stop()
+        await write_log(self.settings, events)
 
     async def project(self) -> int:
         """Apply the log's records not applied yet, partition by partition, in log order; how many."""

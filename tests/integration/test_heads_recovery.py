@@ -1,10 +1,13 @@
 """Redis loses its chain heads (FLUSHALL, a restart without data): producers recover them from the log and never
-start an existing stream again at seq 1; `runledger heads check` then reports clean."""
+start an existing stream again at seq 1, follow a fork's first branch in log order as workers do, read only the log
+past the heads' checkpoints, one at a time and within a deadline; `runledger heads check` then reports clean."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,11 +20,14 @@ from redis.asyncio import Redis
 from runledger.projections.postgres.db import migrate
 from runledger.schemas.chain import verify_chain
 from runledger.streams.dev import devstack
+from runledger.streams.producer import logread
 from runledger.streams.producer.client import EventProducer
+from runledger.streams.producer.epoch import HeadsRecovering, epoch_key, read_epoch
 from runledger.streams.producer.events import NewEvent
+from runledger.streams.producer.recovery import recover_heads
 from runledger.streams.settings import Settings
 from tests.conftest import CLI, free_ports
-from tests.integration.conftest import read_log
+from tests.integration.conftest import FIRST_STREAM, poll, read_log, rechain, rehashed, settings_of, write_log
 
 STREAMS = [f"exec-{i}" for i in range(6)]
 
@@ -95,9 +101,11 @@ async def test_after_a_redis_restart_without_its_data_every_stream_goes_on(
 
 async def test_heads_check_names_a_head_behind_the_log(env: dict[str, str], settings: Settings) -> None:
     await _open_streams(settings)
+    first = next(e for e in map(orjson.loads, (r.value for r in await read_log(settings)))
+                 if (e["subject"], e["seq"]) == ("exec-0", 1))
     redis = Redis.from_url(settings.redis_url)
     try:  # as if Redis had come back from an older snapshot: one head behind the log, still marked complete
-        await redis.hset(f"{settings.topic_prefix}:head:exec-0", mapping={"seq": 1})
+        await redis.hset(f"{settings.topic_prefix}:head:exec-0", mapping={"seq": 1, "hash": first["hash"]})
     finally:
         await redis.aclose()
     done = _heads_check(env)
@@ -107,7 +115,8 @@ async def test_heads_check_names_a_head_behind_the_log(env: dict[str, str], sett
     assert "an append would fork it" in row["problems"][0]
     recovered = subprocess.run([*CLI, "heads", "recover", "--json"],
                                env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-    assert orjson.loads(recovered.stdout) == {"streams": len(STREAMS), "moved": 1}
+    out = orjson.loads(recovered.stdout)
+    assert (out["streams"], out["moved"], out["records"]) == (len(STREAMS), 1, 2 * len(STREAMS))
     assert _heads_check(env).returncode == 0
 
 
@@ -138,3 +147,105 @@ async def test_heads_check_compares_postgresql_heads_with_the_log(env: dict[str,
         assert rows[stream]["projected"] is None
         assert rows[stream]["problems"] == ["PostgreSQL has no head for the stream, the log is at seq 2: workers "
                                             "may simply be behind, or its first event was dead-lettered"]
+
+
+def forked(subject: str) -> tuple[list[dict[str, object]], dict[str, object], dict[str, object]]:
+    """A stream forked at seq 2, in log order: seq 1, seq 2, another seq 2 ground until its hash sorts before the
+    first's, and a seq 3 on the ground one. Returns the four events, the first seq 2 and the ground one."""
+    one, two, three = rechain(subject, FIRST_STREAM[:3])
+    attempt = 0
+    while (ground := rehashed(two, data={**two["data"], "name": f"ground-{attempt}"}))["hash"] >= two["hash"]:
+        attempt += 1
+    return [one, two, ground, rehashed(three, prevhash=ground["hash"])], two, ground
+
+
+async def test_a_fork_ground_to_sort_first_is_recovered_onto_the_branch_first_in_the_log(settings: Settings) -> None:
+    log, first, _ = forked("forked")
+    await write_log(settings, log)
+    async with EventProducer(settings) as producer:  # a prefix never used: Redis's heads are recovered first
+        after = await producer.append("forked", "step.started", {"step_id": "s9", "name": "n"})
+    assert after.seq == 3  # after the first seq 2, as a worker projects it (the ground seq 3 is chain_broken)
+    assert orjson.loads(after.value)["prevhash"] == first["hash"]
+
+
+async def _epoch_moved_to(settings: Settings, total: int) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async def moved() -> bool:
+            return sum((await read_epoch(redis, settings.topic_prefix)).checkpoints.values()) == total
+
+        await poll(moved, 30, f"the heads' checkpoints at the log's end ({total} records)")
+    finally:
+        await redis.aclose()
+
+
+async def _restart_in_epoch(settings: Settings) -> None:
+    """What Redis restarting means to the scripts: the epoch names a run id that is not this run's."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.hset(epoch_key(settings.topic_prefix), "run_id", "0" * 40)
+    finally:
+        await redis.aclose()
+
+
+async def test_recovery_reads_only_the_log_past_the_heads_checkpoints(env: dict[str, str]) -> None:
+    settings = settings_of({**env, "RUNLEDGER_PRODUCER_SWEEP_S": "0.2", "RUNLEDGER_PRODUCER_LEASE_MS": "500"})
+    await _open_streams(settings)  # 12 events
+    async with EventProducer(settings):  # its sweeper, elected, moves the checkpoints to the log's end
+        await _epoch_moved_to(settings, 2 * len(STREAMS))
+    assert await _continue_streams(settings.model_copy(update={"producer_sweep_s": 0}), 2) == [3] * len(STREAMS)
+    await _restart_in_epoch(settings)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        done = await recover_heads(redis, settings)
+    finally:
+        await redis.aclose()
+    assert done is not None and (done.records, done.moved) == (len(STREAMS), set())
+    assert await _continue_streams(settings, 3) == [4] * len(STREAMS)
+    await _assert_one_chain_each(settings, 4)
+
+
+async def test_a_recovery_cut_short_by_its_deadline_goes_on_from_where_it_stopped(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    await write_log(settings, [e for s in STREAMS for e in rechain(s, FIRST_STREAM[:3])])  # 18 records
+    monkeypatch.setattr(logread, "_SLICE", 2)
+    read_to_end, reads = logread.read_to_end, 0
+
+    async def deadline_after_the_first_slice(*args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            raise TimeoutError  # as the deadline's timeout raises it
+        return await read_to_end(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(logread, "read_to_end", deadline_after_the_first_slice)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        with pytest.raises(HeadsRecovering, match="did not finish within"):
+            await recover_heads(redis, settings, deadline=time.monotonic() + 60)
+        epoch = await read_epoch(redis, settings.topic_prefix)
+        assert not epoch.current and 0 < sum(epoch.checkpoints.values()) <= 2 * settings.event_partitions
+        monkeypatch.setattr(logread, "read_to_end", read_to_end)
+        done = await recover_heads(redis, settings.model_copy(update={"producer_lease_ms": 500}))
+    finally:
+        await redis.aclose()
+    assert done is not None and done.starts == epoch.checkpoints
+    assert done.records == 3 * len(STREAMS) - sum(epoch.checkpoints.values())
+    assert await _continue_streams(settings, 9) == [4] * len(STREAMS)
+
+
+async def test_an_append_waits_for_another_recoverer_no_longer_than_its_deadline(env: dict[str, str]) -> None:
+    settings = settings_of({**env, "RUNLEDGER_PRODUCER_WAIT_S": "1"})
+    lock = f"{settings.topic_prefix}:heads:recovering"
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.set(lock, "another producer, hung", px=120_000)
+        async with EventProducer(settings) as producer:
+            with pytest.raises(HeadsRecovering, match="another producer is recovering them"):
+                async with asyncio.timeout(30):
+                    await producer.append("exec-0", "execution.started", {"workflow": "w"})
+        await redis.delete(lock)  # the other recoverer gone: the next append recovers (the log is read in time)
+        async with EventProducer(settings.model_copy(update={"producer_wait_s": 30})) as producer:
+            assert (await producer.append("exec-0", "execution.started", {"workflow": "w"})).seq == 1
+    finally:
+        await redis.aclose()

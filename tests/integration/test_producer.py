@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -191,6 +192,56 @@ async def test_heads_sweep_publishes_what_is_left_staged(env: dict[str, str],
     assert [orjson.loads(r.value)["seq"] for r in await read_log(settings)] == [1, 2]
 
 
+async def test_a_sweep_finds_staged_batches_without_scanning_the_keyspace(env: dict[str, str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {**env, "RUNLEDGER_PRODUCER_LEASE_MS": "300", "RUNLEDGER_PRODUCER_SWEEP_S": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    async with EventProducer(settings) as producer:
+        await producer.append("exec-1", "execution.started", {"workflow": "w"})
+        child = spawn_child(env, "die-before-publish", "exec-1", "1")
+        await asyncio.to_thread(child.communicate, timeout=60)
+        redis = producer._redis  # noqa: SLF001
+        staged = f"{settings.topic_prefix}:staged"
+        assert await redis.smembers(staged) == {b"exec-1"}  # kept by the stage script
+        scans = (await redis.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0)
+
+        async def swept() -> list[tuple[str, int, int]] | None:
+            return await producer.sweep() or None  # nothing until the dead producer's lease expires
+
+        assert await poll(swept, 20, "the sweep to publish the staged batch") == [("exec-1", 2, 2)]
+        assert (await redis.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0) == scans
+        assert await redis.smembers(staged) == set()  # left by the commit script
+
+
+async def test_one_producer_at_a_time_sweeps(env: dict[str, str]) -> None:
+    settings = Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()},
+                        producer_sweep_s=0.1)
+    rounds: dict[int, int] = {}
+    producers = [EventProducer(settings) for _ in range(3)]
+    for n, producer in enumerate(producers):
+        sweep = producer.sweep
+
+        async def counted(n: int = n, sweep: Any = sweep) -> list[tuple[str, int, int]]:
+            rounds[n] = rounds.get(n, 0) + 1
+            return await sweep()  # type: ignore[no-any-return]
+
+        producer.sweep = counted  # type: ignore[method-assign]
+        await producer.start()
+    try:
+        await poll(lambda: asyncio.sleep(0, sum(rounds.values()) >= 10), 30, "ten sweeps")
+        [elected] = rounds  # the others never swept
+        await producers[elected].stop()  # it lets go of the sweeper's lock: another takes over
+        before = dict(rounds)
+        await poll(lambda: asyncio.sleep(0, any(rounds.get(n, 0) > before.get(n, 0) for n in range(3)
+                                                if n != elected)), 30, "another producer to sweep")
+    finally:
+        for n, producer in enumerate(producers):
+            if n != elected:
+                await producer.stop()
+
+
 async def test_a_retry_of_a_staged_batch_is_a_duplicate_not_a_lifecycle_error(settings: Settings) -> None:
     from runledger.streams.producer.events import build_events
     from runledger.streams.producer.heads import StreamHeads
@@ -246,6 +297,10 @@ async def test_redis_gone_mid_run_is_a_transient_error_and_loses_nothing(setting
         pool.reset()  # new connections, made from the changed address
         with pytest.raises(TransientError, match="Redis failed during the append"):
             await producer.append("redis-gone", "step.started", {"step_id": "s1", "name": "n"}, idempotency_key="k2")
+        with pytest.raises(TransientError, match="checking the head of 'redis-gone': Redis failed"):
+            await producer.precheck("redis-gone", [NewEvent("step.started", {"step_id": "s1", "name": "n"})])
+        with pytest.raises(TransientError, match="sweeping staged batches: Redis failed"):
+            await producer.sweep()
         pool.connection_kwargs["port"] = port  # back: the same append again lands once
         pool.reset()
         again = await producer.append("redis-gone", "step.started", {"step_id": "s1", "name": "n"},

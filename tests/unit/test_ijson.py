@@ -21,7 +21,7 @@ from runledger.schemas.proofs import INCLUSION_V1, check_proof
 from runledger.schemas.verify import ChainAuditor, LogAuditor, LogEntry, StoredEvent
 from runledger.streams.cli.common import InputError
 from runledger.streams.cli.events import read_produce_input
-from runledger.streams.producer.recovery import _collect
+from runledger.streams.producer.chains import logged
 from tests.conftest import VECTOR_EVENTS
 from tests.unit.test_proofs import RAWS, SIGNER, note
 
@@ -184,8 +184,6 @@ def test_produce_refuses_a_line_with_two_members_of_one_name() -> None:
 
 
 def test_recovering_heads_from_the_log_skips_an_event_that_is_not_i_json() -> None:
-    found: dict[str, list[tuple[int, str, str, str]]] = {}
-    _collect(found, TWO_DATA)
-    assert found == {}
-    _collect(found, orjson.dumps(STARTED))
-    assert found == {STARTED["subject"]: [(1, STARTED["prevhash"], STARTED["hash"], STARTED["type"])]}
+    assert logged(TWO_DATA, 0, 0) is None
+    assert logged(orjson.dumps(STARTED), 0, 1) == (STARTED["subject"], 1, STARTED["prevhash"], STARTED["hash"],
+                                                   STARTED["type"], 0, 1)

@@ -12,6 +12,7 @@ import pytest
 from runledger.schemas.chain import Head
 from runledger.schemas.errors import InvalidEvent, TooLarge
 from runledger.schemas.events import MAX_EVENT_BYTES, parse_event
+from runledger.streams.producer.chains import Chain, LoggedEvent
 from runledger.streams.producer.events import NewEvent, build_events, check_new_events
 
 NUL = "contains U+0000"
@@ -94,10 +95,35 @@ def test_the_lifecycle_a_head_decides() -> None:
         assert caught.value.code == "illegal_transition"
 
 
-def test_recovery_follows_a_chain_in_seq_order_whatever_order_its_partitions_came_in() -> None:
-    from runledger.streams.producer.recovery import _follow
+def _logged(seq: int, prevhash: str, hash_: str, offset: int, type_: str = "step.started",
+            partition: int = 0) -> LoggedEvent:
+    return LoggedEvent("s", seq, prevhash, hash_, type_, partition, offset)
 
-    found = [(3, "h2", "h3", "step.started"), (1, "0" * 64, "h1", "execution.started"),
-             (2, "h1", "h2", "step.started"), (2, "h1", "x2", "step.started"), (5, "h4", "h5", "step.started")]
-    head = _follow(found)
-    assert (head.seq, head.hash, head.type, head.forks) == (3, "h3", "step.started", [2])  # seq 4 is missing
+
+def test_recovery_follows_a_chain_in_seq_order_whatever_order_its_partitions_came_in() -> None:
+    chain = Chain()
+    chain.extend([_logged(3, "h2", "h3", 0, partition=1), _logged(1, "0" * 64, "h1", 0, "execution.started"),
+                  _logged(2, "h1", "h2", 1), _logged(2, "h1", "x2", 2), _logged(5, "h4", "h5", 1, partition=1)])
+    assert (chain.head.seq, chain.head.hash, chain.type, chain.forks) == (3, "h3", "step.started", [2])
+    assert [e.seq for e in chain.waiting] == [5]  # seq 4 is missing: seq 5 waits for it
+    chain.extend([_logged(4, "h3", "h4", 3)])
+    assert (chain.head.seq, chain.waiting) == (5, [])
+
+
+def test_of_two_events_at_one_seq_recovery_follows_the_first_in_the_log_whatever_their_hashes() -> None:
+    # As a worker projects them: the second at seq 2 is a seq_conflict, and seq 3 built on it a chain_broken, even
+    # though its hash sorts first (a producer that can write the log can grind one that does).
+    first, ground = "f" * 64, "0" * 63 + "1"
+    log = [_logged(1, "0" * 64, "h1", 0, "execution.started"), _logged(2, "h1", first, 1),
+           _logged(2, "h1", ground, 2), _logged(3, ground, "g3", 3), _logged(3, first, "h3", 4)]
+    chain = Chain()
+    chain.extend(log)
+    assert (chain.head.seq, chain.head.hash, chain.branch[2], chain.forks) == (3, "h3", first, [2, 3])
+
+
+def test_recovery_skips_an_event_a_worker_dead_letters_for_its_lifecycle() -> None:
+    chain = Chain()
+    chain.extend([_logged(1, "0" * 64, "h1", 0, "execution.started"),
+                  _logged(2, "h1", "x2", 1, "execution.started"),  # execution.started after seq 1: dead-lettered
+                  _logged(2, "h1", "h2", 2, "execution.completed"), _logged(3, "h2", "h3", 3)])  # after the end
+    assert (chain.head.seq, chain.head.hash, chain.type) == (2, "h2", "execution.completed")
