@@ -220,26 +220,29 @@ async def test_one_producer_at_a_time_sweeps(env: dict[str, str]) -> None:
                         producer_sweep_s=0.1)
     rounds: dict[int, int] = {}
     producers = [EventProducer(settings) for _ in range(3)]
-    for n, producer in enumerate(producers):
-        sweep = producer.sweep
-
-        async def counted(n: int = n, sweep: Any = sweep) -> list[tuple[str, int, int]]:
-            rounds[n] = rounds.get(n, 0) + 1
-            return await sweep()  # type: ignore[no-any-return]
-
-        producer.sweep = counted  # type: ignore[method-assign]
-        await producer.start()
+    running: list[EventProducer] = []
     try:
+        for n, producer in enumerate(producers):
+            sweep = producer.sweep
+
+            async def counted(n: int = n, sweep: Any = sweep) -> list[tuple[str, int, int]]:
+                rounds[n] = rounds.get(n, 0) + 1
+                return await sweep()  # type: ignore[no-any-return]
+
+            producer.sweep = counted  # type: ignore[method-assign]
+            await producer.start()
+            running.append(producer)
         await poll(lambda: asyncio.sleep(0, sum(rounds.values()) >= 10), 30, "ten sweeps")
-        [elected] = rounds  # the others never swept
+        assert len(rounds) == 1, rounds  # the others never swept
+        [elected] = rounds
+        running.remove(producers[elected])
         await producers[elected].stop()  # it lets go of the sweeper's lock: another takes over
         before = dict(rounds)
         await poll(lambda: asyncio.sleep(0, any(rounds.get(n, 0) > before.get(n, 0) for n in range(3)
                                                 if n != elected)), 30, "another producer to sweep")
     finally:
-        for n, producer in enumerate(producers):
-            if n != elected:
-                await producer.stop()
+        for producer in running:
+            await producer.stop()
 
 
 async def test_a_retry_of_a_staged_batch_is_a_duplicate_not_a_lifecycle_error(settings: Settings) -> None:
