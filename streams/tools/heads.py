@@ -54,12 +54,13 @@ async def check_heads(settings: Settings) -> list[dict[str, Any]]:
         elif redis_seq and chain.branch.get(redis_seq) != redis_hash and redis_seq <= log_head.seq:
             problems.append(f"Redis's head (seq {redis_seq}, hash {redis_hash}) is not on the log's first branch, "
                             f"which workers project (seq {redis_seq}: hash {chain.branch.get(redis_seq)}): an append "
-                            f"would extend the other branch")
+                            f"would extend the other branch; `runledger heads repair --stream {stream}` moves it back")
         elif redis_seq is not None and redis_seq < log_head.seq:
             problems.append(f"Redis is behind the log (seq {redis_seq} < {log_head.seq}): an append would fork it")
         elif redis_seq is not None and redis_seq > log_head.seq:
             problems.append(f"Redis is ahead of the log's first branch (seq {redis_seq} > {log_head.seq}): it is on "
-                            "another branch, or events were lost from the log")
+                            "another branch, or events were lost from the log; `runledger heads repair --stream "
+                            f"{stream}` moves it back")
         if chain.forks:
             problems.append(f"the log holds two events at seq {', '.join(map(str, chain.forks))}")
         pg_seq, pg_hash = (projected or {}).get(stream, (None, None))
