@@ -156,12 +156,13 @@ class Settings(BaseSettings):
         "a producer that dies holding it blocks that stream at most this long",
     )
     producer_wait_s: float = Field(
-        30.0, gt=0, description="RUNLEDGER_PRODUCER_WAIT_S: how long an append waits for a busy stream"
+        30.0, gt=0, description="RUNLEDGER_PRODUCER_WAIT_S: how long an append waits for a busy stream, and for "
+        "the chain heads' recovery from the log after Redis lost them"
     )
     producer_sweep_s: float = Field(
         5.0, ge=0,
-        description="RUNLEDGER_PRODUCER_SWEEP_S: how often producers and workers publish batches left staged by "
-        "a producer that failed or died (0: never)",
+        description="RUNLEDGER_PRODUCER_SWEEP_S: how often the elected producer or worker publishes batches left "
+        "staged by a producer that failed or died and moves the heads' checkpoints (0: this process never sweeps)",
     )
     checkpoint_key: Path | None = Field(
         None, description="RUNLEDGER_CHECKPOINT_KEY: the Ed25519 signer key of the transparency log's checkpoints "
