@@ -61,11 +61,22 @@ def epoch_key(prefix: str) -> str:
     return f"{prefix}:heads:epoch"
 
 
-# A Lua function for the scripts that must not act on lost heads: whether the epoch names this run of Redis.
+# Lua functions for the scripts: this run's id; whether the epoch names it (else heads may be lost: no append may go
+# on from them); move the epoch's checkpoints forward to the partition/offset pairs of ARGV from ``first`` on.
 EPOCH_LUA = """
+local function run_id()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+end
 local function epoch_current(key)
-  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-  return redis.call('HGET', key, 'run_id') == run_id
+  return redis.call('HGET', key, 'run_id') == run_id()
+end
+local function forward_checkpoints(key, first)
+  for i = first, #ARGV, 2 do
+    local name = 'p' .. ARGV[i]
+    if tonumber(redis.call('HGET', key, name) or '-1') < tonumber(ARGV[i + 1]) then
+      redis.call('HSET', key, name, ARGV[i + 1])
+    end
+  end
 end
 """
 
@@ -76,12 +87,7 @@ return {epoch_current(KEYS[1]) and 1 or 0, redis.call('HGETALL', KEYS[1])}
 # KEYS: epoch. ARGV: token, then partition/offset pairs. Only within the epoch of that token.
 _ADVANCE = EPOCH_LUA + """
 if not epoch_current(KEYS[1]) or redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 2 do
-  local name = 'p' .. ARGV[i]
-  if tonumber(redis.call('HGET', KEYS[1], name) or '-1') < tonumber(ARGV[i + 1]) then
-    redis.call('HSET', KEYS[1], name, ARGV[i + 1])
-  end
-end
+forward_checkpoints(KEYS[1], 2)
 return 1
 """
 

@@ -22,7 +22,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -33,7 +33,8 @@ from runledger.schemas.lifecycle import TERMINAL_TYPES
 from runledger.streams import metrics
 from runledger.streams.producer.epoch import EPOCH_LUA, RELEASE_IF_HELD, epoch_key
 
-__all__ = ["RELEASE_IF_HELD", "AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState"]
+__all__ = ["RELEASE_IF_HELD", "AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState",
+           "parse_head"]
 
 
 class StreamBusy(TransientError):
@@ -132,6 +133,13 @@ return 0
 """
 
 
+def parse_head(raw: dict[Any, Any]) -> tuple[Head, str | None]:
+    """A head as HGETALL gives it (empty: none) and the type of its last event (None: not recorded)."""
+    if not raw:
+        return Head(), None
+    return Head(int(raw[b"seq"]), raw[b"hash"].decode()), raw[b"type"].decode() if b"type" in raw else None
+
+
 @dataclass(frozen=True, slots=True)
 class StreamState:
     """A stream in Redis: its committed head and the type of that event (None: not recorded), a batch left
@@ -184,9 +192,7 @@ class StreamHeads:
         head_flat, blob, complete, found = await self._read(
             keys=[self._key("head", stream_id), self._key("pending", stream_id), epoch_key(self._prefix),
                   self._key("idem", stream_id)], args=keys)
-        head_raw = {head_flat[i]: head_flat[i + 1] for i in range(0, len(head_flat), 2)}
-        head = Head(int(head_raw[b"seq"]), head_raw[b"hash"].decode()) if head_raw else Head()
-        last_type = head_raw[b"type"].decode() if b"type" in head_raw else None
+        head, last_type = parse_head({head_flat[i]: head_flat[i + 1] for i in range(0, len(head_flat), 2)})
         known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, found, strict=True) if v is not None}
         return StreamState(head, last_type, StagedBatch.decode(blob) if blob else None, known, bool(complete))
 

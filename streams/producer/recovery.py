@@ -19,23 +19,17 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis.asyncio import Redis
 
-from runledger.schemas.chain import GENESIS_HASH, Head
+from runledger.schemas.chain import GENESIS_HASH
 from runledger.streams.producer.chains import Chain, LoggedEvent
-from runledger.streams.producer.epoch import (
-    HeadsRecovering,
-    RedisLock,
-    epoch_key,
-    read_epoch,
-    run_id,
-)
+from runledger.streams.producer.epoch import EPOCH_LUA, HeadsRecovering, RedisLock, epoch_key, read_epoch, run_id
+from runledger.streams.producer.heads import parse_head
 from runledger.streams.producer.logread import LogTimedOut, read_log
 from runledger.streams.settings import Settings
 
-__all__ = ["Recovered", "log_chains", "parse_head", "read_head", "recover_heads", "stream_in_log"]
+__all__ = ["Recovered", "log_chains", "recover_heads", "stream_in_log"]
 
 _LOCK_MS = 10_000  # the recoverer renews its lock every third of this; a recoverer that dies holds others this long
 
@@ -49,22 +43,16 @@ return 1
 """
 
 # KEYS: epoch, lock. ARGV: lock token, then partition/offset pairs: what the recoverer holding the lock has read.
-_PROGRESS = """
+_PROGRESS = EPOCH_LUA + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 2 do
-  local name = 'p' .. ARGV[i]
-  if tonumber(redis.call('HGET', KEYS[1], name) or '-1') < tonumber(ARGV[i + 1]) then
-    redis.call('HSET', KEYS[1], name, ARGV[i + 1])
-  end
-end
+forward_checkpoints(KEYS[1], 2)
 return 1
 """
 
 # KEYS: epoch, lock. ARGV: lock token, the Redis run id the recovery started in, a new epoch token. The heads are
 # complete in this run, if Redis neither restarted (run id) nor lost its data (the lock) since the recovery began.
-_MARK = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') ~= ARGV[2] then return 0 end
+_MARK = EPOCH_LUA + """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] or run_id() ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'run_id', ARGV[2], 'token', ARGV[3])
 return 1
 """
@@ -83,18 +71,6 @@ class Recovered:
     @property
     def records(self) -> int:
         return sum(end - self.starts.get(p, 0) for p, end in self.ends.items())
-
-
-def parse_head(raw: dict[Any, Any]) -> tuple[Head, str | None]:
-    """A head as HGETALL gives it (empty: none) and the type of its last event (None: not recorded)."""
-    if not raw:
-        return Head(), None
-    return Head(int(raw[b"seq"]), raw[b"hash"].decode()), raw[b"type"].decode() if b"type" in raw else None
-
-
-async def read_head(redis: Redis, prefix: str, stream_id: str) -> tuple[Head, str | None]:
-    """A stream's head in Redis and the type of its last event (None: not recorded)."""
-    return parse_head(await redis.hgetall(f"{prefix}:head:{stream_id}"))
 
 
 class _Recovery:

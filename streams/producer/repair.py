@@ -24,9 +24,9 @@ from runledger.schemas.errors import PermanentError, TransientError
 from runledger.schemas.events import validate_stream_id
 from runledger.streams.producer.chains import Chain, LoggedEvent
 from runledger.streams.producer.epoch import redis_errors
-from runledger.streams.producer.heads import StagedBatch, StreamHeads
+from runledger.streams.producer.heads import StreamHeads, parse_head
 from runledger.streams.producer.logread import read_log
-from runledger.streams.producer.recovery import log_chains, parse_head, read_head
+from runledger.streams.producer.recovery import log_chains
 from runledger.streams.settings import Settings
 
 __all__ = ["NotInLog", "Repaired", "repair_heads"]
@@ -110,9 +110,8 @@ async def _repair(redis: Redis, settings: Settings, stream: str, chain: Chain, e
             chain.extend(events)
 
         await read_log(settings, ends, follow, only={stream})  # what was appended since the log was read
-        before, _ = await read_head(redis, prefix, stream)
-        staged_blob = cast("bytes | None", await redis.hget(f"{prefix}:pending:{stream}", "blob"))
-        staged = StagedBatch.decode(staged_blob) if staged_blob else None
+        state = await heads.read(stream, [])
+        before, staged = state.head, state.left_behind
         on_branch = before.seq == 0 or chain.branch.get(before.seq) == before.hash
         if before == chain.head or (on_branch and staged is not None):
             return None  # at the end already, or behind it with a batch staged that the sweeper rolls forward

@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 
 from runledger.projections.postgres.db import StoreUnavailable, connect_one
 from runledger.streams.producer.epoch import read_epoch
-from runledger.streams.producer.recovery import log_chains, parse_head
+from runledger.streams.producer.heads import parse_head
+from runledger.streams.producer.recovery import log_chains
 from runledger.streams.settings import Settings
 
 __all__ = ["check_heads"]

@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.producer.events import NewEvent, build_events
 from runledger.streams.producer.heads import StreamHeads
-from runledger.streams.producer.recovery import read_head
 from runledger.streams.settings import Settings
 from tests.conftest import CLI
 from tests.integration.conftest import write_log
@@ -36,8 +35,8 @@ async def _on_the_ground_branch(settings: Settings, log: list[dict[str, Any]]) -
         await redis.hset(f"{prefix}:head:forked", mapping={"seq": 3, "hash": ground3["hash"], "type": ground3["type"]})
         await redis.hset(f"{prefix}:idem:forked", "k3", orjson.dumps([3, ground3["id"], ground3["hash"]]))
         heads = StreamHeads(redis, prefix, 60_000)
-        head, _ = await read_head(redis, prefix, "forked")
         await heads.acquire("forked", "dead", 1)
+        head = (await heads.read("forked", [])).head
         assert await heads.stage("forked", "dead", build_events("/t", "forked", head, [
             NewEvent("step.started", {"step_id": "s4", "name": "n"})]))
         await heads.release("forked", "dead")
