@@ -20,7 +20,7 @@ from runledger.schemas.errors import IllegalTransition, PermanentError
 from runledger.schemas.events import parse_event
 from runledger.schemas.lifecycle import check_lifecycle
 
-__all__ = ["Chain", "LoggedEvent", "logged"]
+__all__ = ["Chain", "LoggedEvent", "by_stream", "logged"]
 
 
 class LoggedEvent(NamedTuple):
@@ -43,6 +43,14 @@ def logged(value: bytes, partition: int, offset: int) -> LoggedEvent | None:
     except PermanentError:
         return None
     return LoggedEvent(event.subject, event.seq, event.prevhash, event.hash, event.type, partition, offset)
+
+
+def by_stream(events: Iterable[LoggedEvent]) -> dict[str, list[LoggedEvent]]:
+    """``events`` by their stream, each stream's in the order given."""
+    out: dict[str, list[LoggedEvent]] = {}
+    for event in events:
+        out.setdefault(event.subject, []).append(event)
+    return out
 
 
 def _worker_order(event: LoggedEvent) -> tuple[int, int, int]:

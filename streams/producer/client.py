@@ -180,7 +180,8 @@ class EventProducer:
         are not appended again: their earlier result comes back with
         ``duplicate=True``. Raises InvalidEvent/UnknownType/TooLarge or IllegalTransition
         (a first event that is not ``execution.started``, an event after a terminal one: nothing
-        published), AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed).
+        published), AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed, HeadsRecovering:
+        Redis lost its heads and their recovery did not end within RUNLEDGER_PRODUCER_WAIT_S, or a Redis error).
         """
         started = time.perf_counter()
         try:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
 from runledger.schemas.chain import GENESIS_HASH
-from runledger.streams.producer.chains import Chain, LoggedEvent
+from runledger.streams.producer.chains import Chain, LoggedEvent, by_stream
 from runledger.streams.producer.epoch import EPOCH_LUA, HeadsRecovering, RedisLock, epoch_key, read_epoch, run_id
 from runledger.streams.producer.heads import parse_head
 from runledger.streams.producer.logread import LogTimedOut, read_log
@@ -83,11 +82,8 @@ class _Recovery:
         self._waiting: dict[str, list[LoggedEvent]] = {}  # events that came before their predecessor
 
     async def slice(self, events: list[LoggedEvent], read_to: dict[int, int]) -> None:
-        by_stream: dict[str, list[LoggedEvent]] = defaultdict(list)
-        for event in events:
-            by_stream[event.subject].append(event)
-        self.done.streams.update(by_stream)
-        pending = list(by_stream.items())
+        pending = list(by_stream(events).items())
+        self.done.streams.update(stream for stream, _ in pending)
         while pending:  # again for a head that moved meanwhile (an append's commit from before the loss)
             pipe = self._redis.pipeline(transaction=False)
             for stream, _ in pending:
@@ -174,10 +170,7 @@ async def log_chains(settings: Settings, only: set[str] | None = None) -> tuple[
     chains: dict[str, Chain] = {}
 
     async def follow(events: list[LoggedEvent], _: dict[int, int]) -> None:
-        by_stream: dict[str, list[LoggedEvent]] = defaultdict(list)
-        for event in events:
-            by_stream[event.subject].append(event)
-        for stream, found in by_stream.items():
+        for stream, found in by_stream(events).items():
             chains.setdefault(stream, Chain()).extend(found)
 
     ends = await read_log(settings, {}, follow, only=only)

@@ -65,6 +65,8 @@ class Sweeper:
                     await self.round()
                 except (TransientError, RedisError, KafkaError) as e:
                     log.warning("sweeping staged batches: %s", e)
+                except Exception:  # noqa: BLE001 - a bug here must not end the rounds of every later one
+                    log.exception("a sweeper round failed; trying again at the next")
         finally:
             if self._consumer is not None:
                 await stop_consumer(self._consumer)
@@ -100,7 +102,7 @@ class Sweeper:
         pipe = self._redis.pipeline(transaction=False)
         for stream in staged:
             pipe.hget(f"{prefix}:pending:{stream}", "batch")
-        batches = await pipe.execute() if staged else []
+        batches = await pipe.execute()
         self._noted = _Noted(epoch.token, ends,
                              {s: b for s, b in zip(staged, batches, strict=True) if b is not None})
 
