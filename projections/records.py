@@ -94,6 +94,9 @@ class BatchResult:
     cost_usd: Decimal = Decimal(0)
     times: list[datetime] = field(default_factory=list)  # of the events projected, in the same order
     lock_wait_s: float = 0.0  # in the statements that take the batch's locks (``projections.postgres.db.LockWaits``)
+    # PostgreSQL transactions begun for the batch, rolled back ones included: 1, unless a record PostgreSQL refused
+    # was isolated by applying halves, or a conflict was retried.
+    transactions: int = 0
 
     @property
     def rejected(self) -> Counter[str]:
@@ -105,4 +108,4 @@ class BatchResult:
         return BatchResult(self.projected + other.projected, self.duplicates + other.duplicates,
                            self.parked + other.parked, self.dead + other.dead, self.retry + other.retry,
                            self.rows + other.rows, self.cost_usd + other.cost_usd, self.times + other.times,
-                           self.lock_wait_s + other.lock_wait_s)
+                           self.lock_wait_s + other.lock_wait_s, self.transactions + other.transactions)

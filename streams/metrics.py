@@ -38,6 +38,9 @@ RETRIED = Counter("runledger_events_retried", "Events sent to a retry topic, by 
 DEAD_LETTERED = Counter("runledger_dead_letters", "Events dead-lettered, by reason code", ["reason"])
 CHAIN_VIOLATIONS = Counter("runledger_chain_violations", "Events refused because they break their stream's hash "
                            "chain (chain_broken, seq_conflict, hash_mismatch)", ["code"])
+TRANSACTIONS = Counter("runledger_store_transactions", "PostgreSQL transactions the applied batches took, rolled "
+                       "back ones included: more than the batches when a record PostgreSQL refused was isolated by "
+                       "applying halves, or a conflict was retried")
 BATCH_RECORDS = Histogram("runledger_batch_records", "Records per applied batch",
                           buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 BATCH_SECONDS = Histogram("runledger_batch_commit_seconds", "Time to apply and commit one batch in PostgreSQL",
@@ -122,6 +125,7 @@ def observe_batch(result: BatchResult, source: str, records: int, seconds: float
     BATCH_RECORDS.observe(records)
     BATCH_SECONDS.observe(seconds)
     LOCK_WAIT.observe(lock_wait_s)
+    TRANSACTIONS.inc(result.transactions)
     PROJECTED.inc(len(result.projected))
     DUPLICATES.inc(result.duplicates)
     PARKED.inc(result.parked)

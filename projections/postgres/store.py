@@ -91,6 +91,9 @@ class ProjectionStore:
         self._group_id = group_id
         self.max_attempts = max_attempts
         self._after_locks = after_locks
+        self.transactions = 0
+        """Transactions begun by this store's batches so far, rolled back ones included (a batch's own count, in
+        its result, is exact while the store applies one batch at a time, as a worker's agent and a replay do)."""
 
     @staticmethod
     async def save_catalog(pool: asyncpg.Pool, catalog: PriceCatalog) -> None:
@@ -154,16 +157,23 @@ class ProjectionStore:
 
     async def apply_on(self, conn: asyncpg.Connection, records: Sequence[LogRecord | Decoded], *,
                        route: Route | None = None) -> BatchResult:
-        """``apply_batch`` on ``conn``: its own transactions, or savepoints inside the caller's."""
-        records = decoded(records)  # once: the halves below reuse it
+        """``apply_batch`` on ``conn``: its own transactions, or savepoints inside the caller's. The result counts
+        them (``BatchResult.transactions``)."""
+        begun = self.transactions
+        result = await self._isolating(conn, decoded(records), route)  # decoded once: the halves reuse it
+        result.transactions = self.transactions - begun
+        return result
+
+    async def _isolating(self, conn: asyncpg.Connection, records: list[Decoded], route: Route | None) -> BatchResult:
+        """Apply ``records``, in halves down to the record that PostgreSQL refuses, if it refuses one."""
         try:
             return await self._attempt(conn, records, route)
         except _ISOLATED as e:
             if len(records) > 1:
                 log.warning("a batch of %d records failed (%s: %s); applying it in halves", len(records), e.code, e)
                 half = len(records) // 2
-                first = await self.apply_on(conn, records[:half], route=route)
-                return first.merge(await self.apply_on(conn, records[half:], route=route))
+                first = await self._isolating(conn, records[:half], route)
+                return first.merge(await self._isolating(conn, records[half:], route))
             return await self._apply_alone(conn, records[0], route, e)
 
     async def _apply_alone(self, conn: asyncpg.Connection, item: Decoded, route: Route | None,
@@ -184,12 +194,13 @@ class ProjectionStore:
         log.warning("%s[%d]@%d failed with the %d events parked behind it, and not alone (%s): applying those on "
                     "their own", record.topic, record.partition, record.offset, len(parked), refusal)
         followers = [_parked_record(r, attempts=1) for r in parked]
-        return alone.merge(await self.apply_on(conn, followers, route=route))
+        return alone.merge(await self._isolating(conn, decoded(followers), route))
 
     async def _attempt(self, conn: asyncpg.Connection, records: Sequence[Decoded], route: Route | None, *,
                        follow_parked: bool = True, refused: PermanentError | None = None) -> BatchResult:
         waits = LockWaits()  # over the tries
         for tries in range(1, _CONFLICT_TRIES + 1):
+            self.transactions += 1
             try:
                 async with conn.transaction():
                     # Shared: batches run side by side; `runledger rebuild` takes it exclusively to switch over.

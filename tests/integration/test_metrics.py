@@ -86,6 +86,7 @@ async def test_two_workers_on_one_host_serve_what_they_did(env: dict[str, str], 
         assert both[("runledger_event_latency_seconds_count", ())] == total
         assert both[("runledger_records_consumed_total", (("source", "log"),))] == total + 1
         assert both[("runledger_batch_commit_seconds_count", ())] == both[("runledger_batch_records_count", ())] > 0
+        assert both[("runledger_store_transactions_total", ())] >= both[("runledger_batch_records_count", ())]
         assert both[("runledger_events_duplicate_total", ())] == 0
         assert max(s[("runledger_tlog_size_events", ())] for s in samples) == total + 1
         assert max(s[("runledger_checkpoint_timestamp_seconds", ())] for s in samples) > 0

@@ -68,6 +68,7 @@ async def test_a_record_postgres_refuses_is_dead_lettered_alone_and_the_batch_go
     assert bytes(letters[0]["value"]) == orjson.dumps(poisoned[2])
     assert "23514" in letters[0]["error"] and "model poison-model is refused here" in letters[0]["error"]
     assert result.rejected == {"rejected_by_database": 1}
+    assert result.transactions > 10  # the halves, each rolled back or committed, down to the refused record
     # Every other stream whole; the poisoned one up to its refused event, the rest parked behind the letter.
     heads = {r["stream_id"]: r["seq"] for r in await owner.fetch("SELECT stream_id, seq FROM stream_heads")}
     assert heads == {**{f"ok-{i}": 9 for i in range(30)}, "poisoned": 2}
@@ -82,7 +83,7 @@ async def test_a_record_postgres_refuses_is_dead_lettered_alone_and_the_batch_go
 
     # The same from a retry topic: the record's attempts count on.
     again = stream("retried", poison_at=4)
-    await store.apply_batch(as_records(again[:4], start=1000))
+    assert (await store.apply_batch(as_records(again[:4], start=1000))).transactions == 1
     result = await store.apply_batch(as_records(again[4:5], start=7, attempts=2), route=schedule.route)
     letter = await owner.fetchrow("SELECT * FROM dead_letters WHERE stream_id = 'retried'")
     assert (letter["reason"], letter["seq"], letter["attempts"]) == ("rejected_by_database", 5, 3)
