@@ -41,6 +41,7 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "EventData",
+    "MAX_ID_CHARS",
     "Money",
     "UtcTime",
     "decode_event",
@@ -53,8 +54,11 @@ __all__ = [
 
 MAX_EVENT_BYTES = 512 * 1024
 """The largest encoded event, in bytes of UTF-8 JSON (SPEC.md section 4); larger is ``TooLarge``."""
-STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,200}")
-_STREAM_ID_RULE = "1 to 200 characters from A-Z a-z 0-9 . _ : -"
+MAX_ID_CHARS = 200
+"""The most characters of a stream id and of an identifier inside ``data`` (SPEC.md sections 1 and 4)."""
+STREAM_ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
+_STREAM_ID_RULE = f"1 to {MAX_ID_CHARS} characters from A-Z a-z 0-9 . _ : -"
+_IDENTIFIER_RULE = f"must be 1 to {MAX_ID_CHARS} characters (SPEC.md section 4)"
 _MONEY = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]{1,12})?")
 # \Z, not $: Python's $ also matches before a final newline.
 _HEX64 = r"^[0-9a-f]{64}\Z"
@@ -108,6 +112,9 @@ def _decode_hook(kind: type, value: object) -> object:
 
 Count = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
 Name = Annotated[str, Meta(min_length=1)]
+Identifier = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+"""An identifier inside ``data`` (workflow, agent_id, customer_id, step_id, artifact_id, provider, model): PostgreSQL
+indexes them, and refuses an index entry over about 2.7 KB; checked here, so the database never sees a longer one."""
 JsonObject = dict[str, Any]
 
 
@@ -117,58 +124,58 @@ class _Data(Struct, frozen=True):
 
 
 class ExecutionStarted(_Data, frozen=True):
-    workflow: Name
-    agent_id: str | None = None
-    customer_id: str | None = None
+    workflow: Identifier
+    agent_id: Identifier | None = None
+    customer_id: Identifier | None = None
     input: JsonObject | None = None
     budget_usd: Money | None = None
 
 
 class StepStarted(_Data, frozen=True):
-    step_id: Name
+    step_id: Identifier
     name: Name
     order: int | None = None
     input: JsonObject | None = None
 
 
 class StepRetrying(_Data, frozen=True):
-    step_id: Name
+    step_id: Identifier
     attempt: Annotated[int, Meta(ge=1)]
     max_retries: Count | None = None
     error: JsonObject | None = None
 
 
 class StepCompleted(_Data, frozen=True):
-    step_id: Name
+    step_id: Identifier
     output: JsonObject | None = None
 
 
 class StepFailed(_Data, frozen=True):
-    step_id: Name
+    step_id: Identifier
     error: ErrorInfo
 
 
 class StepSkipped(_Data, frozen=True):
-    step_id: Name
+    step_id: Identifier
     reason: str | None = None
 
 
 class CostIncurred(_Data, frozen=True):
-    provider: Name
-    model: Name
+    provider: Identifier
+    model: Identifier
     input_tokens: Count
     output_tokens: Count
     cached_tokens: Count | None = None
-    step_id: Name | None = None
+    step_id: Identifier | None = None
     cost_usd: Money | None = None
 
 
 class ArtifactCreated(_Data, frozen=True):
-    artifact_id: Name
+    artifact_id: Identifier
     type: Literal["report", "config", "log", "chart", "dataset", "model", "code", "other"]
     name: Name
     uri: Name
-    step_id: Name | None = None
+    step_id: Identifier | None = None
     size_bytes: Count | None = None
     content_type: str | None = None
 
@@ -259,6 +266,8 @@ def _located(path: str, error: msgspec.ValidationError, kind: object) -> FieldEr
         reason = "field required" if field["what"] == "missing required" else "unknown field: not allowed"
     elif reason.startswith("Expected `str` matching regex"):
         reason = _PATTERN_REASONS.get(path, reason)
+    elif reason.startswith("Expected `str` of length") and Identifier in (kind, *typing.get_args(kind)):
+        reason = _IDENTIFIER_RULE
     elif reason.startswith("Invalid enum value"):
         literal = next((a for a in typing.get_args(kind) if typing.get_origin(a) is Literal), kind)
         reason = f"{reason}: must be one of {', '.join(map(repr, typing.get_args(literal)))}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import typing
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +16,7 @@ from runledger.schemas.errors import HashMismatch, InvalidEvent, InvalidJson, Pe
 from runledger.schemas.events import (
     EVENT_TYPES,
     MAX_EVENT_BYTES,
+    MAX_ID_CHARS,
     CostIncurred,
     Event,
     StepFailed,
@@ -256,3 +258,42 @@ def test_a_leap_second_is_the_minutes_last_microsecond(written: str) -> None:
 def test_a_second_60_that_is_no_leap_second_is_refused(written: str) -> None:
     with pytest.raises(InvalidEvent, match="time"):
         parse_event(event(time=written))
+
+
+# Every identifier inside data (SPEC.md section 4), by each event type of section 5 that carries it, with the
+# rest of a valid data object.
+IDENTIFIERS = [
+    ("execution.started", "workflow", {}),
+    ("execution.started", "agent_id", {"workflow": "w"}),
+    ("execution.started", "customer_id", {"workflow": "w"}),
+    ("step.started", "step_id", {"name": "n"}),
+    ("step.retrying", "step_id", {"attempt": 1}),
+    ("step.completed", "step_id", {}),
+    ("step.failed", "step_id", {"error": {"type": "t", "message": "m"}}),
+    ("step.skipped", "step_id", {}),
+    ("cost.incurred", "provider", {"model": "m", "input_tokens": 1, "output_tokens": 1}),
+    ("cost.incurred", "model", {"provider": "p", "input_tokens": 1, "output_tokens": 1}),
+    ("cost.incurred", "step_id", {"provider": "p", "model": "m", "input_tokens": 1, "output_tokens": 1}),
+    ("artifact.created", "artifact_id", {"type": "report", "name": "n", "uri": "u"}),
+    ("artifact.created", "step_id", {"artifact_id": "a", "type": "report", "name": "n", "uri": "u"}),
+]
+
+
+@pytest.mark.parametrize(("type_", "field", "rest"), IDENTIFIERS, ids=[f"{t}.{f}" for t, f, _ in IDENTIFIERS])
+def test_an_identifier_is_1_to_200_characters_and_a_longer_one_is_an_invalid_event_naming_it(
+        type_: str, field: str, rest: dict[str, Any]) -> None:
+    assert parse_event(event(type_, {**rest, field: "é" * MAX_ID_CHARS}))  # characters, not bytes
+    for refused in ("x" * (MAX_ID_CHARS + 1), "", "a" * 100_000):
+        error = _error(event(type_, {**rest, field: refused}))
+        assert isinstance(error, InvalidEvent) and error.code == "invalid_event"
+        assert error.errors == [(f"data.{field}", "must be 1 to 200 characters (SPEC.md section 4)")]
+
+
+def test_the_bounded_fields_are_exactly_the_identifiers_of_the_spec() -> None:
+    def limit(kind: Any) -> int | None:
+        metas = [m for t in (kind, *typing.get_args(kind)) for m in getattr(t, "__metadata__", ())]
+        return next((m.max_length for m in metas if isinstance(m, msgspec.Meta) and m.max_length), None)
+
+    bounded = {(t, f.name): limit(f.type) for t, kind in EVENT_TYPES.items() for f in msgspec.structs.fields(kind)
+               if limit(f.type) is not None}
+    assert bounded == {(t, f): MAX_ID_CHARS for t, f, _ in IDENTIFIERS}

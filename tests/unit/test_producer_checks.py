@@ -40,6 +40,20 @@ def test_u0000_is_refused_with_the_field_named(event: NewEvent, field: str, reas
     assert "\x00" not in str(caught.value)
 
 
+@pytest.mark.parametrize(("event", "field"), [
+    (started(workflow="w" * 201), "data.workflow"),
+    (started(customer_id="c" * 5000), "data.customer_id"),
+    (NewEvent("cost.incurred", {"provider": "p", "model": "m" * 3000, "input_tokens": 1, "output_tokens": 1}),
+     "data.model"),
+    (NewEvent("artifact.created", {"artifact_id": "a" * 201, "type": "log", "name": "n", "uri": "u"}),
+     "data.artifact_id"),
+])
+def test_an_identifier_over_200_characters_is_refused_with_the_field_named(event: NewEvent, field: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        check_new_events("exec-1", [started(), event])
+    assert caught.value.errors == [(field, "must be 1 to 200 characters (SPEC.md section 4)")]
+
+
 def test_data_too_large_on_its_own_is_refused_before_anything_is_reserved() -> None:
     with pytest.raises(TooLarge) as caught:
         check_new_events("exec-1", [started(), started("x" * MAX_EVENT_BYTES)])

@@ -1,0 +1,189 @@
+"""Hostile records against a real worker process: identifiers longer than PostgreSQL can index, record content
+that would drive a terminal, a subject forged onto another stream, a leap second. Each is refused or projected as
+SPEC.md says, and costs the worker at most twice what as many valid records cost, counted in PostgreSQL
+transactions (``runledger_store_transactions_total``, which counts the rolled back ones of a batch isolated by
+halves too): the records of each count are in the log before the worker that counts them starts, on one
+partition, so each lands in the batches a valid record would."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from runledger.projections.postgres.db import connect, migrate
+from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.pricing import load_tokencost_catalog
+from runledger.projections.records import LogRecord
+from runledger.streams.topics import ensure_topics, worker_topics
+from tests.conftest import free_ports
+from tests.integration.conftest import poll, read_log, rechain, running_worker, settings_of, worker_log
+from tests.integration.test_metrics import scrape
+
+DEADLINE_S = 120
+Send = tuple[bytes, bytes]  # (key, value) of a record of the log
+
+
+@pytest.fixture
+async def hostile_env(env: dict[str, str]) -> AsyncIterator[tuple[dict[str, str], asyncpg.Connection]]:
+    """A schema, group and one-partition topics of the test's own, a metrics port, and an owner connection."""
+    schema = f"h_{uuid.uuid4().hex[:12]}"
+    (port,) = free_ports(1)
+    env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
+           "RUNLEDGER_EVENT_PARTITIONS": "1", "RUNLEDGER_METRICS_PORT": str(port)}
+    settings = settings_of(env)
+    await migrate(settings.database_url, schema)
+    await ensure_topics(settings, worker_topics(settings))
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": schema})
+    try:
+        yield env, conn
+    finally:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()
+
+
+async def send(env: dict[str, str], values: list[Send]) -> None:
+    settings = settings_of(env)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=False,
+                                max_request_size=2 * 1024 * 1024)
+    await producer.start()
+    try:
+        for key, value in values:
+            await producer.send_and_wait(settings.events_topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+def keyed(events: list[dict[str, Any]]) -> list[Send]:
+    return [(str(e["subject"]).encode(), orjson.dumps(e)) for e in events]
+
+
+async def project_in_process(env: dict[str, str], values: list[Send]) -> None:
+    """Append ``values`` and project the whole log as a worker would (its offsets and trees too), without one."""
+    await send(env, values)
+    settings = settings_of(env)
+    pool = await connect(settings.database_url, settings.db_schema)
+    try:
+        store = ProjectionStore(pool, load_tokencost_catalog(), settings.consumer_group)
+        await store.apply_batch([LogRecord(r.topic, r.partition, r.offset, r.key, r.value or b"")
+                                 for r in await read_log(settings)])
+    finally:
+        await pool.close()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def metrics_of(worker: Any) -> str:
+    async def url() -> str | None:
+        found = re.search(r"Prometheus metrics at (http://\S+/metrics)", worker_log(worker))
+        return found[1] if found else None
+
+    return await poll(url, DEADLINE_S, "the worker to say where its metrics are")
+
+
+async def counted(url: str, records: int) -> Samples:
+    """The worker's metrics once it has counted ``records`` records read from the log."""
+    async def check() -> Samples | None:
+        samples = await asyncio.to_thread(scrape, url)
+        return samples if samples.get(("runledger_records_consumed_total", (("source", "log"),))) == records else None
+
+    return await poll(check, DEADLINE_S, f"the worker to count {records} records")
+
+
+def transactions(samples: Samples) -> float:
+    return samples[("runledger_store_transactions_total", ())]
+
+
+async def worker_transactions(env: dict[str, str], values: list[Send], done: Callable[[], Awaitable[bool]]) -> float:
+    """Append ``values``, then start a worker: the PostgreSQL transactions its batches took to apply them, once
+    ``done`` holds."""
+    await send(env, values)
+    async with running_worker(env) as worker:
+        url = await metrics_of(worker)
+        await poll(done, DEADLINE_S, "the records applied")
+        return transactions(await counted(url, len(values)))
+
+
+def at_most_twice(bad: float, valid: float) -> None:
+    assert 0 < valid and bad <= 2 * valid, f"{bad:g} transactions for the bad records, {valid:g} for as many valid"
+
+
+async def count(conn: asyncpg.Connection, sql: str, *args: Any) -> int:
+    return int(await conn.fetchval(sql, *args))
+
+
+# -- identifiers longer than PostgreSQL can index -----------------------------------------------------------------
+
+N_LONG = 26
+# (type, the identifier made too long, data) of each event type that carries an identifier (SPEC.md section 5): on a
+# stream whose seq 1 (execution.started) and seq 2 (step.started "s") are projected, except execution.started.
+KINDS: list[tuple[str, str, dict[str, Any]]] = [
+    ("execution.started", "workflow", {"workflow": "w"}),
+    ("execution.started", "agent_id", {"workflow": "w", "agent_id": "a"}),
+    ("execution.started", "customer_id", {"workflow": "w", "customer_id": "c"}),
+    ("step.started", "step_id", {"step_id": "t", "name": "n"}),
+    ("step.retrying", "step_id", {"step_id": "s", "attempt": 1}),
+    ("step.completed", "step_id", {"step_id": "s"}),
+    ("step.failed", "step_id", {"step_id": "s", "error": {"type": "t", "message": "m"}}),
+    ("step.skipped", "step_id", {"step_id": "k"}),
+    ("cost.incurred", "provider", {"provider": "openai", "model": "gpt-4o", "input_tokens": 1, "output_tokens": 1}),
+    ("cost.incurred", "model", {"provider": "openai", "model": "gpt-4o", "input_tokens": 1, "output_tokens": 1}),
+    ("cost.incurred", "step_id", {"provider": "openai", "model": "gpt-4o", "input_tokens": 1, "output_tokens": 1,
+                                  "step_id": "s"}),
+    ("artifact.created", "artifact_id", {"artifact_id": "a", "type": "log", "name": "n", "uri": "s3://b/a"}),
+    ("artifact.created", "step_id", {"artifact_id": "a", "type": "log", "name": "n", "uri": "s3://b/a",
+                                     "step_id": "s"}),
+]
+
+
+def _stream_with(subject: str, kind: tuple[str, str, dict[str, Any]], long: bool) -> list[dict[str, Any]]:
+    """``kind``'s event, last of a stream (valid but for the identifier made ``long``): its events before it first."""
+    type_, field, data = kind
+    if long:  # random, so that PostgreSQL cannot compress it under its index limit (about 2.7 KB)
+        data = {**data, field: secrets.token_urlsafe(3000)}
+    template = {"specversion": "1.0", "source": "/producers/test", "time": "2026-11-22T10:00:00.000Z",
+                "datacontenttype": "application/json"}
+    events = [] if type_ == "execution.started" else [
+        {**template, "type": "execution.started", "data": {"workflow": "w"}},
+        {**template, "type": "step.started", "data": {"step_id": "s", "name": "n"}}]
+    events.append({**template, "type": type_, "data": data})
+    return rechain(subject, [{**e, "seq": seq} for seq, e in enumerate(events, start=1)])
+
+
+async def test_identifiers_over_200_characters_are_invalid_events_naming_the_field_and_cost_no_bisection(
+        hostile_env: tuple[dict[str, str], asyncpg.Connection]) -> None:
+    env, conn = hostile_env
+    tag = uuid.uuid4().hex[:6]
+    kinds = [KINDS[i % len(KINDS)] for i in range(N_LONG)]
+    valid = [_stream_with(f"ok-{tag}-{i}", kind, long=False) for i, kind in enumerate(kinds)]
+    long = [_stream_with(f"long-{tag}-{i}", kind, long=True) for i, kind in enumerate(kinds)]
+    # What comes before each measured event is projected first, without a worker.
+    await project_in_process(env, keyed([e for s in valid + long for e in s[:-1]]))
+    before = await count(conn, "SELECT count(*) FROM audit_log")
+
+    async def all_projected() -> bool:
+        return await count(conn, "SELECT count(*) FROM audit_log") == before + N_LONG
+
+    valid_cost = await worker_transactions(env, keyed([s[-1] for s in valid]), all_projected)
+
+    async def all_applied() -> bool:
+        return await count(conn, "SELECT (SELECT count(*) FROM dead_letters) + (SELECT count(*) FROM audit_log)"
+                           ) == before + 2 * N_LONG
+
+    long_cost = await worker_transactions(env, keyed([s[-1] for s in long]), all_applied)
+    at_most_twice(long_cost, valid_cost)
+    letters = {r["stream_id"]: r for r in await conn.fetch("SELECT * FROM dead_letters")}
+    for stream, (_, field, _) in zip(long, kinds, strict=True):
+        letter = letters[stream[-1]["subject"]]
+        assert (letter["reason"], letter["error"], letter["seq"]) == (
+            "invalid_event", f"data.{field}: must be 1 to 200 characters (SPEC.md section 4)", len(stream)), field
+    assert await count(conn, "SELECT count(*) FROM audit_log") == before + N_LONG  # none of them
