@@ -38,7 +38,7 @@ from runledger.schemas.errors import (
     RunledgerError,
     SeqConflict,
 )
-from runledger.schemas.events import MAX_EVENT_BYTES, Event, decode_event, parse_event
+from runledger.schemas.events import MAX_EVENT_BYTES, MAX_ID_CHARS, Event, decode_event, parse_event, proven_stream
 
 __all__ = ["ARTIFACT_COLUMNS", "AUDIT_COLUMNS", "COST_COLUMNS", "EXECUTION_COLUMNS", "STEP_COLUMNS", "BatchPlanner",
            "Decoded", "Loaded", "Parked", "Plan", "Policy", "ProjectedEvent", "artifact_row", "as_record", "cost_row",
@@ -325,11 +325,15 @@ class BatchPlanner:
             self._artifacts[a.stream_id, a.artifact_id] = artifact_row(a)
 
     def _fail(self, record: LogRecord, error: RunledgerError, event: Event | None = None, raw: Any = None) -> None:
-        """Send ``record`` out of the batch: to retry if ``error`` is transient and attempts remain, else dead."""
-        known = (event.subject, event.seq, event.id, event.type) if event is not None else _known_fields(raw)
-        failure = Failure(record, error, self.now, *known)
-        if failure.stream_id is not None and not error.transient:
-            self._blocked.add(failure.stream_id)
+        """Send ``record`` out of the batch: to retry if ``error`` is transient and attempts remain, else dead.
+
+        A dead letter blocks the stream it belongs to (its later events park behind it): ``event``'s, or for a record
+        that is no valid event, the stream it proves by its hash (``proven_stream``). One that proves nothing only
+        claims its subject (``Failure.claimed_stream_id``): it blocks no stream."""
+        if event is not None:
+            failure = Failure(record, error, self.now, event.subject, event.seq, event.id, event.type)
+        else:
+            failure = _failure_of(record, error, self.now, raw)
         size = len(record.value) + len(record.key or b"")
         if error.transient and failure.attempts >= self.policy.max_attempts:
             failure = replace(failure, error=RetriesExhausted(
@@ -339,7 +343,12 @@ class BatchPlanner:
             failure = replace(failure, error=RetriesExhausted(
                 f"a record of {size:,} bytes cannot travel through a retry topic; {error.code}: {error}"))
         result = self.plan_.result
-        (result.retry if failure.error.transient else result.dead).append(failure)
+        if failure.error.transient:
+            result.retry.append(failure)
+            return
+        result.dead.append(failure)
+        if failure.stream_id is not None:  # out of retries too: what follows it in this batch parks behind it
+            self._blocked.add(failure.stream_id)
 
 
 def _order(item: _Item) -> tuple[int, str, int, int]:
@@ -359,17 +368,21 @@ def _offsets(records: Iterable[LogRecord]) -> list[tuple[str, int, int, str]]:
     return [(t, p, r.offset + 1, hashlib.sha256(r.value).hexdigest()) for (t, p), r in last.items()]
 
 
-def _known_fields(raw: Any) -> tuple[str | None, int | None, str | None, str | None]:
-    """(subject, seq, id, type) of a record that is not a valid event, as far as its JSON has them."""
+def _failure_of(record: LogRecord, error: RunledgerError, now: datetime, raw: Any) -> Failure:
+    """The failure of a record that is not a valid event, with its seq, id and type as far as its JSON has them, and
+    its subject as its stream if its hash proves it, else only as the stream it claims."""
     if not isinstance(raw, dict):
-        return None, None, None, None
+        return Failure(record, error, now)
 
     def text(name: str) -> str | None:
         value = raw.get(name)
-        return pg_text(value, 200) if isinstance(value, str) else None
+        return pg_text(value, MAX_ID_CHARS) if isinstance(value, str) else None
 
     seq = raw.get("seq")
-    return text("subject"), seq if type(seq) is int and 0 < seq < 2**63 else None, text("id"), text("type")
+    seq = seq if type(seq) is int and 0 < seq < 2**63 else None
+    stream = proven_stream(raw)
+    return Failure(record, error, now, stream, seq, text("id"), text("type"),
+                   claimed_stream_id=None if stream is not None else text("subject"))
 
 
 def execution_row(s: ExecutionState) -> Row:

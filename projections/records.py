@@ -48,7 +48,12 @@ class LogRecord:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A record that leaves the batch unprojected, with what is known of its event."""
+    """A record that leaves the batch unprojected, with what is known of its event.
+
+    ``stream_id`` is the stream the record belongs to: a valid event's, or one its hash proves
+    (``runledger.schemas.events.proven_stream``); its dead letter blocks that stream. ``claimed_stream_id`` is the
+    subject (or key) of a record that proves nothing: kept to find its letter by, never to block a stream with.
+    """
 
     record: LogRecord
     error: RunledgerError
@@ -58,6 +63,7 @@ class Failure:
     event_id: str | None = None
     event_type: str | None = None
     dead_letter_id: int | None = None  # set once the letter row exists
+    claimed_stream_id: str | None = None
 
     @property
     def attempts(self) -> int:

@@ -48,6 +48,7 @@ __all__ = [
     "decode_json",
     "format_time",
     "parse_event",
+    "proven_stream",
     "validate_data",
     "validate_stream_id",
 ]
@@ -309,6 +310,21 @@ def validate_stream_id(stream_id: object) -> str:
     if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
         raise InvalidEvent([("subject", f"stream id {stream_id!r} must be {_STREAM_ID_RULE}")])
     return stream_id
+
+
+def proven_stream(raw: object) -> str | None:
+    """The stream that a decoded object, valid event or not, proves it belongs to: its ``subject``, if that is a stream
+    id and the object's ``hash`` is the one SPEC.md section 3 gives it (so its subject, seq and prevhash are what its
+    producer hashed and chained on); else None: whatever stream it names, it proves nothing."""
+    if not isinstance(raw, dict):
+        return None
+    subject, claimed = raw.get("subject"), raw.get("hash")
+    if not (isinstance(subject, str) and STREAM_ID_PATTERN.fullmatch(subject) and isinstance(claimed, str)):
+        return None
+    try:
+        return subject if compute_hash(raw) == claimed else None
+    except (TypeError, ValueError, RecursionError):  # what JCS cannot canonicalise has no hash
+        return None
 
 
 def validate_data(event_type: object, data: object, *, plain: bool | None = None) -> EventData:

@@ -97,8 +97,8 @@ DELETE FROM parked_events WHERE stream_id = $1 AND seq = $2 AND event_id = $3::u
 -- name: insert_dead_letter
 -- Returns no row when the record already has an open letter (delivered again after a crash).
 INSERT INTO dead_letters (reason, error, attempts, first_failure_at, last_failure_at, topic, partition, "offset",
-    key, value, stream_id, seq, event_id, event_type)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+    key, value, stream_id, seq, event_id, event_type, claimed_stream_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
 ON CONFLICT (topic, partition, "offset", md5(value)) WHERE status = 'dead' DO NOTHING
 RETURNING id;
 
@@ -286,7 +286,7 @@ SELECT * FROM dead_letters
 WHERE ($1::bigint[] IS NULL OR id = ANY($1))
   AND ($2::text[] IS NULL OR reason = ANY($2))
   AND ($3::text[] IS NULL OR event_type = ANY($3))
-  AND ($4::text[] IS NULL OR stream_id = ANY($4))
+  AND ($4::text[] IS NULL OR stream_id = ANY($4) OR claimed_stream_id = ANY($4))
   AND ($5::timestamptz IS NULL OR created_at >= $5)
   AND ($6::timestamptz IS NULL OR created_at < $6)
   AND ($7::text[] IS NULL OR status = ANY($7))

@@ -330,7 +330,8 @@ async def _write_dead_letters(conn: asyncpg.Connection, result: BatchResult) -> 
             continue
         letter = await conn.fetchval(
             query("insert_dead_letter"), f.error.code, f.message, f.attempts, f.first_failed, f.failed_at,
-            r.topic, r.partition, r.offset, r.key, r.value, f.stream_id, f.seq, f.event_id, f.event_type)
+            r.topic, r.partition, r.offset, r.key, r.value, f.stream_id, f.seq, f.event_id, f.event_type,
+            f.claimed_stream_id)
         if letter is not None:  # None: this record already has an open letter
             recorded.append(replace(f, dead_letter_id=letter))
             result.rows["dead_letters"] += 1

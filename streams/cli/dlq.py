@@ -153,10 +153,18 @@ def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
               f"{'TYPE':18}  {'TRIES':>5}  {'STATUS':8}  ERROR")
     for r in rows:
         print(f"{r['id']:>6}  {r['created_at']:%Y-%m-%d %H:%M:%S}  {r['reason']:18}  "
-              f"{_cut(r['stream_id'] or '-', 28):28}  {r['seq'] if r['seq'] is not None else '-':>5}  "
+              f"{_cut(_stream(r), 28):28}  {r['seq'] if r['seq'] is not None else '-':>5}  "
               f"{_cut(r['event_type'] or '-', 18):18}  {r['attempts']:>5}  {r['status']:8}  {_cut(r['error'], 70)}")
     _print_summary(rows, summary)
     return 0
+
+
+def _stream(row: Any) -> str:
+    """The letter's stream, or the one its record only claims (it blocks none: README "Which stream a dead letter
+    blocks")."""
+    if row["stream_id"] is not None:
+        return str(row["stream_id"])
+    return f"{row['claimed_stream_id']} (claimed)" if row["claimed_stream_id"] is not None else "-"
 
 
 def _cut(text: str, width: int) -> str:
@@ -195,11 +203,12 @@ def _cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         emit(out)
         return 0
-    for name in ("id", "status", "reason", "error", "attempts", "first_failure", "last_failure", "stream", "seq",
+    for name in ("id", "status", "reason", "error", "attempts", "first_failure", "last_failure", "stream",
+                 "claimed_stream", "seq",
                  "type", "event_id", "topic", "partition", "offset", "key", "dlq", "replays", "status_at",
                  "status_by", "note"):
         if out.get(name) is not None:
-            print(f"{name + ':':15}{terminal_safe(out[name])}")  # what came from a record, written out safely
+            print(f"{name + ':':16}{terminal_safe(out[name])}")  # what came from a record, written out safely
     print("headers:")
     for key, value in out["headers"].items():
         print(f"  {terminal_safe(key)}: {terminal_safe(value)}")

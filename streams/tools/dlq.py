@@ -104,7 +104,8 @@ def letter_json(row: asyncpg.Record, *, decoded: bool = False) -> dict[str, Any]
         "headers": letter_headers(row),
         "reason": row["reason"], "error": row["error"], "attempts": row["attempts"],
         "first_failure": format_time(row["first_failure_at"]), "last_failure": format_time(row["last_failure_at"]),
-        "stream": row["stream_id"], "seq": row["seq"], "event_id": row["event_id"], "type": row["event_type"],
+        "stream": row["stream_id"], "claimed_stream": row["claimed_stream_id"], "seq": row["seq"],
+        "event_id": row["event_id"], "type": row["event_type"],
         "status": row["status"], "status_at": format_time(row["status_at"]) if row["status_at"] else None,
         "status_by": row["status_by"], "note": row["note"], "replays": row["replays"],
         "dlq": ({"topic": row["dlq_topic"], "partition": row["dlq_partition"], "offset": row["dlq_offset"]}
@@ -124,7 +125,7 @@ def letter_headers(row: asyncpg.Record) -> dict[str, str]:
         reason=row["reason"], error=row["error"], attempts=row["attempts"], first_failure=row["first_failure_at"],
         last_failure=row["last_failure_at"], topic=row["topic"], partition=row["partition"], offset=row["offset"],
         stream=row["stream_id"], seq=row["seq"], event_id=row["event_id"], event_type=row["event_type"],
-        dead_letter_id=row["id"])
+        dead_letter_id=row["id"], claimed_stream=row["claimed_stream_id"])
 
 
 def _payload(value: bytes) -> dict[str, Any]:

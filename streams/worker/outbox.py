@@ -168,7 +168,7 @@ class Forwarder:
         now = datetime.now(UTC)
         sends, spent = [], []
         for r in records:
-            failure = Failure(r, error, now, r.key.decode("utf-8", "replace") if r.key else None)
+            failure = Failure(r, error, now, claimed_stream_id=r.key.decode("utf-8", "replace") if r.key else None)
             step = self.schedule.after(failure.attempts)
             if step is None or len(r.value) + len(r.key or b"") > MAX_EVENT_BYTES:
                 spent.append(r)
@@ -228,8 +228,9 @@ class BatchHandler:
                 for f in result.retry:
                     log.info("retry %s seq %s attempt %d: %s", f.stream_id, f.seq, f.attempts, f.error.code)
                 for f in result.dead:
-                    log.warning("dead letter %s: %s %s seq %s: %s", f.dead_letter_id, f.error.code, f.stream_id,
-                                f.seq, f.message)
+                    stream = f.stream_id or (f"{f.claimed_stream_id} (claimed)" if f.claimed_stream_id else "-")
+                    log.warning("dead letter %s: %s %s seq %s: %s", f.dead_letter_id, f.error.code, stream, f.seq,
+                                f.message)
                 if result.rows.get("outbox"):
                     await self.publish()
                 return result

@@ -10,6 +10,7 @@ travels in ``runledger.*`` headers (text, so that kcat and rpk show it):
     runledger.first_failure, runledger.last_failure, runledger.due (retry only),
     runledger.original.topic, runledger.original.partition, runledger.original.offset,
     runledger.stream, runledger.seq, runledger.event_id, runledger.type (when known),
+    runledger.claimed_stream (instead of runledger.stream: a record that does not prove its stream),
     runledger.dead_letter_id (dead-letter topic only)
 
 Pure: knows nothing of Kafka clients or PostgreSQL.
@@ -97,13 +98,14 @@ class RetrySchedule:
 def header_values(*, reason: str, error: str, attempts: int, first_failure: datetime, last_failure: datetime,
                   topic: str, partition: int, offset: int, stream: str | None = None, seq: int | None = None,
                   event_id: str | None = None, event_type: str | None = None, due: datetime | None = None,
-                  dead_letter_id: int | None = None) -> dict[str, str]:
+                  dead_letter_id: int | None = None, claimed_stream: str | None = None) -> dict[str, str]:
     """The ``runledger.*`` headers as text, leaving out what is unknown (see the module docstring)."""
     fields: dict[str, object] = {
         "reason": reason, "error": error, "attempts": attempts, "first_failure": format_time(first_failure),
         "last_failure": format_time(last_failure), "due": format_time(due) if due is not None else None,
         "original.topic": topic, "original.partition": partition, "original.offset": offset,
-        "stream": stream, "seq": seq, "event_id": event_id, "type": event_type, "dead_letter_id": dead_letter_id,
+        "stream": stream, "claimed_stream": claimed_stream, "seq": seq, "event_id": event_id, "type": event_type,
+        "dead_letter_id": dead_letter_id,
     }
     return {HEADER + k: str(v) for k, v in fields.items() if v is not None}
 
@@ -115,7 +117,8 @@ def failure_headers(failure: Failure, *, due: datetime | None = None) -> Headers
         reason=failure.error.code, error=failure.message, attempts=failure.attempts,
         first_failure=failure.first_failed, last_failure=failure.failed_at, topic=r.topic, partition=r.partition,
         offset=r.offset, stream=failure.stream_id, seq=failure.seq, event_id=failure.event_id,
-        event_type=failure.event_type, due=due, dead_letter_id=failure.dead_letter_id)
+        event_type=failure.event_type, due=due, dead_letter_id=failure.dead_letter_id,
+        claimed_stream=failure.claimed_stream_id)
     return [(k, v.encode()) for k, v in values.items()]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -70,6 +71,8 @@ def test_dead_letter_headers_leave_out_what_is_unknown() -> None:
     names = {k for k, _ in failure_headers(failure)}
     assert "runledger.stream" not in names and "runledger.due" not in names
     assert {"runledger.reason", "runledger.error", "runledger.original.offset"} <= names
+    claims = dict(failure_headers(replace(failure, claimed_stream_id="victim")))
+    assert claims["runledger.claimed_stream"] == b"victim" and "runledger.stream" not in claims
 
 
 @pytest.mark.parametrize(("text", "expected"), [

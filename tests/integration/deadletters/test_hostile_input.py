@@ -8,8 +8,10 @@ partition, so each lands in the batches a valid record would."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,10 +23,11 @@ from aiokafka import AIOKafkaProducer
 
 from runledger.projections.postgres.db import connect, migrate
 from runledger.projections.postgres.store import ProjectionStore
+from runledger.projections.postgres.wait import wait_projected
 from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.streams.topics import ensure_topics, worker_topics
-from tests.conftest import free_ports
+from tests.conftest import CLI, free_ports
 from tests.integration.conftest import poll, read_log, rechain, running_worker, settings_of, worker_log
 from tests.integration.test_metrics import scrape
 
@@ -60,6 +63,14 @@ async def send(env: dict[str, str], values: list[Send]) -> None:
             await producer.send_and_wait(settings.events_topic, value, key=key)
     finally:
         await producer.stop()
+
+
+def runledger(env: dict[str, str], *args: str) -> str:
+    """The command line's output; it must succeed."""
+    done = subprocess.run([*CLI, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def keyed(events: list[dict[str, Any]]) -> list[Send]:
@@ -187,3 +198,76 @@ async def test_identifiers_over_200_characters_are_invalid_events_naming_the_fie
         assert (letter["reason"], letter["error"], letter["seq"]) == (
             "invalid_event", f"data.{field}: must be 1 to 200 characters (SPEC.md section 4)", len(stream)), field
     assert await count(conn, "SELECT count(*) FROM audit_log") == before + N_LONG  # none of them
+
+
+# -- a subject forged onto another stream -------------------------------------------------------------------------
+
+N_FORGED = 24
+
+
+def _forgeries(victim: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records that name the victim's stream, and its next seq, without proving it: their hashes do not verify."""
+    real = victim[1]
+    kinds = [
+        {**real, "data": {**real["data"], "name": "forged"}},  # the real event's id and hash, another content
+        {**real, "hash": "0" * 64},
+        {**real, "data": {"step_id": "x" * 300, "name": "n"}},  # invalid data, and a hash that does not verify
+        {"subject": real["subject"], "seq": 2, "type": "step.started"},  # not an event at all
+    ]
+    return [{**kinds[i % len(kinds)], "id": real["id"] if i % len(kinds) == 0 else str(uuid.uuid4())}
+            for i in range(N_FORGED)]
+
+
+async def test_records_that_do_not_prove_their_subject_never_block_the_stream_they_name(
+        hostile_env: tuple[dict[str, str], asyncpg.Connection]) -> None:
+    env, conn = hostile_env
+    settings = settings_of(env)
+    tag = uuid.uuid4().hex[:6]
+    victim = rechain(f"victim-{tag}")
+    subject = victim[0]["subject"]
+    await project_in_process(env, keyed(victim[:1]))
+    others = [rechain(f"other-{tag}-{i}")[0] for i in range(N_FORGED)]
+
+    async def others_projected() -> bool:
+        return await count(conn, "SELECT count(*) FROM audit_log") == 1 + N_FORGED
+
+    valid_cost = await worker_transactions(env, keyed(others), others_projected)
+
+    await send(env, [(subject.encode(), orjson.dumps(f)) for f in _forgeries(victim)])
+    async with running_worker(env) as worker:
+        url = await metrics_of(worker)
+
+        async def all_dead() -> bool:
+            return await count(conn, "SELECT count(*) FROM dead_letters") == N_FORGED
+
+        await poll(all_dead, DEADLINE_S, "every forgery dead-lettered")
+        at_most_twice(transactions(await counted(url, N_FORGED)), valid_cost)
+        # Not the victim's seq 2: `wait` does not take them for it.
+        waited = await wait_projected(settings.database_url, settings.db_schema, subject, 2, timeout=0.5)
+        assert (waited.status, waited.error) == ("timeout", "not projected yet: the stream is projected up to seq 1")
+
+        # The victim's seq 3 before its seq 2: not parked behind the forgeries (they prove no stream), it follows
+        # seq 2 through the retry topics as if they were not there.
+        await send(env, keyed(victim[2:3]))
+
+        async def retried() -> bool:
+            parked = await count(conn, "SELECT count(*) FROM parked_events")
+            assert parked == 0, "seq 3 parked behind letters that do not belong to its stream"
+            samples = await asyncio.to_thread(scrape, url)
+            return samples[("runledger_events_retried_total", (("delay", "1s"),))] == 1
+
+        await poll(retried, DEADLINE_S, "the victim's seq 3 sent to the retry topic")
+        await send(env, keyed(victim[1:2]))
+
+        async def caught_up() -> bool:
+            return await count(conn, "SELECT count(*) FROM audit_log WHERE stream_id = $1", subject) == 3
+
+        await poll(caught_up, DEADLINE_S, "the victim's seq 2, then its seq 3 from the retry topic")
+        assert worker.poll() is None
+    # Nothing lost: kept, and listed by the stream they claim, apart from the stream they would have blocked.
+    letters = await conn.fetch("SELECT stream_id, claimed_stream_id, reason, status FROM dead_letters")
+    assert {(r["stream_id"], r["claimed_stream_id"], r["status"]) for r in letters} == {(None, subject, "dead")}
+    assert len(letters) == N_FORGED and {r["reason"] for r in letters} == {"hash_mismatch", "invalid_event"}
+    listed = await asyncio.to_thread(runledger, env, "dlq", "list", "--stream", subject, "--json")
+    assert [(x["stream"], x["claimed_stream"]) for x in map(orjson.loads, listed.splitlines())] == [
+        (None, subject)] * N_FORGED

@@ -32,8 +32,9 @@ from tests.integration.deadletters.pgproxy import PgProxy
 DEADLINE_S = 120
 
 
-def _bad_records() -> tuple[list[tuple[bytes, bytes]], dict[str, bytes], int]:
-    """(key, value) to send in order, the value dead-lettered per reason, and how many events must project."""
+def _bad_records() -> tuple[list[tuple[bytes, bytes]], dict[str, bytes], bytes, int]:
+    """(key, value) to send in order, the value dead-lettered per reason, the event that runs out of retries behind
+    the hash mismatch, and how many events must project."""
     good = rechain("ok-a")
     hm = rechain("hm")
     tampered = {**hm[0], "data": {**hm[0]["data"], "workflow": "rewritten"}}  # hash no longer matches
@@ -61,7 +62,7 @@ def _bad_records() -> tuple[list[tuple[bytes, bytes]], dict[str, bytes], int]:
     sends += [(value[value.find(b'"subject":"') + 11:].split(b'"')[0] if value.startswith(b"{") else b"junk", value)
               for value in dead.values()]
     projected = len(good) + 1 + 2 + 2 + 1
-    return sends, dead, projected
+    return sends, dead, orjson.dumps(hm[1]), projected
 
 
 async def test_each_permanent_reason_is_dead_lettered_and_the_worker_goes_on(env: dict[str, str]) -> None:
@@ -69,7 +70,7 @@ async def test_each_permanent_reason_is_dead_lettered_and_the_worker_goes_on(env
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
            "RUNLEDGER_RETRY_DELAYS": "0.2,0.4"}
     settings = settings_of(env)
-    sends, dead, projected = _bad_records()
+    sends, dead, behind_hm, projected = _bad_records()
     conn = await asyncpg.connect(settings.database_url)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=False)
     await producer.start()
@@ -88,10 +89,11 @@ async def test_each_permanent_reason_is_dead_lettered_and_the_worker_goes_on(env
                     return None
                 # A letter's copy is in the dead-letter topic once the outbox published it, after the commit.
                 published = all(r["dlq_offset"] is not None for r in letters)
-                return letters if len(letters) == len(dead) and count == projected and published else None
+                done = len(letters) == len(dead) + 1 and count == projected and published
+                return letters if done else None
 
             letters = await poll(settled, DEADLINE_S, "every record projected or dead-lettered, and its copy out")
-            by_reason = {r["reason"]: r for r in letters}
+            by_reason = {r["reason"]: r for r in letters if bytes(r["value"]) in dead.values()}
             assert set(by_reason) == set(dead)
             for reason, value in dead.items():
                 letter = by_reason[reason]
@@ -102,13 +104,19 @@ async def test_each_permanent_reason_is_dead_lettered_and_the_worker_goes_on(env
             assert by_reason["retries_exhausted"]["attempts"] == 3  # first delivery + two retry topics
             assert (by_reason["retries_exhausted"]["stream_id"], by_reason["retries_exhausted"]["seq"]) == ("gap", 3)
             assert "seq 2 is not projected yet" in by_reason["retries_exhausted"]["error"]
-            assert by_reason["hash_mismatch"]["stream_id"] == "hm"  # known from the JSON, though not valid
-            # hm's later events wait behind its dead letter instead of running out of retries.
-            assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".parked_events WHERE stream_id = $1',
-                                       "hm") == 2
+            # A hash that does not verify proves nothing: the stream is only claimed, and not blocked. So hm's
+            # seq 2 ran through the retry topics and out of them (its hash verifies: its letter blocks hm), and
+            # seq 3 waits behind that letter.
+            mismatch = by_reason["hash_mismatch"]
+            assert (mismatch["stream_id"], mismatch["claimed_stream_id"], mismatch["seq"]) == (None, "hm", 1)
+            [exhausted] = [r for r in letters if bytes(r["value"]) == behind_hm]
+            assert (exhausted["reason"], exhausted["stream_id"], exhausted["seq"], exhausted["attempts"]) == (
+                "retries_exhausted", "hm", 2, 3)
+            parked = await conn.fetch(f'SELECT seq FROM "{schema}".parked_events WHERE stream_id = $1', "hm")
+            assert [r["seq"] for r in parked] == [3]
 
             copies = await read_log(settings, dlq_topic(settings.topic_prefix))
-            assert sorted(r.value for r in copies) == sorted(dead.values())
+            assert sorted(r.value for r in copies) == sorted([*dead.values(), behind_hm])
             for record in copies:
                 headers = {k: v.decode() for k, v in record.headers}
                 letter = next(r for r in letters if bytes(r["value"]) == record.value)

@@ -111,7 +111,7 @@ async def test_what_postgres_cannot_store_is_refused_before_it_gets_there(
         values[0]: "invalid_event", values[1]: "invalid_event", values[2]: "invalid_event", values[3]: "too_large"}
     assert "data.input.note" in letters[values[0]]["error"] and "U+0000" in letters[values[0]]["error"]
     assert "U+0000" in letters[values[1]]["error"]
-    assert letters[values[2]]["stream_id"] == "bad\\u0000stream"  # written out: PostgreSQL text has no U+0000
+    assert letters[values[2]]["claimed_stream_id"] == "bad\\u0000stream"  # written out: text has no U+0000
     assert "524,288" in letters[values[3]]["error"]
     assert letters[values[-1]]["reason"] == "invalid_event"
     # A step order above 2^31 - 1 is valid (up to 2^53 - 1) and stored.

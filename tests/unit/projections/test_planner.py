@@ -188,6 +188,9 @@ def test_retries_end_in_a_dead_letter() -> None:
     values = run("x")
     exhausted = planned(records(values[1:2], first=1, attempts=5), retry_gaps=True, max_attempts=6)
     assert codes(exhausted) == ["retries_exhausted"] and "6 attempts" in str(exhausted.result.dead[0].error)
+    # Its followers out of retries in the same batch park behind its letter, as they would in a later batch.
+    together = planned(records(values[1:4], first=1, attempts=5), retry_gaps=True, max_attempts=6)
+    assert codes(together) == ["retries_exhausted"] and together.result.parked == 2
     huge_key = LogRecord("events", 0, 1, b"k" * (MAX_EVENT_BYTES + 65 * 1024), values[1])
     too_big = planned([huge_key], retry_gaps=True)
     assert codes(too_big) == ["retries_exhausted"] and "cannot travel" in str(too_big.result.dead[0].error)
@@ -200,8 +203,43 @@ def test_invalid_records_are_dead_lettered_with_what_is_known_of_them() -> None:
     plan = planned([LogRecord("events", 0, 0, None, b"{not json"), LogRecord("events", 0, 1, None,
                                                                                orjson.dumps(forged))])
     assert codes(plan) == ["invalid_json", "hash_mismatch"]
-    assert plan.result.dead[1].stream_id == "x" and plan.result.dead[1].seq == 1
-    assert plan.result.dead[0].stream_id is None
+    bad_hash, not_json = plan.result.dead[1], plan.result.dead[0]
+    assert (bad_hash.stream_id, bad_hash.claimed_stream_id, bad_hash.seq) == (None, "x", 1)  # claimed: proves nothing
+    assert (not_json.stream_id, not_json.claimed_stream_id) == (None, None)
+
+
+def test_a_record_whose_hash_does_not_verify_blocks_no_stream_it_names() -> None:
+    """A record can claim any subject: unless its hash verifies, its letter is kept apart from that stream, whose
+    later events go on through the retry topics as if it were not there."""
+    victim = run("victim")
+    claims = [orjson.loads(victim[2]) for _ in range(4)]
+    claims[0]["data"]["input_tokens"] = 1  # a wrong hash, or none that could be right
+    claims[1]["hash"] = "f" * 64
+    claims[2]["data"]["provider"] = "p" * 500  # invalid, and the hash does not verify either
+    claims[3]["seq"] = 2**53  # JCS has no form for it: no hash at all
+    too_large = {**claims[0], "data": {"blob": "x" * MAX_EVENT_BYTES}}
+    values = [*map(orjson.dumps, claims), orjson.dumps(too_large), victim[4]]  # then seq 5: seq 2..4 not here yet
+    plan = planned(records(values), Loaded(heads={"victim": Head(1, orjson.loads(victim[0])["hash"])}),
+                   retry_gaps=True)
+    assert codes(plan) == ["hash_mismatch", "hash_mismatch", "invalid_event", "invalid_event", "too_large"]
+    assert [(f.stream_id, f.claimed_stream_id) for f in plan.result.dead] == [(None, "victim")] * 4 + [
+        (None, None)]  # too large: not read at all
+    assert [(f.error.code, f.stream_id, f.seq) for f in plan.result.retry] == [
+        ("predecessor_missing", "victim", 5)]  # not parked: the victim is not blocked
+    assert plan.result.parked == 0
+
+
+def test_a_record_whose_hash_verifies_belongs_to_its_stream_though_its_data_is_invalid() -> None:
+    """Its producer hashed and chained on it: the events after it wait behind its letter."""
+    e = Stream("x")
+    values = [e("execution.started", workflow="w"), e("step.started", step_id="s" * 201, name="n"),
+              e("step.completed", step_id="s")]
+    unknown = Stream("y")
+    other = [unknown("execution.started", workflow="w"), unknown("agent.exploded"), unknown("execution.completed")]
+    plan = planned(records([*values, *other]), retry_gaps=True)
+    assert [(f.error.code, f.stream_id, f.claimed_stream_id, f.seq) for f in plan.result.dead] == [
+        ("invalid_event", "x", None, 2), ("unknown_type", "y", None, 2)]
+    assert (plan.result.projected, plan.result.parked, plan.result.retry) == ([("x", 1), ("y", 1)], 2, [])
 
 
 def test_an_event_with_two_members_of_one_name_is_an_invalid_event_that_names_its_stream() -> None:
