@@ -28,6 +28,7 @@ from runledger.streams.cli import (
 )
 from runledger.streams.cli.common import EXIT_TRANSIENT, EXIT_USAGE
 from runledger.streams.settings import Settings
+from runledger.streams.terminal import escape_log_records, terminal_safe
 
 __all__ = ["main"]
 
@@ -47,14 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    escape_log_records()  # what records hold reaches no terminal and forges no log line, whoever logs it
     try:
         settings = Settings()
         return int(args.func(args, settings))
     except RunledgerError as e:
-        print(f"runledger {args.command}: {e}", file=sys.stderr)
+        print(f"runledger {args.command}: {terminal_safe(e)}", file=sys.stderr)
         return EXIT_TRANSIENT if e.transient else EXIT_USAGE
     except (OSError, ValueError) as e:
-        print(f"runledger {args.command}: {e}", file=sys.stderr)
+        print(f"runledger {args.command}: {terminal_safe(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"runledger {args.command}: interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ import orjson
 
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, emit
 from runledger.streams.settings import Settings
+from runledger.streams.terminal import terminal_safe
 
 if TYPE_CHECKING:
     from runledger.schemas.checkpoint import Signer
@@ -210,7 +211,7 @@ def _cmd_verify_proof(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             emit({"proven": False, "reason": str(e)})
         else:
-            print(f"NOT PROVEN  {args.file}: {e}")
+            print(terminal_safe(f"NOT PROVEN  {args.file}: {e}"))  # the file is anyone's
         return EXIT_INVALID
     cp = proven.checkpoint
     if args.json:
@@ -218,8 +219,9 @@ def _cmd_verify_proof(args: argparse.Namespace, settings: Settings) -> int:
               "event_id": proven.event_id, "leaf_index": proven.leaf_index,
               "old_size": proven.older.size if proven.older else None})
     elif proven.older is not None:
-        print(f"PROVEN  the log of {cp.origin} at size {cp.size:,} extends its log at size {proven.older.size:,}: "
-              "nothing before it changed")
+        print(terminal_safe(f"PROVEN  the log of {cp.origin} at size {cp.size:,} extends its log at size "
+                            f"{proven.older.size:,}: nothing before it changed"))
     else:
-        print(f"PROVEN  event {proven.event_id} is leaf {proven.leaf_index:,} of {cp.origin} at size {cp.size:,}")
+        print(terminal_safe(f"PROVEN  event {proven.event_id} is leaf {proven.leaf_index:,} of {cp.origin} at size "
+                            f"{cp.size:,}"))
     return 0

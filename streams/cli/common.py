@@ -4,7 +4,6 @@ times given on the command line, and the confirmation prompt."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -13,9 +12,10 @@ from typing import IO, Any, TypeAlias
 import orjson
 
 from runledger.schemas.errors import RunledgerError
+from runledger.streams.terminal import terminal_safe
 
 __all__ = ["EXIT_INVALID", "EXIT_TIMEOUT", "EXIT_TRANSIENT", "EXIT_USAGE", "InputError", "Subparsers", "confirm",
-           "emit", "input_lines", "terminal_safe", "utc_time"]
+           "emit", "input_lines", "utc_time"]
 
 EXIT_INVALID, EXIT_USAGE, EXIT_TRANSIENT, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -27,21 +27,10 @@ class InputError(RunledgerError):
     """A line of input is not usable; the message names the line and the field."""
 
 
-# C0 and C1 controls (a newline and a tab kept where ``lines`` says so), and the bidirectional overrides that
-# reorder what a terminal shows: written out, so that bytes from a record never drive the operator's terminal.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def terminal_safe(text: object, *, lines: bool = False) -> str:
-    """``text`` as a terminal may show it: every control character (ESC, BEL, the C1 set...) and bidirectional
-    override written as ``\\uXXXX``; with ``lines``, newlines and tabs are kept."""
-    return (_UNSAFE if lines else _UNSAFE_LINE).sub(lambda m: f"\\u{ord(m[0]):04x}", str(text))
-
-
 def emit(obj: Any) -> None:
-    """One JSON object a line on stdout."""
-    sys.stdout.write(orjson.dumps(obj, default=str).decode() + "\n")
+    """One JSON object a line on stdout, the same JSON with what a record's strings hold that could drive a
+    terminal (C1 controls, bidirectional overrides: orjson escapes only C0) written as ``\\uXXXX``."""
+    sys.stdout.write(terminal_safe(orjson.dumps(obj, default=str).decode()) + "\n")
 
 
 def input_lines(path: str) -> Iterator[tuple[int, str]]:

@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 from tqdm import tqdm
 
-from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, confirm, emit, terminal_safe
+from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, confirm, emit
 from runledger.streams.settings import Settings
+from runledger.streams.terminal import terminal_safe
 
 __all__ = ["register"]
 
@@ -253,9 +254,9 @@ def _cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
                   "detail": item.detail, "rows": item.rows, "cost_usd": str(item.cost_usd), "dry_run": args.dry_run})
         else:
             rows_text = ", ".join(f"{t} {n}" for t, n in item.rows.items()) or "none"
-            tqdm.write(f"#{item.id} {item.stream or '-'} seq {item.seq or '-'}: "
-                       f"{'would be ' if args.dry_run and item.outcome != 'skipped' else ''}{item.outcome}: "
-                       f"{item.detail} [rows written: {rows_text}]", file=sys.stdout)
+            tqdm.write(terminal_safe(f"#{item.id} {item.stream or '-'} seq {item.seq or '-'}: "
+                                     f"{'would be ' if args.dry_run and item.outcome != 'skipped' else ''}"
+                                     f"{item.outcome}: {item.detail} [rows written: {rows_text}]"), file=sys.stdout)
 
     async def run() -> Any:
         task = asyncio.current_task()

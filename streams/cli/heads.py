@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from runledger.streams.cli.common import EXIT_INVALID, Subparsers, emit
 from runledger.streams.settings import Settings
+from runledger.streams.terminal import terminal_safe
 
 if TYPE_CHECKING:
     from runledger.streams.producer.recovery import Recovered
@@ -75,8 +76,8 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             emit(row)
         else:
-            print(f"{row['stream'] or '(all)'}: redis {row['redis']}, log {row['log']}, projected "
-                  f"{row['projected']}: {'; '.join(row['problems'])}")
+            print(terminal_safe(f"{row['stream'] or '(all)'}: redis {row['redis']}, log {row['log']}, projected "
+                                f"{row['projected']}: {'; '.join(row['problems'])}"))  # the log's streams
     if not args.json:
         print("heads agree" if not rows else f"{len(rows)} disagreements", file=sys.stderr)
     return EXIT_INVALID if rows else 0

@@ -15,6 +15,7 @@ from runledger.schemas.errors import RunledgerError
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit, utc_time
 from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
+from runledger.streams.terminal import terminal_safe
 
 __all__ = ["register"]
 
@@ -160,7 +161,7 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             seq = f"seq {f.seq}" if f.seq is not None else "no seq"
             event = f" (event {f.event_id})" if f.event_id else ""
             where = f"{f.stream_id}  {seq}{event}" if f.stream_id else "the log"
-            print(f"NOT INTACT  {where}  {f.code}: {f.reason}")
+            print(terminal_safe(f"NOT INTACT  {where}  {f.code}: {f.reason}"))  # both may quote a record
         rate = report.as_dict()
         if isinstance(report, ProjectionReport):
             if report.note:

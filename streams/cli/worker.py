@@ -10,6 +10,7 @@ import sys
 
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_TIMEOUT, EXIT_TRANSIENT, Subparsers, emit
 from runledger.streams.settings import Settings
+from runledger.streams.terminal import terminal_safe
 
 __all__ = ["register"]
 
@@ -136,9 +137,9 @@ def _cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     elif result.status == "projected":
         print(f"projected: {result.stream_id} seq {result.seq} (event {result.event_id}, hash {result.hash}) "
               f"after {result.waited_s:.3f} s")
-    elif result.status == "rejected":
-        print(f"rejected: {result.stream_id} seq {result.seq} (event {result.event_id}): "
-              f"{result.reason}: {result.error} (see `runledger dlq show {result.dead_letter_id}`)")
+    elif result.status == "rejected":  # the letter's id and error come from the record
+        print(terminal_safe(f"rejected: {result.stream_id} seq {result.seq} (event {result.event_id}): "
+                            f"{result.reason}: {result.error} (see `runledger dlq show {result.dead_letter_id}`)"))
     elif result.status == "stalled":
         print(f"stalled: {result.stream_id} seq {result.seq} is not projected: {result.error}")
     else:

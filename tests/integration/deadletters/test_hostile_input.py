@@ -28,7 +28,7 @@ from runledger.projections.pricing import load_tokencost_catalog
 from runledger.projections.records import LogRecord
 from runledger.streams.topics import ensure_topics, worker_topics
 from tests.conftest import CLI, free_ports
-from tests.integration.conftest import poll, read_log, rechain, running_worker, settings_of, worker_log
+from tests.integration.conftest import poll, read_log, rechain, rehashed, running_worker, settings_of, worker_log
 from tests.integration.test_metrics import scrape
 
 DEADLINE_S = 120
@@ -65,12 +65,12 @@ async def send(env: dict[str, str], values: list[Send]) -> None:
         await producer.stop()
 
 
-def runledger(env: dict[str, str], *args: str) -> str:
-    """The command line's output; it must succeed."""
+def runledger(env: dict[str, str], *args: str, code: int = 0, stdin: str = "") -> str:
+    """What the command line writes, stdout then stderr; it must exit with ``code``."""
     done = subprocess.run([*CLI, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+                          input=stdin)
+    assert done.returncode == code, done.stdout + done.stderr
+    return done.stdout + done.stderr
 
 
 def keyed(events: list[dict[str, Any]]) -> list[Send]:
@@ -114,14 +114,15 @@ def transactions(samples: Samples) -> float:
     return samples[("runledger_store_transactions_total", ())]
 
 
-async def worker_transactions(env: dict[str, str], values: list[Send], done: Callable[[], Awaitable[bool]]) -> float:
+async def worker_transactions(env: dict[str, str], values: list[Send], done: Callable[[], Awaitable[bool]]
+                              ) -> tuple[float, str]:
     """Append ``values``, then start a worker: the PostgreSQL transactions its batches took to apply them, once
-    ``done`` holds."""
+    ``done`` holds, and what it logged."""
     await send(env, values)
     async with running_worker(env) as worker:
         url = await metrics_of(worker)
         await poll(done, DEADLINE_S, "the records applied")
-        return transactions(await counted(url, len(values)))
+        return transactions(await counted(url, len(values))), worker_log(worker)
 
 
 def at_most_twice(bad: float, valid: float) -> None:
@@ -184,13 +185,13 @@ async def test_identifiers_over_200_characters_are_invalid_events_naming_the_fie
     async def all_projected() -> bool:
         return await count(conn, "SELECT count(*) FROM audit_log") == before + N_LONG
 
-    valid_cost = await worker_transactions(env, keyed([s[-1] for s in valid]), all_projected)
+    valid_cost, _ = await worker_transactions(env, keyed([s[-1] for s in valid]), all_projected)
 
     async def all_applied() -> bool:
         return await count(conn, "SELECT (SELECT count(*) FROM dead_letters) + (SELECT count(*) FROM audit_log)"
                            ) == before + 2 * N_LONG
 
-    long_cost = await worker_transactions(env, keyed([s[-1] for s in long]), all_applied)
+    long_cost, _ = await worker_transactions(env, keyed([s[-1] for s in long]), all_applied)
     at_most_twice(long_cost, valid_cost)
     letters = {r["stream_id"]: r for r in await conn.fetch("SELECT * FROM dead_letters")}
     for stream, (_, field, _) in zip(long, kinds, strict=True):
@@ -231,7 +232,7 @@ async def test_records_that_do_not_prove_their_subject_never_block_the_stream_th
     async def others_projected() -> bool:
         return await count(conn, "SELECT count(*) FROM audit_log") == 1 + N_FORGED
 
-    valid_cost = await worker_transactions(env, keyed(others), others_projected)
+    valid_cost, _ = await worker_transactions(env, keyed(others), others_projected)
 
     await send(env, [(subject.encode(), orjson.dumps(f)) for f in _forgeries(victim)])
     async with running_worker(env) as worker:
@@ -271,3 +272,68 @@ async def test_records_that_do_not_prove_their_subject_never_block_the_stream_th
     listed = await asyncio.to_thread(runledger, env, "dlq", "list", "--stream", subject, "--json")
     assert [(x["stream"], x["claimed_stream"]) for x in map(orjson.loads, listed.splitlines())] == [
         (None, subject)] * N_FORGED
+
+
+# -- what would drive the operator's terminal -----------------------------------------------------------------------
+
+N_ESCAPES = 24
+# A window title, a cleared screen, a CSI in its one-byte C1 form, a right-to-left override, a log line of its own.
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x9b31m\u202e\nWARNING forged"
+WRITTEN_OUT = "\\u001b]0;owned\\u0007\\u001b[2J\\u009b31m\\u202e\\u000aWARNING forged"
+
+
+def raw_escapes(text: str) -> list[str]:
+    """The pieces of ``ESCAPES`` found raw in ``text`` (a tool's own output may hold other control characters)."""
+    return [piece for piece in ("]0;owned\x07", "\x1b[2J", "\x9b31m", "\u202e", "\nWARNING forged") if piece in text]
+
+
+def _duplicated(event: dict[str, Any], member: str) -> bytes:
+    """``event`` (its data ending with ``member``: 2) with ``member`` twice in its data, its hash right for the last."""
+    name = orjson.dumps(member)
+    return orjson.dumps(event).replace(name + b":2", name + b":1," + name + b":2")
+
+
+def _with_escapes(tag: str, i: int) -> Send:
+    """A record that carries ``ESCAPES``: a valid event with them in its data; an event with two members named by
+    them (invalid though its hash verifies: the error names the member); a record claiming a stream id of them."""
+    started = rechain(f"esc-{tag}-{i}")[0]
+    key = started["subject"].encode()
+    if i % 3 == 0:
+        return key, orjson.dumps(rehashed(started, data={"workflow": f"w{ESCAPES}", "input": {"note": ESCAPES}}))
+    if i % 3 == 1:
+        return key, _duplicated(rehashed(started, data={"workflow": "w", ESCAPES: 2}), ESCAPES)
+    return ESCAPES.encode(), orjson.dumps({**started, "subject": f"victim{ESCAPES}"})
+
+
+async def test_what_a_record_holds_reaches_no_terminal_and_forges_no_log_line(
+        hostile_env: tuple[dict[str, str], asyncpg.Connection]) -> None:
+    env, conn = hostile_env
+    tag = uuid.uuid4().hex[:6]
+
+    async def applied(records: int) -> bool:
+        return await count(conn, "SELECT (SELECT count(*) FROM dead_letters) + (SELECT count(*) FROM audit_log)"
+                           ) == records
+
+    plain = [rechain(f"plain-{tag}-{i}")[0] for i in range(N_ESCAPES)]
+    valid_cost, _ = await worker_transactions(env, keyed(plain), lambda: applied(N_ESCAPES))
+    cost, log = await worker_transactions(env, [_with_escapes(tag, i) for i in range(N_ESCAPES)],
+                                          lambda: applied(2 * N_ESCAPES))
+    at_most_twice(cost, valid_cost)
+    assert await count(conn, "SELECT count(*) FROM audit_log WHERE stream_id LIKE 'esc-%'") == N_ESCAPES // 3
+
+    # The worker's log: a line per letter, what the record holds written out in it.
+    assert not raw_escapes(log) and log.count(WRITTEN_OUT) == 2 * N_ESCAPES // 3, log[-3000:]
+    # What an operator runs: the tools' output, and their errors.
+    twice = f"esc-{tag}-1"
+    line = _duplicated({"stream": "s", "type": "execution.started", "data": {"workflow": "w", ESCAPES: 2}}, ESCAPES)
+    outputs = {
+        "wait": runledger(env, "wait", twice, "1", "--timeout", "5", code=1),
+        "dlq list": runledger(env, "dlq", "list"),
+        "dlq list --json": runledger(env, "dlq", "list", "--json"),
+        "dlq replay": runledger(env, "dlq", "replay", "--yes", "--stream", twice, code=1),
+        "verify log": runledger(env, "verify", "log", "--no-database", code=1),
+        "produce": runledger(env, "produce", code=2, stdin=line.decode()),
+    }
+    for what, text in outputs.items():
+        assert not raw_escapes(text), (what, text[-3000:])
+        assert "\\u001b]0;owned\\u0007" in text, (what, text[-3000:])
