@@ -337,3 +337,35 @@ async def test_what_a_record_holds_reaches_no_terminal_and_forges_no_log_line(
     for what, text in outputs.items():
         assert not raw_escapes(text), (what, text[-3000:])
         assert "\\u001b]0;owned\\u0007" in text, (what, text[-3000:])
+
+
+# -- a leap second -------------------------------------------------------------------------------------------------
+
+N_LEAP = 24
+LEAP_SECONDS = ["2016-12-31T23:59:60Z", "2016-12-31T23:59:60.250Z", "2016-12-31T23:59:60.999+00:00"]
+
+
+async def test_a_leap_second_is_projected_as_the_minutes_last_microsecond(
+        hostile_env: tuple[dict[str, str], asyncpg.Connection]) -> None:
+    env, conn = hostile_env
+    tag = uuid.uuid4().hex[:6]
+
+    def started(stream: str, time: str) -> dict[str, Any]:
+        return rechain(stream, [{**rechain(stream)[0], "time": time}])[0]
+
+    async def applied(records: int) -> bool:
+        return await count(conn, "SELECT (SELECT count(*) FROM dead_letters) + (SELECT count(*) FROM audit_log)"
+                           ) == records
+
+    plain = [started(f"plain-{tag}-{i}", "2016-12-31T23:59:59Z") for i in range(N_LEAP)]
+    valid_cost, _ = await worker_transactions(env, keyed(plain), lambda: applied(N_LEAP))
+    leap = [started(f"leap-{tag}-{i}", LEAP_SECONDS[i % len(LEAP_SECONDS)]) for i in range(N_LEAP)]
+    leap_cost, _ = await worker_transactions(env, keyed(leap), lambda: applied(2 * N_LEAP))
+    at_most_twice(leap_cost, valid_cost)
+
+    assert await count(conn, "SELECT count(*) FROM dead_letters") == 0
+    rows = await conn.fetch("SELECT e.started_at, a.time FROM executions e JOIN audit_log a USING (stream_id) "
+                            "WHERE stream_id LIKE 'leap-%'")
+    assert len(rows) == N_LEAP
+    assert {(r["started_at"].isoformat(), r["time"].isoformat()) for r in rows} == {
+        ("2016-12-31T23:59:59.999999+00:00", "2016-12-31T23:59:59.999999+00:00")}
