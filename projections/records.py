@@ -11,13 +11,20 @@ from decimal import Decimal
 
 from runledger.schemas.errors import PermanentError, RunledgerError
 
-__all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "ProcessingFailed", "Route", "pg_text"]
+__all__ = ["BatchResult", "Failure", "LogRecord", "OutboxRow", "ProcessingFailed", "Route", "letter_stream", "pg_text"]
 
 
 def pg_text(text: str, limit: int = 10_000) -> str:
     """``text`` as PostgreSQL ``text`` and ``jsonb`` accept it: U+0000 written out, at most ``limit`` characters."""
     text = text.replace("\x00", "\\u0000")
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def letter_stream(stream_id: str | None, claimed_stream_id: str | None) -> str:
+    """A dead letter's stream as people read it: the stream, or the one it only claims, or ``-``."""
+    if stream_id is not None:
+        return stream_id
+    return f"{claimed_stream_id} (claimed)" if claimed_stream_id is not None else "-"
 
 
 class ProcessingFailed(PermanentError):

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from tqdm import tqdm
 
+from runledger.projections.records import letter_stream
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, InputError, Subparsers, confirm, emit
 from runledger.streams.settings import Settings
 from runledger.streams.terminal import terminal_safe
@@ -154,18 +155,11 @@ def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
               f"{'TYPE':18}  {'TRIES':>5}  {'STATUS':8}  ERROR")
     for r in rows:
         print(f"{r['id']:>6}  {r['created_at']:%Y-%m-%d %H:%M:%S}  {r['reason']:18}  "
-              f"{_cut(_stream(r), 28):28}  {r['seq'] if r['seq'] is not None else '-':>5}  "
+              f"{_cut(letter_stream(r['stream_id'], r['claimed_stream_id']), 28):28}  "
+              f"{r['seq'] if r['seq'] is not None else '-':>5}  "
               f"{_cut(r['event_type'] or '-', 18):18}  {r['attempts']:>5}  {r['status']:8}  {_cut(r['error'], 70)}")
     _print_summary(rows, summary)
     return 0
-
-
-def _stream(row: Any) -> str:
-    """The letter's stream, or the one its record only claims (it blocks none: README "Which stream a dead letter
-    blocks")."""
-    if row["stream_id"] is not None:
-        return str(row["stream_id"])
-    return f"{row['claimed_stream_id']} (claimed)" if row["claimed_stream_id"] is not None else "-"
 
 
 def _cut(text: str, width: int) -> str:
@@ -205,9 +199,8 @@ def _cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
         emit(out)
         return 0
     for name in ("id", "status", "reason", "error", "attempts", "first_failure", "last_failure", "stream",
-                 "claimed_stream", "seq",
-                 "type", "event_id", "topic", "partition", "offset", "key", "dlq", "replays", "status_at",
-                 "status_by", "note"):
+                 "claimed_stream", "seq", "type", "event_id", "topic", "partition", "offset", "key", "dlq", "replays",
+                 "status_at", "status_by", "note"):
         if out.get(name) is not None:
             print(f"{name + ':':16}{terminal_safe(out[name])}")  # what came from a record, written out safely
     print("headers:")

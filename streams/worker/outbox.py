@@ -39,7 +39,7 @@ from runledger.projections.planner import Decoded, as_record
 from runledger.projections.postgres.db import StoreLockTimeout, StoreUnavailable
 from runledger.projections.postgres.queries import query
 from runledger.projections.postgres.store import ProjectionStore
-from runledger.projections.records import BatchResult, Failure, LogRecord
+from runledger.projections.records import BatchResult, Failure, LogRecord, letter_stream
 from runledger.schemas.errors import TransientError
 from runledger.schemas.events import MAX_EVENT_BYTES
 from runledger.streams import metrics
@@ -228,9 +228,8 @@ class BatchHandler:
                 for f in result.retry:
                     log.info("retry %s seq %s attempt %d: %s", f.stream_id, f.seq, f.attempts, f.error.code)
                 for f in result.dead:
-                    stream = f.stream_id or (f"{f.claimed_stream_id} (claimed)" if f.claimed_stream_id else "-")
-                    log.warning("dead letter %s: %s %s seq %s: %s", f.dead_letter_id, f.error.code, stream, f.seq,
-                                f.message)
+                    log.warning("dead letter %s: %s %s seq %s: %s", f.dead_letter_id, f.error.code,
+                                letter_stream(f.stream_id, f.claimed_stream_id), f.seq, f.message)
                 if result.rows.get("outbox"):
                     await self.publish()
                 return result
