@@ -398,7 +398,7 @@ SELECT index, hash, kafka_offset FROM log_tree_nodes WHERE tree = $1 AND level =
 ORDER BY index;
 
 -- name: event_leaf
-SELECT a.raw, a.leaf_index, a.kafka_topic, a.kafka_partition, a.kafka_offset, a.tree FROM audit_log a
+SELECT a.stream_id, a.raw, a.leaf_index, a.kafka_topic, a.kafka_partition, a.kafka_offset, a.tree FROM audit_log a
 WHERE a.event_id = $1::uuid;
 
 -- name: round_idle_bound
@@ -618,3 +618,61 @@ SELECT next_offset, last_sha256 FROM consumer_offsets WHERE group_id = $1 AND to
 UPDATE audit_log a SET tree = n.tree, leaf_index = n.index FROM log_tree_nodes n
 WHERE n.tree = $1 AND n.level = 0 AND n.index >= $2 AND a.kafka_topic = $3 AND a.kafka_partition = $4
     AND a.kafka_offset = n.kafka_offset AND a.tree IS NULL;
+
+-- The read API (streams/http/reads.py, docs/http.md "Reading"). Only streams whose id starts with one of the
+-- caller's read prefixes ($1; "" is every stream), filtered here, before a page is cut. An absent filter is NULL:
+-- the api login plans each statement for its parameters (plan_cache_mode force_custom_plan), so a filter given
+-- uses its index (migration 018) and one absent costs nothing. Newest first; the cursor ($7, $8) is the
+-- (started_at, stream_id) of the previous page's last row. $9 is one more than the page holds: whether there is
+-- a next page.
+-- name: read_executions
+SELECT stream_id, workflow, agent_id, customer_id, status, started_at, ended_at, duration_ms, steps_total,
+       cost_usd, last_seq, updated_at
+FROM executions
+WHERE EXISTS (SELECT FROM unnest($1::text[]) AS p(prefix) WHERE starts_with(stream_id, p.prefix))
+  AND ($2::text IS NULL OR status = $2)
+  AND ($3::text IS NULL OR workflow = $3)
+  AND ($4::text IS NULL OR customer_id = $4)
+  AND ($5::timestamptz IS NULL OR started_at >= $5)
+  AND ($6::timestamptz IS NULL OR started_at < $6)
+  AND ($7::timestamptz IS NULL OR (started_at, stream_id) < ($7, $8::text))
+ORDER BY started_at DESC, stream_id DESC
+LIMIT $9;
+
+-- name: read_execution
+SELECT stream_id, workflow, agent_id, customer_id, status, started_at, ended_at, duration_ms, steps_total,
+       steps_running, steps_retrying, steps_completed, steps_failed, steps_skipped, input_tokens, output_tokens,
+       cached_tokens, cost_usd, unpriced_costs, budget_usd, error, last_seq, last_hash, updated_at
+FROM executions WHERE stream_id = $1;
+
+-- name: read_steps
+SELECT step_id, name, step_order, status, attempts, started_at, ended_at, error, cost_usd FROM steps
+WHERE stream_id = $1 ORDER BY step_order NULLS LAST, started_at NULLS LAST, step_id;
+
+-- name: read_costs
+SELECT event_id::text, seq, step_id, provider, model, input_tokens, output_tokens, cached_tokens, cost_usd,
+       cost_source, catalog_version, occurred_at FROM costs
+WHERE stream_id = $1 ORDER BY seq, event_id;
+
+-- name: read_artifacts
+SELECT artifact_id, step_id, type, name, uri, size_bytes, content_type, created_at, seq FROM artifacts
+WHERE stream_id = $1 ORDER BY seq, artifact_id;
+
+-- A stream's events as stored (the record's bytes), in seq order after $2, $3 at most.
+-- name: read_events
+SELECT seq, raw FROM audit_log WHERE stream_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
+
+-- name: read_stream_known
+SELECT EXISTS (SELECT FROM audit_log WHERE stream_id = $1);
+
+-- The newest checkpoint of each origin in $1 (the current log topic's partitions).
+-- name: read_latest_checkpoints
+SELECT c.id, c.origin, c.kafka_partition, c.size, c.root, c.key_name, c.note, c.signed_at
+FROM unnest($1::text[]) AS o(origin)
+CROSS JOIN LATERAL (SELECT k.id, k.origin, k.kafka_partition, k.size, k.root, k.key_name, k.note, k.signed_at
+                    FROM checkpoints k WHERE k.origin = o.origin ORDER BY k.size DESC, k.id DESC LIMIT 1) c
+ORDER BY c.kafka_partition;
+
+-- The partitions of topic $1 that have a tree (and so may have checkpoints).
+-- name: read_tree_partitions
+SELECT partition FROM log_trees WHERE topic = $1 AND retired_at IS NULL ORDER BY partition;

@@ -14,12 +14,13 @@ import asyncpg
 
 from runledger.projections.postgres.db import StoreUnavailable, connect, connect_one
 from runledger.projections.postgres.queries import query
+from runledger.projections.postgres.reads import inclusion_proof
 from runledger.projections.postgres.trees import StoredTree, range_roots, stored_trees
 from runledger.schemas.checkpoint import Checkpoint, CheckpointError, Signer
 from runledger.schemas.errors import PermanentError, TransientError
-from runledger.schemas.logtrees import origin_of, partition_of
-from runledger.schemas.merkle import consistency_ranges, inclusion_ranges
-from runledger.schemas.proofs import consistency_document, inclusion_document
+from runledger.schemas.logtrees import partition_of
+from runledger.schemas.merkle import consistency_ranges
+from runledger.schemas.proofs import consistency_document
 from runledger.streams.settings import Settings
 from runledger.streams.tools.signer import LogSigner, Round
 
@@ -138,32 +139,12 @@ async def _open_tree(conn: asyncpg.Connection, settings: Settings, origin: str) 
 
 async def prove_inclusion(settings: Settings, event_id: str) -> dict[str, Any]:
     """The event's inclusion proof in its partition's tree, under the newest checkpoint of that partition that
-    covers it."""
+    covers it (``runledger.projections.postgres.reads.inclusion_proof``, which the read API serves too)."""
     conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
-        leaf = await conn.fetchrow(query("event_leaf"), event_id)
-        if leaf is None:
-            raise PermanentError(f"event {event_id} is not in audit_log")
-        position = (leaf["kafka_topic"], leaf["kafka_partition"], leaf["kafka_offset"])
-        tree, index = leaf["tree"], leaf["leaf_index"]
-        if index is None:  # written before its leaf was (from a retry topic): the leaf at its position
-            at = await conn.fetchrow(query("tree_leaves_at"), *([p] for p in position))
-            if at is None:
-                raise PermanentError(f"event {event_id} has no leaf at {position[0]} partition {position[1]} offset "
-                                     f"{position[2]}: its partition's tree does not reach it yet (`runledger trees "
-                                     "rebuild` builds the trees of a log projected before migration 012)")
-            tree, index = at["tree"], at["index"]
-        origin = origin_of(settings.checkpoint_origin, leaf["kafka_topic"], leaf["kafka_partition"])
-        note = await conn.fetchval(query("covering_checkpoint"), index, origin)
-        if note is None:
-            raise PermanentError(f"no checkpoint of {origin} covers event {event_id} (leaf {index}) yet: sign one "
-                                 "with `runledger checkpoint`")
-        size = Checkpoint.parse(note).size
-        proof = await range_roots(conn, tree, inclusion_ranges(index, size))
+        return (await inclusion_proof(conn, settings.checkpoint_origin, event_id)).document
     finally:
         await conn.close()
-    return inclusion_document(note, bytes(leaf["raw"]), leaf["kafka_partition"], leaf["kafka_offset"], int(index),
-                              proof)
 
 
 async def prove_consistency(settings: Settings, old: str, new: str | None) -> dict[str, Any]:
