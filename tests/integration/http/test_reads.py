@@ -30,6 +30,7 @@ from runledger.streams.http import reads
 from runledger.streams.http.auth import caller
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem, problem_response
+from runledger.streams.http.reads import encode_cursor
 from runledger.streams.http.services import Services
 from runledger.streams.settings import Settings
 from runledger.streams.tools.checkpoints import create_signer_key, prove_inclusion, sign_round
@@ -181,7 +182,12 @@ async def test_the_list_filters_and_pages_inside_the_read_scope(api: Api) -> Non
 
     for params, status, field_name in (({"cursor": "bm90IGEgY3Vyc29y"}, 400, "cursor"), ({"limit": 501}, 422, "limit"),
                                        ({"started_from": "2026-11-22T10:00:00"}, 422, "started_from"),
-                                       ({"status": "lost"}, 422, "status")):
+                                       ({"status": "lost"}, 422, "status"),
+                                       ({"started_to": "0001-01-01T00:00:00+14:00"}, 422, "started_to"),
+                                       ({"workflow": "a\x00b"}, 422, "workflow"),
+                                       ({"cursor": encode_cursor(BASE, "x\x00y")}, 400, "cursor"),
+                                       ({"cursor": base64.urlsafe_b64encode(b'["0001-01-01T00:00:00+14:00","a"]')
+                                         .decode()}, 400, "cursor")):
         refused = await api.client.get("/v1/executions", params=params)
         assert refused.status_code == status and refused.headers["content-type"] == "application/problem+json"
         assert refused.json()["errors"][0]["field"] == field_name
