@@ -13,9 +13,10 @@ import base64
 import binascii
 import contextlib
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -42,7 +43,7 @@ MAX_PAGE = 500
 """The most executions or events one page holds (``limit``)."""
 EVENTS_MEDIA_TYPE = "application/cloudevents-batch+json"
 STREAM_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
-IDENTIFIER = Annotated[str, Field(min_length=1, max_length=200)]
+IDENTIFIER = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 MONEY_PATTERN = r"^-?[0-9]+(\.[0-9]+)?$"
 Money = Annotated[str, Field(pattern=MONEY_PATTERN, description="US dollars, a decimal string (never a float)",
                              examples=["0.0125"])]
@@ -265,14 +266,23 @@ def encode_cursor(started_at: datetime, stream_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         started_at, stream_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        at = datetime.fromisoformat(started_at)
-        if at.tzinfo is None or not isinstance(stream_id, str):
+        at = datetime.fromisoformat(started_at).astimezone(UTC)
+        if not isinstance(stream_id, str) or not re.fullmatch(STREAM_PATTERN, stream_id):
             raise ValueError("not a cursor")
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, orjson.JSONDecodeError):
         raise Problem(400, "invalid_cursor", "the cursor is not one this API gave",
                       errors=[{"field": "cursor", "reason": "pass the next value of the previous page unchanged"}]
                       ) from None
     return at, stream_id
+
+
+def _utc(value: datetime | None, name: str) -> datetime | None:
+    """``value`` in UTC; a time that is no time in UTC (year 1 at +14:00) is a 422 naming the parameter."""
+    try:
+        return None if value is None else value.astimezone(UTC)
+    except OverflowError:
+        raise Problem(422, "invalid_request", f"{name} is out of range",
+                      errors=[{"field": name, "reason": "out of range in UTC"}]) from None
 
 
 # --- Routes -------------------------------------------------------------------------------------------------------
@@ -297,7 +307,8 @@ async def list_executions(
     exactly one page (one that starts meanwhile with an older ``started_at`` than the cursor shows up too)."""
     if not who.read_prefixes:
         return ExecutionPage(executions=[], next=None)
-    selected = reads.ExecutionFilter(who.read_prefixes, status, workflow, customer, started_from, started_to)
+    selected = reads.ExecutionFilter(who.read_prefixes, status, workflow, customer,
+                                     _utc(started_from, "started_from"), _utc(started_to, "started_to"))
     after = decode_cursor(cursor) if cursor is not None else None
     async with _reading(svc, "list executions") as conn:
         rows, more = await reads.executions(conn, selected, after, limit)
