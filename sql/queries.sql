@@ -620,7 +620,8 @@ WHERE n.tree = $1 AND n.level = 0 AND n.index >= $2 AND a.kafka_topic = $3 AND a
     AND a.kafka_offset = n.kafka_offset AND a.tree IS NULL;
 
 -- The read API (streams/http/reads.py, docs/http.md "Reading"). Only streams whose id starts with one of the
--- caller's read prefixes ($1; "" is every stream), filtered here, before a page is cut. An absent filter is NULL:
+-- caller's read prefixes ($1; "" is every stream), filtered here, before a page is cut (^@ is starts_with: no
+-- wildcards; PostgreSQL estimates it from the column's statistics). An absent filter is NULL:
 -- the api login plans each statement for its parameters (plan_cache_mode force_custom_plan), so a filter given
 -- uses its index (migration 018) and one absent costs nothing. Newest first; the cursor ($7, $8) is the
 -- (started_at, stream_id) of the previous page's last row. $9 is one more than the page holds: whether there is
@@ -629,7 +630,7 @@ WHERE n.tree = $1 AND n.level = 0 AND n.index >= $2 AND a.kafka_topic = $3 AND a
 SELECT stream_id, workflow, agent_id, customer_id, status, started_at, ended_at, duration_ms, steps_total,
        cost_usd, last_seq, updated_at
 FROM executions
-WHERE EXISTS (SELECT FROM unnest($1::text[]) AS p(prefix) WHERE starts_with(stream_id, p.prefix))
+WHERE stream_id ^@ ANY ($1::text[])
   AND ($2::text IS NULL OR status = $2)
   AND ($3::text IS NULL OR workflow = $3)
   AND ($4::text IS NULL OR customer_id = $4)
