@@ -101,15 +101,17 @@ async def test_redis_killed_under_appends_forks_nothing_and_keeps_every_acknowle
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE) for _ in range(3)]
     acked: list[str] = []
     readers = [asyncio.create_task(_read_acks(child, acked)) for child in children]
+    # Their retries are logged on stderr: read from the start, so that no child blocks on a full pipe.
+    errors = [asyncio.create_task(child.stderr.read()) for child in children if child.stderr is not None]
     try:
         await poll(lambda: asyncio.sleep(0, len(acked) >= 60), 120, "appends under way")
         pid = json.loads((settings.state_dir / "stack.json").read_text())["redis"]["pid"]
         os.kill(pid, signal.SIGKILL)
         await asyncio.to_thread(psutil.Process(pid).wait, 30)
         await asyncio.to_thread(devstack.up, settings)  # on its append-only file
-        for child in children:
-            assert child.stderr is not None
-            _, err = await asyncio.wait_for(asyncio.gather(child.wait(), child.stderr.read()), 300)
+        for child, error in zip(children, errors, strict=True):
+            err = await asyncio.wait_for(error, 300)
+            await asyncio.wait_for(child.wait(), 30)
             assert child.returncode == 0, err.decode()[-3000:]
         await asyncio.gather(*readers)
     finally:
