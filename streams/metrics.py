@@ -89,8 +89,19 @@ APPEND_SECONDS = Histogram("runledger_append_seconds", "Time of one append call 
 LEASE_WAIT_SECONDS = Histogram("runledger_lease_wait_seconds", "Time an append waited for its stream's lease",
                                buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
 
+HTTP_APPENDS = Counter("runledger_http_append_requests", "Append requests `serve` answered, by mode (simple, "
+                       "structured, batched, binary) and outcome (appended, duplicate: every event appended before, "
+                       "refused: 4xx, unavailable: 503, failed: other 5xx)", ["mode", "outcome"])
+HTTP_APPENDED_EVENTS = Counter("runledger_http_appended_events", "Events `serve` appended, by mode and outcome "
+                               "(appended, duplicate)", ["mode", "outcome"])
+
 for _outcome in ("appended", "duplicate", "refused", "failed"):
     APPENDS.labels(_outcome)
+for _mode in ("simple", "structured", "batched", "binary"):
+    for _outcome in ("appended", "duplicate", "refused", "unavailable", "failed"):
+        HTTP_APPENDS.labels(_mode, _outcome)
+    for _outcome in ("appended", "duplicate"):
+        HTTP_APPENDED_EVENTS.labels(_mode, _outcome)
 
 _CHAIN_CODES = ("chain_broken", "seq_conflict", "hash_mismatch")
 _SIGNER_KEY_REASONS = ("unreadable", "invalid")

@@ -23,16 +23,19 @@ class Problem(Exception):  # noqa: N818 - it is the RFC's word
     """An HTTP error answered as a problem document. ``code`` is a stable machine-readable name."""
 
     def __init__(self, status: int, code: str, detail: str, *, title: str | None = None,
-                 errors: Sequence[Mapping[str, Any]] = (), headers: Mapping[str, str] | None = None) -> None:
+                 errors: Sequence[Mapping[str, Any]] = (), headers: Mapping[str, str] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
+        """``extra``: extension members of the document (RFC 9457 section 3.2), e.g. a stream's ``seq``."""
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
         self.title = title or code.replace("_", " ")
         self.errors = list(errors)
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
 
     def document(self, instance: str | None = None) -> dict[str, Any]:
-        doc: dict[str, Any] = {"type": PROBLEM_TYPE + self.code, "title": self.title, "status": self.status,
-                               "detail": self.detail, "code": self.code}
+        doc: dict[str, Any] = {**self.extra, "type": PROBLEM_TYPE + self.code, "title": self.title,
+                               "status": self.status, "detail": self.detail, "code": self.code}
         if instance is not None:
             doc["instance"] = instance
         if self.errors:

@@ -39,13 +39,14 @@ from redis.exceptions import RedisError
 from tqdm import tqdm
 
 from runledger.schemas.chain import Head
-from runledger.schemas.errors import PermanentError, TransientError
+from runledger.schemas.errors import InvalidEvent, PermanentError, TransientError
 from runledger.schemas.lifecycle import check_lifecycle
 from runledger.streams import metrics
 from runledger.streams.kafka import client_options
+from runledger.streams.producer.chained import ChainConflict, chain_batch, check_chained
 from runledger.streams.producer.epoch import HeadsRecovering, redis_errors
 from runledger.streams.producer.events import NewEvent, build_events, check_new_events
-from runledger.streams.producer.heads import StagedBatch, StreamBusy, StreamHeads, StreamState
+from runledger.streams.producer.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads, StreamState
 from runledger.streams.producer.recovery import recover_heads, stream_in_log
 from runledger.streams.producer.sweeper import Sweeper
 from runledger.streams.settings import Settings, redact_url
@@ -54,7 +55,8 @@ from runledger.streams.topics import ensure_topics
 if TYPE_CHECKING:
     from runledger.projections.postgres.wait import WaitResult
 
-__all__ = ["AppendConflict", "Appended", "EventProducer", "PublishFailed", "PublishRefused", "append_many"]
+__all__ = ["AppendConflict", "Appended", "ChainConflict", "EventProducer", "PublishFailed", "PublishRefused",
+           "append_many"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,10 @@ class Appended:
     value: bytes = field(default=b"", repr=False)
 
 
+_Plan = Callable[[StreamState], tuple[StagedBatch, list[Appended]]]
+"""Under a stream's lease, from its state: the batch to publish (no refs: nothing) and the answer to the append."""
+
+
 class EventProducer:
     """Appends events to streams. Use ``async with EventProducer(settings) as producer:``."""
 
@@ -165,14 +171,14 @@ class EventProducer:
 
     async def append(self, stream_id: str, type: str, data: Mapping[str, Any], *,  # noqa: A002
                      expected_seq: int | None = None, idempotency_key: str | None = None,
-                     time: datetime | None = None) -> Appended:
+                     time: datetime | None = None, source: str | None = None) -> Appended:
         """Append one event; see ``append_batch``."""
         [appended] = await self.append_batch(
-            stream_id, [NewEvent(type, data, idempotency_key, time)], expected_seq=expected_seq)
+            stream_id, [NewEvent(type, data, idempotency_key, time)], expected_seq=expected_seq, source=source)
         return appended
 
     async def append_batch(self, stream_id: str, events: Sequence[NewEvent], *,
-                           expected_seq: int | None = None) -> list[Appended]:
+                           expected_seq: int | None = None, source: str | None = None) -> list[Appended]:
         """Append ``events`` to ``stream_id`` as consecutive seqs, all or nothing.
 
         ``expected_seq``: the seq the stream must be at now (0: the stream must be
@@ -182,15 +188,67 @@ class EventProducer:
         (a first event that is not ``execution.started``, an event after a terminal one: nothing
         published), AppendConflict, or a TransientError (StreamBusy, LeaseLost, PublishFailed, HeadsRecovering:
         Redis lost its heads and their recovery did not end within RUNLEDGER_PRODUCER_WAIT_S, or a Redis error).
+
+        ``source``: the CloudEvents ``source`` of the events (default: RUNLEDGER_PRODUCER_SOURCE); ``serve`` sets
+        it from the credential of the request, so that no producer writes as another.
         """
+        keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
+        src = self._settings.producer_source if source is None else source
+
+        def plan(state: StreamState) -> tuple[StagedBatch, list[Appended]]:
+            head, last_type, known = state.head, state.last_type, state.known
+            fresh = [e for e in events if e.idempotency_key not in known]
+            if fresh and expected_seq is not None and expected_seq != head.seq:
+                raise AppendConflict(stream_id, expected_seq, head.seq)
+            check_lifecycle(stream_id, head.seq, last_type or None, [e.type for e in fresh])
+            batch = build_events(src, stream_id, head, fresh)
+            return batch, _answers(stream_id, [e.idempotency_key for e in events], known, batch)
+
+        return await self._counted(stream_id, len(events), keys, plan, lambda: check_new_events(stream_id, events))
+
+    async def append_chained(self, stream_id: str, events: Sequence[Mapping[str, Any]],
+                             idempotency_keys: Sequence[str | None] | None = None) -> list[Appended]:
+        """Publish events that already carry their ``seq``, ``prevhash`` and ``hash`` (chained by their producer)
+        as they are, all or nothing, if they link to the stream's head.
+
+        Each event is validated in full (``parse_event``: its hash must verify) and must be of ``stream_id``; under
+        the stream's lease, the first one not appended before must have seq head + 1 and prevhash the head's hash,
+        and each next one link to it. ``idempotency_keys`` (one per event, or None): an event whose key was
+        appended before is answered with its earlier result (``duplicate=True``), not published again. Raises
+        InvalidEvent/UnknownType/TooLarge/HashMismatch, ChainConflict (does not link: nothing published),
+        IllegalTransition, or a TransientError as ``append_batch`` does.
+        """
+        given = list(idempotency_keys) if idempotency_keys is not None else [None] * len(events)
+        if len(given) != len(events):
+            raise ValueError("one idempotency key (or None) per event")
+        keys = [k for k in given if k is not None]
+        values: list[bytes] = []
+
+        def check() -> None:
+            if len(keys) != len(set(keys)):
+                raise InvalidEvent([("idempotency_key", "repeated within one batch")])
+            values.extend(check_chained(stream_id, events))
+
+        def plan(state: StreamState) -> tuple[StagedBatch, list[Appended]]:
+            fresh = [(e, v, k) for e, v, k in zip(events, values, given, strict=True) if k not in state.known]
+            batch = chain_batch(stream_id, state.head, state.last_type, fresh)
+            return batch, _answers(stream_id, given, state.known, batch)
+
+        return await self._counted(stream_id, len(events), keys, plan, check)
+
+    async def _counted(self, stream_id: str, count: int, keys: list[str], plan: _Plan,
+                       check: Callable[[], None]) -> list[Appended]:
+        """The append of ``count`` events, ``check``ed first, then under the stream's lease; timed and counted by
+        outcome."""
         started = time.perf_counter()
         try:
-            out = await self._append_batch(stream_id, events, expected_seq)
+            check()
+            out = await self._append_batch(stream_id, keys, plan) if count else []
         except (PermanentError, TransientError) as e:
-            metrics.APPENDS.labels("refused" if isinstance(e, PermanentError) else "failed").inc(len(events))
+            metrics.APPENDS.labels("refused" if isinstance(e, PermanentError) else "failed").inc(count)
             raise
         except RedisError as e:  # Redis went away mid-append: what was staged is published by the sweeper
-            metrics.APPENDS.labels("failed").inc(len(events))
+            metrics.APPENDS.labels("failed").inc(count)
             raise TransientError(f"Redis failed during the append to {stream_id} ({type(e).__name__}: {e}); "
                                  "append again with the same idempotency keys") from e
         finally:
@@ -200,19 +258,16 @@ class EventProducer:
         metrics.APPENDS.labels("duplicate").inc(duplicates)
         return out
 
-    async def _append_batch(self, stream_id: str, events: Sequence[NewEvent],
-                            expected_seq: int | None) -> list[Appended]:
-        check_new_events(stream_id, events)
-        if not events:
-            return []
-        keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
+    async def _append_batch(self, stream_id: str, keys: list[str], plan: _Plan) -> list[Appended]:
+        """Take the stream's lease, read its state (and the idempotency ``keys`` known), let ``plan`` make the batch
+        and the answer from it, and stage, publish and commit the batch."""
         token, deadline = uuid.uuid4().hex, time.monotonic() + self._settings.producer_wait_s
         for _ in range(3):
             await self._heads.acquire(stream_id, token, max(0.0, deadline - time.monotonic()))
             try:
                 state = await self._heads.read(stream_id, keys)
                 if state.complete:
-                    done = await self._append_leased(stream_id, token, state, events, keys, expected_seq)
+                    done = await self._append_leased(stream_id, token, state, keys, plan)
                     if done is not None:
                         return done
             finally:
@@ -223,8 +278,8 @@ class EventProducer:
         raise HeadsRecovering(f"stream {stream_id!r}: Redis lost its chain heads again while they were recovered; "
                               "nothing was appended")
 
-    async def _append_leased(self, stream_id: str, token: str, state: StreamState, events: Sequence[NewEvent],
-                             keys: list[str], expected_seq: int | None) -> list[Appended] | None:
+    async def _append_leased(self, stream_id: str, token: str, state: StreamState, keys: list[str],
+                             plan: _Plan) -> list[Appended] | None:
         """The append under the stream's lease, from ``state``; None if the epoch changed before the batch was
         staged (nothing of this append published)."""
         if state.left_behind is not None:
@@ -236,26 +291,12 @@ class EventProducer:
             state = await self._heads.read(stream_id, keys)
             if not state.complete:
                 return None
-        head, last_type, known = state.head, state.last_type, state.known
-        fresh = [e for e in events if e.idempotency_key not in known]
-        if fresh and expected_seq is not None and expected_seq != head.seq:
-            raise AppendConflict(stream_id, expected_seq, head.seq)
-        check_lifecycle(stream_id, head.seq, last_type or None, [e.type for e in fresh])
-        batch = build_events(self._settings.producer_source, stream_id, head, fresh)
+        batch, out = plan(state)
         if batch.refs:
             if not await self._heads.stage(stream_id, token, batch):
                 return None
             await self._publish(stream_id, batch)
             await self._heads.commit(stream_id, token, batch)
-        made = iter(zip(batch.refs, batch.values, strict=True))
-        out = []
-        for event in events:
-            if event.idempotency_key in known:
-                ref = known[event.idempotency_key]
-                out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, duplicate=True))
-            else:
-                ref, value = next(made)
-                out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, value=value))
         return out
 
     async def precheck(self, stream_id: str, events: Sequence[NewEvent]) -> None:
@@ -379,6 +420,22 @@ class EventProducer:
                 finally:
                     await self._heads.release(stream_id, token)
         return done
+
+
+def _answers(stream_id: str, keys: Sequence[str | None], known: Mapping[str, AppendRef],
+             batch: StagedBatch) -> list[Appended]:
+    """What an append answers, event by event (``keys``: each one's idempotency key): the earlier result of a key
+    ``known`` before (a duplicate), else the next event of ``batch``."""
+    made = iter(zip(batch.refs, batch.values, strict=True))
+    out = []
+    for key in keys:
+        if key is not None and key in known:
+            ref = known[key]
+            out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, duplicate=True))
+        else:
+            ref, value = next(made)
+            out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, value=value))
+    return out
 
 
 def _batches(events: list[NewEvent], size: int = 1000) -> Iterator[list[NewEvent]]:

@@ -29,6 +29,7 @@ class NewEvent:
     data: Mapping[str, Any]
     idempotency_key: str | None = None
     time: datetime | None = None
+    id: str | None = None  # the event's id, if its producer chose it (a UUID, SPEC.md section 2); else a new one
 
 
 def _wire_data(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def build_events(source: str, stream_id: str, head: Head, events: Sequence[NewEv
         seq += 1
         raw: dict[str, Any] = {
             "specversion": "1.0",
-            "id": str(uuid.uuid4()),
+            "id": event.id or str(uuid.uuid4()),
             "source": source,
             "type": event.type,
             "subject": stream_id,

@@ -1,0 +1,246 @@
+"""Appends over HTTP: ``POST /v1/streams/{stream}/events`` (the simple body ``runledger produce`` reads) and
+``POST /v1/events`` (the CloudEvents HTTP binding), both through ``EventProducer``, all or nothing
+(docs/http.md, "Appending" and "CloudEvents")."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from runledger.schemas.errors import IllegalTransition, InvalidEvent, PermanentError, TooLarge, TransientError
+from runledger.schemas.events import STREAM_ID_PATTERN
+from runledger.streams import metrics
+from runledger.streams.http.auth import caller
+from runledger.streams.http.bodies import (
+    CE_BATCH,
+    CE_STRUCTURED,
+    MAX_BATCH,
+    CloudEvents,
+    cloudevents,
+    media_type,
+    simple_events,
+)
+from runledger.streams.http.caller import Caller
+from runledger.streams.http.problems import Problem
+from runledger.streams.http.services import Services, services
+from runledger.streams.producer.client import AppendConflict, Appended, ChainConflict, PublishRefused
+
+__all__ = ["RETRY_AFTER_S", "router", "webhook_id"]
+
+router = APIRouter(tags=["append"])
+
+RETRY_AFTER_S = 1
+"""The ``Retry-After`` of a 503: Kafka, Redis or PostgreSQL unavailable, or the stream's lease busy."""
+
+MAX_WAIT_S = 60.0
+
+
+def webhook_id(request: Request) -> str | None:
+    """The request's ``webhook-id`` (Standard Webhooks): its idempotency key. Set by the authentication in
+    ``request.state`` once verified; read from the header where it is not."""
+    held = getattr(request.state, "webhook_id", None)
+    return held if isinstance(held, str) else request.headers.get("webhook-id")
+
+
+class AppendedEvent(BaseModel):
+    id: str
+    seq: int
+    hash: str
+    duplicate: bool
+
+
+class WaitOutcome(BaseModel):
+    status: str  # projected, rejected, stalled, timeout, unavailable
+    reason: str | None = None
+    error: str | None = None
+    head_seq: int | None = None
+    waited_s: float | None = None
+
+
+class AppendResult(BaseModel):
+    stream: str
+    events: list[AppendedEvent]
+    projected: bool | None = None
+    wait: WaitOutcome | None = None
+
+
+_PROBLEM = {"content": {"application/problem+json": {"schema": {"type": "object"}}}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": AppendResult, "description": "every event was appended before (a retried request): their ids, "
+          "seqs and hashes"},
+    400: {**_PROBLEM, "description": "not JSON, or not an object or array"},
+    403: {**_PROBLEM, "description": "outside the source's grant, or an event of another source"},
+    409: {**_PROBLEM, "description": "expected_seq, or a chained event's seq/prevhash, does not match the stream's "
+          "head; or the stream's lifecycle refuses an event"},
+    413: {**_PROBLEM, "description": "an event over 512 KiB, or over 1,000 events"},
+    415: {**_PROBLEM, "description": "a Content-Type the route does not take"},
+    422: {**_PROBLEM, "description": "an invalid event: every failed field named, with its event's index"},
+    503: {**_PROBLEM, "description": "Kafka, Redis or PostgreSQL unavailable: retry after Retry-After seconds with "
+          "the same webhook-id"},
+}
+_EVENT_SCHEMA = {"type": "object", "required": ["type", "data"], "additionalProperties": False,
+                 "properties": {"type": {"type": "string"}, "data": {"type": "object"},
+                                "time": {"type": "string", "format": "date-time"},
+                                "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200}}}
+_CLOUDEVENT_SCHEMA = {"type": "object", "required": ["specversion", "type", "subject", "data"],
+                      "properties": {"specversion": {"const": "1.0"}, "id": {"type": "string"},
+                                     "source": {"type": "string"}, "type": {"type": "string"},
+                                     "subject": {"type": "string"}, "time": {"type": "string"},
+                                     "datacontenttype": {"const": "application/json"}, "data": {"type": "object"},
+                                     "seq": {"type": "integer"}, "prevhash": {"type": "string"},
+                                     "hash": {"type": "string"}}}
+
+
+def _problem(e: Exception) -> Problem:
+    """What the producer raised, as the problem the client gets."""
+    if isinstance(e, Problem):
+        return e
+    if isinstance(e, AppendConflict):
+        return Problem(409, "append_conflict", f"{e}; nothing was appended: read the stream, decide again and "
+                       "append with the new expected_seq", extra={"stream": e.stream_id,
+                                                                  "expected_seq": e.expected, "seq": e.actual})
+    if isinstance(e, ChainConflict):
+        return Problem(409, "chain_conflict", f"{e}; nothing was appended", extra={
+            "stream": e.stream_id, "seq": e.head.seq, "hash": e.head.hash})
+    if isinstance(e, IllegalTransition):
+        return Problem(409, "illegal_transition", f"{e}; nothing was appended")
+    if isinstance(e, TooLarge):
+        return Problem(413, "too_large", f"{e}; nothing was appended", errors=[
+            {"field": f, "reason": r} for f, r in e.errors])
+    if isinstance(e, InvalidEvent):
+        return Problem(422, e.code, f"{e}; nothing was appended", errors=[
+            {"field": f, "reason": r} for f, r in e.errors])
+    if isinstance(e, PublishRefused):
+        return Problem(502, "publish_refused", str(e))
+    if isinstance(e, TransientError):
+        return Problem(503, e.code, f"{e}; retry after {RETRY_AFTER_S} s with the same webhook-id: nothing is "
+                       "appended twice", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, PermanentError):
+        return Problem(422, e.code, f"{e}; nothing was appended")
+    raise e
+
+
+def _outcome(status: int) -> str:
+    return "refused" if status < 500 else "unavailable" if status == 503 else "failed"
+
+
+async def _appending(mode: str, append: Callable[[], Awaitable[tuple[str, list[Appended]]]]
+                     ) -> tuple[str, list[Appended]]:
+    """Run ``append``, counting the request by ``mode`` and outcome; what it raises becomes a ``Problem``."""
+    try:
+        stream, out = await append()
+    except Exception as e:
+        problem = _problem(e)
+        metrics.HTTP_APPENDS.labels(mode, _outcome(problem.status)).inc()
+        raise problem from e
+    duplicates = sum(a.duplicate for a in out)
+    metrics.HTTP_APPENDS.labels(mode, "duplicate" if duplicates == len(out) else "appended").inc()
+    metrics.HTTP_APPENDED_EVENTS.labels(mode, "appended").inc(len(out) - duplicates)
+    metrics.HTTP_APPENDED_EVENTS.labels(mode, "duplicate").inc(duplicates)
+    return stream, out
+
+
+async def _answer(svc: Services, stream: str, out: list[Appended], wait: str | None, timeout: float) -> Response:
+    """201 (200: every event a duplicate) with each event's id, seq and hash; with ``wait``, whether the last one is
+    projected: the events are appended whatever the wait's outcome."""
+    body: dict[str, Any] = {"stream": stream, "events": [
+        {"id": a.id, "seq": a.seq, "hash": a.hash, "duplicate": a.duplicate} for a in out]}
+    if wait == "projected" and out:
+        last = max(out, key=lambda a: a.seq)
+        try:
+            result = await svc.producer.wait_projected(last, timeout=timeout)
+            body["wait"] = {"status": result.status, "reason": result.reason, "error": result.error,
+                            "head_seq": result.head_seq, "waited_s": round(result.waited_s, 3)}
+        except TransientError as e:  # PostgreSQL unavailable: the events are appended all the same
+            body["wait"] = {"status": "unavailable", "reason": e.code, "error": str(e)}
+        body["projected"] = body["wait"]["status"] == "projected"
+    status = 200 if all(a.duplicate for a in out) else 201
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _may_append(who: Caller, stream: str) -> None:
+    if not who.may_append(stream):
+        raise Problem(403, "outside_grant", f"the source {who.source_id!r} may not append to the stream {stream!r}: "
+                      "it is outside the stream-id prefixes granted to it; nothing was appended")
+
+
+WaitParam = Annotated[Literal["projected"] | None, Query(
+    description="projected: answer once the (last) event is projected, or after timeout seconds")]
+TimeoutParam = Annotated[float, Query(gt=0, le=MAX_WAIT_S, description="how long wait=projected waits, seconds")]
+
+
+@router.post("/v1/streams/{stream}/events", status_code=201, response_model=AppendResult, responses=_RESPONSES,
+             summary="Append events to a stream", openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"oneOf": [_EVENT_SCHEMA, {
+                     "type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": _EVENT_SCHEMA}]}}}}})
+async def append_events(
+    stream: str,
+    request: Request,
+    expected_seq: Annotated[int | None, Query(ge=0, description="the seq the stream must be at (0: new), else 409")
+                            ] = None,
+    wait: WaitParam = None,
+    timeout: TimeoutParam = 10.0,
+    who: Caller = Depends(caller),  # noqa: B008 - FastAPI's dependency idiom
+    svc: Services = Depends(services),  # noqa: B008
+) -> Response:
+    """One ``{"type", "data", "time"?, "idempotency_key"?}`` object or an array of up to 1,000, appended all or
+    nothing with the caller's source (docs/http.md, "Appending")."""
+    async def append() -> tuple[str, list[Appended]]:
+        if not STREAM_ID_PATTERN.fullmatch(stream):
+            raise Problem(422, "invalid_stream", f"the stream id {stream!r} must be 1 to 200 characters from "
+                          "A-Z a-z 0-9 . _ : -", errors=[{"field": "stream", "reason": "not a stream id"}])
+        _may_append(who, stream)
+        if media_type(request.headers.get("content-type")) not in ("application/json", ""):
+            raise Problem(415, "unsupported_media_type", "the body is application/json",
+                          headers={"Accept-Post": "application/json"})
+        events = simple_events(stream, await request.body(), source_id=who.source_id,
+                               webhook_id=webhook_id(request))
+        return stream, await svc.producer.append_batch(stream, events, expected_seq=expected_seq,
+                                                       source=who.source)
+
+    stream_id, out = await _appending("simple", append)
+    return await _answer(svc, stream_id, out, wait, timeout)
+
+
+def _ce_mode(request: Request) -> str:
+    kind = media_type(request.headers.get("content-type"))
+    return {CE_STRUCTURED: "structured", CE_BATCH: "batched"}.get(kind, "binary")
+
+
+@router.post("/v1/events", status_code=201, response_model=AppendResult, responses=_RESPONSES,
+             summary="Append CloudEvents (HTTP binding: structured, batched or binary mode)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 CE_STRUCTURED: {"schema": _CLOUDEVENT_SCHEMA},
+                 CE_BATCH: {"schema": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                       "items": _CLOUDEVENT_SCHEMA}},
+                 "application/json": {"schema": {"type": "object"}}}}})
+async def append_cloudevents(
+    request: Request,
+    wait: WaitParam = None,
+    timeout: TimeoutParam = 10.0,
+    who: Caller = Depends(caller),  # noqa: B008
+    svc: Services = Depends(services),  # noqa: B008
+) -> Response:
+    """Events of one stream (their ``subject``), chained by the server, or chained by their producer and published
+    as they are if they link to the stream's head (docs/http.md, "CloudEvents")."""
+    async def append() -> tuple[str, list[Appended]]:
+        found: CloudEvents = cloudevents(request.headers.get("content-type"), request.headers, await request.body(),
+                                         source_id=who.source_id, webhook_id=webhook_id(request))
+        others = [s for s in found.sources if s != who.source]
+        if others:
+            raise Problem(403, "wrong_source", f"an event names the source {others[0]!r}; this credential writes as "
+                          f"{who.source!r} only; nothing was appended", errors=[{"field": "source", "reason":
+                                                                                  f"must be {who.source!r}"}])
+        _may_append(who, found.stream)
+        if found.chained:
+            return found.stream, await svc.producer.append_chained(found.stream, found.raw, found.keys)
+        return found.stream, await svc.producer.append_batch(found.stream, found.events, source=who.source)
+
+    stream_id, out = await _appending(_ce_mode(request), append)
+    return await _answer(svc, stream_id, out, wait, timeout)

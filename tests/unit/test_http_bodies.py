@@ -1,0 +1,53 @@
+"""What an append request holds, read without I/O: binary-mode headers, every failed field with its index, keys."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from runledger.streams.http.bodies import binary_event, cloudevents, event_key, request_key, simple_events
+from runledger.streams.http.problems import Problem
+
+
+def test_binary_mode_headers_are_the_attributes_percent_decoded() -> None:
+    event = binary_event({"ce-specversion": "1.0", "CE-Source": "%2Fproducers%2Fa%20b", "ce-seq": "12",
+                          "ce-prevhash": "ab", "ce-type": "step.started", "host": "x", "ce-": "ignored"},
+                         {"step_id": "s"}, "application/json; charset=utf-8")
+    assert event == {"specversion": "1.0", "source": "/producers/a b", "seq": 12, "prevhash": "ab",
+                     "type": "step.started", "datacontenttype": "application/json", "data": {"step_id": "s"}}
+
+
+def test_a_seq_header_that_is_no_integer_stays_text_to_be_named() -> None:
+    assert binary_event({"ce-seq": "twelve"}, {}, None)["seq"] == "twelve"
+
+
+def test_every_failed_field_is_named_with_its_index() -> None:
+    body = orjson.dumps([{"type": "execution.started", "data": {}}, {"type": "nope", "data": {}},
+                         {"data": {}, "extra": 1}])
+    with pytest.raises(Problem) as caught:
+        simple_events("bill-1", body, source_id="s", webhook_id=None)
+    assert caught.value.status == 422
+    assert [(e["field"], e["index"]) for e in caught.value.errors] == [
+        ("data.workflow", 0), ("type", 1), ("extra", 2), ("type", 2)]
+
+
+def test_one_object_has_no_index_and_bad_json_names_its_position() -> None:
+    with pytest.raises(Problem) as caught:
+        simple_events("bill-1", b'{"type": "x", "data": {}}', source_id="s", webhook_id=None)
+    assert caught.value.errors == [{"field": "type", "reason": caught.value.errors[0]["reason"]}]
+    with pytest.raises(Problem) as bad:
+        simple_events("bill-1", b'[{"type": 1,]', source_id="s", webhook_id=None)
+    assert bad.value.status == 400 and "line 1 column 13" in bad.value.detail
+
+
+def test_keys_are_the_sources_own() -> None:
+    assert event_key("a", "k", None, 0) != event_key("b", "k", None, 0)
+    assert event_key("a", None, "msg", 0) != event_key("a", None, "msg", 1)
+    assert event_key("a", None, None, 0) is None
+    assert request_key("a:key", "x") != request_key("a", "key:x")  # no separator to forge
+
+
+def test_a_request_without_events_of_the_binding_is_415() -> None:
+    with pytest.raises(Problem) as caught:
+        cloudevents("text/plain", {}, b"{}", source_id="s", webhook_id=None)
+    assert caught.value.status == 415 and "Accept-Post" in caught.value.headers
