@@ -45,7 +45,7 @@ from runledger.streams.http.services import Services
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 
-__all__ = ["app_from_env", "create_app"]
+__all__ = ["BodyLimit", "BodyTooLarge", "app_from_env", "create_app", "install_handlers"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,18 @@ async def _readyz(request: Request) -> dict[str, Any]:
 _PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 
 
+def install_handlers(app: FastAPI) -> None:
+    """Answer every error of ``app`` as a problem document (the module's docstring says which status for what);
+    for a test's own app too."""
+    app.add_exception_handler(Problem, _problem)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    for unavailable in (TransientError, RedisError, KafkaError, asyncpg.PostgresConnectionError,
+                        asyncpg.InterfaceError, ConnectionError):
+        app.add_exception_handler(unavailable, _unavailable)
+    app.add_exception_handler(Exception, _unexpected)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The application; nothing is connected until its lifespan starts (uvicorn's startup)."""
 
@@ -238,13 +250,7 @@ def create_app(settings: Settings) -> FastAPI:
         "Authentication); every error is an RFC 9457 problem document.")
     app.add_middleware(BodyLimit, limit=settings.http_max_body_bytes)
     app.add_middleware(Metrics)
-    app.add_exception_handler(Problem, _problem)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    for unavailable in (TransientError, RedisError, KafkaError, asyncpg.PostgresConnectionError,
-                        asyncpg.InterfaceError, ConnectionError):
-        app.add_exception_handler(unavailable, _unavailable)
-    app.add_exception_handler(Exception, _unexpected)
+    install_handlers(app)
     app.add_api_route("/healthz", _healthz, methods=["GET"], tags=["operations"],
                       summary="the process is up (no dependency checked)")
     app.add_api_route("/readyz", _readyz, methods=["GET"], tags=["operations"],

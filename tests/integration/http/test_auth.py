@@ -166,3 +166,21 @@ async def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read_whole
         answer = await asyncio.to_thread(raw_request, port, head, [chunk, chunk])
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b"body_too_large" in answer
+
+
+async def test_postgres_unreachable_readyz_names_it_and_requests_get_503_with_retry_after(
+        env: dict[str, str]) -> None:
+    from tests.conftest import free_ports
+
+    env = await migrated(env)
+    [nowhere] = free_ports(1)
+    url = env["RUNLEDGER_DATABASE_URL"].replace(env["RUNLEDGER_DATABASE_URL"].rsplit(":", 1)[1].split("/")[0],
+                                                str(nowhere))
+    async with serving(env, RUNLEDGER_DATABASE_URL=url) as served, httpx.AsyncClient(timeout=20) as client:
+        ready = await client.get(served.url + "/readyz")
+        assert ready.status_code == 503 and ready.headers["Retry-After"] == "2", ready.text
+        assert [e["field"] for e in ready.json()["errors"]] == ["postgres"]
+        headers = signed("whsec_" + base64.b64encode(b"s" * 32).decode(), "fleet-x")
+        down = await client.get(served.url + "/v1/whoami", headers=headers)
+        assert down.status_code == 503 and down.headers["Retry-After"] == "2", down.text
+        assert down.json()["code"] == "unavailable"
