@@ -99,7 +99,17 @@ async def test_an_ed25519_source_signs_v1a(env: dict[str, str]) -> None:
         assert (await whoami(client, served, headers)).status_code == 401
         both = {**headers, "webhook-signature": headers["webhook-signature"] + " " + v1a}
         ok = await whoami(client, served, both)
-        assert ok.status_code == 200, ok.text and ok.json()["source_id"] == "edge"
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["source_id"] == "edge"
+
+        made = add_source(served, "edge-made", "--asymmetric")  # the server makes the pair, shows the private key
+        seed = base64.b64decode(str(made["secret"]).removeprefix("whsk_"))
+        mine = Ed25519PrivateKey.from_private_bytes(seed)
+        assert made["public_key"] == "whpk_" + base64.b64encode(mine.public_key().public_bytes_raw()).decode()
+        headers = {**headers, "runledger-source": "edge-made"}
+        headers["webhook-signature"] = "v1a," + base64.b64encode(mine.sign(content)).decode()
+        assert (await whoami(client, served, headers)).json()["source_id"] == "edge-made"
+        assert "whsk_" not in served.run("sources", "list", "--json").stdout
 
 
 async def test_a_rotated_secret_works_through_its_overlap_and_a_revoked_one_fails_at_once(
