@@ -10,7 +10,7 @@ umask 077
 mkdir -p secrets
 chmod 700 secrets
 for name in postgres_admin_password database_owner_password database_worker_password database_producer_password \
-    database_reader_password redis_password kafka_password grafana_admin_password; do
+    database_reader_password database_api_password redis_password kafka_password grafana_admin_password; do
   if [ ! -s "secrets/$name" ]; then
     od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"secrets/$name"
     echo "wrote ops/secrets/$name"

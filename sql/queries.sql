@@ -677,3 +677,44 @@ ORDER BY c.kafka_partition;
 -- The partitions of topic $1 that have a tree (and so may have checkpoints).
 -- name: read_tree_partitions
 SELECT partition FROM log_trees WHERE topic = $1 AND retired_at IS NULL ORDER BY partition;
+
+-- The HTTP sources (migration 016, streams/http/sources.py). A request's source and its usable credentials, read
+-- once per request by serve's login (so a revocation or an expiry holds at once, on every replica).
+-- name: source_credentials
+SELECT s.source_id, s.source, s.append_prefixes, s.read_prefixes, s.rate_per_s, s.burst, k.secret_no, k.scheme,
+       k.sealed
+FROM sources s JOIN source_secrets k USING (source_id)
+WHERE s.source_id = $1 AND s.revoked_at IS NULL AND k.revoked_at IS NULL
+  AND (k.expires_at IS NULL OR k.expires_at > now())
+ORDER BY k.secret_no DESC;
+
+-- name: source_insert
+INSERT INTO sources (source_id, source, append_prefixes, read_prefixes, rate_per_s, burst)
+VALUES ($1, $2, $3, $4, $5, $6);
+
+-- The number of a source's next secret (its row locked by source_lock).
+-- name: source_next_secret_no
+SELECT coalesce(max(secret_no), 0) + 1 FROM source_secrets WHERE source_id = $1;
+
+-- name: source_secret_insert
+INSERT INTO source_secrets (source_id, secret_no, scheme, sealed) VALUES ($1, $2, $3, $4);
+
+-- name: source_lock
+SELECT source_id, revoked_at FROM sources WHERE source_id = $1 FOR UPDATE;
+
+-- name: source_secrets_expire
+UPDATE source_secrets SET expires_at = least(coalesce(expires_at, 'infinity'), now() + make_interval(secs => $2))
+WHERE source_id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now());
+
+-- name: source_revoke
+WITH s AS (UPDATE sources SET revoked_at = coalesce(revoked_at, now()) WHERE source_id = $1 RETURNING source_id)
+UPDATE source_secrets k SET revoked_at = coalesce(k.revoked_at, now()) FROM s WHERE k.source_id = s.source_id;
+
+-- name: source_list
+SELECT s.source_id, s.source, s.append_prefixes, s.read_prefixes, s.rate_per_s, s.burst, s.created_at, s.revoked_at,
+       coalesce(jsonb_agg(jsonb_build_object('secret_no', k.secret_no, 'scheme', k.scheme,
+                                             'created_at', k.created_at, 'expires_at', k.expires_at,
+                                             'revoked_at', k.revoked_at) ORDER BY k.secret_no)
+                FILTER (WHERE k.secret_no IS NOT NULL), '[]') AS secrets
+FROM sources s LEFT JOIN source_secrets k USING (source_id)
+GROUP BY s.source_id ORDER BY s.source_id;

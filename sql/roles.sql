@@ -5,6 +5,8 @@
 --   runledger_owner     owns the schemas: the migrations, and the operator's commands
 --   runledger_worker    the workers: what migration 001 and later grant it, never UPDATE or DELETE of audit_log
 --   runledger_producer  a producer's `runledger wait`: where an event is, read-only (migration 014)
+--   runledger_api       `runledger serve`: reads the projection, the proofs and the sources, writes nothing
+--                       (migration 016)
 --   grafana             the dashboards: a member of runledger_reader, the panels' columns only (migration 014)
 --
 -- None is a superuser or a member of another role (grafana: of runledger_reader alone), so a session cannot SET
@@ -20,7 +22,7 @@ DECLARE
     owned record;
 BEGIN
     FOREACH login IN ARRAY ARRAY['runledger_reader', 'runledger_owner', 'runledger_worker', 'runledger_producer',
-                                 'grafana'] LOOP
+                                 'runledger_api', 'grafana'] LOOP
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = login) THEN
             EXECUTE format('CREATE ROLE %I', login);
         END IF;
@@ -40,7 +42,8 @@ BEGIN
 
     -- Only runledger's logins connect to its database; only the owner creates schemas in it.
     EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
-    EXECUTE format('GRANT CONNECT ON DATABASE %I TO runledger_worker, runledger_producer, grafana',
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO runledger_worker, runledger_producer, '
+                   'runledger_api, grafana',
                    current_database());
     EXECUTE format('GRANT CONNECT, CREATE, TEMPORARY ON DATABASE %I TO runledger_owner', current_database());
 
@@ -58,6 +61,10 @@ BEGIN
     EXECUTE format('ALTER ROLE grafana SET search_path = %I', schema);
     ALTER ROLE runledger_producer SET default_transaction_read_only = on;
     ALTER ROLE runledger_producer SET statement_timeout = '30s';
+    ALTER ROLE runledger_api SET default_transaction_read_only = on;
+    ALTER ROLE runledger_api SET statement_timeout = '30s';
+    ALTER ROLE runledger_api SET lock_timeout = '5s';
+    ALTER ROLE runledger_api SET idle_in_transaction_session_timeout = '60s';
 
     -- A schema made before these roles, by a superuser (the migrations ran as one): handed to the owner with
     -- everything in it, so that the owner's login migrates it from now on.

@@ -88,6 +88,13 @@ APPEND_SECONDS = Histogram("runledger_append_seconds", "Time of one append call 
                                                            2.5, 5.0, 10.0, 30.0))
 LEASE_WAIT_SECONDS = Histogram("runledger_lease_wait_seconds", "Time an append waited for its stream's lease",
                                buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
+HTTP_REQUESTS = Counter("runledger_http_requests", "Requests `runledger serve` answered, by route template (not the "
+                        "path: no stream id), method and status", ["route", "method", "status"])
+HTTP_SECONDS = Histogram("runledger_http_request_seconds", "From a request's start to its response's end, by route "
+                         "template", ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                         1.0, 2.5, 5.0, 10.0, 30.0))
+HTTP_REFUSALS = Counter("runledger_http_refusals", "Requests `runledger serve` refused, by the problem's code "
+                        "(signature_invalid, rate_limited, body_too_large, unavailable, ...)", ["reason"])
 
 HTTP_APPENDS = Counter("runledger_http_append_requests", "Append requests `serve` answered, by mode (simple, "
                        "structured, batched, binary) and outcome (appended, duplicate: every event appended before, "

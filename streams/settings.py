@@ -7,7 +7,7 @@ drops their names from ``RUNLEDGER_EMBEDDED``.
 No password is a setting: each secret is a file (``RUNLEDGER_*_PASSWORD_FILE``, docker secrets in compose.yaml),
 read when a connection is made, so that no environment (``docker inspect``), URL or ``repr`` shows it. Each
 component logs in to PostgreSQL as its own role (``database_dsn``): the owner (migrations, operator commands),
-the worker, the producers' ``wait`` and Grafana's reader.
+the worker, the producers' ``wait``, Grafana's reader and ``runledger serve``'s API.
 """
 
 from __future__ import annotations
@@ -26,18 +26,19 @@ __all__ = ["Component", "DatabaseLogin", "DATABASE_ROLES", "DATABASE_PASSWORD_FI
            "redact_url"]
 
 Component = Literal["kafka", "postgres", "redis"]
-DatabaseLogin = Literal["owner", "worker", "producer", "reader", "admin"]
+DatabaseLogin = Literal["owner", "worker", "producer", "reader", "api", "admin"]
 
 # The LOGIN role of each component (sql/roles.sql creates them, the migrations grant to them). The owner's login
 # is the user RUNLEDGER_DATABASE_URL names (runledger_owner in compose and the embedded stack), the admin's
 # RUNLEDGER_DATABASE_ADMIN_USER.
 DATABASE_ROLES: dict[DatabaseLogin, str] = {"owner": "runledger_owner", "worker": "runledger_worker",
-                                           "producer": "runledger_producer", "reader": "grafana"}
+                                           "producer": "runledger_producer", "reader": "grafana",
+                                           "api": "runledger_api"}
 # The setting that names each login's password file.
 DATABASE_PASSWORD_FILES: dict[DatabaseLogin, str] = {
     "owner": "database_password_file", "worker": "database_worker_password_file",
     "producer": "database_producer_password_file", "reader": "database_reader_password_file",
-    "admin": "database_admin_password_file"}
+    "api": "database_api_password_file", "admin": "database_admin_password_file"}
 # scheme://user:password@host: the password runs to the authority's last @ (an unencoded @ in it included).
 _USERINFO = re.compile(r"(?<=://)([^/@:\s]*):([^/\s]*)@")
 
@@ -115,6 +116,10 @@ class Settings(BaseSettings):
     database_reader_password_file: Path | None = Field(
         None, description="RUNLEDGER_DATABASE_READER_PASSWORD_FILE: the password `runledger db roles` gives grafana, "
         "the dashboards' login (default <state dir>/secrets/database-reader-password)")
+    database_api_password_file: Path | None = Field(
+        None, description="RUNLEDGER_DATABASE_API_PASSWORD_FILE: the password of runledger_api, the login of "
+        "`runledger serve` (reads the projection, the proofs and the sources; writes nothing) (default <state dir>/"
+        "secrets/database-api-password)")
     database_admin_user: str = Field(
         "postgres", min_length=1, description="RUNLEDGER_DATABASE_ADMIN_USER: the superuser `runledger db roles` "
         "logs in as, on the server and database of RUNLEDGER_DATABASE_URL")
@@ -200,6 +205,18 @@ class Settings(BaseSettings):
     test_stop_after_locks: bool = Field(
         False, description="RUNLEDGER_TEST_STOP_AFTER_LOCKS: tests only: a worker stops itself (SIGSTOP) once, in "
         "its first batch, after the batch has taken its locks and before it commits: a frozen worker on cue")
+    sources_key_file: Path | None = Field(
+        None, description="RUNLEDGER_SOURCES_KEY_FILE: the AES-256-GCM key the HTTP sources' secrets are encrypted "
+        "with in PostgreSQL (`runledger sources init-key` writes it, mode 0600, as does the first `sources add`; "
+        "default <state dir>/secrets/sources-key); every `serve` replica and the operator's `sources` commands "
+        "need the same one")
+    http_max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="RUNLEDGER_HTTP_MAX_BODY_BYTES: the largest request body `runledger "
+        "serve` reads (default 16 MiB): a longer one is refused with 413 from its Content-Length, or as soon as "
+        "that many bytes have arrived, before it is read whole. Each event is held to 512 KiB besides")
+    http_timestamp_tolerance_s: int = Field(
+        300, ge=1, le=300, description="RUNLEDGER_HTTP_TIMESTAMP_TOLERANCE_S: how far a signed request's "
+        "webhook-timestamp may be from the server's clock (at most, and by default, 5 minutes: Standard Webhooks)")
     checkpoint_origin: str = Field(
         "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
         description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")

@@ -141,16 +141,23 @@ def cannot_connect(database_url: str, e: BaseException, what: str = "connect to"
                             f"{unquote(parts.username or '') or 'the default user'}: {message}")
 
 
+async def _reset_without_locks(conn: asyncpg.Connection) -> None:
+    await conn.execute("CLOSE ALL; RESET ALL")
+
+
 async def connect(database_url: str, schema: str, *, min_size: int = 0, max_size: int = 4,
-                  session: Mapping[str, str] | None = None) -> asyncpg.Pool:
+                  session: Mapping[str, str] | None = None, advisory_locks: bool = True) -> asyncpg.Pool:
     """A pool whose connections use ``schema``, logged in as the URL's user: the worker's own login
     (``Settings.database_dsn("worker")``), with no role it could SET ROLE to, or the owner's for operator work.
-    ``session``: more PostgreSQL settings of its sessions, such as ``Settings.db_session``'s bounds."""
+    ``session``: more PostgreSQL settings of its sessions, such as ``Settings.db_session``'s bounds.
+    ``advisory_locks`` False: a login that may not call the advisory lock functions (``runledger_api``), whose
+    connections go back to the pool without asyncpg's ``pg_advisory_unlock_all()``."""
     # Startup parameters, not SET: the pool's RESET ALL on release returns to them.
     server_settings = {**(session or {}), "search_path": quote_schema(schema)}
     try:
         return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
-                                         command_timeout=60, init=_init_connection, server_settings=server_settings)
+                                         command_timeout=60, init=_init_connection, server_settings=server_settings,
+                                         reset=None if advisory_locks else _reset_without_locks)
     except (*_NETWORK, asyncpg.PostgresError) as e:
         raise cannot_connect(database_url, e) from e
 

@@ -22,6 +22,8 @@ from runledger.streams.cli import (
     offsets,
     rebuild,
     report,
+    serve,
+    sources,
     trees,
     verify,
     worker,
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order of registration is the order `runledger --help` lists the commands in.
-    for group in (dev, events, worker, dlq, heads, offsets, rebuild, trees, verify, checkpoint, report, demo):
+    for group in (dev, events, worker, dlq, heads, offsets, rebuild, trees, verify, checkpoint, report, serve, sources,
+                  demo):
         group.register(sub)
     return parser
 

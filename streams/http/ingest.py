@@ -28,6 +28,7 @@ from runledger.streams.http.bodies import (
 )
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem
+from runledger.streams.http.ratelimit import take_tokens
 from runledger.streams.http.services import Services, services
 from runledger.streams.producer.client import AppendConflict, Appended, ChainConflict, PublishRefused
 
@@ -81,6 +82,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {**_PROBLEM, "description": "an event over 512 KiB, or over 1,000 events"},
     415: {**_PROBLEM, "description": "a Content-Type the route does not take"},
     422: {**_PROBLEM, "description": "an invalid event: every failed field named, with its event's index"},
+    429: {**_PROBLEM, "description": "over the source's rate limit: retry after Retry-After seconds; nothing was "
+          "appended"},
     503: {**_PROBLEM, "description": "Kafka, Redis or PostgreSQL unavailable: retry after Retry-After seconds with "
           "the same webhook-id"},
 }
@@ -201,6 +204,7 @@ async def append_events(
                           headers={"Accept-Post": "application/json"})
         events = simple_events(stream, await request.body(), source_id=who.source_id,
                                webhook_id=webhook_id(request))
+        await take_tokens(svc, who, len(events))
         return stream, await svc.producer.append_batch(stream, events, expected_seq=expected_seq,
                                                        source=who.source)
 
@@ -238,6 +242,7 @@ async def append_cloudevents(
                           f"{who.source!r} only; nothing was appended", errors=[{"field": "source", "reason":
                                                                                   f"must be {who.source!r}"}])
         _may_append(who, found.stream)
+        await take_tokens(svc, who, len(found.raw) if found.chained else len(found.events))
         if found.chained:
             return found.stream, await svc.producer.append_chained(found.stream, found.raw, found.keys)
         return found.stream, await svc.producer.append_batch(found.stream, found.events, source=who.source)

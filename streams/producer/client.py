@@ -161,6 +161,22 @@ class EventProducer:
         with contextlib.suppress(RedisError):
             await self._redis.aclose()
 
+    async def ready(self, timeout: float = 2.0) -> dict[str, str | None]:
+        """Whether Kafka and Redis answer now, within ``timeout`` seconds each: ``{"kafka": None, "redis": None}``
+        when both do, else the reason in place of None (``runledger serve``'s /readyz)."""
+        out: dict[str, str | None] = {}
+        try:
+            await asyncio.wait_for(self._kafka.client.fetch_all_metadata(), timeout)
+            out["kafka"] = None
+        except (KafkaError, TimeoutError, OSError) as e:
+            out["kafka"] = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        try:
+            await asyncio.wait_for(self._redis.ping(), timeout)
+            out["redis"] = None
+        except (RedisError, TimeoutError, OSError) as e:
+            out["redis"] = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return out
+
     async def __aenter__(self) -> EventProducer:
         await self.start()
         return self

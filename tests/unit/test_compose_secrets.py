@@ -19,10 +19,11 @@ from tests.unit.test_ops import ROOT, compose
 
 SECRETS = "/run/secrets/"
 # The PostgreSQL logins whose passwords each runledger service holds, and no other: the workers never the owner's.
-LOGINS = {"roles": {"admin", "owner", "worker", "producer", "reader"}, "migrate": {"owner"}, "worker": {"worker"}}
+LOGINS = {"roles": {"admin", "owner", "worker", "producer", "reader", "api"}, "migrate": {"owner"},
+          "worker": {"worker"}}
 PASSWORD_SETTING = {"owner": "RUNLEDGER_DATABASE_PASSWORD_FILE", "admin": "RUNLEDGER_DATABASE_ADMIN_PASSWORD_FILE",
                     **{login: f"RUNLEDGER_DATABASE_{login.upper()}_PASSWORD_FILE"
-                       for login in ("worker", "producer", "reader")}}
+                       for login in ("worker", "producer", "reader", "api")}}
 
 
 def runledger_services() -> dict[str, dict[str, Any]]:
