@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import orjson
 from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import CLI, free_ports
-from tests.integration.conftest import poll, settings_of, terminate
+from tests.integration.conftest import poll, read_log, settings_of, terminate
 
 
 @dataclass
@@ -43,6 +45,35 @@ def signed(secret: str | list[str], source_id: str, body: bytes = b"", *, msg_id
     signature = " ".join(Webhook(s).sign(msg_id, at, body) for s in secrets)
     return {"runledger-source": source_id, "webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
             "webhook-signature": signature}
+
+
+def add_source(served: Served, source_id: str, *args: str, append_prefix: str | None = None,
+               read_prefix: str = "") -> dict[str, object]:
+    """``runledger sources add``: ``source_id`` with the CloudEvents source ``/producers/<id>``, appending to
+    ``append_prefix`` (default ``<id>:``) and reading ``read_prefix`` (default: everything); its ``--json`` answer
+    (the secret is in ``secret``)."""
+    done = served.run("sources", "add", source_id, "--source", f"/producers/{source_id}", "--append-prefix",
+                      f"{source_id}:" if append_prefix is None else append_prefix, "--read-prefix", read_prefix,
+                      *args, "--json")
+    assert done.returncode == 0, done.stderr
+    out: dict[str, object] = json.loads(done.stdout)
+    return out
+
+
+async def post_signed(client: httpx.AsyncClient, served: Served, path: str, secret: str, source_id: str,
+                      body: bytes, headers: Mapping[str, str] | None = None, *, msg_id: str | None = None,
+                      at: datetime | None = None) -> httpx.Response:
+    """POST ``body`` to ``path`` of ``served``, signed with ``secret`` as ``source_id`` (Content-Type
+    application/json unless ``headers`` say otherwise)."""
+    sent = {"content-type": "application/json", **(headers or {}),
+            **signed(secret, source_id, body, msg_id=msg_id, at=at)}
+    return await client.post(served.url + path, content=body, headers=sent)
+
+
+async def logged(served: Served, stream: str | None = None) -> list[dict[str, object]]:
+    """Every event in the log of ``served`` (of ``stream`` if given), in log order."""
+    events = [orjson.loads(r.value) for r in await read_log(settings_of(served.env))]
+    return [e for e in events if stream is None or e.get("subject") == stream]
 
 
 async def migrated(env: Mapping[str, str]) -> dict[str, str]:

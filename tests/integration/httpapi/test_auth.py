@@ -15,17 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.integration.conftest import poll
-from tests.integration.httpapi.serving import Served, migrated, serving, signed
+from tests.integration.httpapi.serving import Served, add_source, migrated, serving, signed
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def add_source(served: Served, source_id: str, *args: str) -> dict[str, object]:
-    done = served.run("sources", "add", source_id, "--source", f"/producers/{source_id}", "--append-prefix",
-                      f"{source_id}/", "--read-prefix", "", *args, "--json")
-    assert done.returncode == 0, done.stderr
-    out: dict[str, object] = json.loads(done.stdout)
-    return out
 
 
 async def whoami(client: httpx.AsyncClient, served: Served, headers: dict[str, str]) -> httpx.Response:
@@ -48,7 +40,7 @@ async def test_signed_requests_pass_and_every_bad_one_is_a_401_problem(env: dict
 
         good = await whoami(client, served, signed(secret, "fleet-a"))
         assert good.status_code == 200, good.text
-        assert good.json() == {"source_id": "fleet-a", "source": "/producers/fleet-a", "append_prefixes": ["fleet-a/"],
+        assert good.json() == {"source_id": "fleet-a", "source": "/producers/fleet-a", "append_prefixes": ["fleet-a:"],
                                "read_prefixes": [""], "rate_per_s": 1000.0, "burst": 2000}
 
         other = "whsec_" + base64.b64encode(b"k" * 32).decode()
