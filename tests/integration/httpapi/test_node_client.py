@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import uuid
 from typing import Any
@@ -49,12 +50,17 @@ def node_client() -> list[str]:
     return [node, str(NODE_DIR / "node_client.mjs")]
 
 
-async def run_node(env: dict[str, str]) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(*node_client(), env={**os.environ, **env}, cwd=NODE_DIR,
+async def run(command: list[str], env: dict[str, str]) -> bytes:
+    """``command``'s output (in tests/node, where Node finds the packages), or a failure with its error output."""
+    process = await asyncio.create_subprocess_exec(*command, env={**os.environ, **env}, cwd=NODE_DIR,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, err.decode()
-    result: dict[str, Any] = orjson.loads(out)
+    return out
+
+
+async def run_node(env: dict[str, str]) -> dict[str, Any]:
+    result: dict[str, Any] = orjson.loads(await run(node_client(), env))
     return result
 
 
@@ -156,3 +162,38 @@ async def test_a_node_client_with_the_cloudevents_sdk_appends_a_stream_that_is_p
             assert tuple(simple_row) == ("refund", 1)
         finally:
             await conn.close()
+
+
+def readme_examples() -> tuple[str, str]:
+    """The README's Node.js and curl examples ("Appending from another language"), as a reader copies them."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Appending from another language"):]
+    section = section[:section.index("\n## ", 1)]
+    [js] = re.findall(r"```js\n(.*?)```", section, flags=re.S)
+    shells = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    [curl] = [block for block in shells if "curl " in block]
+    return js, curl
+
+
+async def test_the_readme_examples_in_node_and_curl_append(env: dict[str, str]) -> None:
+    node = node_client()[0]
+    js, curl = readme_examples()
+    env = await migrated(env)
+    async with serving(env) as served:
+        done = served.run(*"sources add fleet-ts --source /producers/fleet-ts --append-prefix fleet-ts: "
+                           "--read-prefix fleet-ts: --json".split())
+        assert done.returncode == 0, done.stderr
+        secret = orjson.loads(done.stdout)["secret"]
+        out = await run([node, "--input-type=module", "-e", js], {"RUNLEDGER_URL": served.url,
+                                                                   "RUNLEDGER_SECRET": secret})
+        assert b"seq: 2" in out, out
+        assert "secret='whsec_...'" in curl and "http://127.0.0.1:8080" in curl
+        script = curl.replace("secret='whsec_...'", f"secret='{secret}'").replace("http://127.0.0.1:8080",
+                                                                                  served.url)
+        answer = orjson.loads(await run(["bash", "-euo", "pipefail", "-c", script], {}))
+        assert [e["seq"] for e in answer["events"]] == [3], answer
+        log = await logged(served, "fleet-ts:run-42")
+        assert_chained(log)
+        assert [(e["type"], e["source"]) for e in log] == [
+            ("execution.started", "/producers/fleet-ts"), ("step.started", "/producers/fleet-ts"),
+            ("step.completed", "/producers/fleet-ts")]
