@@ -98,14 +98,15 @@ HTTP_REFUSALS = Counter("runledger_http_refusals", "Requests `runledger serve` r
 
 HTTP_APPENDS = Counter("runledger_http_append_requests", "Append requests `serve` answered, by mode (simple, "
                        "structured, batched, binary) and outcome (appended, duplicate: every event appended before, "
-                       "refused: 4xx, unavailable: 503, failed: other 5xx)", ["mode", "outcome"])
+                       "pending: staged, Kafka's acknowledgement not received (202), refused: 4xx, unavailable: 503, "
+                       "failed: other 5xx)", ["mode", "outcome"])
 HTTP_APPENDED_EVENTS = Counter("runledger_http_appended_events", "Events `serve` appended, by mode and outcome "
                                "(appended, duplicate)", ["mode", "outcome"])
 
 for _outcome in ("appended", "duplicate", "refused", "failed"):
     APPENDS.labels(_outcome)
 for _mode in ("simple", "structured", "batched", "binary"):
-    for _outcome in ("appended", "duplicate", "refused", "unavailable", "failed"):
+    for _outcome in ("appended", "duplicate", "pending", "refused", "unavailable", "failed"):
         HTTP_APPENDS.labels(_mode, _outcome)
     for _outcome in ("appended", "duplicate"):
         HTTP_APPENDED_EVENTS.labels(_mode, _outcome)

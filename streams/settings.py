@@ -214,6 +214,9 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1024, description="RUNLEDGER_HTTP_MAX_BODY_BYTES: the largest request body `runledger "
         "serve` reads (default 16 MiB): a longer one is refused with 413 from its Content-Length, or as soon as "
         "that many bytes have arrived, before it is read whole. Each event is held to 512 KiB besides")
+    http_start_retry_s: float = Field(
+        2.0, gt=0, description="RUNLEDGER_HTTP_START_RETRY_S: how often `serve`, started while Kafka or Redis is "
+        "unavailable, tries to reach them again (it answers appends and /readyz with 503 meanwhile)")
     http_timestamp_tolerance_s: int = Field(
         300, ge=1, le=300, description="RUNLEDGER_HTTP_TIMESTAMP_TOLERANCE_S: how far a signed request's "
         "webhook-timestamp may be from the server's clock (at most, and by default, 5 minutes: Standard Webhooks)")

@@ -188,7 +188,11 @@ async def _healthz() -> dict[str, str]:
 
 async def _readyz(request: Request) -> dict[str, Any]:
     svc: Services = request.app.state.services
-    checks = await svc.producer.ready()
+    if svc.started_producer is None:  # serve started without Kafka or Redis: not connected to them yet
+        why = f"not connected yet: {svc.not_started or 'starting'}"
+        checks: dict[str, str | None] = {"kafka": why, "redis": why}
+    else:
+        checks = await svc.started_producer.ready()
     try:
         await asyncio.wait_for(svc.pool.fetchval("SELECT 1"), 2.0)
         checks["postgres"] = None
@@ -217,30 +221,79 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
+async def _try_producer(svc: Services) -> bool:
+    """Start the producer once: True if it reached Kafka and Redis (then in ``svc.started_producer``)."""
+    producer = EventProducer(svc.settings)
+    try:
+        await producer.start()
+    except (TransientError, KafkaError, RedisError, OSError) as e:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        if svc.not_started is None:
+            log.warning("cannot start the producer (%s): appends and /readyz are answered 503 until Kafka and Redis "
+                        "are reached; trying again every %g s", e, svc.settings.http_start_retry_s)
+        svc.not_started = str(e) or type(e).__name__
+        return False
+    svc.started_producer, svc.not_started = producer, None
+    return True
+
+
+async def _start_producer(svc: Services) -> None:
+    """Start the producer, again every RUNLEDGER_HTTP_START_RETRY_S seconds while Kafka or Redis is unavailable:
+    ``serve`` answers meanwhile (appends and /readyz with 503, reads if PostgreSQL is up)."""
+    if svc.started_producer is None:
+        while not await _try_producer(svc):
+            await asyncio.sleep(svc.settings.http_start_retry_s)
+        log.warning("producer started: Kafka and Redis reached")
+    await _probe_kafka(svc)
+
+
+KAFKA_PROBE_S = 1.0
+
+
+async def _probe_kafka(svc: Services) -> None:
+    """Ask Kafka for its metadata every KAFKA_PROBE_S seconds; while it does not answer, ``svc.kafka_down`` says
+    why and appends are refused (503) before anything is staged: an append staged while Kafka is down would be
+    published once it is back, whatever its request was answered."""
+    assert svc.started_producer is not None
+    while True:
+        why = (await svc.started_producer.ready(timeout=KAFKA_PROBE_S)).get("kafka")
+        if why != svc.kafka_down:
+            log.warning("Kafka %s", f"unavailable: appends are answered 503 ({why})" if why else "is back")
+        svc.kafka_down = why
+        await asyncio.sleep(KAFKA_PROBE_S)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The application; nothing is connected until its lifespan starts (uvicorn's startup)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.sources_key = load_key(settings)
-        producer = EventProducer(settings)
-        await producer.start()
         redis = Redis.from_url(settings.redis_dsn, socket_timeout=5.0, socket_connect_timeout=2.0)
-        pool = None
+        pool, starting = None, None
         try:
             pool = await connect(settings.database_dsn("api"), settings.db_schema, min_size=0, max_size=10,
                                  advisory_locks=False)
-            app.state.services = Services(settings, producer, pool, redis)
+            svc = app.state.services = Services(settings, None, pool, redis)
+            await _try_producer(svc)  # serve starts all the same without Kafka or Redis, and keeps trying
+            starting = asyncio.create_task(_start_producer(svc))
             if settings.metrics_port:
                 port = metrics.serve(settings.metrics_host, settings.metrics_port)
                 log.warning("metrics on http://%s:%d/metrics", settings.metrics_host, port)
             yield
         finally:
+            if starting is not None:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
             if pool is not None:
                 await pool.close()
             with contextlib.suppress(RedisError):
                 await redis.aclose()
-            await producer.stop()
+            held = getattr(app.state, "services", None)
+            if held is not None and held.started_producer is not None:
+                await held.started_producer.stop()
 
     app = FastAPI(
         title="runledger", version="1", lifespan=lifespan, openapi_url="/openapi.json", docs_url=None,

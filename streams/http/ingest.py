@@ -30,7 +30,7 @@ from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem
 from runledger.streams.http.ratelimit import take_tokens
 from runledger.streams.http.services import Services, services
-from runledger.streams.producer.client import AppendConflict, Appended, ChainConflict, PublishRefused
+from runledger.streams.producer.client import AppendConflict, Appended, ChainConflict, PublishPending, PublishRefused
 
 __all__ = ["RETRY_AFTER_S", "router", "webhook_id"]
 
@@ -67,12 +67,16 @@ class WaitOutcome(BaseModel):
 class AppendResult(BaseModel):
     stream: str
     events: list[AppendedEvent]
+    pending: bool | None = None
     projected: bool | None = None
     wait: WaitOutcome | None = None
 
 
 _PROBLEM = {"content": {"application/problem+json": {"schema": {"type": "object"}}}}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": AppendResult, "description": "the events are staged with these ids, seqs and hashes, but Kafka "
+          "did not acknowledge them in time (it became unavailable): they will be in the log, published once it is "
+          "back (pending: true); retrying with the same webhook-id answers 200 once they are"},
     200: {"model": AppendResult, "description": "every event was appended before (a retried request): their ids, "
           "seqs and hashes"},
     400: {**_PROBLEM, "description": "not JSON, or not an object or array"},
@@ -134,10 +138,13 @@ def _outcome(status: int) -> str:
 
 
 async def _appending(mode: str, append: Callable[[], Awaitable[tuple[str, list[Appended]]]]
-                     ) -> tuple[str, list[Appended]]:
+                     ) -> tuple[str, list[Appended], bool]:
     """Run ``append``, counting the request by ``mode`` and outcome; what it raises becomes a ``Problem``."""
     try:
         stream, out = await append()
+    except PublishPending as e:  # staged: it will be in the log; answered 202, never "failed"
+        metrics.HTTP_APPENDS.labels(mode, "pending").inc()
+        return e.appended[0].stream_id if e.appended else "", e.appended, True
     except Exception as e:
         problem = _problem(e)
         metrics.HTTP_APPENDS.labels(mode, _outcome(problem.status)).inc()
@@ -146,14 +153,18 @@ async def _appending(mode: str, append: Callable[[], Awaitable[tuple[str, list[A
     metrics.HTTP_APPENDS.labels(mode, "duplicate" if duplicates == len(out) else "appended").inc()
     metrics.HTTP_APPENDED_EVENTS.labels(mode, "appended").inc(len(out) - duplicates)
     metrics.HTTP_APPENDED_EVENTS.labels(mode, "duplicate").inc(duplicates)
-    return stream, out
+    return stream, out, False
 
 
-async def _answer(svc: Services, stream: str, out: list[Appended], wait: str | None, timeout: float) -> Response:
+async def _answer(svc: Services, stream: str, out: list[Appended], wait: str | None, timeout: float, *,
+                  pending: bool = False) -> Response:
     """201 (200: every event a duplicate) with each event's id, seq and hash; with ``wait``, whether the last one is
     projected: the events are appended whatever the wait's outcome."""
     body: dict[str, Any] = {"stream": stream, "events": [
         {"id": a.id, "seq": a.seq, "hash": a.hash, "duplicate": a.duplicate} for a in out]}
+    if pending:  # staged, not acknowledged by Kafka yet: nothing to wait for now
+        body["pending"] = True
+        return Response(orjson.dumps(body), status_code=202, media_type="application/json")
     if wait == "projected" and out:
         last = max(out, key=lambda a: a.seq)
         try:
@@ -208,8 +219,8 @@ async def append_events(
         return stream, await svc.producer.append_batch(stream, events, expected_seq=expected_seq,
                                                        source=who.source)
 
-    stream_id, out = await _appending("simple", append)
-    return await _answer(svc, stream_id, out, wait, timeout)
+    stream_id, out, pending = await _appending("simple", append)
+    return await _answer(svc, stream_id or stream, out, wait, timeout, pending=pending)
 
 
 def _ce_mode(request: Request) -> str:
@@ -247,5 +258,5 @@ async def append_cloudevents(
             return found.stream, await svc.producer.append_chained(found.stream, found.raw, found.keys)
         return found.stream, await svc.producer.append_batch(found.stream, found.events, source=who.source)
 
-    stream_id, out = await _appending(_ce_mode(request), append)
-    return await _answer(svc, stream_id, out, wait, timeout)
+    stream_id, out, pending = await _appending(_ce_mode(request), append)
+    return await _answer(svc, stream_id, out, wait, timeout, pending=pending)

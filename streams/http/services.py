@@ -8,20 +8,43 @@ import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from runledger.schemas.errors import TransientError
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 
-__all__ = ["Services", "services"]
+__all__ = ["ProducerNotStarted", "Services", "services"]
 
 
-@dataclass(frozen=True, slots=True)
+class ProducerNotStarted(TransientError):
+    """``serve`` started while Kafka or Redis was unavailable and has not reached them yet: answered 503."""
+
+    code = "unavailable"
+
+
+@dataclass(slots=True)
 class Services:
-    """Made by the app's lifespan (``runledger.streams.http.app``) and kept in ``app.state.services``."""
+    """Made by the app's lifespan (``runledger.streams.http.app``) and kept in ``app.state.services``.
+
+    ``started_producer`` is None until the producer has reached Kafka and Redis (``serve`` starts without them and
+    keeps trying: ``not_started`` says why it has not yet); ``producer`` raises ProducerNotStarted (503) until
+    then."""
 
     settings: Settings
-    producer: EventProducer
+    started_producer: EventProducer | None
     pool: asyncpg.Pool
     redis: Redis
+    not_started: str | None = None
+    kafka_down: str | None = None
+    """Why Kafka did not answer the last probe (``app.py`` probes it every second), or None: while it is set, an
+    append is refused with 503 before anything is staged."""
+
+    @property
+    def producer(self) -> EventProducer:
+        if self.started_producer is None:
+            raise ProducerNotStarted(f"not connected to Kafka and Redis yet ({self.not_started or 'starting'})")
+        if self.kafka_down is not None:
+            raise ProducerNotStarted(f"Kafka is unavailable ({self.kafka_down}); nothing was appended")
+        return self.started_producer
 
 
 def services(request: Request) -> Services:

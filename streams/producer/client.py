@@ -86,6 +86,19 @@ class PublishFailed(TransientError):
     code = "publish_failed"
 
 
+class PublishPending(PublishFailed):
+    """This append's own batch is staged but the broker did not acknowledge it: it is not lost, and will be in the
+    log (the sweeper, or the next append to the stream, publishes it) as ``appended`` says, ids, seqs and hashes.
+    A caller that must not answer "failed" for an append that lands later (``runledger serve``) answers with
+    these; retrying with the same idempotency keys returns them too."""
+
+    code = "publish_pending"
+
+    def __init__(self, message: str, appended: list[Appended]) -> None:
+        self.appended = appended
+        super().__init__(message)
+
+
 class PublishRefused(PermanentError):
     """The broker refuses the batch for good (too large for it, no such topic, not authorised): nothing of
     it from ``seq`` on is in the log, and it is not kept. Fix the cause, then append again."""
@@ -280,6 +293,7 @@ class EventProducer:
         token, deadline = uuid.uuid4().hex, time.monotonic() + self._settings.producer_wait_s
         for _ in range(3):
             await self._heads.acquire(stream_id, token, max(0.0, deadline - time.monotonic()))
+            done: list[Appended] | None = None
             try:
                 state = await self._heads.read(stream_id, keys)
                 if state.complete:
@@ -287,7 +301,12 @@ class EventProducer:
                     if done is not None:
                         return done
             finally:
-                await self._heads.release(stream_id, token)
+                try:
+                    await self._heads.release(stream_id, token)
+                except (RedisError, TransientError):
+                    if done is None:
+                        raise
+                    # The append is in the log; Redis failed after it: the lease expires by itself.
             # Redis lost its heads, or restarted between the read and the stage: a head proves nothing until
             # they are recovered. Nothing of this append was staged.
             await self._recover(deadline)
@@ -311,8 +330,17 @@ class EventProducer:
         if batch.refs:
             if not await self._heads.stage(stream_id, token, batch):
                 return None
-            await self._publish(stream_id, batch)
-            await self._heads.commit(stream_id, token, batch)
+            try:
+                await self._publish(stream_id, batch)
+            except PublishFailed as e:  # staged: it will be in the log, with these ids, seqs and hashes
+                raise PublishPending(str(e), out) from e
+            try:
+                await self._heads.commit(stream_id, token, batch)
+            except (RedisError, TransientError) as e:
+                # In the log already: the append is done. The batch stays staged; the sweeper or the next append
+                # publishes it again (the same records: readers keep one per seq) and commits it.
+                log.warning("stream %r: seq %d..%d are in the log, but their head was not committed (%s): the "
+                            "sweeper will", stream_id, batch.refs[0].seq, batch.refs[-1].seq, e)
         return out
 
     async def precheck(self, stream_id: str, events: Sequence[NewEvent]) -> None:
