@@ -161,6 +161,9 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    translated = database_error(exc, "PostgreSQL")  # a server shutting down (57P01, 57P03), out of resources…
+    if isinstance(translated, TransientError):
+        return await _unavailable(request, translated)
     log.error("%s %s: unexpected error", request.method, request.url.path, exc_info=exc)
     return await _problem(request, Problem(500, "internal_error", "the server failed; it is logged",
                                            title="internal server error"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI, Query
@@ -30,6 +31,14 @@ def app_with_errors() -> FastAPI:
     async def redis() -> None:
         raise RedisConnectionError("Redis went away")
 
+    @app.get("/shutting-down")
+    async def shutting_down() -> None:
+        raise asyncpg.CannotConnectNowError("the database system is shutting down")
+
+    @app.get("/admin-shutdown")
+    async def admin_shutdown() -> None:
+        raise asyncpg.AdminShutdownError("terminating connection due to administrator command")
+
     @app.get("/bug")
     async def bug() -> None:
         raise ZeroDivisionError("a bug")
@@ -43,7 +52,7 @@ async def test_each_error_is_a_problem(caplog: pytest.LogCaptureFixture) -> None
         invalid = await client.get("/typed", params={"limit": "0"})
         assert invalid.status_code == 422 and invalid.headers["content-type"] == "application/problem+json"
         assert {e["field"] for e in invalid.json()["errors"]} == {"query.limit", "query.since"}
-        for path in ("/store", "/redis"):
+        for path in ("/store", "/redis", "/shutting-down", "/admin-shutdown"):
             down = await client.get(path)
             assert down.status_code == 503 and down.headers["Retry-After"] == "2", path
             assert down.json()["code"] == "unavailable"
