@@ -1,6 +1,6 @@
 """``runledger bench`` and ``runledger demo``: a simulated fleet's events through the running stack, measured
 against a plain baseline or end to end (the main job); ``runledger bench-verify``: how fast the record is verified;
-``runledger bench-log``: whether the log stays fast as it grows."""
+``runledger bench-log``: whether the log stays fast as it grows; ``runledger bench-http``: what one ``serve`` takes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit
 from runledger.streams.settings import Settings
@@ -81,6 +82,37 @@ def register(sub: Subparsers) -> None:
     bench_log.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench_log.set_defaults(func=_cmd_bench_log)
 
+    bench_http = sub.add_parser(
+        "bench-http", help="measure one `runledger serve` process with signed requests: appends and reads",
+        description="Starts `runledger serve` (one process) on a free port of the running stack, with a schema, "
+        "topics, sources key and source of its own (dropped afterwards), or targets --url, and measures with signed "
+        "requests (one client process, an httpx connection pool), RUNS times each: events/s appended in batches of "
+        "BATCH (CONCURRENCY requests in flight, each batch a new stream); one-event requests at SINGLE_RATE/s, open "
+        "loop (each request is due at its scheduled time and its latency counts from then to its 2xx, so queueing "
+        "is not hidden); then, once a worker has projected the streams and a checkpoint is signed, each read "
+        "endpoint at READ_RATE/s, open loop. Prints the median, min and max over the runs, and the CPU seconds of "
+        "the client and the server (a figure limited by the client shows as the client's CPU).")
+    bench_http.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
+    bench_http.add_argument("--batches", type=int, default=100, help="requests per batch run (default 100)")
+    bench_http.add_argument("--batch", type=int, default=100, help="events per batch request (default 100)")
+    bench_http.add_argument("--concurrency", type=int, default=8, help="batch requests in flight (default 8)")
+    bench_http.add_argument("--single-rate", type=float, default=500.0, metavar="R",
+                            help="one-event requests a second (default 500)")
+    bench_http.add_argument("--single-seconds", type=float, default=10.0, metavar="S", help="for S s (default 10)")
+    bench_http.add_argument("--single-streams", type=int, default=50, metavar="N",
+                            help="round robin over N streams (default 50)")
+    bench_http.add_argument("--read-rate", type=float, default=200.0, metavar="R",
+                            help="requests a second to each read endpoint (default 200)")
+    bench_http.add_argument("--read-seconds", type=float, default=5.0, metavar="S",
+                            help="for S s per endpoint (default 5)")
+    bench_http.add_argument("--connections", type=int, default=64, help="the client's pool (default 64)")
+    bench_http.add_argument("--url", help="measure this running serve instead of starting one (with --source and "
+                            "--secret-file: a source granted every stream; the reads read what it holds)")
+    bench_http.add_argument("--source", help="with --url: the source id to sign as")
+    bench_http.add_argument("--secret-file", type=Path, help="with --url: a file holding the source's whsec_ secret")
+    bench_http.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench_http.set_defaults(func=_cmd_bench_http)
+
     dashboards = sub.add_parser(
         "dashboards", help="generate the Grafana dashboards (ops/grafana/dashboards) from their code",
         description="Writes runledger's Grafana dashboards, built with grafana-foundation-sdk in "
@@ -148,6 +180,42 @@ def _cmd_bench_log(args: argparse.Namespace, settings: Settings) -> int:
     report = asyncio.run(bench_log(settings, records=args.records, slice_size=args.slice, partitions=args.partitions,
                                    keys=args.keys, batch=args.batch, value_bytes=args.value_bytes, keep=args.keep,
                                    progress=lambda text: print(text, file=sys.stderr)))
+    if args.json:
+        emit(report)
+    else:
+        print_report(report, sys.stdout)
+    return 0
+
+
+def _cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.dev.benchhttp import Target, bench_http, own_serve, print_report
+
+    numbers = (args.runs, args.batches, args.batch, args.concurrency, args.single_rate, args.single_seconds,
+               args.single_streams, args.read_rate, args.read_seconds, args.connections)
+    if min(numbers) <= 0:
+        print("runledger bench-http: every number must be above 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.url and not (args.source and args.secret_file):
+        print("runledger bench-http: --url needs --source and --secret-file", file=sys.stderr)
+        return EXIT_USAGE
+
+    def progress(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    options = {"runs": args.runs, "batches": args.batches, "batch": args.batch, "concurrency": args.concurrency,
+               "single_rate": args.single_rate, "single_seconds": args.single_seconds,
+               "single_streams": args.single_streams, "read_rate": args.read_rate,
+               "read_seconds": args.read_seconds, "connections": args.connections,
+               "command": " ".join(["runledger", *sys.argv[1:]]), "progress": progress}
+
+    async def run() -> dict[str, Any]:
+        if args.url:
+            target = Target(args.url.rstrip("/"), args.source, args.secret_file.read_text().strip())
+            return await bench_http(target, **options)
+        async with own_serve(settings, progress) as (target, ready_reads):
+            return await bench_http(target, before_reads=ready_reads, **options)
+
+    report = asyncio.run(run())
     if args.json:
         emit(report)
     else:
