@@ -106,6 +106,8 @@ def register(sub: Subparsers) -> None:
     bench_http.add_argument("--read-seconds", type=float, default=5.0, metavar="S",
                             help="for S s per endpoint (default 5)")
     bench_http.add_argument("--connections", type=int, default=64, help="the client's pool (default 64)")
+    bench_http.add_argument("--serve-workers", type=int, default=1, metavar="N",
+                            help="serve's --workers: processes of the serve it starts (default 1)")
     bench_http.add_argument("--url", help="measure this running serve instead of starting one (with --source and "
                             "--secret-file: a source granted every stream; the reads read what it holds)")
     bench_http.add_argument("--source", help="with --url: the source id to sign as")
@@ -126,12 +128,16 @@ def register(sub: Subparsers) -> None:
                           description="Starts the embedded stack (if not running) and a projection worker, appends "
                           "the events of a simulated fleet of agents (several workflows, retries, failures, "
                           "cancellations, timeouts, costs over several models, some unpriced), waits until "
-                          "every event is projected, then prints executions by status, spend by model and by "
-                          "workflow, the most expensive executions, and how many chains were checked intact. "
-                          "The stack keeps running afterwards (`runledger dev down` stops it). Exit status 1 "
-                          "if a chain is broken.")
+                          "every event is projected (a share of the executions, HTTP_SHARE, is appended over HTTP "
+                          "through `runledger serve` with signed requests), then prints executions by status, "
+                          "spend by model and by workflow, the most expensive executions, and how many chains were "
+                          "checked intact. The stack keeps running afterwards (`runledger dev down` stops it). "
+                          "Exit status 1 if a chain is broken.")
     demo.add_argument("--executions", type=int, default=300, help="how many executions (default 300)")
     demo.add_argument("--seed", type=int, default=7, help="random seed of the simulation (default 7)")
+    demo.add_argument("--http-share", type=float, default=0.25, metavar="F",
+                      help="the share of executions appended over HTTP through `runledger serve` with signed "
+                      "requests, the rest through EventProducer (default 0.25; 0: none)")
     demo.add_argument("--timeout", type=float, default=300.0, metavar="S",
                       help="give up if not all is projected after S seconds (default 300)")
     demo.set_defaults(func=_cmd_demo)
@@ -191,7 +197,7 @@ def _cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.dev.benchhttp import Target, bench_http, own_serve, print_report
 
     numbers = (args.runs, args.batches, args.batch, args.concurrency, args.single_rate, args.single_seconds,
-               args.single_streams, args.read_rate, args.read_seconds, args.connections)
+               args.single_streams, args.read_rate, args.read_seconds, args.connections, args.serve_workers)
     if min(numbers) <= 0:
         print("runledger bench-http: every number must be above 0", file=sys.stderr)
         return EXIT_USAGE
@@ -206,13 +212,14 @@ def _cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
                "single_rate": args.single_rate, "single_seconds": args.single_seconds,
                "single_streams": args.single_streams, "read_rate": args.read_rate,
                "read_seconds": args.read_seconds, "connections": args.connections,
+               "server_processes": args.serve_workers,
                "command": " ".join(["runledger", *sys.argv[1:]]), "progress": progress}
 
     async def run() -> dict[str, Any]:
         if args.url:
             target = Target(args.url.rstrip("/"), args.source, args.secret_file.read_text().strip())
             return await bench_http(target, **options)
-        async with own_serve(settings, progress) as (target, ready_reads):
+        async with own_serve(settings, progress, workers=args.serve_workers) as (target, ready_reads):
             return await bench_http(target, before_reads=ready_reads, **options)
 
     report = asyncio.run(run())
@@ -269,5 +276,8 @@ def _cmd_dashboards(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.dev.demo import run_demo
 
-    intact = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout)
+    if not 0 <= args.http_share <= 1:
+        print("runledger demo: --http-share must be between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
+    intact = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout, http_share=args.http_share)
     return 0 if intact else EXIT_INVALID

@@ -44,7 +44,7 @@ from runledger.projections.postgres.queries import quote_schema
 from runledger.streams.dev.benchpaths import Progress, machine
 from runledger.streams.settings import Settings
 
-__all__ = ["Target", "bench_http", "print_report"]
+__all__ = ["Target", "bench_http", "free_port", "own_serve", "print_report", "until_ready"]
 
 STARTED = {"type": "execution.started", "data": {"workflow": "bench-http"}}
 READS = ("list", "execution", "events", "proof", "checkpoints")
@@ -126,8 +126,13 @@ class CpuMeter:
 
     @staticmethod
     def _cpu(p: psutil.Process) -> float:
-        t = p.cpu_times()
-        return float(t.user + t.system)
+        """CPU seconds of ``p`` and of its children now (uvicorn's worker processes with ``--workers``)."""
+        total = 0.0
+        for proc in (p, *p.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
 
     @contextlib.contextmanager
     def measure(self) -> Any:
@@ -252,7 +257,7 @@ async def _reads(client: Client, *, rate: float, seconds: float) -> dict[str, di
 
 async def bench_http(target: Target, *, runs: int, batches: int, batch: int, concurrency: int, single_rate: float,
                      single_seconds: float, single_streams: int, read_rate: float, read_seconds: float,
-                     connections: int, command: str, progress: Progress,
+                     connections: int, command: str, progress: Progress, server_processes: int = 1,
                      before_reads: Callable[[Target], Awaitable[None]] | None = None) -> dict[str, Any]:
     """Measure ``target``: appends in batches, single events open loop, then (after ``before_reads``) the reads
     open loop; ``runs`` times each."""
@@ -260,7 +265,7 @@ async def bench_http(target: Target, *, runs: int, batches: int, batch: int, con
     report: dict[str, Any] = {
         "machine": machine(), "command": command, "url": target.url, "runs": runs,
         "client": {"processes": 1, "library": "httpx.AsyncClient", "connections": connections},
-        "server": {"pid": target.pid, "started_by_bench": target.pid is not None}}
+        "server": {"pid": target.pid, "started_by_bench": target.pid is not None, "processes": server_processes}}
     try:
         rows = []
         for run in range(runs):
@@ -296,8 +301,8 @@ def print_report(report: dict[str, Any], out: IO[str]) -> None:
     """The report as tables: median (min-max) over the runs."""
     m = report["machine"]
     print(f"runledger bench-http against {report['url']}: {report['runs']} runs; {m['cpus']} CPUs, "
-          f"{m['memory_gib']} GiB, Python {m['python']}; client: 1 process, httpx, "
-          f"{report['client']['connections']} connections", file=out)
+          f"{m['memory_gib']} GiB, Python {m['python']}; server: {report['server'].get('processes', 1)} serve "
+          f"process(es); client: 1 process, httpx, {report['client']['connections']} connections", file=out)
 
     def cell(s: dict[str, float], unit: str = "") -> str:
         return f"{s['median']:>9,.1f}{unit} ({s['min']:,.1f}-{s['max']:,.1f})"
@@ -324,7 +329,7 @@ def print_report(report: dict[str, Any], out: IO[str]) -> None:
 
 # ---- a serve of its own -------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -363,16 +368,16 @@ async def own_serve(settings: Settings, progress: Progress, *, workers: int = 1)
                          rate_per_s=1e9, burst=1_000_000_000, credential=credential)
     finally:
         await conn.close()
-    port = _free_port()
+    port = free_port()
     log = (keys / "serve.log").open("wb")
     progress(f"starting runledger serve on port {port} (schema {own.db_schema}, log {keys / 'serve.log'}) ...")
     serve = subprocess.Popen([sys.executable, "-m", "runledger.streams.cli", "serve", "--port", str(port),
                               "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
     worker: subprocess.Popen[bytes] | None = None
-    target = Target(f"http://127.0.0.1:{port}", "bench-http", credential.shown, pid=serve.pid if workers == 1 else None)
+    target = Target(f"http://127.0.0.1:{port}", "bench-http", credential.shown, pid=serve.pid)
     try:
-        await _until_ready(target.url, serve, keys / "serve.log")
+        await until_ready(target.url, serve, keys / "serve.log")
 
         async def ready_reads(t: Target) -> None:
             nonlocal worker
@@ -401,7 +406,7 @@ async def own_serve(settings: Settings, progress: Progress, *, workers: int = 1)
             await admin.close()
 
 
-async def _until_ready(url: str, serve: subprocess.Popen[bytes], log: Path) -> None:
+async def until_ready(url: str, serve: subprocess.Popen[bytes], log: Path) -> None:
     import httpx
 
     deadline = time.monotonic() + 120
