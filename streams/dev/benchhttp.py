@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -412,6 +413,7 @@ async def own_serve(settings: Settings, progress: Progress, *, workers: int = 1)
                     process.kill()
                     await asyncio.to_thread(process.wait)
         log.close()
+        shutil.rmtree(keys, ignore_errors=True)  # its keys and serve's log (a failure quotes the log's end)
         admin = await asyncpg.connect(settings.database_dsn())
         try:
             await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(own.db_schema)} CASCADE")
