@@ -1,6 +1,6 @@
 """``runledger bench`` and ``runledger demo``: a simulated fleet's events through the running stack, measured
 against a plain baseline or end to end (the main job); ``runledger bench-verify``: how fast the record is verified;
-``runledger bench-log``: whether the log stays fast as it grows."""
+``runledger bench-log``: whether the log stays fast as it grows; ``runledger bench-http``: what one ``serve`` takes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from runledger.streams.cli.common import EXIT_INVALID, EXIT_USAGE, Subparsers, emit
 from runledger.streams.settings import Settings
@@ -81,6 +82,39 @@ def register(sub: Subparsers) -> None:
     bench_log.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench_log.set_defaults(func=_cmd_bench_log)
 
+    bench_http = sub.add_parser(
+        "bench-http", help="measure one `runledger serve` process with signed requests: appends and reads",
+        description="Starts `runledger serve` (one process) on a free port of the running stack, with a schema, "
+        "topics, sources key and source of its own (dropped afterwards), or targets --url, and measures with signed "
+        "requests (one client process, an httpx connection pool), RUNS times each: events/s appended in batches of "
+        "BATCH (CONCURRENCY requests in flight, each batch a new stream); one-event requests at SINGLE_RATE/s, open "
+        "loop (each request is due at its scheduled time and its latency counts from then to its 2xx, so queueing "
+        "is not hidden); then, once a worker has projected the streams and a checkpoint is signed, each read "
+        "endpoint at READ_RATE/s, open loop. Prints the median, min and max over the runs, and the CPU seconds of "
+        "the client and the server (a figure limited by the client shows as the client's CPU).")
+    bench_http.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
+    bench_http.add_argument("--batches", type=int, default=100, help="requests per batch run (default 100)")
+    bench_http.add_argument("--batch", type=int, default=100, help="events per batch request (default 100)")
+    bench_http.add_argument("--concurrency", type=int, default=8, help="batch requests in flight (default 8)")
+    bench_http.add_argument("--single-rate", type=float, default=500.0, metavar="R",
+                            help="one-event requests a second (default 500)")
+    bench_http.add_argument("--single-seconds", type=float, default=10.0, metavar="S", help="for S s (default 10)")
+    bench_http.add_argument("--single-streams", type=int, default=50, metavar="N",
+                            help="round robin over N streams (default 50)")
+    bench_http.add_argument("--read-rate", type=float, default=200.0, metavar="R",
+                            help="requests a second to each read endpoint (default 200)")
+    bench_http.add_argument("--read-seconds", type=float, default=5.0, metavar="S",
+                            help="for S s per endpoint (default 5)")
+    bench_http.add_argument("--connections", type=int, default=64, help="the client's pool (default 64)")
+    bench_http.add_argument("--serve-workers", type=int, default=1, metavar="N",
+                            help="serve's --workers: processes of the serve it starts (default 1)")
+    bench_http.add_argument("--url", help="measure this running serve instead of starting one (with --source and "
+                            "--secret-file: a source granted every stream; the reads read what it holds)")
+    bench_http.add_argument("--source", help="with --url: the source id to sign as")
+    bench_http.add_argument("--secret-file", type=Path, help="with --url: a file holding the source's whsec_ secret")
+    bench_http.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench_http.set_defaults(func=_cmd_bench_http)
+
     dashboards = sub.add_parser(
         "dashboards", help="generate the Grafana dashboards (ops/grafana/dashboards) from their code",
         description="Writes runledger's Grafana dashboards, built with grafana-foundation-sdk in "
@@ -94,12 +128,16 @@ def register(sub: Subparsers) -> None:
                           description="Starts the embedded stack (if not running) and a projection worker, appends "
                           "the events of a simulated fleet of agents (several workflows, retries, failures, "
                           "cancellations, timeouts, costs over several models, some unpriced), waits until "
-                          "every event is projected, then prints executions by status, spend by model and by "
-                          "workflow, the most expensive executions, and how many chains were checked intact. "
-                          "The stack keeps running afterwards (`runledger dev down` stops it). Exit status 1 "
-                          "if a chain is broken.")
+                          "every event is projected (a share of the executions, HTTP_SHARE, is appended over HTTP "
+                          "through `runledger serve` with signed requests), then prints executions by status, "
+                          "spend by model and by workflow, the most expensive executions, and how many chains were "
+                          "checked intact. The stack keeps running afterwards (`runledger dev down` stops it). "
+                          "Exit status 1 if a chain is broken.")
     demo.add_argument("--executions", type=int, default=300, help="how many executions (default 300)")
     demo.add_argument("--seed", type=int, default=7, help="random seed of the simulation (default 7)")
+    demo.add_argument("--http-share", type=float, default=0.25, metavar="F",
+                      help="the share of executions appended over HTTP through `runledger serve` with signed "
+                      "requests, the rest through EventProducer (default 0.25; 0: none)")
     demo.add_argument("--timeout", type=float, default=300.0, metavar="S",
                       help="give up if not all is projected after S seconds (default 300)")
     demo.set_defaults(func=_cmd_demo)
@@ -155,6 +193,43 @@ def _cmd_bench_log(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.dev.benchhttp import Target, bench_http, own_serve, print_report
+
+    numbers = (args.runs, args.batches, args.batch, args.concurrency, args.single_rate, args.single_seconds,
+               args.single_streams, args.read_rate, args.read_seconds, args.connections, args.serve_workers)
+    if min(numbers) <= 0:
+        print("runledger bench-http: every number must be above 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.url and not (args.source and args.secret_file):
+        print("runledger bench-http: --url needs --source and --secret-file", file=sys.stderr)
+        return EXIT_USAGE
+
+    def progress(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    options = {"runs": args.runs, "batches": args.batches, "batch": args.batch, "concurrency": args.concurrency,
+               "single_rate": args.single_rate, "single_seconds": args.single_seconds,
+               "single_streams": args.single_streams, "read_rate": args.read_rate,
+               "read_seconds": args.read_seconds, "connections": args.connections,
+               "server_processes": args.serve_workers,
+               "command": " ".join(["runledger", *sys.argv[1:]]), "progress": progress}
+
+    async def run() -> dict[str, Any]:
+        if args.url:
+            target = Target(args.url.rstrip("/"), args.source, args.secret_file.read_text().strip())
+            return await bench_http(target, **options)
+        async with own_serve(settings, progress, workers=args.serve_workers) as (target, ready_reads):
+            return await bench_http(target, before_reads=ready_reads, **options)
+
+    report = asyncio.run(run())
+    if args.json:
+        emit(report)
+    else:
+        print_report(report, sys.stdout)
+    return 0
+
+
 def _checks(text: str) -> list[str]:
     from runledger.streams.dev.benchverify import CHECKS
 
@@ -201,5 +276,8 @@ def _cmd_dashboards(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from runledger.streams.dev.demo import run_demo
 
-    intact = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout)
+    if not 0 <= args.http_share <= 1:
+        print("runledger demo: --http-share must be between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
+    intact = run_demo(settings, args.executions, seed=args.seed, timeout=args.timeout, http_share=args.http_share)
     return 0 if intact else EXIT_INVALID

@@ -86,7 +86,8 @@ def _quantile(q: float, metric: str) -> str:
 def build() -> dict[str, dict[str, Any]]:
     """Every dashboard: file name -> Grafana's JSON model."""
     pipeline = _dashboard("runledger-pipeline", "runledger: pipeline health", "Throughput, lag, latency, "
-                          "retries, dead letters and the outbox, from the workers' metrics", "now-6h")
+                          "retries, dead letters, the outbox and the HTTP front door, from the workers' and serve's "
+                          "metrics", "now-6h")
     for panel in (
         _stat("Workers alive", "short", "max(runledger_workers_live)"),
         _stat("Records not yet projected", "short", "sum(runledger_consumer_lag_records)"),
@@ -115,6 +116,11 @@ def build() -> dict[str, dict[str, Any]]:
                 _promql("sum by (outcome) (rate(runledger_appends_total[5m]))", "{{outcome}}"),
                 _promql(_quantile(0.99, "runledger_append_seconds"), "p99 append (s)"),
                 description="From producers whose metrics Prometheus scrapes"),
+        _series("HTTP front door: requests/s by status, and p99 latency", "short",
+                _promql("sum by (status) (rate(runledger_http_requests_total[5m]))", "{{status}}"),
+                _promql(_quantile(0.99, "runledger_http_request_seconds"), "p99 (s)"),
+                description="Every `runledger serve` replica: requests answered by status, and the 99th percentile "
+                "of request to response, over every route"),
     ):
         pipeline = pipeline.with_panel(panel)
 

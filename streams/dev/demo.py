@@ -1,7 +1,9 @@
 """The main job, end to end: the embedded stack, a projection worker, a simulated fleet, a summary.
 
 The worker runs as ``runledger worker`` in a process of its own, exactly as in
-production; its log goes to ``<state dir>/worker.log``. The demo waits, with a
+production; its log goes to ``<state dir>/worker.log``. Part of the fleet (a quarter by default) is
+appended over HTTP through ``runledger serve`` (a subprocess, its log in ``<state dir>/serve.log``) with
+signed requests, as a producer in another language would; the rest through ``EventProducer``. The demo waits, with a
 progress bar, until every event of its run is projected, then reads the
 summary back from PostgreSQL and re-checks every chain from the audit log. Last it
 signs a checkpoint of the transparency log, verifies the whole record, and writes the
@@ -29,6 +31,7 @@ from runledger.projections.postgres.report import RunSummary, summarize
 from runledger.projections.postgres.verify import ChainReport, record_verification, verify_chains
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.dev import WORKER_COMMAND, devstack
+from runledger.streams.dev.demohttp import http_fleet
 from runledger.streams.dev.fleet import Execution, simulate_fleet
 from runledger.streams.producer.client import append_many
 from runledger.streams.settings import Settings
@@ -105,10 +108,19 @@ async def _wait_projected(conn: asyncpg.Connection, settings: Settings, run_tag:
 
 
 async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker: _Worker, *, timeout: float,
-               progress: bool, out: IO[str]) -> RunSummary:
+               progress: bool, out: IO[str], http_share: float = 0.0) -> RunSummary:
     total = sum(len(run.events) for run in fleet)
+    every = round(1 / http_share) if http_share > 0 else 0  # every Nth execution goes over HTTP
+    over_http = [run for i, run in enumerate(fleet) if every and i % every == 0]
+    direct = [run for i, run in enumerate(fleet) if not (every and i % every == 0)]
     started = time.monotonic()
-    await append_many(settings, [(run.stream_id, e) for run in fleet for e in run.events], progress=progress)
+    sent = None
+    if over_http:
+        async with http_fleet(settings, run_tag) as post:
+            sent, _ = await asyncio.gather(post(over_http), append_many(
+                settings, [(run.stream_id, e) for run in direct for e in run.events], progress=progress))
+    else:
+        await append_many(settings, [(run.stream_id, e) for run in direct for e in run.events], progress=progress)
     appended = time.monotonic() - started
     conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
@@ -117,6 +129,10 @@ async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker:
         print(f"\nrun {run_tag}: {len(fleet)} executions, {total:,} events appended to {settings.events_topic} "
               f"in {appended:.1f} s, all projected into schema {settings.db_schema} {projected:.1f} s after the "
               f"first append", file=out)
+        if sent is not None:
+            print(f"over HTTP: {sent.executions} of {len(fleet)} executions ({sent.events:,} events) in "
+                  f"{sent.requests} signed requests to runledger serve at {sent.url} as source {sent.source_id} "
+                  "(Standard Webhooks v1); the rest through EventProducer", file=out)
         return await summarize(conn, run_tag)
     finally:
         await conn.close()
@@ -144,7 +160,7 @@ async def _attest(settings: Settings, out: IO[str]) -> ChainReport:
 
 
 def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: float = 300.0, progress: bool = True,
-             out: IO[str] = sys.stdout, log: Callable[[str], None] = print) -> bool:
+             out: IO[str] = sys.stdout, log: Callable[[str], None] = print, http_share: float = 0.25) -> bool:
     """Start the stack and a worker, append a simulated fleet, wait until projected, summarise, sign a checkpoint
     and verify the whole record; True if every chain is intact."""
     for service in devstack.up(settings):
@@ -158,7 +174,8 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     try:  # the worker started is stopped wherever the signal comes, even before its start is announced
         worker = _Worker(settings)
         log(f"worker    started  pid {worker.pid}, log in {worker.log_path}")
-        summary = asyncio.run(_run(settings, fleet, run_tag, worker, timeout=timeout, progress=progress, out=out))
+        summary = asyncio.run(_run(settings, fleet, run_tag, worker, timeout=timeout, progress=progress, out=out,
+                                   http_share=http_share))
     finally:
         if worker is not None:
             worker.stop()

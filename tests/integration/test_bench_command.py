@@ -166,3 +166,35 @@ def test_bench_log_reports_both_rates_per_slice_and_deletes_its_topic(env: dict[
     refused = subprocess.run([*CLI, "bench-log", "--records", "0"], env={**os.environ, **env},
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "at least 1" in refused.stderr
+
+
+async def test_bench_http_measures_a_serve_of_its_own_and_drops_its_schema(env: dict[str, str],
+                                                                          settings: Settings) -> None:
+    """With tiny numbers: every measurement is there with its spread, every request answered 2xx (the figures
+    themselves are not judged)."""
+    args = ["--runs", "2", "--batches", "3", "--batch", "10", "--concurrency", "2", "--single-rate", "20",
+            "--single-seconds", "1", "--single-streams", "2", "--read-rate", "10", "--read-seconds", "0.5"]
+    done = await asyncio.to_thread(subprocess.run, [*CLI, "bench-http", "--json", *args], env={**os.environ, **env},
+                                   capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["server"]["started_by_bench"] and report["client"]["processes"] == 1
+    b = report["batches"]
+    assert [r["events"] for r in b["per_run"]] == [30, 30] and all(r["failed"] == 0 for r in b["per_run"])
+    assert 0 < b["events_per_s"]["min"] <= b["events_per_s"]["median"] <= b["events_per_s"]["max"]
+    s = report["single"]
+    assert [(r["requests"], r["ok"], r["failed"]) for r in s["per_run"]] == [(20, 20, 0)] * 2
+    assert 0 < s["p50_ms"]["min"] and s["p99_ms"]["max"] <= s["max_ms"]["max"]
+    reads = report["reads"]["endpoints"]
+    assert set(reads) == {"list", "execution", "events", "proof", "checkpoints"}
+    for e in reads.values():
+        assert [(r["requests"], r["ok"]) for r in e["per_run"]] == [(5, 5)] * 2, e
+    assert "bench-http" in report["command"]
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert not await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'benchhttp\\_%'")
+    finally:
+        await conn.close()
+    refused = subprocess.run([*CLI, "bench-http", "--runs", "0"], env={**os.environ, **env}, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "above 0" in refused.stderr

@@ -62,6 +62,18 @@ async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], 
     for heading in ("executions by status", "spend by model", "spend by workflow", "most expensive executions"):
         assert heading in demo.stdout
     assert "chains checked intact: 40 of 40" in demo.stdout
+    # a quarter of the fleet over HTTP, signed, through a real serve; projected and checked with the rest
+    over_http = re.search(r"over HTTP: (\d+) of 40 executions \(([\d,]+) events\) in (\d+) signed requests to "
+                          r"runledger serve at http://127\.0\.0\.1:\d+ as source (demo-\w+)", demo.stdout)
+    assert over_http is not None, demo.stdout
+    assert int(over_http[1]) == int(over_http[3]) == 10 and int(over_http[2].replace(",", "")) > 10
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        projected = await conn.fetchval(f'SELECT count(*) FROM "{settings.db_schema}".audit_log WHERE source = $1',
+                                        f"/demo/http/{over_http[4]}")
+    finally:
+        await conn.close()
+    assert projected == int(over_http[2].replace(",", ""))  # written as the demo's HTTP source, by the server
     assert "acme/acme-internal-llm-v2" in demo.stdout and "unpriced" in demo.stdout
     assert f"created the checkpoint signer key {key}" in demo.stdout and key.with_suffix(".key.pub").is_file()
     assert re.search(r"\d+ checkpoints signed, one per log partition that grew: the transparency logs of [\d,]+ "

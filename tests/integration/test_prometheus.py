@@ -84,7 +84,7 @@ def test_the_rules_comparisons_are_found() -> None:
     assert comparisons('absent(up{job="w"} == 1)') == ['up{job="w"} == bool 1']
     assert comparisons("time() - max(t) > 120\n or sum(a) >= 0") == ["time() - max(t) > bool 120",
                                                                     "sum(a) >= bool 0"]
-    assert sum(len(comparisons(r["expr"])) for r in RULES) == 17
+    assert sum(len(comparisons(r["expr"])) for r in RULES) == 18
 
 
 class Prometheus:
@@ -113,7 +113,7 @@ async def prometheus(directory: Path, targets: dict[str, str]) -> AsyncIterator[
     binary = shutil.which("prometheus")
     assert binary is not None, "prometheus is needed (Debian: apt-get install prometheus; `./dev test` does as root)"
     production = yaml.safe_load((OPS / "prometheus.yml").read_text())
-    [worker_job] = production["scrape_configs"]
+    worker_job = production["scrape_configs"][0]
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
               "rule_files": [str(OPS / production["rule_files"][0])],
               "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
@@ -143,9 +143,11 @@ async def prometheus(directory: Path, targets: dict[str, str]) -> AsyncIterator[
 @contextlib.asynccontextmanager
 async def producer_metrics(port: int) -> AsyncIterator[None]:
     """This process's producer metrics, alone, on ``port`` (with the registry's worker metrics at 0, the
-    dashboards' worker queries would be answered by a process that is no worker)."""
+    dashboards' worker queries would be answered by a process that is no worker), and HTTP requests as a ``serve``
+    counts them (``load`` counts some)."""
     registry = CollectorRegistry()
-    for collector in (metrics.APPENDS, metrics.APPEND_SECONDS, metrics.LEASE_WAIT_SECONDS):
+    for collector in (metrics.APPENDS, metrics.APPEND_SECONDS, metrics.LEASE_WAIT_SECONDS, metrics.HTTP_REQUESTS,
+                      metrics.HTTP_SECONDS):
         registry.register(collector)
     server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
@@ -164,6 +166,9 @@ async def load(settings: Settings, stop: asyncio.Event) -> int:
             for run in simulate_fleet(5, seed=round_, run_tag=f"{settings.db_schema}-{round_}"):
                 await producer.append_batch(run.stream_id, run.events)
                 appended += len(run.events)
+                for status in ("201", "503"):  # as a serve counts its requests: the 5xx ratio has its series
+                    metrics.HTTP_REQUESTS.labels("/v1/streams/{stream}/events", "POST", status).inc()
+                metrics.HTTP_SECONDS.labels("/v1/streams/{stream}/events").observe(0.01)
             await asyncio.sleep(0.2)
     return appended
 

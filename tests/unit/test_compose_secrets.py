@@ -20,7 +20,7 @@ from tests.unit.test_ops import ROOT, compose
 SECRETS = "/run/secrets/"
 # The PostgreSQL logins whose passwords each runledger service holds, and no other: the workers never the owner's.
 LOGINS = {"roles": {"admin", "owner", "worker", "producer", "reader", "api"}, "migrate": {"owner"},
-          "worker": {"worker"}}
+          "worker": {"worker"}, "serve": {"api"}}
 PASSWORD_SETTING = {"owner": "RUNLEDGER_DATABASE_PASSWORD_FILE", "admin": "RUNLEDGER_DATABASE_ADMIN_PASSWORD_FILE",
                     **{login: f"RUNLEDGER_DATABASE_{login.upper()}_PASSWORD_FILE"
                        for login in ("worker", "producer", "reader", "api")}}
@@ -38,7 +38,7 @@ def settings_in(service: dict[str, Any], secrets: Path) -> Settings:
     return Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
 
 
-def test_the_runledger_services_are_roles_migrate_and_worker() -> None:
+def test_the_runledger_services_are_roles_migrate_worker_and_serve() -> None:
     assert set(runledger_services()) == set(LOGINS)
 
 
@@ -104,7 +104,7 @@ def test_postgres_redis_kafka_and_grafana_take_their_passwords_from_secrets() ->
     declared = compose()["secrets"]
     script = (ROOT / "ops" / "make-secrets.sh").read_text()
     for name, secret in declared.items():
-        if name != "checkpoint_key":
+        if name not in ("checkpoint_key", "sources_key"):
             assert secret == {"file": f"./ops/secrets/{name}"} and name in script, name
     assert "ops/secrets/" in (ROOT / ".gitignore").read_text().split()
 
@@ -139,3 +139,22 @@ def test_the_image_runs_as_its_own_user_without_the_embedded_servers() -> None:
     assert not {re.split(r"[=<>\[ ]", d)[0] for d in project["dependencies"]} & embedded
     assert {re.split(r"[=<>\[ ]", d)[0] for d in project["optional-dependencies"]["embedded"]} == embedded
     assert "runledger[bench,embedded]" in project["optional-dependencies"]["dev"]  # what ./dev installs
+
+
+def test_serve_is_the_api_login_with_the_sources_key_checked_on_readyz_and_on_loopback(tmp_path: Path) -> None:
+    """serve holds the api login's password and the sources key, nothing of the owner's or the signer's; the
+    operators' service (migrate) holds the sources key too, for `runledger sources add|rotate`."""
+    services = compose()["services"]
+    serve = services["serve"]
+    assert serve["command"][:4] == ["runledger", "serve", "--host", "0.0.0.0"]
+    assert set(serve["secrets"]) == {"database_api_password", "kafka_password", "redis_password", "sources_key"}
+    settings = settings_in(serve, tmp_path)
+    assert settings.sources_key_file == tmp_path / "sources_key"
+    assert urlsplit(settings.database_dsn("api")).username == DATABASE_ROLES["api"]
+    assert serve["ports"] == ["127.0.0.1:8080:8080"]
+    assert "/readyz" in " ".join(serve["healthcheck"]["test"])
+    assert serve["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert services["migrate"]["environment"]["RUNLEDGER_SOURCES_KEY_FILE"] == f"{SECRETS}sources_key"
+    assert "sources_key" in services["migrate"]["secrets"]
+    assert compose()["secrets"]["sources_key"] == {"file": "./ops/sources.key"}
+    assert "ops/sources.key" in (ROOT / ".gitignore").read_text().split()

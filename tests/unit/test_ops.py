@@ -49,7 +49,8 @@ def test_every_image_is_pinned_and_every_service_checked() -> None:
         assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+(-\w+)?", image), f"{name}: image {image!r} is not pinned"
         if name not in ("roles", "migrate"):  # the two that run once
             assert "healthcheck" in service, f"{name} has no health check"
-    assert set(services) == {"kafka", "postgres", "redis", "roles", "migrate", "worker", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "postgres", "redis", "roles", "migrate", "worker", "serve", "prometheus",
+                             "grafana"}
 
 
 def test_kafka_in_kraft_mode_redis_with_aof_and_named_volumes() -> None:
@@ -75,7 +76,7 @@ def test_the_migrations_run_once_before_two_workers() -> None:
     worker = services["worker"]
     assert worker["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert worker["deploy"]["replicas"] == 2 and "ports" not in worker  # --scale must not clash on host ports
-    for name in ("roles", "migrate", "worker"):
+    for name in ("roles", "migrate", "worker", "serve"):
         env = services[name]["environment"]
         unknown = [k for k in env if k.removeprefix("RUNLEDGER_").lower() not in Settings.model_fields]
         assert not unknown, f"{name}: no such setting {unknown}"
@@ -87,11 +88,14 @@ def test_prometheus_scrapes_every_worker_with_the_alert_rules() -> None:
     assert tool is not None, "promtool is needed (Debian: apt-get install prometheus; `./dev test` does as root)"
     checked = subprocess.run([tool, "check", "config", "prometheus.yml"], cwd=ROOT / "ops" / "prometheus",
                              capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0 and "13 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "14 rules found" in checked.stdout, checked.stdout + checked.stderr
     config = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
-    [job] = config["scrape_configs"]
-    port = compose()["services"]["worker"]["environment"]["RUNLEDGER_METRICS_PORT"]
-    assert job["dns_sd_configs"][0] == {"names": ["worker"], "type": "A", "port": int(port), "refresh_interval": "15s"}
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"runledger-worker", "runledger-serve"}
+    for service in ("worker", "serve"):
+        port = compose()["services"][service]["environment"]["RUNLEDGER_METRICS_PORT"]
+        assert jobs[f"runledger-{service}"]["dns_sd_configs"][0] == {
+            "names": [service], "type": "A", "port": int(port), "refresh_interval": "15s"}
 
 
 def test_grafana_gets_both_datasources_and_the_dashboards() -> None:

@@ -1,0 +1,454 @@
+"""``runledger bench-http``: what one ``runledger serve`` process takes, measured with signed requests.
+
+Three measurements, each repeated ``runs`` times and reported with its median, min and max over the runs:
+
+- **batches**: events appended per second with batches of ``batch`` events (closed loop: ``concurrency`` requests
+  in flight, each batch a new stream);
+- **single**: one-event requests started at a fixed rate, **open loop**: request ``i`` is due at ``t0 + i / rate``
+  and sent then whatever the earlier ones do, and its latency runs from when it was *due* to its 2xx, so a server
+  that falls behind shows its queue in the figures (no coordinated omission);
+- **reads**: each read endpoint in turn at a fixed rate, open loop the same way, p50/p99/max per endpoint, once a
+  worker has projected the streams and a checkpoint is signed (so every read answers 200).
+
+By default it starts ``serve`` itself as a subprocess on a free port, on a schema, topics, sources key and source
+of its own (dropped afterwards), with a ``runledger worker`` for the reads. ``--url`` targets a running one instead
+(``--source`` and ``--secret-file``: a source granted every stream); then the reads use what that server holds.
+The client is one asyncio process with an httpx connection pool; its CPU and the server's are reported, so a
+figure limited by the client says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import orjson
+import psutil
+
+from runledger.projections.postgres.db import connect_one, migrate
+from runledger.projections.postgres.queries import quote_schema
+from runledger.streams.dev.benchpaths import Progress, machine
+from runledger.streams.settings import Settings
+
+__all__ = ["Target", "bench_http", "free_port", "own_serve", "print_report", "until_ready"]
+
+STARTED = {"type": "execution.started", "data": {"workflow": "bench-http"}}
+READS = ("list", "execution", "events", "proof", "checkpoints")
+_CONNECTIONS_PER_POOL = 4
+
+
+def _step(i: int) -> dict[str, Any]:
+    return {"type": "step.started", "data": {"step_id": f"s{i}", "name": "bench"}}
+
+
+@dataclass
+class Target:
+    """A ``serve`` to measure: its URL, and the source the requests are signed as."""
+
+    url: str
+    source_id: str
+    secret: str
+    pid: int | None = None  # the server's process, when on this host: its CPU is reported
+    streams: list[str] = field(default_factory=list)  # streams to read; an event id of each for proofs
+    event_ids: list[str] = field(default_factory=list)
+
+
+class Client:
+    """Signed requests (Standard Webhooks v1, with the ``standardwebhooks`` package) over one connection pool."""
+
+    def __init__(self, target: Target, connections: int) -> None:
+        import httpx
+        from standardwebhooks.webhooks import Webhook
+
+        self.target = target
+        self._webhook = Webhook(target.secret)
+        # Several small pools rather than one large one: httpcore's pool scans every connection and every queued
+        # request for each request it assigns (profiled: with one pool of 64, the client spent 6 ms of CPU per
+        # request once the server fell behind, more than the server did).
+        per_pool = min(_CONNECTIONS_PER_POOL, connections)
+        self._pools = [httpx.AsyncClient(base_url=target.url, timeout=30.0, limits=httpx.Limits(
+            max_connections=per_pool, max_keepalive_connections=per_pool))
+            for _ in range(max(1, connections // per_pool))]
+        self._next = itertools.cycle(self._pools)
+        # At most ``connections`` requests in httpx at once: the rest wait here, cheaply; an open-loop request's
+        # latency still counts from when it was due, its wait here included.
+        self._slots = asyncio.Semaphore(len(self._pools) * per_pool)
+
+    @property
+    def http(self) -> Any:
+        """One of the pools, in turn."""
+        return next(self._next)
+
+    def headers(self, body: bytes) -> dict[str, str]:
+        msg_id = f"msg_{uuid.uuid4().hex}"
+        now = datetime.now(UTC)
+        return {"runledger-source": self.target.source_id, "webhook-id": msg_id,
+                "webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": self._webhook.sign(msg_id, now, body)}
+
+    async def append(self, stream: str, events: Any) -> tuple[int, Any]:
+        body = orjson.dumps(events)
+        async with self._slots:
+            response = await self.http.post(f"/v1/streams/{stream}/events", content=body,
+                                            headers={"content-type": "application/json", **self.headers(body)})
+        return int(response.status_code), response.content
+
+    async def get(self, path: str) -> int:
+        async with self._slots:
+            response = await self.http.get(path, headers=self.headers(b""))
+        return int(response.status_code)
+
+    async def close(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
+
+
+def _spread(values: list[float], digits: int = 1) -> dict[str, float]:
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    s = sorted(latencies) or [float("nan")]
+    return {"p50_ms": round(statistics.median(s) * 1000, 1),
+            "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1000, 1), "max_ms": round(s[-1] * 1000, 1)}
+
+
+class CpuMeter:
+    """CPU seconds of this process and of the server (when its pid is known) over a block."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self._me = psutil.Process()
+        self._server = psutil.Process(server_pid) if server_pid else None
+        self.client_s = self.server_s = 0.0
+
+    @staticmethod
+    def _cpu(p: psutil.Process) -> float:
+        """CPU seconds of ``p`` and of its children now (uvicorn's worker processes with ``--workers``)."""
+        total = 0.0
+        for proc in (p, *p.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    @contextlib.contextmanager
+    def measure(self) -> Any:
+        c0 = self._cpu(self._me)
+        s0 = self._cpu(self._server) if self._server else 0.0
+        yield self
+        self.client_s = self._cpu(self._me) - c0
+        self.server_s = (self._cpu(self._server) - s0) if self._server else float("nan")
+
+
+async def _batches(client: Client, run: int, *, batches: int, batch: int, concurrency: int) -> dict[str, Any]:
+    """``batches`` batches of ``batch`` events, each a new stream, ``concurrency`` in flight."""
+    stamp = uuid.uuid4().hex[:8]
+    bodies = [(f"bench-http-{stamp}-{run}-{i}", [STARTED, *(_step(j) for j in range(batch - 1))])
+              for i in range(batches)]
+    failed: list[int] = []
+    queue = list(reversed(bodies))
+
+    async def loop() -> None:
+        while queue:
+            stream, events = queue.pop()
+            status, content = await client.append(stream, events)
+            if status != 201:
+                failed.append(status)
+            elif len(client.target.streams) < 200:
+                client.target.streams.append(stream)
+                client.target.event_ids.append(orjson.loads(content)["events"][-1]["id"])
+
+    meter = CpuMeter(client.target.pid)
+    with meter.measure():
+        started = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    appended = (batches - len(failed)) * batch
+    return {"events": appended, "seconds": round(seconds, 3), "events_per_s": round(appended / seconds, 1),
+            "failed": len(failed), "statuses": sorted(set(failed)), "client_cpu_s": round(meter.client_s, 2),
+            "server_cpu_s": round(meter.server_s, 2)}
+
+
+async def open_loop(rate: float, count: int, send: Callable[[int], Awaitable[bool]],
+                    server_pid: int | None = None) -> dict[str, Any]:
+    """Start ``send(i)`` at ``t0 + i / rate`` for ``i`` in ``range(count)``, whatever the earlier ones do; each one's
+    latency runs from when it was due to when it answered 2xx (``send`` returns True). p50/p99/max over the 2xx,
+    the count of the others, and how late the client itself started requests (its own lag: if large, the client
+    is the bottleneck, not the server)."""
+    latencies: list[float] = []
+    failures = 0
+    lag = 0.0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, due: float) -> None:
+        nonlocal failures
+        try:
+            ok = await send(i)
+        except Exception:  # noqa: BLE001 - a transport error counts as a failed request
+            ok = False
+        if ok:
+            latencies.append(time.perf_counter() - due)
+        else:
+            failures += 1
+
+    meter = CpuMeter(server_pid)
+    with meter.measure():
+        t0 = time.perf_counter() + 0.05
+        i = 0
+        while i < count:
+            now = time.perf_counter()
+            while i < count and t0 + i / rate <= now:
+                due = t0 + i / rate
+                lag = max(lag, now - due)
+                task = asyncio.create_task(one(i, due))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+            if i < count:
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        if tasks:
+            await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - t0
+    return {"requests": count, "ok": len(latencies), "failed": failures, **_percentiles(latencies),
+            "achieved_per_s": round(count / seconds, 1), "client_lag_max_ms": round(lag * 1000, 1),
+            "client_cpu_s": round(meter.client_s, 2), "server_cpu_s": round(meter.server_s, 2)}
+
+
+async def _single(client: Client, run: int, *, rate: float, seconds: float, streams: int) -> dict[str, Any]:
+    """One-event requests at ``rate``, round robin over ``streams`` streams started beforehand."""
+    stamp = uuid.uuid4().hex[:8]
+    names = [f"bench-http-{stamp}-single{run}-{i}" for i in range(streams)]
+    for name in names:
+        status, content = await client.append(name, [STARTED])
+        if status != 201:
+            raise RuntimeError(f"starting {name}: {status} {content[:300]!r}")
+
+    async def send(i: int) -> bool:
+        status, _ = await client.append(names[i % streams], _step(i))
+        return status == 201
+
+    return await open_loop(rate, max(1, int(rate * seconds)), send, client.target.pid)
+
+
+def _read_paths(target: Target) -> dict[str, Callable[[int], str]]:
+    s, ids = target.streams, target.event_ids
+    return {"list": lambda i: "/v1/executions?limit=50",
+            "execution": lambda i: f"/v1/executions/{s[i % len(s)]}",
+            "events": lambda i: f"/v1/executions/{s[i % len(s)]}/events",
+            "proof": lambda i: f"/v1/events/{ids[i % len(ids)]}/proof",
+            "checkpoints": lambda i: "/v1/checkpoints/latest"}
+
+
+async def _reads(client: Client, *, rate: float, seconds: float) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, path in _read_paths(client.target).items():
+        if name in ("execution", "events", "proof") and not client.target.streams:
+            continue
+
+        async def send(i: int, path: Callable[[int], str] = path) -> bool:
+            return 200 <= await client.get(path(i)) < 300
+
+        out[name] = await open_loop(rate, max(1, int(rate * seconds)), send, client.target.pid)
+    return out
+
+
+async def bench_http(target: Target, *, runs: int, batches: int, batch: int, concurrency: int, single_rate: float,
+                     single_seconds: float, single_streams: int, read_rate: float, read_seconds: float,
+                     connections: int, command: str, progress: Progress, server_processes: int = 1,
+                     before_reads: Callable[[Target], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """Measure ``target``: appends in batches, single events open loop, then (after ``before_reads``) the reads
+    open loop; ``runs`` times each."""
+    client = Client(target, connections)
+    report: dict[str, Any] = {
+        "machine": machine(), "command": command, "url": target.url, "runs": runs,
+        "client": {"processes": 1, "library": "httpx.AsyncClient", "connections": connections},
+        "server": {"pid": target.pid, "started_by_bench": target.pid is not None, "processes": server_processes}}
+    try:
+        rows = []
+        for run in range(runs):
+            progress(f"batches, run {run + 1}/{runs}: {batches} requests of {batch} events, {concurrency} in flight")
+            rows.append(await _batches(client, run, batches=batches, batch=batch, concurrency=concurrency))
+        report["batches"] = {"batch": batch, "batches": batches, "concurrency": concurrency, "per_run": rows,
+                             "events_per_s": _spread([r["events_per_s"] for r in rows])}
+        rows = []
+        for run in range(runs):
+            progress(f"single events, run {run + 1}/{runs}: {single_rate:,.0f}/s for {single_seconds:.0f} s, open "
+                     "loop")
+            rows.append(await _single(client, run, rate=single_rate, seconds=single_seconds, streams=single_streams))
+        report["single"] = {"rate": single_rate, "seconds": single_seconds, "per_run": rows,
+                            **{k: _spread([r[k] for r in rows]) for k in ("p50_ms", "p99_ms", "max_ms")}}
+        if before_reads is not None:
+            progress("reads: projecting what was appended and signing a checkpoint ...")
+            await before_reads(target)
+        per_endpoint: dict[str, list[dict[str, Any]]] = {}
+        for run in range(runs):
+            progress(f"reads, run {run + 1}/{runs}: each endpoint at {read_rate:,.0f}/s for {read_seconds:.0f} s, "
+                     "open loop")
+            for name, row in (await _reads(client, rate=read_rate, seconds=read_seconds)).items():
+                per_endpoint.setdefault(name, []).append(row)
+        report["reads"] = {"rate": read_rate, "seconds": read_seconds, "endpoints": {
+            name: {"per_run": rows, **{k: _spread([r[k] for r in rows]) for k in ("p50_ms", "p99_ms", "max_ms")}}
+            for name, rows in per_endpoint.items()}}
+    finally:
+        await client.close()
+    return report
+
+
+def print_report(report: dict[str, Any], out: IO[str]) -> None:
+    """The report as tables: median (min-max) over the runs."""
+    m = report["machine"]
+    print(f"runledger bench-http against {report['url']}: {report['runs']} runs; {m['cpus']} CPUs, "
+          f"{m['memory_gib']} GiB, Python {m['python']}; server: {report['server'].get('processes', 1)} serve "
+          f"process(es); client: 1 process, httpx, {report['client']['connections']} connections", file=out)
+
+    def cell(s: dict[str, float], unit: str = "") -> str:
+        return f"{s['median']:>9,.1f}{unit} ({s['min']:,.1f}-{s['max']:,.1f})"
+
+    b = report["batches"]
+    cpu = ", ".join(f"{r['client_cpu_s']:.1f}/{r['server_cpu_s']:.1f}" for r in b["per_run"])
+    failed = sum(r["failed"] for r in b["per_run"])
+    print(f"\nappend, batches of {b['batch']} ({b['batches']} requests, {b['concurrency']} in flight)", file=out)
+    print(f"  events/s  {cell(b['events_per_s'])}   failed {failed}; CPU s client/server per run: {cpu}", file=out)
+    s = report["single"]
+    failed = sum(r["failed"] for r in s["per_run"])
+    lag = max(r["client_lag_max_ms"] for r in s["per_run"])
+    print(f"\nappend, one event per request at {s['rate']:,.0f}/s open loop for {s['seconds']:.0f} s (ms from due to "
+          "2xx)", file=out)
+    print(f"  p50 {cell(s['p50_ms'])}  p99 {cell(s['p99_ms'])}  max {cell(s['max_ms'])}   failed {failed}; client's "
+          f"own lag at most {lag:.1f} ms", file=out)
+    r = report["reads"]
+    print(f"\nreads at {r['rate']:,.0f}/s each, open loop for {r['seconds']:.0f} s (ms from due to 2xx)", file=out)
+    print(f"  {'endpoint':<12}{'p50':>28}{'p99':>28}{'max':>28}  failed", file=out)
+    for name, e in r["endpoints"].items():
+        failed = sum(x["failed"] for x in e["per_run"])
+        print(f"  {name:<12}{cell(e['p50_ms']):>28}{cell(e['p99_ms']):>28}{cell(e['max_ms']):>28}  {failed}", file=out)
+
+
+# ---- a serve of its own -------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(settings: Settings, **changes: str) -> dict[str, str]:
+    return {**os.environ, **{f"RUNLEDGER_{k.upper()}": v for k, v in changes.items()}}
+
+
+@contextlib.asynccontextmanager
+async def own_serve(settings: Settings, progress: Progress, *, workers: int = 1) -> AsyncIterator[
+        tuple[Target, Callable[[Target], Awaitable[None]]]]:
+    """A ``serve`` of its own on a free port (a fresh schema, topics and sources key, one source granted every
+    stream), and the step that readies the reads (a worker projects what was appended; a checkpoint is signed).
+    Everything is stopped and the schema dropped afterwards."""
+    from runledger.streams.dev import WORKER_COMMAND
+    from runledger.streams.http.keys import init_key, load_key, new_credential
+    from runledger.streams.http.sources import add_source
+    from runledger.streams.topics import ensure_topics
+
+    stamp = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime())}{uuid.uuid4().hex[:4]}"
+    keys = Path(tempfile.mkdtemp(prefix="rl-bench-http-"))
+    changes = {"db_schema": f"benchhttp_{stamp}", "topic_prefix": f"benchhttp{stamp}",
+               "consumer_group": f"benchhttp-{stamp}", "sources_key_file": str(keys / "sources.key"),
+               "checkpoint_key": str(keys / "checkpoint.key"), "metrics_port": "0"}
+    own = settings.model_copy(update={k: (Path(v) if k.endswith(("_file", "_key")) else
+                                          int(v) if k == "metrics_port" else v) for k, v in changes.items()})
+    env = _env(settings, **changes)
+    await ensure_topics(own, {own.events_topic: own.event_partitions})
+    await migrate(own.database_dsn(), own.db_schema)
+    init_key(own)
+    credential = new_credential("v1")
+    conn = await connect_one(own.database_dsn(), own.db_schema)
+    try:
+        await add_source(conn, load_key(own), "bench-http", "/bench/http", append_prefixes=[""], read_prefixes=[""],
+                         rate_per_s=1e9, burst=1_000_000_000, credential=credential)
+    finally:
+        await conn.close()
+    port = free_port()
+    log = (keys / "serve.log").open("wb")
+    progress(f"starting runledger serve on port {port} (schema {own.db_schema}, log {keys / 'serve.log'}) ...")
+    serve = subprocess.Popen([sys.executable, "-m", "runledger.streams.cli", "serve", "--port", str(port),
+                              "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    worker: subprocess.Popen[bytes] | None = None
+    target = Target(f"http://127.0.0.1:{port}", "bench-http", credential.shown, pid=serve.pid)
+    try:
+        await until_ready(target.url, serve, keys / "serve.log")
+
+        async def ready_reads(t: Target) -> None:
+            nonlocal worker
+            from runledger.streams.tools.checkpoints import create_signer_key, sign_round
+
+            worker = subprocess.Popen(WORKER_COMMAND, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+            await _until_projected(t, worker)
+            await sign_round(own, create_signer_key(own))
+
+        yield target, ready_reads
+    finally:
+        for process in (worker, serve):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    await asyncio.to_thread(process.wait, 30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    await asyncio.to_thread(process.wait)
+        log.close()
+        shutil.rmtree(keys, ignore_errors=True)  # its keys and serve's log (a failure quotes the log's end)
+        admin = await asyncpg.connect(settings.database_dsn())
+        try:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {quote_schema(own.db_schema)} CASCADE")
+        finally:
+            await admin.close()
+
+
+async def until_ready(url: str, serve: subprocess.Popen[bytes], log: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 120
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            if serve.poll() is not None:
+                raise RuntimeError(f"serve exited with {serve.returncode}: {log.read_text(errors='replace')[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(url + "/readyz")).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"serve was not ready within 120 s: {log.read_text(errors='replace')[-3000:]}")
+            await asyncio.sleep(0.2)
+
+
+async def _until_projected(target: Target, worker: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    """Until the worker has projected the events whose proofs the reads ask for (404 until then; 409 after, until a
+    checkpoint covers them)."""
+    client = Client(target, 4)
+    deadline = time.monotonic() + timeout
+    try:
+        for stream, event_id in zip(target.streams, target.event_ids, strict=True):
+            while await client.get(f"/v1/events/{event_id}/proof") == 404:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with {worker.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker did not project {stream} within {timeout:.0f} s")
+                await asyncio.sleep(0.5)
+    finally:
+        await client.close()
