@@ -167,9 +167,7 @@ class EventProducer:
 
     async def stop(self) -> None:
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await _cancel(self._sweeper)
         await self._kafka.stop()
         with contextlib.suppress(RedisError):
             await self._redis.aclose()
@@ -480,6 +478,22 @@ def _answers(stream_id: str, keys: Sequence[str | None], known: Mapping[str, App
             ref, value = next(made)
             out.append(Appended(stream_id, ref.seq, ref.id, ref.hash, value=value))
     return out
+
+
+_SWEEPER_GRACE_S = 5.0
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it, cancelling again each grace period: aiokafka can swallow a cancellation
+    (a sweeper round starting its consumer while the broker is down), and a stop must never wait for ever. After
+    three, it is left to end with the loop, and said so."""
+    for _ in range(3):
+        task.cancel()
+        if (await asyncio.wait({task}, timeout=_SWEEPER_GRACE_S))[0]:
+            with contextlib.suppress(asyncio.CancelledError):
+                task.result()
+            return
+    log.error("the producer's sweeper did not stop within %.0f s; left to end with the process", 3 * _SWEEPER_GRACE_S)
 
 
 def _batches(events: list[NewEvent], size: int = 1000) -> Iterator[list[NewEvent]]:
