@@ -46,7 +46,7 @@ from runledger.projections.postgres.queries import quote_schema
 from runledger.streams.dev.benchpaths import Progress, machine
 from runledger.streams.settings import Settings
 
-__all__ = ["Target", "bench_http", "free_port", "own_serve", "print_report", "until_ready"]
+__all__ = ["Target", "bench_http", "free_port", "own_serve", "print_report", "stop_process", "until_ready"]
 
 STARTED = {"type": "execution.started", "data": {"workflow": "bench-http"}}
 READS = ("list", "execution", "events", "proof", "checkpoints")
@@ -343,6 +343,18 @@ def print_report(report: dict[str, Any], out: IO[str]) -> None:
 
 # ---- a serve of its own -------------------------------------------------------------------------------------------
 
+async def stop_process(process: subprocess.Popen[Any], grace_s: float = 30) -> None:
+    """SIGTERM ``process`` if it still runs, then SIGKILL after ``grace_s``; return once it has exited."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.to_thread(process.wait, grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        await asyncio.to_thread(process.wait)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -405,13 +417,8 @@ async def own_serve(settings: Settings, progress: Progress, *, workers: int = 1)
         yield target, ready_reads
     finally:
         for process in (worker, serve):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    await asyncio.to_thread(process.wait, 30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    await asyncio.to_thread(process.wait)
+            if process is not None:
+                await stop_process(process)
         log.close()
         shutil.rmtree(keys, ignore_errors=True)  # its keys and serve's log (a failure quotes the log's end)
         admin = await asyncpg.connect(settings.database_dsn())

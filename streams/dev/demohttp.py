@@ -23,7 +23,7 @@ import orjson
 
 from runledger.projections.postgres.db import connect_one
 from runledger.schemas.errors import PermanentError, TransientError
-from runledger.streams.dev.benchhttp import free_port, until_ready
+from runledger.streams.dev.benchhttp import free_port, stop_process, until_ready
 from runledger.streams.dev.fleet import Execution
 from runledger.streams.producer.events import NewEvent, _wire_data
 from runledger.streams.settings import Settings
@@ -101,12 +101,7 @@ async def http_fleet(settings: Settings, run_tag: str) -> AsyncIterator[Any]:
 
             yield append
     finally:
-        serve.terminate()
-        try:
-            await asyncio.to_thread(serve.wait, 30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            await asyncio.to_thread(serve.wait)
+        await stop_process(serve)
         log.close()
         conn = await connect_one(settings.database_dsn(), settings.db_schema)
         try:
