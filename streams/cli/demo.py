@@ -85,13 +85,14 @@ def register(sub: Subparsers) -> None:
     bench_http = sub.add_parser(
         "bench-http", help="measure one `runledger serve` process with signed requests: appends and reads",
         description="Starts `runledger serve` (one process) on a free port of the running stack, with a schema, "
-        "topics, sources key and source of its own (dropped afterwards), or targets --url, and measures with signed "
-        "requests (one client process, an httpx connection pool), RUNS times each: events/s appended in batches of "
-        "BATCH (CONCURRENCY requests in flight, each batch a new stream); one-event requests at SINGLE_RATE/s, open "
-        "loop (each request is due at its scheduled time and its latency counts from then to its 2xx, so queueing "
-        "is not hidden); then, once a worker has projected the streams and a checkpoint is signed, each read "
-        "endpoint at READ_RATE/s, open loop. Prints the median, min and max over the runs, and the CPU seconds of "
-        "the client and the server (a figure limited by the client shows as the client's CPU).")
+        "topics, sources "
+        "key and source of its own (dropped afterwards), or targets --url, and measures with signed requests (one "
+        "client process, keep-alive connections of its own), RUNS times each: events/s appended in batches of BATCH "
+        "(CONCURRENCY requests in flight, each batch a new stream); one-event requests at SINGLE_RATE/s, open loop "
+        "(each request is due at its scheduled time and its latency counts from then to its 2xx, so queueing is not "
+        "hidden); then, once a worker has projected the streams and a checkpoint is signed, each read endpoint at "
+        "READ_RATE/s, open loop. Prints the median, min and max over the runs, and the CPU seconds of the client and "
+        "the server (a figure limited by the client shows as the client's CPU).")
     bench_http.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
     bench_http.add_argument("--batches", type=int, default=100, help="requests per batch run (default 100)")
     bench_http.add_argument("--batch", type=int, default=100, help="events per batch request (default 100)")

@@ -13,15 +13,15 @@ Three measurements, each repeated ``runs`` times and reported with its median, m
 By default it starts ``serve`` itself as a subprocess on a free port, on a schema, topics, sources key and source
 of its own (dropped afterwards), with a ``runledger worker`` for the reads. ``--url`` targets a running one instead
 (``--source`` and ``--secret-file``: a source granted every stream); then the reads use what that server holds.
-The client is one asyncio process with an httpx connection pool; its CPU and the server's are reported, so a
-figure limited by the client says so.
+The client is one asyncio process with keep-alive connections of its own (``httpload``: responses parsed by
+httptools, a few tens of microseconds of CPU a request); its CPU and the server's are reported, so a figure limited
+by the client says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import shutil
 import socket
@@ -33,7 +33,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,13 +43,13 @@ import psutil
 from runledger.projections.postgres.db import connect_one, migrate
 from runledger.projections.postgres.queries import quote_schema
 from runledger.streams.dev.benchpaths import Progress, machine
+from runledger.streams.dev.httpload import HttpLoadClient, SignedRequests
 from runledger.streams.settings import Settings
 
 __all__ = ["Target", "bench_http", "free_port", "own_serve", "print_report", "stop_process", "until_ready"]
 
 STARTED = {"type": "execution.started", "data": {"workflow": "bench-http"}}
 READS = ("list", "execution", "events", "proof", "checkpoints")
-_CONNECTIONS_PER_POOL = 4
 
 
 def _step(i: int) -> dict[str, Any]:
@@ -70,53 +69,21 @@ class Target:
 
 
 class Client:
-    """Signed requests (Standard Webhooks v1, with the ``standardwebhooks`` package) over one connection pool."""
+    """Signed requests (Standard Webhooks v1) over ``connections`` keep-alive connections of the lean load client
+    (``httpload``): a few tens of microseconds of CPU a request, so the client is not what is measured."""
 
     def __init__(self, target: Target, connections: int) -> None:
-        import httpx
-        from standardwebhooks.webhooks import Webhook
-
         self.target = target
-        self._webhook = Webhook(target.secret)
-        # Several small pools rather than one large one: httpcore's pool scans every connection and every queued
-        # request for each request it assigns (profiled: with one pool of 64, the client spent 6 ms of CPU per
-        # request once the server fell behind, more than the server did).
-        per_pool = min(_CONNECTIONS_PER_POOL, connections)
-        self._pools = [httpx.AsyncClient(base_url=target.url, timeout=30.0, limits=httpx.Limits(
-            max_connections=per_pool, max_keepalive_connections=per_pool))
-            for _ in range(max(1, connections // per_pool))]
-        self._next = itertools.cycle(self._pools)
-        # At most ``connections`` requests in httpx at once: the rest wait here, cheaply; an open-loop request's
-        # latency still counts from when it was due, its wait here included.
-        self._slots = asyncio.Semaphore(len(self._pools) * per_pool)
-
-    @property
-    def http(self) -> Any:
-        """One of the pools, in turn."""
-        return next(self._next)
-
-    def headers(self, body: bytes) -> dict[str, str]:
-        msg_id = f"msg_{uuid.uuid4().hex}"
-        now = datetime.now(UTC)
-        return {"runledger-source": self.target.source_id, "webhook-id": msg_id,
-                "webhook-timestamp": str(int(now.timestamp())),
-                "webhook-signature": self._webhook.sign(msg_id, now, body)}
+        self._http = HttpLoadClient(target.url, connections, SignedRequests(target.source_id, target.secret))
 
     async def append(self, stream: str, events: Any) -> tuple[int, Any]:
-        body = orjson.dumps(events)
-        async with self._slots:
-            response = await self.http.post(f"/v1/streams/{stream}/events", content=body,
-                                            headers={"content-type": "application/json", **self.headers(body)})
-        return int(response.status_code), response.content
+        return await self._http.request("POST", f"/v1/streams/{stream}/events", orjson.dumps(events))
 
     async def get(self, path: str) -> int:
-        async with self._slots:
-            response = await self.http.get(path, headers=self.headers(b""))
-        return int(response.status_code)
+        return (await self._http.request("GET", path))[0]
 
     async def close(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
+        await self._http.close()
 
 
 def _spread(values: list[float], digits: int = 1) -> dict[str, float]:
@@ -139,10 +106,11 @@ class CpuMeter:
         self.client_s = self.server_s = 0.0
 
     @staticmethod
-    def _cpu(p: psutil.Process) -> float:
-        """CPU seconds of ``p`` and of its children now (uvicorn's worker processes with ``--workers``)."""
+    def _cpu(p: psutil.Process, children: bool) -> float:
+        """CPU seconds of ``p`` now, and of its children with ``children`` (uvicorn's worker processes with
+        ``--workers``). The client's own are counted without its children: ``serve`` is one of them."""
         total = 0.0
-        for proc in (p, *p.children(recursive=True)):
+        for proc in (p, *(p.children(recursive=True) if children else ())):
             with contextlib.suppress(psutil.Error):
                 t = proc.cpu_times()
                 total += t.user + t.system
@@ -150,11 +118,11 @@ class CpuMeter:
 
     @contextlib.contextmanager
     def measure(self) -> Any:
-        c0 = self._cpu(self._me)
-        s0 = self._cpu(self._server) if self._server else 0.0
+        c0 = self._cpu(self._me, children=False)
+        s0 = self._cpu(self._server, children=True) if self._server else 0.0
         yield self
-        self.client_s = self._cpu(self._me) - c0
-        self.server_s = (self._cpu(self._server) - s0) if self._server else float("nan")
+        self.client_s = self._cpu(self._me, children=False) - c0
+        self.server_s = (self._cpu(self._server, children=True) - s0) if self._server else float("nan")
 
 
 async def _batches(client: Client, run: int, *, batches: int, batch: int, concurrency: int) -> dict[str, Any]:
@@ -278,7 +246,7 @@ async def bench_http(target: Target, *, runs: int, batches: int, batch: int, con
     client = Client(target, connections)
     report: dict[str, Any] = {
         "machine": machine(), "command": command, "url": target.url, "runs": runs,
-        "client": {"processes": 1, "library": "httpx.AsyncClient", "connections": connections},
+        "client": {"processes": 1, "library": "runledger httpload (asyncio, httptools)", "connections": connections},
         "server": {"pid": target.pid, "started_by_bench": target.pid is not None, "processes": server_processes}}
     try:
         rows = []
@@ -316,7 +284,7 @@ def print_report(report: dict[str, Any], out: IO[str]) -> None:
     m = report["machine"]
     print(f"runledger bench-http against {report['url']}: {report['runs']} runs; {m['cpus']} CPUs, "
           f"{m['memory_gib']} GiB, Python {m['python']}; server: {report['server'].get('processes', 1)} serve "
-          f"process(es); client: 1 process, httpx, {report['client']['connections']} connections", file=out)
+          f"process(es); client: 1 process, httpload, {report['client']['connections']} connections", file=out)
 
     def cell(s: dict[str, float], unit: str = "") -> str:
         return f"{s['median']:>9,.1f}{unit} ({s['min']:,.1f}-{s['max']:,.1f})"

@@ -119,11 +119,12 @@ def _batch(value: Any, *, single: bool) -> tuple[list[Any], bool]:
     return value, True
 
 
-def _repeated_keys(keys: Sequence[str | None], field: str, indexed: bool) -> list[dict[str, Any]]:
+def _repeated_keys(keys: Sequence[Any], field: str, indexed: bool) -> list[dict[str, Any]]:
+    """The keys given twice; one that is no string (refused by its own check) is skipped, not hashed."""
     first: dict[str, int] = {}
     errors = []
     for i, key in enumerate(keys):
-        if key is None:
+        if not isinstance(key, str):
             continue
         if key in first:
             errors.append(_error(field, f"repeated within one request (as at index {first[key]})", i if indexed
@@ -272,7 +273,7 @@ def cloudevents(content_type: str | None, headers: Mapping[str, str], body: byte
     # An event's id is its idempotency key (CloudEvents: source + id identify an event); without one, the request's.
     keys: list[str | None] = [request_key(source_id, "ce", i) if isinstance(i, str) else
                               event_key(source_id, None, webhook_id, n) for n, i in enumerate(ids)]
-    errors = _repeated_keys([i if isinstance(i, str) else None for i in ids], "id", indexed)
+    errors = _repeated_keys(ids, "id", indexed)
     sources = sorted({item["source"] for item in items if isinstance(item.get("source"), str)})
     if all(chained):
         errors += _checked(items, lambda item: parse_event(item), at)

@@ -47,7 +47,8 @@ class Services:
         return self.started_producer
 
 
-def services(request: Request) -> Services:
-    """The FastAPI dependency that hands a route the process's services."""
+async def services(request: Request) -> Services:
+    """The FastAPI dependency that hands a route the process's services (async: a plain function would run in
+    the thread pool, a thread hop per request)."""
     held: Services = request.app.state.services
     return held

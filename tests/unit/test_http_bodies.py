@@ -40,6 +40,17 @@ def test_one_object_has_no_index_and_bad_json_names_its_position() -> None:
     assert bad.value.status == 400 and "line 1 column 13" in bad.value.detail
 
 
+def test_an_idempotency_key_that_is_no_string_is_named_not_a_crash() -> None:
+    """Found by schemathesis: an object as the key (unhashable) raised TypeError, a 500, where a 422 is due."""
+    body = orjson.dumps([{"type": "step.started", "data": {}, "idempotency_key": {"a": 1}},
+                         {"type": "step.started", "data": {}, "idempotency_key": ["k"]}])
+    with pytest.raises(Problem) as caught:
+        simple_events("bill-1", body, source_id="s", webhook_id=None)
+    assert caught.value.status == 422
+    assert [(e["field"], e["index"]) for e in caught.value.errors if e["field"] == "idempotency_key"] == [
+        ("idempotency_key", 0), ("idempotency_key", 1)]
+
+
 def test_keys_are_the_sources_own() -> None:
     assert event_key("a", "k", None, 0) != event_key("b", "k", None, 0)
     assert event_key("a", None, "msg", 0) != event_key("a", None, "msg", 1)
