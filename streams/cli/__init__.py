@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+
 from runledger.schemas.errors import RunledgerError
 from runledger.streams.cli import (
     checkpoint,
@@ -60,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_TRANSIENT if e.transient else EXIT_USAGE
     except (OSError, ValueError) as e:
         print(f"runledger {args.command}: {terminal_safe(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError, asyncpg.UndefinedFunctionError) as e:
+        print(f"runledger {args.command}: the schema {terminal_safe(settings.db_schema)} is behind this version "
+              f"({terminal_safe(e)}): run `runledger db migrate` first (or start a worker, which migrates)",
+              file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"runledger {args.command}: interrupted", file=sys.stderr)

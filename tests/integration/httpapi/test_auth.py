@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
+import subprocess
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.conftest import CLI
 from tests.integration.conftest import poll
 from tests.integration.httpapi.serving import Served, add_source, migrated, serving, signed
 
@@ -186,3 +190,13 @@ async def test_postgres_unreachable_readyz_names_it_and_requests_get_503_with_re
         down = await client.get(served.url + "/v1/whoami", headers=headers)
         assert down.status_code == 503 and down.headers["Retry-After"] == "2", down.text
         assert down.json()["code"] == "unavailable"
+
+
+def test_the_sources_command_on_a_schema_not_migrated_says_what_to_run(env: dict[str, str]) -> None:
+    """It printed a traceback (relation "sources" does not exist) on a stack whose schema no worker had migrated."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    listed = subprocess.run([*CLI, "sources", "list"], env={**os.environ, **env, "RUNLEDGER_DB_SCHEMA": schema},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert listed.returncode == 2, listed.stderr
+    assert "runledger db migrate" in listed.stderr and schema in listed.stderr
+    assert "Traceback" not in listed.stderr
