@@ -11,8 +11,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import asyncpg
-
 from runledger.schemas.errors import RunledgerError
 from runledger.streams.cli import (
     checkpoint,
@@ -51,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _schema_behind(e: Exception) -> bool:
+    """Whether ``e`` is PostgreSQL's answer to a schema that lacks a table, column or function of this version
+    (asyncpg is loaded only by the commands that need it: no import here)."""
+    asyncpg = sys.modules.get("asyncpg")
+    return asyncpg is not None and isinstance(e, (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError,
+                                                  asyncpg.UndefinedFunctionError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     escape_log_records()  # what records hold reaches no terminal and forges no log line, whoever logs it
@@ -63,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"runledger {args.command}: {terminal_safe(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError, asyncpg.UndefinedFunctionError) as e:
+    except Exception as e:
+        if not _schema_behind(e):
+            raise
         print(f"runledger {args.command}: the schema {terminal_safe(settings.db_schema)} is behind this version "
               f"({terminal_safe(e)}): run `runledger db migrate` first (or start a worker, which migrates)",
               file=sys.stderr)

@@ -290,21 +290,21 @@ class EventProducer:
         and the answer from it, and stage, publish and commit the batch."""
         token, deadline = uuid.uuid4().hex, time.monotonic() + self._settings.producer_wait_s
         for _ in range(3):
-            await self._heads.acquire(stream_id, token, max(0.0, deadline - time.monotonic()))
-            done: list[Appended] | None = None
+            state = await self._heads.acquire_read(stream_id, token, max(0.0, deadline - time.monotonic()), keys)
+            lease = _Lease()
             try:
-                state = await self._heads.read(stream_id, keys)
                 if state.complete:
-                    done = await self._append_leased(stream_id, token, state, keys, plan)
+                    done = await self._append_leased(stream_id, token, state, keys, plan, lease)
                     if done is not None:
                         return done
             finally:
-                try:
-                    await self._heads.release(stream_id, token)
-                except (RedisError, TransientError):
-                    if done is None:
-                        raise
-                    # The append is in the log; Redis failed after it: the lease expires by itself.
+                if not lease.released:
+                    try:
+                        await self._heads.release(stream_id, token)
+                    except (RedisError, TransientError):
+                        if not lease.appended:
+                            raise
+                        # The append is in the log; Redis failed after it: the lease expires by itself.
             # Redis lost its heads, or restarted between the read and the stage: a head proves nothing until
             # they are recovered. Nothing of this append was staged.
             await self._recover(deadline)
@@ -312,9 +312,10 @@ class EventProducer:
                               "nothing was appended")
 
     async def _append_leased(self, stream_id: str, token: str, state: StreamState, keys: list[str],
-                             plan: _Plan) -> list[Appended] | None:
+                             plan: _Plan, lease: _Lease) -> list[Appended] | None:
         """The append under the stream's lease, from ``state``; None if the epoch changed before the batch was
-        staged (nothing of this append published)."""
+        staged (nothing of this append published). ``lease`` says whether the append is in the log, and whether its
+        commit released the lease already (no round trip to release it again)."""
         if state.left_behind is not None:
             try:
                 await self._publish(stream_id, state.left_behind)
@@ -332,8 +333,10 @@ class EventProducer:
                 await self._publish(stream_id, batch)
             except PublishFailed as e:  # staged: it will be in the log, with these ids, seqs and hashes
                 raise PublishPending(str(e), out) from e
+            lease.appended = True
             try:
                 await self._heads.commit(stream_id, token, batch)
+                lease.released = True  # the commit dropped it
             except (RedisError, TransientError) as e:
                 # In the log already: the append is done. The batch stays staged; the sweeper or the next append
                 # publishes it again (the same records: readers keep one per seq) and commits it.
@@ -462,6 +465,14 @@ class EventProducer:
                 finally:
                     await self._heads.release(stream_id, token)
         return done
+
+
+@dataclass(slots=True)
+class _Lease:
+    """Where an append under a stream's lease got: its events in the log; the lease released by the commit."""
+
+    appended: bool = False
+    released: bool = False
 
 
 def _answers(stream_id: str, keys: Sequence[str | None], known: Mapping[str, AppendRef],

@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -35,6 +36,8 @@ from runledger.streams.producer.epoch import EPOCH_LUA, RELEASE_IF_HELD, epoch_k
 
 __all__ = ["RELEASE_IF_HELD", "AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState",
            "parse_head"]
+
+T = TypeVar("T")
 
 
 class StreamBusy(TransientError):
@@ -90,11 +93,26 @@ class StagedBatch:
                    [AppendRef(*r) for r in obj["refs"]], obj["keys"], obj.get("type", ""))
 
 
+# The state of a stream: its head, the batch staged, whether the epoch is current, the idempotency keys of ARGV from
+# ``first`` on that are known.
+_READ_STATE = """
+local function read_state(head, pending, epoch, idempotency, first)
+  local known = {}
+  for i = first, #ARGV do known[i - first + 1] = redis.call('HGET', idempotency, ARGV[i]) end
+  return {redis.call('HGETALL', head), redis.call('HGET', pending, 'blob'), epoch_current(epoch) and 1 or 0, known}
+end
+"""
+
 # KEYS: head, pending, epoch, idempotency. ARGV: the idempotency keys asked for.
-_READ = EPOCH_LUA + """
-local known = {}
-for i = 1, #ARGV do known[i] = redis.call('HGET', KEYS[4], ARGV[i]) end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGET', KEYS[2], 'blob'), epoch_current(KEYS[3]) and 1 or 0, known}
+_READ = EPOCH_LUA + _READ_STATE + """
+return read_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], 1)
+"""
+
+# KEYS: lease, head, pending, epoch, idempotency. ARGV: token, lease ms, the idempotency keys asked for. Takes the
+# lease and reads the state under it in one round trip; nil if another holds the lease.
+_ACQUIRE_READ = EPOCH_LUA + _READ_STATE + """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return read_state(KEYS[2], KEYS[3], KEYS[4], KEYS[5], 3)
 """
 
 # KEYS: lease, pending, epoch, staged. ARGV: token, batch id, blob, stream id.
@@ -153,6 +171,14 @@ class StreamState:
     complete: bool
 
 
+def _state(reply: list[Any], keys: list[str]) -> StreamState:
+    """A ``StreamState`` from ``read_state``'s reply (``keys``: the idempotency keys asked for)."""
+    head_flat, blob, complete, found = reply
+    head, last_type = parse_head({head_flat[i]: head_flat[i + 1] for i in range(0, len(head_flat), 2)})
+    known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, found, strict=True) if v is not None}
+    return StreamState(head, last_type, StagedBatch.decode(blob) if blob else None, known, bool(complete))
+
+
 class StreamHeads:
     """The Redis side of appending: see the module docstring for the protocol."""
 
@@ -163,6 +189,7 @@ class StreamHeads:
         self._ended_keys_ms = ended_keys_ms
         self._staged = f"{prefix}:staged"
         self._read = redis.register_script(_READ)
+        self._acquire_read = redis.register_script(_ACQUIRE_READ)
         self._stage = redis.register_script(_STAGE)
         self._commit = redis.register_script(_COMMIT)
         self._discard = redis.register_script(_DISCARD)
@@ -171,30 +198,48 @@ class StreamHeads:
     def _key(self, kind: str, stream_id: str) -> str:
         return f"{self._prefix}:{kind}:{stream_id}"
 
-    async def acquire(self, stream_id: str, token: str, wait_s: float) -> None:
-        """Take the stream's append lease, waiting up to ``wait_s``; raise StreamBusy after that."""
-        key, started, pause = self._key("lease", stream_id), time.monotonic(), 0.001
+    async def _leased(self, stream_id: str, wait_s: float, take: Callable[[], Awaitable[T | None]]) -> T:
+        """``take()`` until it takes the stream's append lease (not None), waiting up to ``wait_s``; StreamBusy
+        after that."""
+        started, pause = time.monotonic(), 0.001
         try:
-            while not await self._redis.set(key, token, nx=True, px=self._lease_ms):
+            while (taken := await take()) is None:
                 if time.monotonic() >= started + wait_s:
                     raise StreamBusy(f"stream {stream_id!r}: another producer held the append lease for over "
                                      f"{wait_s} s")
                 await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not security
                 pause = min(pause * 2, 0.05)
+            return taken
         finally:
             metrics.LEASE_WAIT_SECONDS.observe(time.monotonic() - started)
+
+    async def acquire(self, stream_id: str, token: str, wait_s: float) -> None:
+        """Take the stream's append lease, waiting up to ``wait_s``; raise StreamBusy after that."""
+        key = self._key("lease", stream_id)
+
+        async def take() -> bool | None:
+            return bool(await self._redis.set(key, token, nx=True, px=self._lease_ms)) or None
+
+        await self._leased(stream_id, wait_s, take)
+
+    async def acquire_read(self, stream_id: str, token: str, wait_s: float, keys: list[str]) -> StreamState:
+        """``acquire``, then ``read`` under the lease, in one round trip each try."""
+        names = [self._key(kind, stream_id) for kind in ("lease", "head", "pending")]
+
+        async def take() -> StreamState | None:
+            reply = await self._acquire_read(keys=[*names, epoch_key(self._prefix), self._key("idem", stream_id)],
+                                             args=[token, self._lease_ms, *keys])
+            return None if reply is None else _state(reply, keys)
+
+        return await self._leased(stream_id, wait_s, take)
 
     async def release(self, stream_id: str, token: str) -> None:
         await self._release(keys=[self._key("lease", stream_id)], args=[token])
 
     async def read(self, stream_id: str, keys: list[str]) -> StreamState:
         """What Redis knows of the stream now (see ``StreamState``)."""
-        head_flat, blob, complete, found = await self._read(
-            keys=[self._key("head", stream_id), self._key("pending", stream_id), epoch_key(self._prefix),
-                  self._key("idem", stream_id)], args=keys)
-        head, last_type = parse_head({head_flat[i]: head_flat[i + 1] for i in range(0, len(head_flat), 2)})
-        known = {k: AppendRef(*orjson.loads(v)) for k, v in zip(keys, found, strict=True) if v is not None}
-        return StreamState(head, last_type, StagedBatch.decode(blob) if blob else None, known, bool(complete))
+        return _state(await self._read(keys=[self._key("head", stream_id), self._key("pending", stream_id),
+                                             epoch_key(self._prefix), self._key("idem", stream_id)], args=keys), keys)
 
     async def stage(self, stream_id: str, token: str, batch: StagedBatch) -> bool:
         """Record ``batch`` as about to be published. False: the epoch is not current (Redis restarted or lost its

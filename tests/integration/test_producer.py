@@ -309,3 +309,27 @@ async def test_redis_gone_mid_run_is_a_transient_error_and_loses_nothing(setting
         again = await producer.append("redis-gone", "step.started", {"step_id": "s1", "name": "n"},
                                       idempotency_key="k2")
         assert again.seq == 2
+
+
+async def test_an_append_takes_three_redis_round_trips_and_leaves_no_lease(settings: Settings) -> None:
+    """Lease and read in one script, stage, commit (which drops the lease): no separate lease, read or release."""
+    async with EventProducer(settings) as producer:
+        await producer.append("exec-rt", "execution.started", {"workflow": "w"})
+        redis = producer._redis  # noqa: SLF001 - the producer's own client, to count what it sends
+        sent: list[str] = []
+        real = redis.execute_command
+
+        async def counted(*args: Any, **options: Any) -> Any:
+            if any("exec-rt" in str(a) for a in args):  # not the sweeper's election, on the same client
+                sent.append(str(args[0]))
+            return await real(*args, **options)
+
+        redis.execute_command = counted  # type: ignore[method-assign]
+        try:
+            await producer.append("exec-rt", "step.started", {"step_id": "s1", "name": "n"})
+            await producer.append_batch("exec-rt", [step(2), step(3)])
+        finally:
+            redis.execute_command = real  # type: ignore[method-assign]
+        assert len(sent) == 6, sent
+        assert not await redis.exists(f"{settings.topic_prefix}:lease:exec-rt")
+    assert [orjson.loads(r.value)["seq"] for r in await read_log(settings)] == [1, 2, 3, 4]
