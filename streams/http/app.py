@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -284,6 +285,11 @@ def create_app(settings: Settings) -> FastAPI:
             if settings.metrics_port:
                 port = metrics.serve(settings.metrics_host, settings.metrics_port)
                 log.warning("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+            # What start-up made (the app, its routes and models, the libraries) lives as long as the process: out
+            # of the collector's sight, so that a full collection scans only what requests made. Measured: 35-42 ms
+            # pauses, four in 9 s at 500 requests/s, became 2 ms.
+            gc.collect()
+            gc.freeze()
             yield
         finally:
             if starting is not None:
