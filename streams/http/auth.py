@@ -16,7 +16,7 @@ import binascii
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -30,7 +30,7 @@ from runledger.streams.http.problems import Problem
 from runledger.streams.http.services import Services
 from runledger.streams.http.sources import Verifier, load_source
 
-__all__ = ["SOURCE_HEADER", "caller", "verify_signature"]
+__all__ = ["SIGNED", "SOURCE_HEADER", "authenticate", "caller", "verify_signature"]
 
 SOURCE_HEADER = "runledger-source"
 _ID = re.compile(r"[\x21-\x7e]{1,256}")
@@ -105,8 +105,17 @@ def verify_signature(body: bytes, headers: Mapping[str, str], verifiers: Iterabl
                   "over {webhook-id}.{webhook-timestamp}.{body}")
 
 
+SIGNED: dict[str, Any] = {"security": [{_SIGNATURE.scheme_name: []}]}
+"""The OpenAPI of a route that calls ``authenticate`` itself rather than depending on ``caller``."""
+
+
 async def caller(request: Request, _signature: Annotated[str | None, Security(_SIGNATURE)]) -> Caller:
-    """The FastAPI dependency: the verified caller of ``request``, or a 401 ``Problem``.
+    """The FastAPI dependency: ``authenticate``, with the signature scheme in the route's OpenAPI."""
+    return await authenticate(request)
+
+
+async def authenticate(request: Request) -> Caller:
+    """The verified caller of ``request``, or a 401 ``Problem``.
 
     Reads the source's usable credentials from PostgreSQL (a StoreUnavailable, 503, when it cannot) and the raw
     body (within RUNLEDGER_HTTP_MAX_BODY_BYTES). Sets ``request.state.webhook_id`` (the request's idempotency key:

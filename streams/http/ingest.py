@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,7 +18,7 @@ from starlette.responses import Response
 from runledger.schemas.errors import IllegalTransition, InvalidEvent, PermanentError, TooLarge, TransientError
 from runledger.schemas.events import STREAM_ID_PATTERN
 from runledger.streams import metrics
-from runledger.streams.http.auth import caller
+from runledger.streams.http.auth import SIGNED, authenticate
 from runledger.streams.http.bodies import (
     CE_BATCH,
     CE_STRUCTURED,
@@ -29,7 +31,7 @@ from runledger.streams.http.bodies import (
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem
 from runledger.streams.http.ratelimit import take_tokens
-from runledger.streams.http.services import Services, services
+from runledger.streams.http.services import Services
 from runledger.streams.producer.client import AppendConflict, Appended, ChainConflict, PublishPending, PublishRefused
 
 __all__ = ["RETRY_AFTER_S", "router", "webhook_id"]
@@ -184,27 +186,71 @@ def _may_append(who: Caller, stream: str) -> None:
                       "it is outside the stream-id prefixes granted to it; nothing was appended")
 
 
-WaitParam = Annotated[Literal["projected"] | None, Query(
-    description="projected: answer once the (last) event is projected, or after timeout seconds")]
-TimeoutParam = Annotated[float, Query(gt=0, le=MAX_WAIT_S, description="how long wait=projected waits, seconds")]
+# The append routes read their query themselves (FastAPI's parameters and dependencies cost a tenth of serve's CPU
+# per single-event append); their OpenAPI says what FastAPI said of them.
+_WAIT_DOC = "projected: answer once the (last) event is projected, or after timeout seconds"
+_TIMEOUT_DOC = "how long wait=projected waits, seconds"
+_EXPECTED_DOC = "the seq the stream must be at (0: new), else 409"
+_QUERY_DOCS = {
+    "expected_seq": {"name": "expected_seq", "in": "query", "required": False, "description": _EXPECTED_DOC,
+                     "schema": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}],
+                                "description": _EXPECTED_DOC, "title": "Expected Seq"}},
+    "wait": {"name": "wait", "in": "query", "required": False, "description": _WAIT_DOC,
+             "schema": {"anyOf": [{"const": "projected", "type": "string"}, {"type": "null"}],
+                        "description": _WAIT_DOC, "title": "Wait"}},
+    "timeout": {"name": "timeout", "in": "query", "required": False, "description": _TIMEOUT_DOC,
+                "schema": {"type": "number", "maximum": MAX_WAIT_S, "exclusiveMinimum": 0, "default": 10.0,
+                           "description": _TIMEOUT_DOC, "title": "Timeout"}},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    expected_seq: int | None
+    wait: str | None
+    timeout: float
+
+
+def _query(request: Request, *, expected_seq: bool) -> _Query:
+    """The append's query parameters, or a 422 ``invalid_request`` naming each invalid one."""
+    given = request.query_params
+    errors: list[dict[str, str]] = []
+    expected = None
+    if expected_seq and (raw := given.get("expected_seq")) is not None:
+        if raw.isascii() and raw.isdigit():
+            expected = int(raw)
+        else:
+            errors.append({"field": "query.expected_seq", "reason": "must be an integer, 0 or more"})
+    wait = given.get("wait")
+    if wait is not None and wait != "projected":
+        errors.append({"field": "query.wait", "reason": "must be projected"})
+    timeout = 10.0
+    if (raw := given.get("timeout")) is not None:
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = math.nan
+        if not 0 < timeout <= MAX_WAIT_S:  # NaN too
+            errors.append({"field": "query.timeout", "reason": f"must be a number above 0, at most {MAX_WAIT_S:g}"})
+    if errors:
+        names = ", ".join(e["field"] for e in errors)
+        raise Problem(422, "invalid_request", f"invalid request: {names}", errors=errors)
+    return _Query(expected, wait, timeout)
 
 
 @router.post("/v1/streams/{stream}/events", status_code=201, response_model=AppendResult, responses=_RESPONSES,
-             summary="Append events to a stream", openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"oneOf": [_EVENT_SCHEMA, {
-                     "type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": _EVENT_SCHEMA}]}}}}})
-async def append_events(
-    stream: str,
-    request: Request,
-    expected_seq: Annotated[int | None, Query(ge=0, description="the seq the stream must be at (0: new), else 409")
-                            ] = None,
-    wait: WaitParam = None,
-    timeout: TimeoutParam = 10.0,
-    who: Caller = Depends(caller),  # noqa: B008 - FastAPI's dependency idiom
-    svc: Services = Depends(services),  # noqa: B008
-) -> Response:
+             summary="Append events to a stream", openapi_extra={**SIGNED, "parameters": [
+                 _QUERY_DOCS["expected_seq"], _QUERY_DOCS["wait"], _QUERY_DOCS["timeout"]],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+                     _EVENT_SCHEMA, {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                     "items": _EVENT_SCHEMA}]}}}}})
+async def append_events(stream: str, request: Request) -> Response:
     """One ``{"type", "data", "time"?, "idempotency_key"?}`` object or an array of up to 1,000, appended all or
     nothing with the caller's source (docs/http.md, "Appending")."""
+    who = await authenticate(request)
+    q = _query(request, expected_seq=True)
+    svc: Services = request.app.state.services
+
     async def append() -> tuple[str, list[Appended]]:
         if not STREAM_ID_PATTERN.fullmatch(stream):
             raise Problem(422, "invalid_stream", f"the stream id {stream!r} must be 1 to 200 characters from "
@@ -216,11 +262,11 @@ async def append_events(
         events = simple_events(stream, await request.body(), source_id=who.source_id,
                                webhook_id=webhook_id(request))
         await take_tokens(svc, who, len(events))
-        return stream, await svc.producer.append_batch(stream, events, expected_seq=expected_seq,
+        return stream, await svc.producer.append_batch(stream, events, expected_seq=q.expected_seq,
                                                        source=who.source)
 
     stream_id, out, pending = await _appending("simple", append)
-    return await _answer(svc, stream_id or stream, out, wait, timeout, pending=pending)
+    return await _answer(svc, stream_id or stream, out, q.wait, q.timeout, pending=pending)
 
 
 def _ce_mode(request: Request) -> str:
@@ -230,20 +276,19 @@ def _ce_mode(request: Request) -> str:
 
 @router.post("/v1/events", status_code=201, response_model=AppendResult, responses=_RESPONSES,
              summary="Append CloudEvents (HTTP binding: structured, batched or binary mode)",
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 CE_STRUCTURED: {"schema": _CLOUDEVENT_SCHEMA},
-                 CE_BATCH: {"schema": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
-                                       "items": _CLOUDEVENT_SCHEMA}},
-                 "application/json": {"schema": {"type": "object"}}}}})
-async def append_cloudevents(
-    request: Request,
-    wait: WaitParam = None,
-    timeout: TimeoutParam = 10.0,
-    who: Caller = Depends(caller),  # noqa: B008
-    svc: Services = Depends(services),  # noqa: B008
-) -> Response:
+             openapi_extra={**SIGNED, "parameters": [_QUERY_DOCS["wait"], _QUERY_DOCS["timeout"]],
+                            "requestBody": {"required": True, "content": {
+                                CE_STRUCTURED: {"schema": _CLOUDEVENT_SCHEMA},
+                                CE_BATCH: {"schema": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                                      "items": _CLOUDEVENT_SCHEMA}},
+                                "application/json": {"schema": {"type": "object"}}}}})
+async def append_cloudevents(request: Request) -> Response:
     """Events of one stream (their ``subject``), chained by the server, or chained by their producer and published
     as they are if they link to the stream's head (docs/http.md, "CloudEvents")."""
+    who = await authenticate(request)
+    q = _query(request, expected_seq=False)
+    svc: Services = request.app.state.services
+
     async def append() -> tuple[str, list[Appended]]:
         found: CloudEvents = cloudevents(request.headers.get("content-type"), request.headers, await request.body(),
                                          source_id=who.source_id, webhook_id=webhook_id(request))
@@ -259,4 +304,4 @@ async def append_cloudevents(
         return found.stream, await svc.producer.append_batch(found.stream, found.events, source=who.source)
 
     stream_id, out, pending = await _appending(_ce_mode(request), append)
-    return await _answer(svc, stream_id, out, wait, timeout, pending=pending)
+    return await _answer(svc, stream_id, out, q.wait, q.timeout, pending=pending)

@@ -62,3 +62,26 @@ def test_a_request_without_events_of_the_binding_is_415() -> None:
     with pytest.raises(Problem) as caught:
         cloudevents("text/plain", {}, b"{}", source_id="s", webhook_id=None)
     assert caught.value.status == 415 and "Accept-Post" in caught.value.headers
+
+
+def test_an_appends_query_is_read_as_fastapi_read_it_each_invalid_parameter_named() -> None:
+    from starlette.requests import Request
+
+    from runledger.streams.http.ingest import _query
+
+    def query(text: str, *, expected_seq: bool = True) -> object:
+        return _query(Request({"type": "http", "query_string": text.encode(), "headers": []}),
+                      expected_seq=expected_seq)
+
+    assert query("") == query("timeout=10")
+    ok = query("expected_seq=0&wait=projected&timeout=60")
+    assert (ok.expected_seq, ok.wait, ok.timeout) == (0, "projected", 60.0)  # type: ignore[attr-defined]
+    assert query("expected_seq=-1", expected_seq=False).expected_seq is None  # type: ignore[attr-defined]
+    for text, fields in [("expected_seq=-1", ["query.expected_seq"]), ("expected_seq=1.5", ["query.expected_seq"]),
+                         ("expected_seq=%D9%A3", ["query.expected_seq"]),  # a digit, but not an ASCII one
+                         ("timeout=0", ["query.timeout"]), ("timeout=61", ["query.timeout"]),
+                         ("timeout=nan", ["query.timeout"]), ("timeout=x&wait=now", ["query.wait", "query.timeout"])]:
+        with pytest.raises(Problem) as caught:
+            query(text)
+        assert caught.value.status == 422 and caught.value.code == "invalid_request", text
+        assert [e["field"] for e in caught.value.errors] == fields, text

@@ -1,4 +1,5 @@
-"""An app with the ingest routes on the embedded stack, its caller set by the test (until signed requests land)."""
+"""An app with the ingest routes on the embedded stack, its caller set by the test (signatures: test_auth.py,
+test_refusals.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from runledger.projections.postgres.db import connect, migrate
-from runledger.streams.http.auth import caller
+from runledger.streams.http import ingest as ingest_routes
 from runledger.streams.http.caller import Caller
-from runledger.streams.http.ingest import router
 from runledger.streams.http.problems import Problem, problem_response
 from runledger.streams.http.services import Services
 from runledger.streams.producer.client import EventProducer
@@ -48,7 +48,7 @@ class Ingest:
 
 
 @pytest.fixture
-async def ingest(env: dict[str, str]) -> AsyncIterator[Ingest]:
+async def ingest(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Ingest]:
     schema = f"h_{uuid.uuid4().hex[:12]}"
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
            "RUNLEDGER_PRODUCER_WAIT_S": "5"}
@@ -58,11 +58,15 @@ async def ingest(env: dict[str, str]) -> AsyncIterator[Ingest]:
     pool = await connect(settings.database_dsn("producer"), schema)
     async with EventProducer(settings) as producer:
         app = FastAPI()
-        app.include_router(router)
+        app.include_router(ingest_routes.router)
         app.add_exception_handler(Problem, problem_response)
         app.state.services = Services(settings, producer, pool, redis)
         holder = Ingest(httpx.AsyncClient(), settings, env)
-        app.dependency_overrides[caller] = lambda: holder.who[0]
+
+        async def who(_: Any) -> Caller:
+            return holder.who[0]
+
+        monkeypatch.setattr(ingest_routes, "authenticate", who)  # the routes authenticate the request themselves
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
             holder.client = client
             yield holder
