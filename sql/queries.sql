@@ -679,10 +679,11 @@ ORDER BY c.kafka_partition;
 SELECT partition FROM log_trees WHERE topic = $1 AND retired_at IS NULL ORDER BY partition;
 
 -- The HTTP sources (migration 016, streams/http/sources.py). A request's source and its usable credentials, read
--- once per request by serve's login (so a revocation or an expiry holds at once, on every replica).
+-- by serve's login when its cache (streams/http/sourcecache.py) does not hold them; the seconds until the first of
+-- them expires bound how long it may.
 -- name: source_credentials
 SELECT s.source_id, s.source, s.append_prefixes, s.read_prefixes, s.rate_per_s, s.burst, k.secret_no, k.scheme,
-       k.sealed
+       k.sealed, extract(epoch FROM k.expires_at - now())::float8 AS expires_in_s
 FROM sources s JOIN source_secrets k USING (source_id)
 WHERE s.source_id = $1 AND s.revoked_at IS NULL AND k.revoked_at IS NULL
   AND (k.expires_at IS NULL OR k.expires_at > now())

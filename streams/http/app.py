@@ -43,6 +43,7 @@ from runledger.streams.http.caller import Caller
 from runledger.streams.http.keys import load_key
 from runledger.streams.http.problems import Problem, problem_response
 from runledger.streams.http.services import Services
+from runledger.streams.http.sourcecache import SourceCache
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 
@@ -273,12 +274,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.sources_key = load_key(settings)
         redis = Redis.from_url(settings.redis_dsn, socket_timeout=5.0, socket_connect_timeout=2.0)
-        pool, starting = None, None
+        pool, starting, sources = None, None, None
         try:
             pool = await connect(settings.database_dsn("api"), settings.db_schema, min_size=0, max_size=10,
                                  advisory_locks=False)
+            sources = app.state.sources = SourceCache(pool, load_key(settings), settings.database_dsn("api"),
+                                                      settings.db_schema)
+            await sources.start()
             svc = app.state.services = Services(settings, None, pool, redis)
             await _try_producer(svc)  # serve starts all the same without Kafka or Redis, and keeps trying
             starting = asyncio.create_task(_start_producer(svc))
@@ -296,6 +299,8 @@ def create_app(settings: Settings) -> FastAPI:
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await starting
+            if sources is not None:
+                await sources.close()
             if pool is not None:
                 await pool.close()
             with contextlib.suppress(RedisError):

@@ -28,7 +28,8 @@ from starlette.requests import Request
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem
 from runledger.streams.http.services import Services
-from runledger.streams.http.sources import Verifier, load_source
+from runledger.streams.http.sourcecache import SourceCache
+from runledger.streams.http.sources import Verifier
 
 __all__ = ["SIGNED", "SOURCE_HEADER", "authenticate", "caller", "verify_signature"]
 
@@ -117,15 +118,17 @@ async def caller(request: Request, _signature: Annotated[str | None, Security(_S
 async def authenticate(request: Request) -> Caller:
     """The verified caller of ``request``, or a 401 ``Problem``.
 
-    Reads the source's usable credentials from PostgreSQL (a StoreUnavailable, 503, when it cannot) and the raw
-    body (within RUNLEDGER_HTTP_MAX_BODY_BYTES). Sets ``request.state.webhook_id`` (the request's idempotency key:
-    ingest derives each event's from the source id, it and the event's index) and ``request.state.caller``."""
+    Reads the source's usable credentials (held by the source cache, else from PostgreSQL: a StoreUnavailable, 503,
+    when it cannot) and the raw body (within RUNLEDGER_HTTP_MAX_BODY_BYTES). Sets ``request.state.webhook_id`` (the
+    request's idempotency key: ingest derives each event's from the source id, it and the event's index) and
+    ``request.state.caller``."""
     svc: Services = request.app.state.services
     headers = {name: request.headers.get(name, "") for name in (SOURCE_HEADER, "webhook-id", "webhook-timestamp",
                                                                 "webhook-signature")}
     source_id, msg_id, _, _ = check_headers(headers, now=time.time(),
                                             tolerance_s=svc.settings.http_timestamp_tolerance_s)
-    record = await load_source(svc.pool, request.app.state.sources_key, source_id)
+    sources: SourceCache = request.app.state.sources
+    record = await sources.get(source_id)
     if record is None:
         raise _refuse("source_unknown", f"no source {source_id!r} may sign requests (unknown, revoked, or every "
                       "credential expired)")

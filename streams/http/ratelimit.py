@@ -51,7 +51,8 @@ def bucket_key(prefix: str, source_id: str) -> str:
 async def take(redis: Redis, key: str, rate_per_s: float, burst: int, n: int) -> float:
     """Take ``n`` tokens from the bucket ``key``: 0.0 if taken, else the seconds until they would be there (none
     taken). Raises redis-py's errors."""
-    taken, wait_ms = await redis.eval(_TAKE_LUA, 1, key, repr(rate_per_s), str(burst), str(n))
+    # EVALSHA (the script loaded once), not EVAL: Redis would hash the script's text at every request.
+    taken, wait_ms = await redis.register_script(_TAKE_LUA)(keys=[key], args=[repr(rate_per_s), str(burst), str(n)])
     return 0.0 if int(taken) else int(wait_ms) / 1000
 
 

@@ -3,8 +3,8 @@ reads, once per request, as runledger_api.
 
 A source is a producer's identity: its id (sent in the ``runledger-source`` header), the CloudEvents ``source`` the
 server writes into its events, the stream-id prefixes it may append to and read, its rate limit, and its
-credentials. Each request reads the source's credentials that are neither revoked nor expired, so a ``revoke``, or
-the end of a rotation's overlap, holds at once on every replica: there is no cache to invalidate.
+credentials. A request sees the source's credentials that are neither revoked nor expired, read here or held by
+``serve``'s cache (``runledger.streams.http.sourcecache``) until a change is notified or the first one expires.
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ class Verifier:
 
 @dataclass(frozen=True, slots=True)
 class SourceRecord:
-    """A source as a request sees it: its caller and its usable credentials (newest first)."""
+    """A source as a request sees it: its caller and its usable credentials (newest first), and the seconds until
+    the first of them expires (None: none does), as PostgreSQL counted when it was read."""
 
     caller: Caller
     verifiers: tuple[Verifier, ...]
+    expires_in_s: float | None = None
 
 
 async def load_source(conn: asyncpg.Pool | asyncpg.Connection, key: SourcesKey, source_id: str) -> SourceRecord | None:
@@ -71,9 +73,10 @@ async def load_source(conn: asyncpg.Pool | asyncpg.Connection, key: SourcesKey, 
     first = rows[0]
     caller = Caller(first["source_id"], first["source"], tuple(first["append_prefixes"]),
                     tuple(first["read_prefixes"]), rate_per_s=first["rate_per_s"], burst=first["burst"])
+    expiries = [r["expires_in_s"] for r in rows if r["expires_in_s"] is not None]
     return SourceRecord(caller, tuple(Verifier(r["secret_no"], r["scheme"],
                                                key.unseal(r["source_id"], r["secret_no"], r["sealed"]))
-                                      for r in rows))
+                                      for r in rows), min(expiries, default=None))
 
 
 async def _add_secret(conn: asyncpg.Connection, key: SourcesKey, source_id: str, credential: Credential) -> int:
