@@ -30,7 +30,7 @@ from runledger.streams.http.bodies import (
 )
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem
-from runledger.streams.http.ratelimit import take_tokens
+from runledger.streams.http.ratelimit import admission, refused_over_limit
 from runledger.streams.http.services import Services
 from runledger.streams.producer.client import AppendConflict, Appended, ChainConflict, PublishPending, PublishRefused
 
@@ -261,9 +261,10 @@ async def append_events(stream: str, request: Request) -> Response:
                           headers={"Accept-Post": "application/json"})
         events = simple_events(stream, await request.body(), source_id=who.source_id,
                                webhook_id=webhook_id(request))
-        await take_tokens(svc, who, len(events))
-        return stream, await svc.producer.append_batch(stream, events, expected_seq=q.expected_seq,
-                                                       source=who.source)
+        with refused_over_limit(who, len(events)):
+            return stream, await svc.producer.append_batch(stream, events, expected_seq=q.expected_seq,
+                                                           source=who.source,
+                                                           admission=admission(svc, who, len(events)))
 
     stream_id, out, pending = await _appending("simple", append)
     return await _answer(svc, stream_id or stream, out, q.wait, q.timeout, pending=pending)
@@ -298,10 +299,14 @@ async def append_cloudevents(request: Request) -> Response:
                           f"{who.source!r} only; nothing was appended", errors=[{"field": "source", "reason":
                                                                                   f"must be {who.source!r}"}])
         _may_append(who, found.stream)
-        await take_tokens(svc, who, len(found.raw) if found.chained else len(found.events))
-        if found.chained:
-            return found.stream, await svc.producer.append_chained(found.stream, found.raw, found.keys)
-        return found.stream, await svc.producer.append_batch(found.stream, found.events, source=who.source)
+        n = len(found.raw) if found.chained else len(found.events)
+        tokens = admission(svc, who, n)
+        with refused_over_limit(who, n):
+            if found.chained:
+                return found.stream, await svc.producer.append_chained(found.stream, found.raw, found.keys,
+                                                                       admission=tokens)
+            return found.stream, await svc.producer.append_batch(found.stream, found.events, source=who.source,
+                                                                 admission=tokens)
 
     stream_id, out, pending = await _appending(_ce_mode(request), append)
     return await _answer(svc, stream_id, out, q.wait, q.timeout, pending=pending)

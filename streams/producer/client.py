@@ -43,6 +43,7 @@ from runledger.schemas.errors import InvalidEvent, PermanentError, TransientErro
 from runledger.schemas.lifecycle import check_lifecycle
 from runledger.streams import metrics
 from runledger.streams.kafka import client_options
+from runledger.streams.producer.buckets import Admission, RateLimited
 from runledger.streams.producer.chained import ChainConflict, chain_batch, check_chained
 from runledger.streams.producer.epoch import HeadsRecovering, redis_errors
 from runledger.streams.producer.events import NewEvent, build_events, check_new_events
@@ -210,7 +211,8 @@ class EventProducer:
         return appended
 
     async def append_batch(self, stream_id: str, events: Sequence[NewEvent], *,
-                           expected_seq: int | None = None, source: str | None = None) -> list[Appended]:
+                           expected_seq: int | None = None, source: str | None = None,
+                           admission: Admission | None = None) -> list[Appended]:
         """Append ``events`` to ``stream_id`` as consecutive seqs, all or nothing.
 
         ``expected_seq``: the seq the stream must be at now (0: the stream must be
@@ -222,7 +224,8 @@ class EventProducer:
         Redis lost its heads and their recovery did not end within RUNLEDGER_PRODUCER_WAIT_S, or a Redis error).
 
         ``source``: the CloudEvents ``source`` of the events (default: RUNLEDGER_PRODUCER_SOURCE); ``serve`` sets
-        it from the credential of the request, so that no producer writes as another.
+        it from the credential of the request, so that no producer writes as another. ``admission``: a token bucket
+        to take from with the stream's lease (``serve``'s rate limit), else RateLimited, nothing appended.
         """
         keys = [e.idempotency_key for e in events if e.idempotency_key is not None]
         src = self._settings.producer_source if source is None else source
@@ -236,10 +239,12 @@ class EventProducer:
             batch = build_events(src, stream_id, head, fresh)
             return batch, _answers(stream_id, [e.idempotency_key for e in events], known, batch)
 
-        return await self._counted(stream_id, len(events), keys, plan, lambda: check_new_events(stream_id, events))
+        return await self._counted(stream_id, len(events), keys, plan, lambda: check_new_events(stream_id, events),
+                                   admission)
 
     async def append_chained(self, stream_id: str, events: Sequence[Mapping[str, Any]],
-                             idempotency_keys: Sequence[str | None] | None = None) -> list[Appended]:
+                             idempotency_keys: Sequence[str | None] | None = None, *,
+                             admission: Admission | None = None) -> list[Appended]:
         """Publish events that already carry their ``seq``, ``prevhash`` and ``hash`` (chained by their producer)
         as they are, all or nothing, if they link to the stream's head.
 
@@ -248,7 +253,7 @@ class EventProducer:
         and each next one link to it. ``idempotency_keys`` (one per event, or None): an event whose key was
         appended before is answered with its earlier result (``duplicate=True``), not published again. Raises
         InvalidEvent/UnknownType/TooLarge/HashMismatch, ChainConflict (does not link: nothing published),
-        IllegalTransition, or a TransientError as ``append_batch`` does.
+        IllegalTransition, or a TransientError as ``append_batch`` does (``admission`` too).
         """
         given = list(idempotency_keys) if idempotency_keys is not None else [None] * len(events)
         if len(given) != len(events):
@@ -266,18 +271,18 @@ class EventProducer:
             batch = chain_batch(stream_id, state.head, state.last_type, fresh)
             return batch, _answers(stream_id, given, state.known, batch)
 
-        return await self._counted(stream_id, len(events), keys, plan, check)
+        return await self._counted(stream_id, len(events), keys, plan, check, admission)
 
     async def _counted(self, stream_id: str, count: int, keys: list[str], plan: _Plan,
-                       check: Callable[[], None]) -> list[Appended]:
+                       check: Callable[[], None], admission: Admission | None) -> list[Appended]:
         """The append of ``count`` events, ``check``ed first, then under the stream's lease; timed and counted by
         outcome."""
         started = time.perf_counter()
         try:
             check()
-            out = await self._append_batch(stream_id, keys, plan) if count else []
+            out = await self._append_batch(stream_id, keys, plan, admission) if count else []
         except (PermanentError, TransientError) as e:
-            metrics.APPENDS.labels("refused" if isinstance(e, PermanentError) else "failed").inc(count)
+            metrics.APPENDS.labels("refused" if isinstance(e, PermanentError | RateLimited) else "failed").inc(count)
             raise
         except RedisError as e:  # Redis went away mid-append: what was staged is published by the sweeper
             metrics.APPENDS.labels("failed").inc(count)
@@ -290,12 +295,15 @@ class EventProducer:
         metrics.APPENDS.labels("duplicate").inc(duplicates)
         return out
 
-    async def _append_batch(self, stream_id: str, keys: list[str], plan: _Plan) -> list[Appended]:
-        """Take the stream's lease, read its state (and the idempotency ``keys`` known), let ``plan`` make the batch
-        and the answer from it, and stage, publish and commit the batch."""
+    async def _append_batch(self, stream_id: str, keys: list[str], plan: _Plan,
+                            admission: Admission | None) -> list[Appended]:
+        """Take the stream's lease (and ``admission``'s tokens, once), read its state (and the idempotency ``keys``
+        known), let ``plan`` make the batch and the answer from it, and stage, publish and commit the batch."""
         token, deadline = uuid.uuid4().hex, time.monotonic() + self._settings.producer_wait_s
         for _ in range(3):
-            state = await self._heads.acquire_read(stream_id, token, max(0.0, deadline - time.monotonic()), keys)
+            state = await self._heads.acquire_read(stream_id, token, max(0.0, deadline - time.monotonic()), keys,
+                                                   admission)
+            admission = None  # taken: a retry after a recovery takes none again
             lease = _Lease()
             try:
                 if state.complete:

@@ -32,6 +32,7 @@ from runledger.schemas.chain import Head
 from runledger.schemas.errors import TransientError
 from runledger.schemas.lifecycle import TERMINAL_TYPES
 from runledger.streams import metrics
+from runledger.streams.producer.buckets import TAKE_TOKENS_LUA, Admission, RateLimited
 from runledger.streams.producer.epoch import EPOCH_LUA, RELEASE_IF_HELD, epoch_key
 
 __all__ = ["RELEASE_IF_HELD", "AppendRef", "LeaseLost", "StagedBatch", "StreamBusy", "StreamHeads", "StreamState",
@@ -108,11 +109,20 @@ _READ = EPOCH_LUA + _READ_STATE + """
 return read_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], 1)
 """
 
-# KEYS: lease, head, pending, epoch, idempotency. ARGV: token, lease ms, the idempotency keys asked for. Takes the
-# lease and reads the state under it in one round trip; nil if another holds the lease.
-_ACQUIRE_READ = EPOCH_LUA + _READ_STATE + """
+# KEYS: lease, head, pending, epoch, idempotency, token bucket. ARGV: token, lease ms, the bucket's rate, burst and
+# tokens wanted (0: no bucket), the idempotency keys asked for. Takes the lease (and the tokens) and reads the state
+# under it in one round trip; nil if another holds the lease; {'limited', ms} (the lease given back, no token taken)
+# if the bucket lacks the tokens.
+_ACQUIRE_READ = EPOCH_LUA + TAKE_TOKENS_LUA + _READ_STATE + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
-return read_state(KEYS[2], KEYS[3], KEYS[4], KEYS[5], 3)
+if tonumber(ARGV[5]) > 0 then
+  local taken = take_tokens(KEYS[6], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+  if taken[1] == 0 then
+    redis.call('DEL', KEYS[1])
+    return {'limited', taken[2]}
+  end
+end
+return read_state(KEYS[2], KEYS[3], KEYS[4], KEYS[5], 6)
 """
 
 # KEYS: lease, pending, epoch, staged. ARGV: token, batch id, blob, stream id.
@@ -222,14 +232,24 @@ class StreamHeads:
 
         await self._leased(stream_id, wait_s, take)
 
-    async def acquire_read(self, stream_id: str, token: str, wait_s: float, keys: list[str]) -> StreamState:
-        """``acquire``, then ``read`` under the lease, in one round trip each try."""
+    async def acquire_read(self, stream_id: str, token: str, wait_s: float, keys: list[str],
+                           admission: Admission | None = None) -> StreamState:
+        """``acquire``, then ``read`` under the lease, in one round trip each try; with ``admission``, its tokens
+        taken with the lease, or RateLimited (neither taken)."""
         names = [self._key(kind, stream_id) for kind in ("lease", "head", "pending")]
+        bucket = ([admission.key], [repr(admission.rate_per_s), admission.burst, admission.n]) if admission else (
+            [self._key("nobucket", stream_id)], [0, 0, 0])
 
         async def take() -> StreamState | None:
-            reply = await self._acquire_read(keys=[*names, epoch_key(self._prefix), self._key("idem", stream_id)],
-                                             args=[token, self._lease_ms, *keys])
-            return None if reply is None else _state(reply, keys)
+            reply = await self._acquire_read(
+                keys=[*names, epoch_key(self._prefix), self._key("idem", stream_id), *bucket[0]],
+                args=[token, self._lease_ms, *bucket[1], *keys])
+            if reply is None:
+                return None
+            if reply[0] == b"limited":
+                wait_s = int(reply[1]) / 1000
+                raise RateLimited(f"{admission.n if admission else 0} tokens more in {wait_s:.3f} s", wait_s)
+            return _state(reply, keys)
 
         return await self._leased(stream_id, wait_s, take)
 

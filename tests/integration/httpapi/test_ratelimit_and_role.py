@@ -3,63 +3,68 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis
 
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem
-from runledger.streams.http.ratelimit import take_tokens
+from runledger.streams.http.ratelimit import admission, refused_over_limit
 from runledger.streams.http.services import Services
+from runledger.streams.producer.client import EventProducer
+from runledger.streams.producer.events import NewEvent
 from runledger.streams.settings import Settings
-from tests.integration.conftest import poll, settings_of
+from tests.integration.conftest import poll, read_log, settings_of
 from tests.integration.httpapi.serving import migrated
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def replica(settings: Settings, redis: Redis) -> Services:
-    """A replica's services as far as the rate limit needs them: its settings and its own Redis client."""
-    none: Any = None
-    return Services(settings, none, none, redis)
+def run(n: int) -> list[NewEvent]:
+    """A new stream's first ``n`` events."""
+    return [NewEvent("execution.started", {"workflow": "w"}),
+            *(NewEvent("step.started", {"step_id": f"s{i}", "name": "n"}) for i in range(n - 1))]
 
 
 async def test_the_bucket_is_shared_by_replicas_refuses_with_429_and_refills(settings: Settings) -> None:
-    one, two = Redis.from_url(settings.redis_dsn), Redis.from_url(settings.redis_dsn)
-    try:
-        a, b = replica(settings, one), replica(settings, two)
-        who = Caller("fleet", "/producers/fleet", ("fleet/",), ("",), rate_per_s=2.0, burst=5)
-        await take_tokens(a, who, 3)
-        await take_tokens(b, who, 2)  # the other replica sees the same bucket: 5 taken, none left
+    """Two replicas' producers take from one bucket, with each append's lease; a refusal appends and takes nothing."""
+    async with EventProducer(settings) as one, EventProducer(settings) as two:
+        a, b = (Services(settings, p, None, None) for p in (one, two))  # type: ignore[arg-type]
+        who = Caller("fleet", "/producers/fleet", ("fleet:",), ("",), rate_per_s=0.5, burst=5)  # a token per 2 s
+        streams = (f"fleet:run-{i}" for i in range(100))
+
+        async def append(svc: Services, caller: Caller, n: int) -> None:
+            with refused_over_limit(caller, n):
+                await svc.producer.append_batch(next(streams), run(n), admission=admission(svc, caller, n))
+
+        await append(a, who, 3)
+        await append(b, who, 2)  # the other replica sees the same bucket: 5 taken, none left
         with pytest.raises(Problem) as refused:
-            await take_tokens(a, who, 1)
+            await append(a, who, 1)
         assert refused.value.status == 429 and refused.value.code == "rate_limited"
         assert int(refused.value.headers["Retry-After"]) >= 1
         with pytest.raises(Problem):
-            await take_tokens(b, who, 1)
+            await append(b, who, 1)
         other = Caller("other", "/producers/other", rate_per_s=2.0, burst=5)
-        await take_tokens(b, other, 5)  # each source its own bucket
+        await append(b, other, 5)  # each source its own bucket
         with pytest.raises(Problem) as too_many:
-            await take_tokens(a, who, 6)  # more than the burst: never
+            await append(a, who, 6)  # more than the burst: never
         assert "burst" in too_many.value.detail
+        assert len(await read_log(settings)) == 10  # the refused appended nothing
 
         started = time.monotonic()
 
         async def refilled() -> bool:
             try:
-                await take_tokens(a, who, 2)
+                await append(a, who, 2)
             except Problem:
                 return False
             return True
 
-        await poll(refilled, 10, "two tokens to come back at 2 a second")
-        assert time.monotonic() - started > 0.5, "tokens came back faster than the rate"
-        await take_tokens(a, Caller("free", "/producers/free"), 10_000)  # no limit set: always passes
-    finally:
-        await one.aclose()
-        await two.aclose()
+        await poll(refilled, 15, "two tokens to come back at one per 2 s")
+        assert time.monotonic() - started > 1.5, "tokens came back faster than the rate"
+        await append(a, Caller("free", "/producers/free"), 30)  # no limit set: always passes
+        assert not await one._redis.exists(f"{settings.topic_prefix}:lease:fleet:run-2")  # noqa: SLF001 - given back
 
 
 async def test_serve_logs_in_as_runledger_api_which_reads_and_writes_nothing(env: dict[str, str]) -> None:
