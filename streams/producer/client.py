@@ -307,7 +307,7 @@ class EventProducer:
             lease = _Lease()
             try:
                 if state.complete:
-                    done = await self._append_leased(stream_id, token, state, keys, plan, lease)
+                    done = await self._append_leased(stream_id, token, state, keys, plan, lease, deadline)
                     if done is not None:
                         return done
             finally:
@@ -325,7 +325,7 @@ class EventProducer:
                               "nothing was appended")
 
     async def _append_leased(self, stream_id: str, token: str, state: StreamState, keys: list[str],
-                             plan: _Plan, lease: _Lease) -> list[Appended] | None:
+                             plan: _Plan, lease: _Lease, deadline: float) -> list[Appended] | None:
         """The append under the stream's lease, from ``state``; None if the epoch changed before the batch was
         staged (nothing of this append published). ``lease`` says whether the append is in the log, and whether its
         commit released the lease already (no round trip to release it again)."""
@@ -340,7 +340,7 @@ class EventProducer:
                 return None
         batch, out = plan(state)
         if batch.refs:
-            if not await self._heads.stage(stream_id, token, batch):
+            if not await self._stage(stream_id, token, batch, deadline):
                 return None
             try:
                 await self._publish(stream_id, batch)
@@ -356,6 +356,20 @@ class EventProducer:
                 log.warning("stream %r: seq %d..%d are in the log, but their head was not committed (%s): the "
                             "sweeper will", stream_id, batch.refs[0].seq, batch.refs[-1].seq, e)
         return out
+
+    async def _stage(self, stream_id: str, token: str, batch: StagedBatch, deadline: float) -> bool:
+        """``StreamHeads.stage``, asked again while Redis fails, until ``deadline``: a stage whose reply was lost
+        (Redis stopped, the connection broke) may have staged the batch, which the sweeper would then publish
+        whatever this append answered. Asked again, it says whether it did."""
+        pause = 0.05
+        while True:
+            try:
+                return await self._heads.stage(stream_id, token, batch)
+            except RedisError:
+                if time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     async def precheck(self, stream_id: str, events: Sequence[NewEvent]) -> None:
         """Raise IllegalTransition now if ``events`` could not follow the stream's head as it is: a check before

@@ -125,8 +125,10 @@ end
 return read_state(KEYS[2], KEYS[3], KEYS[4], KEYS[5], 6)
 """
 
-# KEYS: lease, pending, epoch, staged. ARGV: token, batch id, blob, stream id.
+# KEYS: lease, pending, epoch, staged. ARGV: token, batch id, blob, stream id. Asked again after its reply was lost,
+# it answers 1 if it staged the batch the first time (whatever became of the lease or the epoch since).
 _STAGE = EPOCH_LUA + """
+if redis.call('HGET', KEYS[2], 'batch') == ARGV[2] then return 1 end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if not epoch_current(KEYS[3]) then return -2 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end

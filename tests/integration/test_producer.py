@@ -349,3 +349,31 @@ async def test_the_readiness_probe_asks_kafka_for_the_log_topic_only(settings: S
         client._metadata_update = recorded  # noqa: SLF001
         assert await producer.ready() == {"kafka": None, "redis": None}
     assert asked and all(topics == {settings.events_topic} for topics in asked), asked
+
+
+async def test_a_stage_whose_reply_was_lost_is_asked_again_and_the_append_answered_as_it_went(
+        settings: Settings) -> None:
+    """Redis stopped after running the stage script but before its reply: the batch was staged, so the sweeper
+    would publish it whatever the append answered. Asked again, the stage says it staged it: published, answered."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from runledger.streams.producer.heads import StreamHeads
+
+    async with EventProducer(settings) as producer:
+        await producer.append("exec-lost", "execution.started", {"workflow": "w"})
+        heads = producer._heads  # noqa: SLF001 - the stage's reply is what the test loses
+        real = StreamHeads.stage
+        lost = [1, 1]  # two replies lost in a row
+
+        async def stage_reply_lost(self: StreamHeads, *args: Any) -> bool:
+            done = await real(self, *args)
+            if lost:
+                lost.pop()
+                raise RedisConnectionError("Connection closed by server.")
+            return done
+
+        heads.stage = stage_reply_lost.__get__(heads)  # type: ignore[method-assign]
+        appended = await producer.append("exec-lost", "step.started", {"step_id": "s1", "name": "n"})
+    assert appended.seq == 2 and not lost
+    seqs = [orjson.loads(r.value)["seq"] for r in await read_log(settings)]
+    assert seqs == [1, 2]
