@@ -719,3 +719,42 @@ SELECT s.source_id, s.source, s.append_prefixes, s.read_prefixes, s.rate_per_s, 
                 FILTER (WHERE k.secret_no IS NOT NULL), '[]') AS secrets
 FROM sources s LEFT JOIN source_secrets k USING (source_id)
 GROUP BY s.source_id ORDER BY s.source_id;
+
+-- Webhook endpoints (migration 020, streams/webhooks/endpoints.py), kept by `runledger webhooks` as the owner.
+-- name: webhook_insert
+INSERT INTO webhook_endpoints (endpoint_id, url, types, stream_prefix, source) VALUES ($1, $2, $3, $4, $5);
+
+-- The number of an endpoint's next secret (its row inserted or locked in the same transaction).
+-- name: webhook_next_secret_no
+SELECT coalesce(max(secret_no), 0) + 1 FROM webhook_secrets WHERE endpoint_id = $1;
+
+-- name: webhook_secret_insert
+INSERT INTO webhook_secrets (endpoint_id, secret_no, sealed) VALUES ($1, $2, $3);
+
+-- name: webhook_lock
+SELECT endpoint_id FROM webhook_endpoints WHERE endpoint_id = $1 AND removed_at IS NULL FOR UPDATE;
+
+-- name: webhook_secrets_expire
+UPDATE webhook_secrets SET expires_at = least(coalesce(expires_at, 'infinity'), now() + make_interval(secs => $2))
+WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now());
+
+-- name: webhook_set_enabled
+UPDATE webhook_endpoints SET enabled = $2, disabled_reason = CASE WHEN $2 THEN NULL ELSE $3 END,
+       disabled_at = CASE WHEN $2 THEN NULL ELSE now() END, failing_since = CASE WHEN $2 THEN NULL ELSE failing_since END
+WHERE endpoint_id = $1 AND removed_at IS NULL
+RETURNING endpoint_id;
+
+-- name: webhook_remove
+UPDATE webhook_endpoints SET removed_at = now(), enabled = false WHERE endpoint_id = $1 AND removed_at IS NULL
+RETURNING endpoint_id;
+
+-- name: webhook_list
+SELECT e.endpoint_id, e.url, e.types, e.stream_prefix, e.source, e.enabled, e.disabled_reason, e.disabled_at,
+       e.failing_since, e.created_at,
+       coalesce(jsonb_agg(jsonb_build_object('secret_no', k.secret_no, 'created_at', k.created_at,
+                                             'expires_at', k.expires_at) ORDER BY k.secret_no)
+                FILTER (WHERE k.secret_no IS NOT NULL AND (k.expires_at IS NULL OR k.expires_at > now())), '[]')
+           AS secrets
+FROM webhook_endpoints e LEFT JOIN webhook_secrets k USING (endpoint_id)
+WHERE e.removed_at IS NULL AND ($1::text IS NULL OR e.endpoint_id = $1)
+GROUP BY e.endpoint_id ORDER BY e.endpoint_id;

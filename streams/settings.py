@@ -220,6 +220,9 @@ class Settings(BaseSettings):
     http_timestamp_tolerance_s: int = Field(
         300, ge=1, le=300, description="RUNLEDGER_HTTP_TIMESTAMP_TOLERANCE_S: how far a signed request's "
         "webhook-timestamp may be from the server's clock (at most, and by default, 5 minutes: Standard Webhooks)")
+    webhook_allow_private: bool = Field(
+        False, description="RUNLEDGER_WEBHOOK_ALLOW_PRIVATE: deliver webhooks over http and to loopback, private, "
+        "link-local and metadata addresses too (development and tests only; by default https to public addresses)")
     checkpoint_origin: str = Field(
         "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
         description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")

@@ -26,6 +26,7 @@ from runledger.streams.cli import (
     sources,
     trees,
     verify,
+    webhooks,
     worker,
 )
 from runledger.streams.cli.common import EXIT_TRANSIENT, EXIT_USAGE
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order of registration is the order `runledger --help` lists the commands in.
     for group in (dev, events, worker, dlq, heads, offsets, rebuild, trees, verify, checkpoint, report, serve, sources,
-                  demo):
+                  webhooks, demo):
         group.register(sub)
     return parser
 

@@ -2,8 +2,8 @@
 
 Runs as the owner (RUNLEDGER_DATABASE_URL). A secret is printed once, when it is made (``add``, ``rotate``), and
 stored only sealed with the sources key (RUNLEDGER_SOURCES_KEY_FILE: ``init-key`` writes it, as does the first
-``add``). ``list`` never shows a secret. ``revoke`` holds at once on every replica: ``serve`` reads a request's
-source from PostgreSQL for each request.
+``add``). ``list`` never shows a secret. ``revoke`` holds on every replica once PostgreSQL's notification of it is
+delivered: ``serve`` holds a source only while notified of no change (``runledger.streams.http.sourcecache``).
 """
 
 from __future__ import annotations

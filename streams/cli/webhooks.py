@@ -1,0 +1,112 @@
+"""``runledger webhooks``: the endpoints runledger delivers events to, their filters, secrets and state.
+
+Runs as the owner (RUNLEDGER_DATABASE_URL). A signing secret (Standard Webhooks ``whsec_``) is printed once, when
+it is made (``add``, ``rotate-secret``), and stored only sealed with the sources key (RUNLEDGER_SOURCES_KEY_FILE,
+written by the first ``add`` if missing). ``list`` and ``show`` never show a secret. docs/webhooks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from runledger.streams.cli.common import Subparsers, emit
+from runledger.streams.cli.sources import parse_duration
+from runledger.streams.settings import Settings
+from runledger.streams.terminal import terminal_safe
+
+__all__ = ["register"]
+
+
+def register(sub: Subparsers) -> None:
+    hooks = sub.add_parser(
+        "webhooks", help="the endpoints events are delivered to: add, list, show, rotate-secret, disable, enable, "
+        "remove",
+        description="A webhook endpoint gets the events that match its filter (types, a stream-id prefix, a "
+        "CloudEvents source), each POSTed as stored and signed per Standard Webhooks with the endpoint's secret. "
+        "URLs are https to public addresses only, unless RUNLEDGER_WEBHOOK_ALLOW_PRIVATE=true (development). Runs "
+        "as the owner.")
+    actions = hooks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add an endpoint; its signing secret is printed once")
+    add.add_argument("url", metavar="URL", help="where to POST the deliveries (https://...)")
+    add.add_argument("--types", metavar="T,...", help="only events of these types (default: every type)")
+    add.add_argument("--streams", default="", metavar="PREFIX", help="only streams whose id starts with PREFIX")
+    add.add_argument("--source", metavar="S", help="only events of this CloudEvents source")
+    add.add_argument("--id", dest="endpoint_id", metavar="ID", help="the endpoint's id (default: wh_ and 16 hex "
+                     "digits)")
+    add.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    listing = actions.add_parser("list", help="the endpoints, their filters, state and secrets' dates (never a "
+                                 "secret)")
+    listing.add_argument("--json", action="store_true", help="one JSON object a line")
+    show = actions.add_parser("show", help="one endpoint (never its secret)")
+    show.add_argument("endpoint_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print it as one JSON object")
+    rotate = actions.add_parser("rotate-secret", help="a new signing secret, printed once; deliveries carry a "
+                                "signature by the old ones too through the overlap")
+    rotate.add_argument("endpoint_id", metavar="ID")
+    rotate.add_argument("--overlap", default="24h", metavar="DURATION", help="how long the secrets in use stay "
+                        "valid (default 24h; 0: they end now)")
+    rotate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    for name, text in (("disable", "stop delivering to an endpoint (what matches meanwhile waits for enable)"),
+                       ("enable", "deliver to an endpoint again, what it missed first, in order"),
+                       ("remove", "stop delivering to an endpoint for good (its deliveries' history stays)")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("endpoint_id", metavar="ID")
+        if name == "disable":
+            action.add_argument("--reason", default="disabled by an operator", help="why (shown by list and show)")
+        action.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    hooks.set_defaults(func=_cmd_webhooks)
+
+
+def _cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    result = asyncio.run(_run(args, settings))
+    if args.json:
+        for item in result if isinstance(result, list) else [result]:
+            emit(item)
+        return 0
+    if args.action in ("list", "show"):
+        for item in result:
+            state = "enabled" if item["enabled"] else f"disabled ({item['disabled_reason']})"
+            secrets = ", ".join(f"#{s['secret_no']}" + (f" until {s['expires_at']}" if s["expires_at"] else "")
+                                for s in item["secrets"])
+            print(terminal_safe(f"{item['endpoint_id']}  {state}  {item['url']}  types={item['types'] or 'all'}  "
+                                f"streams={item['stream_prefix'] or 'all'}  source={item['source'] or 'any'}  "
+                                f"secrets: {secrets or 'none'}"))
+        return 0
+    if args.action in ("add", "rotate-secret"):
+        print(f"endpoint {result['endpoint_id']}: signing secret #{result['secret_no']}, shown only now:")
+        print(result["secret"])
+        return 0
+    print(f"endpoint {args.endpoint_id}: {args.action}d")
+    return 0
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> Any:
+    from runledger.projections.postgres.db import connect_one
+    from runledger.streams.http.keys import init_key, load_key
+    from runledger.streams.webhooks import endpoints
+    from runledger.streams.webhooks.endpoints import Filter, parse_types
+
+    conn = await connect_one(settings.database_dsn(), settings.db_schema, decode_jsonb=True)
+    try:
+        if args.action == "list":
+            return await endpoints.list_endpoints(conn)
+        if args.action == "show":
+            return await endpoints.list_endpoints(conn, args.endpoint_id)
+        if args.action == "add":
+            flt = Filter(parse_types(args.types), args.streams, args.source)
+            init_key(settings)  # the first secret sealed writes the key if no source did
+            return await endpoints.add_endpoint(conn, load_key(settings), args.url, flt,
+                                                allow_private=settings.webhook_allow_private,
+                                                endpoint_id=args.endpoint_id)
+        if args.action == "rotate-secret":
+            return await endpoints.rotate_secret(conn, load_key(settings), args.endpoint_id,
+                                                 parse_duration(args.overlap))
+        if args.action in ("disable", "enable"):
+            await endpoints.set_enabled(conn, args.endpoint_id, args.action == "enable", getattr(args, "reason", None))
+        else:
+            await endpoints.remove_endpoint(conn, args.endpoint_id)
+        return {"endpoint_id": args.endpoint_id, "action": args.action}
+    finally:
+        await conn.close()
