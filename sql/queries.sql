@@ -758,3 +758,10 @@ SELECT e.endpoint_id, e.url, e.types, e.stream_prefix, e.source, e.enabled, e.di
 FROM webhook_endpoints e LEFT JOIN webhook_secrets k USING (endpoint_id)
 WHERE e.removed_at IS NULL AND ($1::text IS NULL OR e.endpoint_id = $1)
 GROUP BY e.endpoint_id ORDER BY e.endpoint_id;
+
+-- An endpoint's URL and its secrets in use, newest first: what a delivery is signed with.
+-- name: webhook_delivery_secrets
+SELECT e.url, k.secret_no, k.sealed
+FROM webhook_endpoints e JOIN webhook_secrets k USING (endpoint_id)
+WHERE e.endpoint_id = $1 AND e.removed_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+ORDER BY k.secret_no DESC;

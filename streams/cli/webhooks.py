@@ -21,8 +21,8 @@ __all__ = ["register"]
 
 def register(sub: Subparsers) -> None:
     hooks = sub.add_parser(
-        "webhooks", help="the endpoints events are delivered to: add, list, show, rotate-secret, disable, enable, "
-        "remove",
+        "webhooks", help="the endpoints events are delivered to: add, list, show, rotate-secret, ping, disable, "
+        "enable, remove",
         description="A webhook endpoint gets the events that match its filter (types, a stream-id prefix, a "
         "CloudEvents source), each POSTed as stored and signed per Standard Webhooks with the endpoint's secret. "
         "URLs are https to public addresses only, unless RUNLEDGER_WEBHOOK_ALLOW_PRIVATE=true (development). Runs "
@@ -48,6 +48,11 @@ def register(sub: Subparsers) -> None:
     rotate.add_argument("--overlap", default="24h", metavar="DURATION", help="how long the secrets in use stay "
                         "valid (default 24h; 0: they end now)")
     rotate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ping = actions.add_parser("ping", help="POST a signed runledger.webhook.ping event to an endpoint now and print "
+                              "what it answered (exit 1 unless 2xx)")
+    ping.add_argument("endpoint_id", metavar="ID")
+    ping.add_argument("--timeout", type=float, default=15.0, metavar="S", help="the attempt's timeout (default 15)")
+    ping.add_argument("--json", action="store_true", help="print the result as one JSON object")
     for name, text in (("disable", "stop delivering to an endpoint (what matches meanwhile waits for enable)"),
                        ("enable", "deliver to an endpoint again, what it missed first, in order"),
                        ("remove", "stop delivering to an endpoint for good (its deliveries' history stays)")):
@@ -61,6 +66,15 @@ def register(sub: Subparsers) -> None:
 
 def _cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
     result = asyncio.run(_run(args, settings))
+    if args.action == "ping":
+        if args.json:
+            emit(result)
+        else:
+            print(terminal_safe(f"endpoint {args.endpoint_id}: {result['status'] or 'no answer'} in "
+                                f"{result['seconds'] * 1000:.0f} ms from {result['address']}"
+                                + (f": {result['error']}" if result["error"] else "")
+                                + (f"; it answered {result['response']!r}" if result["response"] else "")))
+        return 0 if result["ok"] else 1
     if args.json:
         for item in result if isinstance(result, list) else [result]:
             emit(item)
@@ -100,6 +114,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
             return await endpoints.add_endpoint(conn, load_key(settings), args.url, flt,
                                                 allow_private=settings.webhook_allow_private,
                                                 endpoint_id=args.endpoint_id)
+        if args.action == "ping":
+            return await _ping(conn, settings, args.endpoint_id, args.timeout)
         if args.action == "rotate-secret":
             return await endpoints.rotate_secret(conn, load_key(settings), args.endpoint_id,
                                                  parse_duration(args.overlap))
@@ -110,3 +126,31 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
         return {"endpoint_id": args.endpoint_id, "action": args.action}
     finally:
         await conn.close()
+
+
+async def _ping(conn: Any, settings: Settings, endpoint_id: str, timeout_s: float) -> dict[str, Any]:
+    import time
+    import uuid
+    from datetime import UTC, datetime
+
+    import orjson
+
+    from runledger.streams.http.keys import load_key
+    from runledger.streams.webhooks.endpoints import delivery_secrets
+    from runledger.streams.webhooks.sender import post, signature_header
+    from runledger.streams.webhooks.targets import parse_target
+
+    url, secrets = await delivery_secrets(conn, load_key(settings), endpoint_id)
+    body = orjson.dumps({"specversion": "1.0", "id": str(uuid.uuid4()), "source": "runledger",
+                         "type": "runledger.webhook.ping", "subject": endpoint_id,
+                         "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                         "datacontenttype": "application/json", "data": {"endpoint_id": endpoint_id}})
+    msg_id, stamp = f"msg_{uuid.uuid4().hex}", int(time.time())
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(stamp),
+               "webhook-signature": signature_header(secrets, msg_id, stamp, body)}
+    allow = settings.webhook_allow_private
+    attempt = await post(parse_target(url, allow_private=allow), body, headers, allow_private=allow,
+                         timeout_s=timeout_s)
+    return {"endpoint_id": endpoint_id, "webhook_id": msg_id, "ok": attempt.ok, "status": attempt.status,
+            "seconds": round(attempt.seconds, 3), "address": attempt.address, "error": attempt.error,
+            "response": attempt.response.decode("utf-8", "replace")}

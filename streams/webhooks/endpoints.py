@@ -22,8 +22,8 @@ from runledger.schemas.events import EVENT_TYPES
 from runledger.streams.http.keys import SourcesKey, new_credential
 from runledger.streams.webhooks.targets import parse_target
 
-__all__ = ["EndpointNotFound", "Filter", "add_endpoint", "list_endpoints", "parse_types", "remove_endpoint",
-           "rotate_secret", "set_enabled"]
+__all__ = ["EndpointNotFound", "Filter", "add_endpoint", "delivery_secrets", "list_endpoints", "parse_types",
+           "remove_endpoint", "rotate_secret", "set_enabled"]
 
 _PREFIX = re.compile(r"[A-Za-z0-9._:-]{0,200}")
 
@@ -134,6 +134,14 @@ async def list_endpoints(conn: asyncpg.Connection, endpoint_id: str | None = Non
     if endpoint_id is not None and not out:
         raise EndpointNotFound(f"no webhook endpoint {endpoint_id!r}")
     return out
+
+
+async def delivery_secrets(conn: asyncpg.Connection, key: SourcesKey, endpoint_id: str) -> tuple[str, list[str]]:
+    """The URL of ``endpoint_id`` and its secrets in use (newest first), opened. Raises EndpointNotFound."""
+    rows = await conn.fetch(query("webhook_delivery_secrets"), endpoint_id)
+    if not rows:
+        raise EndpointNotFound(f"no webhook endpoint {endpoint_id!r} (or it has no secret in use)")
+    return rows[0]["url"], [key.unseal(_owner(endpoint_id), r["secret_no"], r["sealed"]) for r in rows]
 
 
 def parse_types(text: str | None) -> tuple[str, ...]:
