@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,6 +27,8 @@ from tests.conftest import CLI
 from tests.integration.httpapi.serving import migrated
 
 pytestmark = pytest.mark.timeout(120)
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 
 
 class Receiver:
@@ -149,3 +152,30 @@ async def test_ping_sends_a_signed_ping_the_receiver_verifies(env: dict[str, str
         receiver.status = 500
         failed = hooks("ping", endpoint)
         assert failed.returncode == 1 and "500" in failed.stdout
+
+
+async def test_the_node_receiver_of_the_docs_verifies_a_ping_with_the_npm_package(env: dict[str, str]) -> None:
+    """docs/webhooks.md's TypeScript receiver (tests/node/webhook_receiver.mjs), run by Node.js with the npm
+    standardwebhooks package: a ping verifies; one signed with another secret does not."""
+    env = {**await migrated(env), "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true"}
+    added = subprocess.run([*CLI, "webhooks", "add", "http://127.0.0.1:9/placeholder", "--json"],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True)
+    secret = orjson.loads(added.stdout)["secret"]
+    node = subprocess.Popen(["node", str(NODE_DIR / "webhook_receiver.mjs")], cwd=NODE_DIR, stdout=subprocess.PIPE,
+                            env={**os.environ, "RUNLEDGER_WEBHOOK_SECRET": secret}, text=True)
+    try:
+        assert node.stdout is not None
+        port = orjson.loads(await asyncio.to_thread(node.stdout.readline))["port"]
+        target = parse_target(f"http://127.0.0.1:{port}/in", allow_private=True)
+        body = b'{"specversion":"1.0","type":"runledger.webhook.ping","data":{}}'
+        good = await post(target, body, signed([secret], body), allow_private=True)
+        bad = await post(target, body, signed([new_credential("v1").shown], body), allow_private=True)
+        assert (good.status, bad.status) == (204, 401)
+        lines = [orjson.loads(await asyncio.to_thread(node.stdout.readline)) for _ in range(2)]
+        assert lines[0] == {"verified": True, "id": "msg_1", "type": "runledger.webhook.ping"}
+        assert lines[1]["verified"] is False
+    finally:
+        node.terminate()
+        node.wait(10)
+        if node.stdout is not None:
+            node.stdout.close()
