@@ -220,6 +220,15 @@ class Settings(BaseSettings):
     http_timestamp_tolerance_s: int = Field(
         300, ge=1, le=300, description="RUNLEDGER_HTTP_TIMESTAMP_TOLERANCE_S: how far a signed request's "
         "webhook-timestamp may be from the server's clock (at most, and by default, 5 minutes: Standard Webhooks)")
+    webhook_retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
+        (1.0, 2.0, 4.0, 8.0, 16.0), description="RUNLEDGER_WEBHOOK_RETRY_DELAYS: seconds before each retry of a "
+        "failed delivery, comma-separated (one retry each: after the last, the delivery is dead)")
+    webhook_retry_jitter: float = Field(
+        0.1, ge=0, le=1, description="RUNLEDGER_WEBHOOK_RETRY_JITTER: each delay is drawn within this fraction of "
+        "itself, above or below (receivers that failed together are not retried together)")
+    webhook_retry_after_cap_s: float = Field(
+        300.0, ge=0, description="RUNLEDGER_WEBHOOK_RETRY_AFTER_CAP_S: the longest Retry-After a receiver's answer "
+        "is honoured for (a longer one waits this long)")
     webhook_allow_private: bool = Field(
         False, description="RUNLEDGER_WEBHOOK_ALLOW_PRIVATE: deliver webhooks over http and to loopback, private, "
         "link-local and metadata addresses too (development and tests only; by default https to public addresses)")
@@ -227,11 +236,18 @@ class Settings(BaseSettings):
         "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
         description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")
 
-    @field_validator("retry_delays", mode="before")
+    @field_validator("retry_delays", "webhook_retry_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_retry_delays")
+    @classmethod
+    def _delays_not_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 <= d < 86_400 for d in value):
+            raise ValueError("each delay is 0 to 86,400 seconds")
         return value
 
     @field_validator("embedded", mode="before")
