@@ -24,15 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
-    ClusterAuthorizationFailedError,
-    CorruptRecordException,
-    InvalidTopicError,
     KafkaError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-    TopicAuthorizationFailedError,
-    UnsupportedForMessageFormatError,
 )
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -48,7 +40,8 @@ from runledger.streams.producer.chained import ChainConflict, chain_batch, check
 from runledger.streams.producer.epoch import HeadsRecovering, redis_errors
 from runledger.streams.producer.events import NewEvent, build_events, check_new_events
 from runledger.streams.producer.heads import AppendRef, StagedBatch, StreamBusy, StreamHeads, StreamState
-from runledger.streams.producer.recovery import recover_heads, stream_in_log
+from runledger.streams.producer.publish import CHUNK_BYTES, LogPublisher, PublishFailed, PublishRefused
+from runledger.streams.producer.recovery import recover_heads
 from runledger.streams.producer.sweeper import Sweeper
 from runledger.streams.settings import Settings, redact_url
 from runledger.streams.topics import ensure_topics
@@ -60,10 +53,6 @@ __all__ = ["AppendConflict", "Appended", "ChainConflict", "EventProducer", "Publ
            "append_many"]
 
 log = logging.getLogger(__name__)
-
-CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
-_CHUNK_BYTES = 512 * 1024
-
 
 class AppendConflict(PermanentError):
     """``expected_seq`` did not match the stream's head: someone else appended first.
@@ -78,15 +67,6 @@ class AppendConflict(PermanentError):
         super().__init__(f"stream {stream_id!r}: expected_seq {expected}, but the stream is at seq {actual}")
 
 
-class PublishFailed(TransientError):
-    """The broker did not acknowledge a staged batch. Its outcome is unknown, but it is not lost: the
-    sweeper (one producer or worker, every ``RUNLEDGER_PRODUCER_SWEEP_S``), or else the next append to
-    the stream, publishes it again (same ids and hashes). Retrying with the same idempotency key returns
-    the events once they are in."""
-
-    code = "publish_failed"
-
-
 class PublishPending(PublishFailed):
     """This append's own batch is staged but the broker did not acknowledge it: it is not lost, and will be in the
     log (the sweeper, or the next append to the stream, publishes it) as ``appended`` says, ids, seqs and hashes.
@@ -98,23 +78,6 @@ class PublishPending(PublishFailed):
     def __init__(self, message: str, appended: list[Appended]) -> None:
         self.appended = appended
         super().__init__(message)
-
-
-class PublishRefused(PermanentError):
-    """The broker refuses the batch for good (too large for it, no such topic, not authorised): nothing of
-    it from ``seq`` on is in the log, and it is not kept. Fix the cause, then append again."""
-
-    code = "publish_refused"
-
-    def __init__(self, message: str, acked: int) -> None:
-        self.acked = acked  # how many leading events of the batch the broker took before it refused
-        super().__init__(message)
-
-
-# What the broker will refuse again however often it is asked.
-_REFUSALS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, InvalidTopicError,
-             TopicAuthorizationFailedError, ClusterAuthorizationFailedError, UnsupportedForMessageFormatError,
-             CorruptRecordException)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +109,10 @@ class EventProducer:
             # Idempotent producers need InitProducerId, which Tansu refuses; order per stream comes
             # from the lease instead (one batch of a stream in flight at a time).
             enable_idempotence=False,
-            max_batch_size=_CHUNK_BYTES * 2,
+            max_batch_size=CHUNK_BYTES * 2,
             linger_ms=0,
         )
+        self._publisher = LogPublisher(self._kafka, self._heads, settings)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -331,7 +295,7 @@ class EventProducer:
         commit released the lease already (no round trip to release it again)."""
         if state.left_behind is not None:
             try:
-                await self._publish(stream_id, state.left_behind)
+                await self._publisher.publish(stream_id, state.left_behind)
                 await self._heads.commit(stream_id, "", state.left_behind)
             except PublishRefused as e:  # another producer's batch, never acknowledged to anyone: dropped
                 log.error("%s", e)
@@ -343,7 +307,7 @@ class EventProducer:
             if not await self._stage(stream_id, token, batch, deadline):
                 return None
             try:
-                await self._publish(stream_id, batch)
+                await self._publisher.publish(stream_id, batch)
             except PublishFailed as e:  # staged: it will be in the log, with these ids, seqs and hashes
                 raise PublishPending(str(e), out) from e
             lease.appended = True
@@ -411,59 +375,6 @@ class EventProducer:
                                     appended.stream_id, appended.seq, event_id=appended.id, timeout=timeout,
                                     group_id=self._settings.consumer_group, topic=self._settings.events_topic)
 
-    async def _publish(self, stream_id: str, batch: StagedBatch) -> None:
-        """Send in order and wait for every acknowledgement, chunk by chunk. Raises PublishFailed (transient:
-        the batch stays staged) or PublishRefused (permanent: the part the broker did not take is dropped,
-        the part it took is committed)."""
-        key, topic = stream_id.encode(), self._settings.events_topic
-        headers = [("content-type", CONTENT_TYPE)]
-        sent, futures = 0, list[asyncio.Future[Any]]()
-        try:
-            while sent < len(batch.values):
-                size, end = 0, sent
-                while end < len(batch.values) and (end == sent or size < _CHUNK_BYTES):
-                    size += len(batch.values[end])
-                    end += 1
-                futures = []
-                for value in batch.values[sent:end]:
-                    futures.append(await self._kafka.send(topic, value, key=key, headers=headers))
-                for future in futures:
-                    await future
-                sent = end
-        except _REFUSALS as e:
-            await asyncio.gather(*futures, return_exceptions=True)  # what the broker takes, it takes
-            await self._settle_refused(stream_id, batch, e)
-        except KafkaError as e:
-            raise PublishFailed(f"stream {stream_id!r}: publishing seq {batch.refs[0].seq}.."
-                                f"{batch.refs[-1].seq} failed: {e}") from e
-
-    async def _settle_refused(self, stream_id: str, batch: StagedBatch, error: KafkaError) -> None:
-        """The broker refuses ``batch`` for good: keep what of it the log holds (read it back: an earlier
-        attempt, or part of this one, may have landed), drop the rest. Raises PublishRefused."""
-        try:
-            in_log = await stream_in_log(self._settings, stream_id)
-        except TransientError as e:  # cannot tell what landed: keep it staged, the sweeper tries again
-            raise PublishFailed(f"stream {stream_id!r}: the broker refuses seq {batch.refs[0].seq}.."
-                                f"{batch.refs[-1].seq} ({error}), and the log cannot be read to settle it: {e}"
-                                ) from error
-        landed = [(ref.seq, ref.hash) in in_log for ref in batch.refs]
-        if all(landed):  # an earlier attempt put it all in the log
-            await self._heads.commit(stream_id, "", batch)
-            return
-        kept = landed.index(False)
-        what = f"stream {stream_id!r}: the broker refuses seq {batch.refs[kept].seq}..{batch.refs[-1].seq} for good " \
-               f"({type(error).__name__}: {error})"
-        if any(landed[kept:]):  # a later event landed without an earlier one: nothing may reuse those seqs
-            raise PublishRefused(f"{what}; the log holds some of them but not seq {batch.refs[kept].seq}: the "
-                                 "batch stays staged (the stream is blocked) until an operator settles it",
-                                 kept) from error
-        if kept:
-            await self._heads.commit(stream_id, "", batch.prefix(kept))
-        else:
-            await self._heads.discard(stream_id, batch.batch_id)
-        raise PublishRefused(f"{what}; " + (f"seq ..{batch.refs[kept - 1].seq} are in the log; " if kept else "")
-                             + "the rest is not kept", kept) from error
-
     async def sweep(self) -> list[tuple[str, int, int]]:
         """Publish every batch left staged by a producer that failed or died, whose lease has expired, without
         waiting for the next append to its stream. Returns (stream, first seq, last seq) of each published."""
@@ -481,7 +392,7 @@ class EventProducer:
                         await self._heads.discard(stream_id, "")  # nothing staged: the stream leaves the set
                         continue
                     try:
-                        await self._publish(stream_id, left_behind)
+                        await self._publisher.publish(stream_id, left_behind)
                     except PublishRefused as e:
                         log.error("%s", e)
                         continue

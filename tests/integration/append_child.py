@@ -34,7 +34,7 @@ def _die(*_: Any, **__: Any) -> None:
 async def main(mode: str, stream_id: str, count: int) -> None:
     async with EventProducer(Settings()) as producer:
         if mode == "die-before-publish":
-            producer._publish = _die  # type: ignore[method-assign]  # noqa: SLF001
+            producer._publisher.publish = _die  # type: ignore[method-assign]  # noqa: SLF001
         elif mode == "die-after-publish":
             StreamHeads.commit = _die  # type: ignore[assignment, method-assign]
         elif mode == "retry":
