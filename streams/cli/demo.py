@@ -195,7 +195,8 @@ def _cmd_bench_log(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.streams.dev.benchhttp import Target, bench_http, own_serve, print_report
+    from runledger.streams.dev.benchhttp import Target, bench_http, print_report
+    from runledger.streams.dev.benchserve import own_serve
 
     numbers = (args.runs, args.batches, args.batch, args.concurrency, args.single_rate, args.single_seconds,
                args.single_streams, args.read_rate, args.read_seconds, args.connections, args.serve_workers)

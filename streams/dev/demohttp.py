@@ -23,7 +23,7 @@ import orjson
 
 from runledger.projections.postgres.db import connect_one
 from runledger.schemas.errors import PermanentError, TransientError
-from runledger.streams.dev.benchhttp import free_port, stop_process, until_ready
+from runledger.streams.dev.benchserve import free_port, stop_process, until_ready
 from runledger.streams.dev.fleet import Execution
 from runledger.streams.producer.events import NewEvent, _wire_data
 from runledger.streams.settings import Settings

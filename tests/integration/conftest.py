@@ -134,15 +134,10 @@ async def running_worker(env: dict[str, str], *, loglevel: str = "warning") -> A
 
 async def terminate(process: subprocess.Popen[bytes], grace_s: float) -> bool:
     """SIGTERM ``process`` and wait for it without blocking the event loop; SIGKILL it if it has not ended
-    within ``grace_s``. True if it ended on SIGTERM."""
-    process.terminate()
-    try:
-        await asyncio.to_thread(process.wait, grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        await asyncio.to_thread(process.wait)
-        return False
-    return True
+    within ``grace_s``. True if it ended on SIGTERM (or before)."""
+    from runledger.streams.dev.benchserve import stop_process
+
+    return await stop_process(process, grace_s)
 
 
 async def poll(check: Callable[[], Awaitable[T | None]], deadline_s: float, what: str) -> T:
