@@ -765,3 +765,92 @@ SELECT e.url, k.secret_no, k.sealed
 FROM webhook_endpoints e JOIN webhook_secrets k USING (endpoint_id)
 WHERE e.endpoint_id = $1 AND e.removed_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
 ORDER BY k.secret_no DESC;
+
+-- Webhook deliveries (migration 021, streams/webhooks/), kept by the delivery workers as runledger_worker.
+-- name: webhook_endpoints_all
+-- What matching needs of every endpoint not removed (a disabled one is still owed what it misses).
+SELECT endpoint_id, types, stream_prefix, source, created_at FROM webhook_endpoints WHERE removed_at IS NULL;
+
+-- name: webhook_enqueue
+-- Messages owed; a record read again, or copied twice into the log, is the message already there.
+INSERT INTO webhook_messages (msg_id, endpoint_id, stream_id, seq, event_id, event_type, event_hash, event_time,
+    log_partition, log_offset, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
+                     $8::timestamptz[], $9::int[], $10::bigint[], $11::bytea[])
+ON CONFLICT DO NOTHING;
+
+-- name: webhook_owed
+-- Up to $2 messages to send now, at most $3 of each (endpoint, stream), in seq order: pending, of enabled endpoints,
+-- of the log partitions $1 this worker holds, behind no retrying or dead message of their (endpoint, stream), and
+-- of no (endpoint, stream) in ($4, $5) (being sent already).
+SELECT msg_id, endpoint_id, stream_id, seq, event_time, body, attempts, replayed_after FROM (
+    SELECT m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_time, m.body, m.attempts, m.replayed_after,
+           row_number() OVER (PARTITION BY m.endpoint_id, m.stream_id ORDER BY m.seq) AS n
+    FROM webhook_messages m JOIN webhook_endpoints e USING (endpoint_id)
+    WHERE m.state = 'pending' AND e.enabled AND e.removed_at IS NULL AND m.log_partition = ANY($1::int[])
+      AND NOT EXISTS (SELECT 1 FROM webhook_messages b
+                      WHERE b.endpoint_id = m.endpoint_id AND b.stream_id = m.stream_id AND b.seq < m.seq
+                        AND b.state IN ('retrying', 'dead'))
+      AND (m.endpoint_id, m.stream_id) NOT IN (SELECT * FROM unnest($4::text[], $5::text[]))
+) owed WHERE n <= $3 ORDER BY endpoint_id, stream_id, seq LIMIT $2;
+
+-- name: webhook_message
+-- A message as a retry finds it, with its endpoint's state.
+SELECT m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_time, m.body, m.attempts, m.replayed_after, m.state,
+       e.enabled AND e.removed_at IS NULL AS enabled
+FROM webhook_messages m JOIN webhook_endpoints e USING (endpoint_id) WHERE m.msg_id = $1;
+
+-- name: webhook_record
+-- Attempts made: each moves its message on (only from where it was when the attempt began, so a duplicate attempt
+-- moves nothing) and is kept as a row of webhook_deliveries. Returns the messages moved.
+WITH a AS (
+    SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::float8[], $7::text[],
+                         $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+        AS a(msg_id, attempt, endpoint_id, attempted_at, status, latency_ms, response, error, address, outcome, due_at)
+), moved AS (
+    UPDATE webhook_messages m
+    SET state = CASE a.outcome WHEN 'retry' THEN 'retrying' ELSE a.outcome END, attempts = a.attempt,
+        due_at = a.due_at, delivered_at = CASE WHEN a.outcome = 'delivered' THEN a.attempted_at END
+    FROM a WHERE m.msg_id = a.msg_id AND m.attempts = a.attempt - 1 AND m.state IN ('pending', 'retrying')
+    RETURNING m.msg_id
+)
+INSERT INTO webhook_deliveries (msg_id, attempt, endpoint_id, attempted_at, status, latency_ms, response, error,
+    address, outcome)
+SELECT a.msg_id, a.attempt, a.endpoint_id, a.attempted_at, a.status, a.latency_ms, a.response, a.error, a.address,
+       a.outcome
+FROM a JOIN moved USING (msg_id)
+RETURNING msg_id;
+
+-- name: webhook_outbox
+-- The copies of messages that failed: to a retry topic or the dead-letter topic, their value the message's body.
+INSERT INTO outbox (topic, key, value, headers)
+SELECT c.topic, convert_to(m.stream_id, 'UTF8'), m.body, c.headers
+FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS c(msg_id, topic, headers) JOIN webhook_messages m USING (msg_id);
+
+-- name: webhook_health
+-- Endpoints that answered ($2: ok) at $3: a success ends a failure, the first failure starts one.
+UPDATE webhook_endpoints e
+SET failing_since = CASE WHEN h.ok THEN NULL ELSE coalesce(e.failing_since, h.at) END
+FROM unnest($1::text[], $2::bool[], $3::timestamptz[]) AS h(endpoint_id, ok, at)
+WHERE e.endpoint_id = h.endpoint_id AND e.failing_since IS DISTINCT FROM
+      (CASE WHEN h.ok THEN NULL ELSE coalesce(e.failing_since, h.at) END);
+
+-- name: webhook_disable_failing
+-- Endpoints of $1 failing for longer than $2 seconds: disabled, with the reason; returns them.
+UPDATE webhook_endpoints
+SET enabled = false, disabled_at = now(),
+    disabled_reason = format('failing since %s, longer than %s s (RUNLEDGER_WEBHOOK_DISABLE_AFTER_S)',
+                             to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), $2::float8)
+WHERE endpoint_id = ANY($1::text[]) AND enabled AND failing_since < now() - make_interval(secs => $2)
+RETURNING endpoint_id, disabled_reason;
+
+-- name: webhook_set_pending
+-- A retrying message of an endpoint disabled meanwhile waits, pending, for the endpoint to be enabled again.
+UPDATE webhook_messages SET state = 'pending', due_at = NULL WHERE msg_id = $1 AND state = 'retrying'
+  AND attempts = $2 - 1;
+
+-- name: webhook_gauges
+SELECT (SELECT count(*) FROM webhook_messages WHERE state IN ('pending', 'retrying')) AS owed,
+       (SELECT count(*) FROM webhook_messages WHERE state = 'dead') AS dead,
+       (SELECT count(*) FROM webhook_endpoints WHERE removed_at IS NULL AND failing_since IS NOT NULL) AS failing,
+       (SELECT count(*) FROM webhook_endpoints WHERE removed_at IS NULL AND NOT enabled) AS disabled;

@@ -103,6 +103,23 @@ HTTP_APPENDS = Counter("runledger_http_append_requests", "Append requests `serve
 HTTP_APPENDED_EVENTS = Counter("runledger_http_appended_events", "Events `serve` appended, by mode and outcome "
                                "(appended, duplicate)", ["mode", "outcome"])
 
+WEBHOOK_ATTEMPTS = Counter("runledger_webhook_attempts", "Webhook delivery attempts, by what followed (delivered: "
+                           "a 2xx; retry: sent to a retry topic; dead: to the deliveries' dead-letter topic)",
+                           ["outcome"])
+WEBHOOK_ATTEMPT_SECONDS = Histogram("runledger_webhook_attempt_seconds", "From a delivery attempt's start to the "
+                                    "receiver's whole answer (or the timeout)", buckets=_LATENCY_BUCKETS)
+WEBHOOK_DELIVERY_SECONDS = Histogram("runledger_webhook_delivery_seconds", "From an event's time to the receiver's "
+                                     "2xx for it", buckets=_LATENCY_BUCKETS)
+WEBHOOK_MESSAGES = Counter("runledger_webhook_messages", "Messages owed to webhook endpoints, read from the log")
+WEBHOOK_SKIPPED = Counter("runledger_webhook_records_skipped", "Log records no endpoint is owed because they are "
+                          "not events (the projection dead-letters them), by reason", ["reason"])
+WEBHOOK_DISABLED = Counter("runledger_webhook_endpoints_auto_disabled", "Endpoints a delivery worker disabled "
+                           "because they kept failing for longer than RUNLEDGER_WEBHOOK_DISABLE_AFTER_S")
+WEBHOOK_OWED = Gauge("runledger_webhook_messages_owed", "Messages pending or retrying, of every endpoint")
+WEBHOOK_DEAD = Gauge("runledger_webhook_messages_dead", "Dead deliveries not replayed")
+WEBHOOK_ENDPOINTS = Gauge("runledger_webhook_endpoints", "Endpoints failing (their last attempt failed) and "
+                          "disabled", ["state"])
+
 for _outcome in ("appended", "duplicate", "refused", "failed"):
     APPENDS.labels(_outcome)
 for _mode in ("simple", "structured", "batched", "binary"):
@@ -133,6 +150,22 @@ def declare(delays: Iterable[str] = ()) -> None:
     for delay in delays:
         RETRIED.labels(delay)
         RETRY_DEPTH.labels(delay)
+
+
+def declare_webhooks() -> None:
+    """A delivery worker's labelled series, at 0 (see ``declare``)."""
+    for outcome in ("delivered", "retry", "dead"):
+        WEBHOOK_ATTEMPTS.labels(outcome)
+    for state in ("failing", "disabled"):
+        WEBHOOK_ENDPOINTS.labels(state)
+
+
+def observe_webhooks(row: Mapping[str, Any]) -> None:
+    """The delivery gauges, from a ``webhook_gauges`` row."""
+    WEBHOOK_OWED.set(row["owed"])
+    WEBHOOK_DEAD.set(row["dead"])
+    WEBHOOK_ENDPOINTS.labels("failing").set(row["failing"])
+    WEBHOOK_ENDPOINTS.labels("disabled").set(row["disabled"])
 
 
 def observe_batch(result: BatchResult, source: str, records: int, seconds: float,

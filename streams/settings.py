@@ -232,6 +232,17 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(
         False, description="RUNLEDGER_WEBHOOK_ALLOW_PRIVATE: deliver webhooks over http and to loopback, private, "
         "link-local and metadata addresses too (development and tests only; by default https to public addresses)")
+    webhook_disable_after_s: float = Field(
+        86_400.0, gt=0, description="RUNLEDGER_WEBHOOK_DISABLE_AFTER_S: an endpoint whose deliveries have failed for "
+        "longer than this (default 24 h) is disabled, and an alert raised; `runledger webhooks enable` delivers "
+        "what it missed, in order")
+    webhook_concurrency: int = Field(
+        8, ge=1, le=1000, description="RUNLEDGER_WEBHOOK_CONCURRENCY: requests a delivery worker has open to one "
+        "endpoint at most (each stream's events go one after the other whatever this is)")
+    webhook_connect_timeout_s: float = Field(
+        5.0, gt=0, description="RUNLEDGER_WEBHOOK_CONNECT_TIMEOUT_S: how long a delivery waits to connect")
+    webhook_timeout_s: float = Field(
+        15.0, gt=0, description="RUNLEDGER_WEBHOOK_TIMEOUT_S: how long a delivery waits for the whole answer")
     checkpoint_origin: str = Field(
         "runledger.local/log", min_length=1, pattern=r"^[^\s+]+$",
         description="RUNLEDGER_CHECKPOINT_ORIGIN: the log's name in its checkpoints and signatures")

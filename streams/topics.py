@@ -13,9 +13,11 @@ from aiokafka.errors import KafkaError
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
+from runledger.streams.webhooks.messages import webhook_dlq_topic, webhook_retry_topic
 from runledger.streams.worker.retry import RetrySchedule, dlq_topic
 
-__all__ = ["LogNotKept", "LogTooFewPartitions", "check_log_topic", "ensure_topics", "topic_configs", "worker_topics"]
+__all__ = ["LogNotKept", "LogTooFewPartitions", "check_log_topic", "ensure_topics", "topic_configs", "webhook_topics",
+           "worker_topics"]
 
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -38,6 +40,7 @@ def topic_configs(settings: Settings, name: str) -> dict[str, str]:
     """The configuration a new topic is created with: a retry topic keeps records for the retry retention,
     every other topic for ever."""
     retry_topics = {topic for _, topic in RetrySchedule(settings.topic_prefix, settings.retry_delays).topics}
+    retry_topics |= {webhook_retry_topic(settings.topic_prefix, d) for d in settings.webhook_retry_delays}
     return {"retention.ms": str(settings.retry_retention_ms) if name in retry_topics else "-1"}
 
 
@@ -67,6 +70,14 @@ def worker_topics(settings: Settings) -> dict[str, int]:
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     names = [settings.events_topic, *(topic for _, topic in schedule.topics), dlq_topic(settings.topic_prefix)]
     return {**dict.fromkeys(names, settings.event_partitions), settings.checkpoints_topic: 1}
+
+
+def webhook_topics(settings: Settings) -> dict[str, int]:
+    """The topics a webhook delivery worker writes besides: the deliveries' retry topics (kept for the retry
+    retention) and their dead-letter topic (kept for ever), with the log's partitions."""
+    names = [*dict.fromkeys(webhook_retry_topic(settings.topic_prefix, d) for d in settings.webhook_retry_delays),
+             webhook_dlq_topic(settings.topic_prefix)]
+    return dict.fromkeys(names, settings.event_partitions)
 
 
 async def check_log_topic(settings: Settings) -> None:

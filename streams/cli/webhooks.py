@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
 
 from runledger.streams.cli.common import Subparsers, emit
@@ -61,10 +62,44 @@ def register(sub: Subparsers) -> None:
         if name == "disable":
             action.add_argument("--reason", default="disabled by an operator", help="why (shown by list and show)")
         action.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    worker = actions.add_parser(
+        "worker", help="run a delivery worker (Faust): sends the matching events of the log to the endpoints",
+        description="Reads <prefix>.events in its own consumer group (<RUNLEDGER_CONSUMER_GROUP>.webhooks) and POSTs "
+        "each event that matches an endpoint, as stored and signed, each stream's events to one endpoint in seq "
+        "order. A failure is retried through <prefix>.webhooks.retry.<delay> (RUNLEDGER_WEBHOOK_RETRY_DELAYS) and "
+        "ends in <prefix>.webhooks.dlq; every attempt is kept (`runledger webhooks deliveries`). Logs in as "
+        "runledger_worker and opens the secrets with RUNLEDGER_SOURCES_KEY_FILE. Run several to share the log's "
+        "partitions. Stop with Ctrl-C.")
+    worker.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
     hooks.set_defaults(func=_cmd_webhooks)
 
 
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.topics import check_log_topic, ensure_topics, webhook_topics, worker_topics
+    from runledger.streams.webhooks.app import create_app
+    from runledger.streams.worker.app import check_schema
+
+    asyncio.run(ensure_topics(settings, {**worker_topics(settings), **webhook_topics(settings)}))
+    asyncio.run(check_log_topic(settings))
+    asyncio.run(check_schema(settings))
+    if settings.metrics_port:
+        from runledger.streams.metrics import declare_webhooks, serve
+
+        declare_webhooks()
+        try:
+            port = serve(settings.metrics_host, settings.metrics_port)
+        except OSError as e:
+            print(f"runledger webhooks worker: no Prometheus metrics: {e}", file=sys.stderr, flush=True)
+        else:
+            print(f"runledger webhooks worker: Prometheus metrics on port {port}", file=sys.stderr, flush=True)
+    app = create_app(settings)
+    app.Worker(loglevel=args.loglevel, quiet=True).execute_from_commandline()
+    return 0
+
+
 def _cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "worker":
+        return _cmd_worker(args, settings)
     result = asyncio.run(_run(args, settings))
     if args.action == "ping":
         if args.json:

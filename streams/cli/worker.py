@@ -79,9 +79,9 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
-    from runledger.streams.topics import ensure_topics, topic_configs, worker_topics
+    from runledger.streams.topics import ensure_topics, topic_configs, webhook_topics, worker_topics
 
-    wanted = worker_topics(settings)
+    wanted = {**worker_topics(settings), **webhook_topics(settings)}
     asyncio.run(ensure_topics(settings, wanted))
     if args.json:
         emit({"topics": wanted})

@@ -53,7 +53,7 @@ from runledger.streams.worker.consumer import LogConsumer, Projector, RetryConsu
 from runledger.streams.worker.outbox import BatchHandler, Forwarder
 from runledger.streams.worker.retry import RetrySchedule, delay_name
 
-__all__ = ["HEARTBEAT_S", "SchemaNotMigrated", "check_schema", "create_app", "worker_pool"]
+__all__ = ["HEARTBEAT_S", "SchemaNotMigrated", "check_schema", "create_app", "faust_app", "worker_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ async def check_schema(settings: Settings) -> None:
 def create_app(settings: Settings, *, metrics_url: str | None = None) -> faust.App:
     """A Faust app whose agent projects the log, and its retry topics, into ``settings.db_schema``.
     ``metrics_url``: where this process serves its metrics, recorded with its heartbeat."""
-    app = _faust_app(settings)
+    app = faust_app(settings, "worker")
     schedule = RetrySchedule(settings.topic_prefix, settings.retry_delays)
     channel = app.channel()
     ready: asyncio.Future[_Ready] = asyncio.Future(loop=app.loop)
@@ -178,9 +178,11 @@ def _faust_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLC
     return faust.SSLCredentials(options["ssl_context"]) if "ssl_context" in options else None
 
 
-def _faust_app(settings: Settings) -> faust.App:
+def faust_app(settings: Settings, role: str) -> faust.App:
+    """A Faust app of a worker (``role``: worker, webhooks) without Faust's own consumer, logged in as the
+    worker."""
     return _WorkerApp(
-        f"{settings.topic_prefix}-worker",
+        f"{settings.topic_prefix}-{role}",
         broker=f"kafka://{settings.kafka_bootstrap_servers.split(',')[0]}",
         broker_credentials=_faust_credentials(settings),
         web_enabled=False,
@@ -191,7 +193,7 @@ def _faust_app(settings: Settings) -> faust.App:
         broker_session_timeout=6.0,
         broker_heartbeat_interval=2.0,
         broker_rebalance_timeout=10.0,
-        datadir=str(settings.state_dir / "faust"),
+        datadir=str(settings.state_dir / ("faust" if role == "worker" else f"faust-{role}")),
     )
 
 

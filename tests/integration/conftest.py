@@ -103,8 +103,10 @@ def worker_log(worker: subprocess.Popen[bytes]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(env: dict[str, str], *, loglevel: str = "warning") -> AsyncIterator[subprocess.Popen[bytes]]:
-    """A ``runledger worker`` process with ``env``; its log (``worker_log``) is shown if the test fails.
+async def running_worker(env: dict[str, str], *, loglevel: str = "warning",
+                         command: tuple[str, ...] = ("worker",)) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A ``runledger worker`` process (or ``command``: ``("webhooks", "worker")``) with ``env``; its log
+    (``worker_log``) is shown if the test fails.
 
     It is stopped without blocking the event loop, which may serve its connections (a proxy). Its schema is
     migrated first, as the owner: a worker's login applies no migration."""
@@ -113,7 +115,7 @@ async def running_worker(env: dict[str, str], *, loglevel: str = "warning") -> A
     settings = settings_of(env)
     await migrate(settings.database_url, settings.db_schema)
     log = tempfile.TemporaryFile()
-    worker = subprocess.Popen([*CLI, "worker", "--loglevel", loglevel],
+    worker = subprocess.Popen([*CLI, *command, "--loglevel", loglevel],
                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     worker.log = log  # type: ignore[attr-defined]
     try:

@@ -5,14 +5,10 @@ read to its cap, private addresses refused unless allowed; and ``runledger webho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,49 +21,11 @@ from runledger.streams.webhooks.sender import RESPONSE_CAP, post, signature_head
 from runledger.streams.webhooks.targets import TargetRefused, parse_target
 from tests.conftest import CLI
 from tests.integration.httpapi.serving import migrated
+from tests.integration.receivers import receiving
 
 pytestmark = pytest.mark.timeout(120)
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
-
-
-class Receiver:
-    """What the receiver got (headers, body) and how it answers: status, extra headers, body, delay."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[dict[str, str], bytes]] = []
-        self.status, self.headers, self.body, self.delay_s = 204, {}, b"", 0.0
-        self.port = 0
-
-
-@contextlib.contextmanager
-def receiving() -> Iterator[Receiver]:
-    receiver = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers.get("content-length", "0")))
-            receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            time.sleep(receiver.delay_s)
-            self.send_response(receiver.status)
-            for name, value in receiver.headers.items():
-                self.send_header(name, value)
-            self.send_header("content-length", str(len(receiver.body)))
-            self.end_headers()
-            self.wfile.write(receiver.body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def signed(secrets: list[str], body: bytes) -> dict[str, str]:

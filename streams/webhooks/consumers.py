@@ -1,0 +1,193 @@
+"""The Kafka consumers of a delivery worker: the log, and one per deliveries' retry topic.
+
+``OwedReader`` reads the log in the delivery workers' own group (``<RUNLEDGER_CONSUMER_GROUP>.webhooks``), writes
+the messages each batch owes the endpoints (``messages.match``) in one transaction, and only then commits the batch
+to Kafka: a worker that stops or dies before reads the batch again, and the messages already written are the same
+rows (their ids come from the endpoint and the event). Its partitions are the ones whose messages this worker's
+``Dispatcher`` sends, so each (endpoint, stream) has one sender.
+
+``RetryReader`` reads one retry topic: each copy is attempted once it is due (a copy due later than its topic's
+delay, after a long ``Retry-After``, goes round the topic again rather than hold the others back), then the
+attempts are recorded and the batch committed. A copy of an attempt made already (a copy published twice, a
+message replayed or delivered meanwhile) is skipped: PostgreSQL's state of the message decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from runledger.projections.postgres.db import database_error
+from runledger.projections.postgres.queries import query
+from runledger.projections.records import LogRecord
+from runledger.schemas.events import MAX_EVENT_BYTES
+from runledger.streams import metrics
+from runledger.streams.kafka import stop_consumer
+from runledger.streams.webhooks.delivery import Deliverer, Outcome, Recorder
+from runledger.streams.webhooks.endpoints import Filter
+from runledger.streams.webhooks.messages import EndpointView, Message, RetryCopy, match, read_retry_headers
+from runledger.streams.worker.retry import message_time
+
+__all__ = ["OwedReader", "RetryReader"]
+
+log = logging.getLogger(__name__)
+
+_FETCH_BYTES = 4 * MAX_EVENT_BYTES
+T = TypeVar("T")
+
+
+def _consumer(kafka: Mapping[str, Any], group_id: str, *, session_timeout_s: float, fetch_wait_ms: int
+              ) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **kafka, group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+        max_partition_fetch_bytes=_FETCH_BYTES, fetch_max_bytes=4 * _FETCH_BYTES,
+        session_timeout_ms=round(session_timeout_s * 1000), heartbeat_interval_ms=round(session_timeout_s * 1000 / 3),
+        fetch_max_wait_ms=fetch_wait_ms)
+
+
+async def _commit(consumer: AIOKafkaConsumer, fetched: Mapping[TopicPartition, list[Any]], what: str) -> None:
+    offsets = {tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch}
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as e:  # a rebalance took the partitions away: what was done is in PostgreSQL anyway
+        log.warning("%s: commit failed (%s: %s); carrying on", what, type(e).__name__, e)
+
+
+async def _until_written(what: str, write: Callable[[], Awaitable[T]]) -> T:
+    """``write()`` until PostgreSQL takes it: nothing read is committed to Kafka before."""
+    pause = 0.2
+    while True:
+        try:
+            return await write()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+            log.warning("%s: %s; trying again in %.1f s", what, database_error(e, "webhooks") or e, pause)
+            await asyncio.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter
+            pause = min(pause * 2, 5.0)
+
+
+class OwedReader:
+    """Reads the log and writes what it owes the endpoints; ``run()`` until cancelled. ``owed``: called with each
+    batch's messages once they are written (the dispatcher starts sending)."""
+
+    def __init__(self, kafka: Mapping[str, Any], topic: str, group_id: str, pool: asyncpg.Pool,
+                 owed: Callable[[list[Message]], Awaitable[None]], *, session_timeout_s: float = 6.0) -> None:
+        self.topic, self._pool, self._owed = topic, pool, owed
+        self._consumer = _consumer(kafka, group_id, session_timeout_s=session_timeout_s, fetch_wait_ms=50)
+
+    @property
+    def partitions(self) -> set[int]:
+        return {tp.partition for tp in self._consumer.assignment()}
+
+    async def run(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe([self.topic])
+        try:
+            while True:
+                try:
+                    fetched = await self._consumer.getmany(timeout_ms=500, max_records=2000)
+                except KafkaError as e:
+                    log.warning("reading %s: %s; trying again", self.topic, e)
+                    await asyncio.sleep(1)
+                    continue
+                if not any(fetched.values()):
+                    continue
+                records = [(LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b""),
+                            message_time(m.timestamp)) for batch in fetched.values() for m in batch]
+                messages = await _until_written(
+                    f"cannot write the messages owed by {len(records)} records of {self.topic}",
+                    lambda records=records: self._write(records))  # type: ignore[misc]
+                await _commit(self._consumer, fetched, self.topic)
+                await self._owed(messages)
+        finally:
+            await stop_consumer(self._consumer)
+
+    async def _write(self, records: list[tuple[LogRecord, datetime]]) -> list[Message]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            endpoints = [EndpointView(r["endpoint_id"], Filter(tuple(r["types"]), r["stream_prefix"], r["source"]),
+                                      r["created_at"]) for r in await conn.fetch(query("webhook_endpoints_all"))]
+            messages, skipped = match(records, endpoints)
+            if messages:
+                columns = zip(*((m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_id, m.event_type, m.event_hash,
+                                 m.event_time, m.partition, m.offset, m.body) for m in messages), strict=True)
+                await conn.execute(query("webhook_enqueue"), *map(list, columns))
+        for s in skipped:
+            metrics.WEBHOOK_SKIPPED.labels(s.reason).inc()
+            log.info("%s[%d]@%d is no event (%s): no endpoint is owed it", self.topic, s.partition, s.offset,
+                     s.reason)
+        metrics.WEBHOOK_MESSAGES.inc(len(messages))
+        return messages
+
+
+class RetryReader:
+    """Reads one retry topic of the deliveries; ``run()`` until cancelled. ``delivered``: called after a batch
+    whose attempts freed messages held back behind them (the dispatcher sends those)."""
+
+    def __init__(self, kafka: Mapping[str, Any], topic: str, delay: float, group_id: str, pool: asyncpg.Pool,
+                 deliverer: Deliverer, recorder: Recorder, producer: AIOKafkaProducer,
+                 delivered: Callable[[], None], *, session_timeout_s: float = 6.0) -> None:
+        self.topic, self._delay, self._pool = topic, delay, pool
+        self._deliverer, self._recorder, self._producer, self._delivered = deliverer, recorder, producer, delivered
+        self._consumer = _consumer(kafka, group_id, session_timeout_s=session_timeout_s, fetch_wait_ms=500)
+
+    async def run(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe([self.topic])
+        try:
+            while True:
+                try:
+                    fetched = await self._consumer.getmany(timeout_ms=500, max_records=500)
+                except KafkaError as e:
+                    log.warning("reading %s: %s; trying again", self.topic, e)
+                    await asyncio.sleep(1)
+                    continue
+                messages = [m for batch in fetched.values() for m in batch]
+                if not messages:
+                    continue
+                results = await asyncio.gather(*(self._retry(m) for m in messages))
+                outcomes = [o for o in results if o is not None]
+                await self._recorder.record(outcomes)
+                await _commit(self._consumer, fetched, self.topic)
+                if outcomes:
+                    self._delivered()
+        finally:
+            await stop_consumer(self._consumer)
+
+    async def _retry(self, m: Any) -> Outcome | None:
+        copy = read_retry_headers(m.headers or [])
+        if copy is None:
+            log.warning("%s[%d]@%d is no copy of a delivery runledger wrote: skipped", m.topic, m.partition,
+                        m.offset)
+            return None
+        wait = (copy.due - datetime.now(UTC)).total_seconds() if copy.due is not None else 0.0
+        if wait > self._delay + 1.0:  # a long Retry-After: round the topic again rather than hold it up
+            await self._producer.send_and_wait(self.topic, m.value, key=m.key, headers=m.headers)
+            return None
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return await self._attempt(copy)
+
+    async def _attempt(self, copy: RetryCopy) -> Outcome | None:
+        while True:
+            try:
+                row = await self._pool.fetchrow(query("webhook_message"), copy.msg_id)
+                if row is None or row["state"] != "retrying" or row["attempts"] != copy.attempt - 1:
+                    return None  # delivered, replayed or attempted meanwhile: this copy is spent
+                if not row["enabled"]:
+                    await self._pool.execute(query("webhook_set_pending"), copy.msg_id, copy.attempt)
+                    return None  # waits, pending, for `runledger webhooks enable`
+                return await self._deliverer.attempt(copy.msg_id, row["endpoint_id"], row["stream_id"],
+                                                     bytes(row["body"]), copy.attempt, row["event_time"],
+                                                     replayed_after=row["replayed_after"])
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+                log.warning("%s: cannot read message %s (%s); trying again", self.topic, copy.msg_id,
+                            database_error(e, "webhooks") or e)
+                await asyncio.sleep(1.0 + random.random())  # noqa: S311 - jitter
+
