@@ -854,3 +854,32 @@ SELECT (SELECT count(*) FROM webhook_messages WHERE state IN ('pending', 'retryi
        (SELECT count(*) FROM webhook_messages WHERE state = 'dead') AS dead,
        (SELECT count(*) FROM webhook_endpoints WHERE removed_at IS NULL AND failing_since IS NOT NULL) AS failing,
        (SELECT count(*) FROM webhook_endpoints WHERE removed_at IS NULL AND NOT enabled) AS disabled;
+
+-- name: webhook_messages_select
+-- Messages by id ($1), or of an endpoint ($2), state ($3), stream ($4), seq range ($5, $6), owed since ($7), in
+-- (endpoint, stream, seq) order, at most $8; with their last attempt.
+SELECT m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_id, m.event_type, m.state, m.attempts, m.created_at,
+       m.delivered_at, m.due_at, d.attempted_at AS last_attempt_at, d.status AS last_status, d.error AS last_error,
+       d.response AS last_response
+FROM webhook_messages m
+LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries d WHERE d.msg_id = m.msg_id ORDER BY d.attempt DESC LIMIT 1) d
+    ON true
+WHERE ($1::text[] IS NULL OR m.msg_id = ANY($1)) AND ($2::text IS NULL OR m.endpoint_id = $2)
+  AND ($3::text[] IS NULL OR m.state = ANY($3)) AND ($4::text IS NULL OR m.stream_id = $4)
+  AND ($5::bigint IS NULL OR m.seq >= $5) AND ($6::bigint IS NULL OR m.seq <= $6)
+  AND ($7::timestamptz IS NULL OR m.created_at >= $7)
+ORDER BY m.endpoint_id, m.stream_id, m.seq LIMIT $8;
+
+-- name: webhook_attempts
+SELECT msg_id, attempt, attempted_at, status, latency_ms, response, error, address, outcome
+FROM webhook_deliveries WHERE msg_id = ANY($1::text[]) ORDER BY msg_id, attempt;
+
+-- name: webhook_replay
+-- Messages of $1 delivered or dead, owed again: sent in seq order by the worker that holds their partition, their
+-- retries counted afresh. A message pending or retrying is owed already and stays as it is.
+UPDATE webhook_messages SET state = 'pending', replayed_after = attempts, due_at = NULL, delivered_at = NULL
+WHERE msg_id = ANY($1::text[]) AND state IN ('delivered', 'dead')
+RETURNING msg_id;
+
+-- name: webhook_replay_audit
+INSERT INTO webhook_replays (run_by, filter, msg_ids) VALUES ($1, $2, $3) RETURNING id, run_at;

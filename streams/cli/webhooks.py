@@ -12,12 +12,14 @@ import asyncio
 import sys
 from typing import Any
 
-from runledger.streams.cli.common import Subparsers, emit
+from runledger.streams.cli.common import EXIT_USAGE, InputError, Subparsers, confirm, emit
 from runledger.streams.cli.sources import parse_duration
 from runledger.streams.settings import Settings
 from runledger.streams.terminal import terminal_safe
 
 __all__ = ["register"]
+
+STATE_CHOICES = ("pending", "retrying", "delivered", "dead")
 
 
 def register(sub: Subparsers) -> None:
@@ -62,6 +64,35 @@ def register(sub: Subparsers) -> None:
         if name == "disable":
             action.add_argument("--reason", default="disabled by an operator", help="why (shown by list and show)")
         action.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    deliveries = actions.add_parser(
+        "deliveries", help="the messages owed to endpoints and what became of them (pending, retrying, delivered, "
+        "dead), with their last attempt", description="One line per message (an event owed to an endpoint), in "
+        "(endpoint, stream, seq) order, with its state, its attempts and the last one's answer. --attempts shows "
+        "every attempt: when, the status, the latency, the first KiB of the answer, the error.")
+    replay = actions.add_parser(
+        "replay", help="send delivered or dead messages again (dry run first; audited; idempotent)",
+        description="Makes the messages chosen owed again: the delivery worker holding their log partition sends "
+        "them in seq order, before anything later of their stream to that endpoint, with the same webhook-id and "
+        "their retries counted afresh. Choose messages by id, or --endpoint with --status (default dead), "
+        "--stream, --from-seq/--to-seq and --since. A message still pending or retrying is left as it is, so a "
+        "replay run twice sends once. Each replay is kept in webhook_replays (who, which filter, which messages). "
+        "Exit 0 replayed (or nothing to), 2 refused.")
+    for p in (deliveries, replay):
+        if p is replay:
+            p.add_argument("ids", nargs="*", metavar="MSG_ID", help="these messages (msg_..., the webhook-id)")
+        p.add_argument("--endpoint", metavar="ID", help="only this endpoint's messages")
+        p.add_argument("--status", action="append", choices=STATE_CHOICES, metavar="STATE",
+                       help="only messages in this state: pending, retrying, delivered, dead (repeatable)"
+                       + ("; default dead" if p is replay else ""))
+        p.add_argument("--stream", metavar="ID", help="only this stream's messages")
+        p.add_argument("--from-seq", type=int, metavar="N", help="only seq N and later")
+        p.add_argument("--to-seq", type=int, metavar="N", help="only seq N and earlier")
+        p.add_argument("--since", metavar="TIME", help="only messages owed at or after TIME: 2h, 30m, 1d or RFC 3339")
+        p.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N messages (default 1000)")
+        p.add_argument("--json", action="store_true", help="one JSON object a line")
+    deliveries.add_argument("--attempts", action="store_true", help="every attempt of each message")
+    replay.add_argument("--dry-run", action="store_true", help="show what would be sent again; change nothing")
+    replay.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     worker = actions.add_parser(
         "worker", help="run a delivery worker (Faust): sends the matching events of the log to the endpoints",
         description="Reads <prefix>.events in its own consumer group (<RUNLEDGER_CONSUMER_GROUP>.webhooks) and POSTs "
@@ -97,9 +128,98 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _selection(args: argparse.Namespace) -> Any:
+    from runledger.streams.tools.dlq import parse_time
+    from runledger.streams.webhooks.replay import Selection
+
+    ids = tuple(getattr(args, "ids", ()) or ())
+    states = tuple(args.status or (("dead",) if args.action == "replay" and not ids else ()))
+    if args.action == "replay" and not ids and args.endpoint is None:
+        raise InputError("replay: name messages (MSG_ID ...) or an endpoint (--endpoint ID)")
+    if args.limit < 1:
+        raise InputError(f"--limit: at least 1, not {args.limit}")
+    return Selection(ids, args.endpoint, states, args.stream, args.from_seq, args.to_seq,
+                     parse_time(args.since) if args.since else None, args.limit)
+
+
+def _cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.webhooks.replay import select_messages
+
+    sel = _selection(args)
+    rows = asyncio.run(_with_owner(settings, lambda conn: select_messages(conn, sel, attempts=args.attempts)))
+    for m in rows:
+        if args.json:
+            emit(m)
+            continue
+        last = (f"last: {m['last_status'] or 'no answer'}" + (f" ({m['last_error']})" if m["last_error"] else "")
+                if m["last_attempt_at"] else "not attempted yet")
+        print(terminal_safe(f"{m['msg_id']}  {m['endpoint_id']}  {m['stream_id']} seq {m['seq']}  {m['event_type']}  "
+                            f"{m['state']}  attempts {m['attempts']}  {last}"))
+        for a in m.get("attempts_made", []):
+            print(terminal_safe(f"    #{a['attempt']} {a['attempted_at']}  {a['status'] or 'no answer'}  "
+                                f"{a['latency_ms']:.0f} ms  {a['outcome']}" + (f"  {a['error']}" if a["error"] else "")
+                                + (f"  answered {a['response']!r}" if a["response"] else "")))
+    if not args.json:
+        print(f"{len(rows)} messages" + (f" (--limit {args.limit} reached)" if len(rows) == args.limit else ""),
+              file=sys.stderr)
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.webhooks.replay import replay, select_messages
+
+    sel = _selection(args)
+    rows = asyncio.run(_with_owner(settings, lambda conn: select_messages(conn, sel)))
+    owed = [m for m in rows if m["state"] in ("pending", "retrying")]
+    chosen = [m for m in rows if m["state"] in ("delivered", "dead")]
+    for m in owed:
+        print(terminal_safe(f"{m['msg_id']}: {m['state']}, owed already: left as it is"), file=sys.stderr)
+    if not chosen:
+        print("no delivered or dead message matches: nothing to replay", file=sys.stderr)
+        if args.json:
+            emit({"replayed": [], "replay_id": None, "dry_run": args.dry_run})
+        return 0
+    streams = len({(m["endpoint_id"], m["stream_id"]) for m in chosen})
+    what = f"{len(chosen)} messages of {streams} (endpoint, stream) pairs"
+    print(("dry run, nothing changes: would send again " if args.dry_run else "sending again ") + what,
+          file=sys.stderr)
+    for m in chosen:
+        print(terminal_safe(f"  {m['msg_id']}  {m['endpoint_id']}  {m['stream_id']} seq {m['seq']}  {m['state']}"),
+              file=sys.stderr)
+    if args.dry_run:
+        if args.json:
+            emit({"replayed": [m["msg_id"] for m in chosen], "replay_id": None, "dry_run": True})
+        return 0
+    if not (args.yes or confirm(f"Send {len(chosen)} messages again?")):
+        print("nothing replayed", file=sys.stderr)
+        return EXIT_USAGE
+    done, replay_id = asyncio.run(_with_owner(settings, lambda conn: replay(conn, [m["msg_id"] for m in chosen],
+                                                                            sel)))
+    if args.json:
+        emit({"replayed": done, "replay_id": replay_id, "dry_run": False})
+    else:
+        print(f"replay {replay_id}: {len(done)} messages owed again; the delivery workers send them in seq order"
+              if done else "nothing replayed: every message chosen is owed already")
+    return 0
+
+
+async def _with_owner(settings: Settings, work: Any) -> Any:
+    from runledger.projections.postgres.db import connect_one
+
+    conn = await connect_one(settings.database_dsn(), settings.db_schema, decode_jsonb=True)
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
 def _cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "worker":
         return _cmd_worker(args, settings)
+    if args.action == "deliveries":
+        return _cmd_deliveries(args, settings)
+    if args.action == "replay":
+        return _cmd_replay(args, settings)
     result = asyncio.run(_run(args, settings))
     if args.action == "ping":
         if args.json:

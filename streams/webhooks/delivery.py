@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import orjson
 
 from runledger.projections.postgres.db import database_error
 from runledger.projections.postgres.queries import query
@@ -218,7 +217,7 @@ class Recorder:
                       r["endpoint_id"], r["disabled_reason"], r["endpoint_id"])
         return moved, len(copies)
 
-    def _copy(self, o: Outcome) -> tuple[str, str, str]:
+    def _copy(self, o: Outcome) -> tuple[str, str, dict[str, str]]:
         prefix = self._settings.topic_prefix
         if o.next.outcome == "retry":
             delays = self._settings.webhook_retry_delays
@@ -228,7 +227,7 @@ class Recorder:
         else:
             topic = webhook_dlq_topic(prefix)
             headers = retry_headers(o.msg_id, o.endpoint_id, o.number, None, o.next.why)
-        return o.msg_id, topic, orjson.dumps(headers).decode()
+        return o.msg_id, topic, headers
 
 
 def _text(response: bytes) -> str | None:

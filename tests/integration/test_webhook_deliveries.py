@@ -6,6 +6,7 @@ dead deliveries are replayed; a worker killed mid-delivery and a PostgreSQL outa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -28,10 +29,14 @@ WORKER = ("webhooks", "worker")
 
 
 def hooks(env: dict[str, str], *args: str) -> Any:
+    """``runledger webhooks ARGS`` (exit 0): its JSON objects (one: the object; several: a list), or its text."""
     done = subprocess.run([*CLI, "webhooks", *args], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    return orjson.loads(done.stdout) if "--json" in args else done.stdout
+    if "--json" not in args:
+        return done.stdout
+    objects = [orjson.loads(line) for line in done.stdout.splitlines() if line]
+    return objects if args[0] == "deliveries" else objects[0]
 
 
 async def delivery_env(env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -92,3 +97,99 @@ async def test_every_matching_event_is_delivered_as_stored_verified_and_in_seq_o
     assert len(rows) == 27 and {(r["state"], r["attempt"], r["status"]) for r in rows} == {("delivered", 1, 204)}
     assert {h["webhook-id"] for h, _ in receiver.got} == {r["msg_id"] for r in rows}
     assert failed_only != endpoint
+
+
+def failing_first(stream: str, seq: int, failures: int | None) -> Any:
+    """An answer: 500 to ``stream``'s ``seq`` for its first ``failures`` deliveries (None: always), else 204."""
+    seen = [0]
+
+    def answer(headers: dict[str, str], body: bytes) -> int:
+        event = orjson.loads(body)
+        if (event["subject"], event["seq"]) == (stream, seq):
+            seen[0] += 1
+            if failures is None or seen[0] <= failures:
+                return 500
+        return 204
+
+    return answer
+
+
+def arrivals(receiver: Receiver, stream: str) -> list[tuple[float, int, str]]:
+    """(time, seq, webhook-id) of each delivery of ``stream``, in arrival order."""
+    out = []
+    for (headers, body), at in zip(receiver.got, receiver.times, strict=True):
+        event = orjson.loads(body)
+        if event["subject"] == stream:
+            out.append((at, event["seq"], headers["webhook-id"]))
+    return out
+
+
+async def test_a_failing_receiver_gets_the_event_on_the_schedule_and_holds_back_only_its_own_stream(
+        env: dict[str, str]) -> None:
+    env = await delivery_env(env)  # the seeds' schedule: 1, 2, 4, 8, 16 s, with 10 % jitter
+    with receiving() as receiver, receiving() as other:
+        receiver.answer = failing_first("slow-1", 1, 3)
+        endpoint, _ = add(env, receiver)
+        add(env, other)
+        await write_log(settings_of(env), rechain("slow-1") + rechain("fast-1"))
+        async with running_worker(env, command=WORKER):
+            await received(receiver, 18 + 3)
+            await received(other, 18)
+    slow = arrivals(receiver, "slow-1")
+    tries = [at for at, seq, _ in slow if seq == 1]
+    assert len(tries) == 4 and len({mid for _, seq, mid in slow if seq == 1}) == 1  # one webhook-id throughout
+    for (before, after_), delay in zip(itertools.pairwise(tries), (1.0, 2.0, 4.0), strict=True):
+        assert delay * 0.9 - 0.05 <= after_ - before <= delay * 1.1 + 1.5, (delay, after_ - before)
+    # The later events of slow-1 wait for seq 1, and then arrive in seq order; nothing else waits for it.
+    assert [seq for _, seq, _ in slow] == [1, 1, 1, 1, *range(2, 10)]
+    assert all(at > tries[-1] for at, seq, _ in slow if seq > 1)
+    assert all(at < tries[1] for at, _, _ in arrivals(receiver, "fast-1"))
+    assert all(at < tries[1] for at, _, _ in arrivals(other, "slow-1"))
+    rows = await fetch(env, "SELECT d.attempt, d.status, d.outcome FROM webhook_deliveries d JOIN webhook_messages m "
+                            "USING (msg_id) WHERE m.endpoint_id = $1 AND m.stream_id = 'slow-1' AND m.seq = 1 "
+                            "ORDER BY d.attempt", endpoint)
+    assert [tuple(r) for r in rows] == [(1, 500, "retry"), (2, 500, "retry"), (3, 500, "retry"), (4, 204, "delivered")]
+    settings = settings_of(env)
+    for delay in ("1s", "2s", "4s"):  # each retry went through its retry topic
+        copies = await read_log(settings, f"{settings.topic_prefix}.webhooks.retry.{delay}")
+        assert [dict(c.headers)["runledger.webhook.attempt"] for c in copies] == [b"2" if delay == "1s" else
+                                                                                   b"3" if delay == "2s" else b"4"]
+
+
+async def test_a_receiver_that_never_recovers_gets_a_dead_delivery_replayed_once_it_is_fixed(
+        env: dict[str, str]) -> None:
+    env = await delivery_env(env, RUNLEDGER_WEBHOOK_RETRY_DELAYS="0.1,0.2,0.3,0.4,0.5")
+    with receiving() as receiver:
+        receiver.answer = failing_first("doomed-1", 1, None)
+        endpoint, secret = add(env, receiver)
+        await write_log(settings_of(env), rechain("doomed-1") + rechain("fine-1"))
+        async with running_worker(env, command=WORKER):
+            await received(receiver, 6 + 9)
+
+            async def dead() -> list[Any]:
+                return hooks(env, "deliveries", "--endpoint", endpoint, "--status", "dead", "--json")  # type: ignore[no-any-return]
+
+            [letter] = await poll(dead, 30, "the dead delivery")
+            assert (letter["stream_id"], letter["seq"], letter["attempts"], letter["last_status"]) == (
+                "doomed-1", 1, 6, 500)
+            settings = settings_of(env)
+            [copy] = await read_log(settings, f"{settings.topic_prefix}.webhooks.dlq")
+            assert dict(copy.headers)["runledger.webhook.msg_id"] == letter["msg_id"].encode()
+            assert [seq for _, seq, _ in arrivals(receiver, "doomed-1")] == [1] * 6  # the rest held back
+            receiver.answer = None  # fixed
+
+            dry = hooks(env, "replay", "--endpoint", endpoint, "--dry-run", "--json")
+            assert dry["replayed"] == [letter["msg_id"]]
+            assert hooks(env, "deliveries", "--endpoint", endpoint, "--stream", "doomed-1", "--json")[0]["state"] == "dead"
+            done = hooks(env, "replay", "--endpoint", endpoint, "--yes", "--json")
+            assert done["replayed"] == [letter["msg_id"]] and done["replay_id"] is not None
+            again = hooks(env, "replay", "--endpoint", endpoint, "--yes", "--json")
+            assert again["replayed"] == []  # idempotent: nothing is dead any more, or it is owed already
+            await received(receiver, 6 + 9 + 9)
+        doomed = arrivals(receiver, "doomed-1")
+        assert [seq for _, seq, _ in doomed] == [1] * 7 + list(range(2, 10))
+        assert len({mid for _, seq, mid in doomed if seq == 1}) == 1
+        for headers, body in receiver.got:
+            Webhook(secret).verify(body, headers)
+    [audit] = await fetch(env, "SELECT run_by, filter, msg_ids FROM webhook_replays")
+    assert audit["msg_ids"] == [letter["msg_id"]] and endpoint in audit["filter"]
