@@ -20,6 +20,7 @@ from standardwebhooks.webhooks import Webhook
 from runledger.projections.postgres.db import connect_one
 from tests.conftest import CLI
 from tests.integration.conftest import poll, read_log, rechain, running_worker, settings_of, write_log
+from tests.integration.deadletters.pgproxy import PgProxy
 from tests.integration.httpapi.serving import migrated
 from tests.integration.receivers import Receiver, receiving
 
@@ -180,7 +181,8 @@ async def test_a_receiver_that_never_recovers_gets_a_dead_delivery_replayed_once
 
             dry = hooks(env, "replay", "--endpoint", endpoint, "--dry-run", "--json")
             assert dry["replayed"] == [letter["msg_id"]]
-            assert hooks(env, "deliveries", "--endpoint", endpoint, "--stream", "doomed-1", "--json")[0]["state"] == "dead"
+            listed = hooks(env, "deliveries", "--endpoint", endpoint, "--stream", "doomed-1", "--json")
+            assert listed[0]["state"] == "dead"  # the dry run changed nothing
             done = hooks(env, "replay", "--endpoint", endpoint, "--yes", "--json")
             assert done["replayed"] == [letter["msg_id"]] and done["replay_id"] is not None
             again = hooks(env, "replay", "--endpoint", endpoint, "--yes", "--json")
@@ -193,3 +195,80 @@ async def test_a_receiver_that_never_recovers_gets_a_dead_delivery_replayed_once
             Webhook(secret).verify(body, headers)
     [audit] = await fetch(env, "SELECT run_by, filter, msg_ids FROM webhook_replays")
     assert audit["msg_ids"] == [letter["msg_id"]] and endpoint in audit["filter"]
+
+
+def delivered_once_each_in_order(receiver: Receiver, streams: list[str]) -> None:
+    """Every event of ``streams`` arrived, at least once; every copy of a message carries the same webhook-id and
+    body; each stream's first arrivals are in seq order."""
+    ids: dict[str, bytes] = {}
+    for headers, body in receiver.got:
+        assert ids.setdefault(headers["webhook-id"], body) == body  # a duplicate is the same message
+    for stream in streams:
+        firsts: list[int] = []
+        for _, seq, _ in arrivals(receiver, stream):
+            if seq not in firsts:
+                firsts.append(seq)
+        assert firsts == list(range(1, 10)), (stream, [seq for _, seq, _ in arrivals(receiver, stream)])
+
+
+async def test_kill_9_of_a_worker_mid_delivery_loses_nothing_and_duplicates_keep_their_webhook_id(
+        env: dict[str, str]) -> None:
+    env = await delivery_env(env)
+    streams = [f"k9-{n}" for n in range(8)]
+    with receiving() as receiver:
+        receiver.delay_s = 0.1  # requests are open when the worker dies
+        endpoint, _ = add(env, receiver)
+        await write_log(settings_of(env), [e for s in streams for e in rechain(s)])
+        async with running_worker(env, command=WORKER) as worker:
+            await received(receiver, 20)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        killed_at = len(receiver.got)
+        assert killed_at < 9 * len(streams)  # it died with messages owed
+        async with running_worker(env, command=WORKER):
+            await received(receiver, killed_at + 1)
+            await write_log(settings_of(env), rechain("k9-after"))  # after the restart, write before reading
+
+            async def all_delivered() -> bool:
+                rows = await fetch(env, "SELECT count(*) AS n FROM webhook_messages WHERE state = 'delivered'")
+                return rows[0]["n"] == 9 * (len(streams) + 1)
+
+            await poll(all_delivered, 60, "every message delivered")
+        delivered_once_each_in_order(receiver, [*streams, "k9-after"])
+    # Sent before the kill and not recorded: sent again, with the same webhook-id (checked above).
+    assert len(receiver.got) > 9 * (len(streams) + 1)
+    rows = await fetch(env, "SELECT count(DISTINCT msg_id) AS n FROM webhook_deliveries WHERE endpoint_id = $1 "
+                            "AND outcome = 'delivered'", endpoint)
+    assert rows[0]["n"] == 9 * (len(streams) + 1)
+
+
+async def test_postgres_gone_mid_delivery_loses_nothing_and_duplicates_keep_their_webhook_id(
+        env: dict[str, str]) -> None:
+    env = await delivery_env(env)
+    settings = settings_of(env)
+    proxy = PgProxy("127.0.0.1", settings.port_of("postgres"))
+    await proxy.start()
+    through_proxy = {**env, "RUNLEDGER_DATABASE_URL": settings.database_url.replace(
+        f":{settings.port_of('postgres')}/", f":{proxy.port}/")}
+    streams = [f"pg-{n}" for n in range(8)]
+    try:
+        with receiving() as receiver:
+            receiver.delay_s = 0.1
+            add(env, receiver)
+            await write_log(settings, [e for s in streams for e in rechain(s)])
+            async with running_worker(through_proxy, command=WORKER) as worker:
+                await received(receiver, 20)
+                await proxy.stop()  # deliveries under way cannot be recorded; nothing new can be read
+                await write_log(settings, rechain("pg-during"))
+                await asyncio.sleep(5)
+                await proxy.start()
+
+                async def all_delivered() -> bool:
+                    rows = await fetch(env, "SELECT count(*) AS n FROM webhook_messages WHERE state = 'delivered'")
+                    return rows[0]["n"] == 9 * (len(streams) + 1)
+
+                await poll(all_delivered, 90, "every message delivered")
+                assert worker.poll() is None  # it waited for PostgreSQL, it did not stop
+            delivered_once_each_in_order(receiver, [*streams, "pg-during"])
+    finally:
+        await proxy.stop()
