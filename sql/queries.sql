@@ -883,3 +883,7 @@ RETURNING msg_id;
 
 -- name: webhook_replay_audit
 INSERT INTO webhook_replays (run_by, filter, msg_ids) VALUES ($1, $2, $3) RETURNING id, run_at;
+
+-- name: webhook_retries_afresh
+-- An endpoint enabled again: what it missed is retried on the whole schedule again.
+UPDATE webhook_messages SET replayed_after = attempts WHERE endpoint_id = $1 AND state = 'pending';

@@ -13,8 +13,7 @@ from aiokafka.errors import KafkaError
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.kafka import client_options
 from runledger.streams.settings import Settings
-from runledger.streams.webhooks.messages import webhook_dlq_topic, webhook_retry_topic
-from runledger.streams.worker.retry import RetrySchedule, dlq_topic
+from runledger.streams.worker.retry import RetrySchedule, dlq_topic, webhook_dlq_topic, webhook_retry_topic
 
 __all__ = ["LogNotKept", "LogTooFewPartitions", "check_log_topic", "ensure_topics", "topic_configs", "webhook_topics",
            "worker_topics"]

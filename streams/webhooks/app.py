@@ -31,10 +31,10 @@ from runledger.streams.runtime import tune_gc
 from runledger.streams.settings import Settings
 from runledger.streams.webhooks.consumers import OwedReader, RetryReader
 from runledger.streams.webhooks.delivery import Deliverer, Dispatcher, Recorder
-from runledger.streams.webhooks.messages import Message, webhook_retry_topic
+from runledger.streams.webhooks.messages import Message
 from runledger.streams.worker.app import faust_app, worker_pool
 from runledger.streams.worker.outbox import Forwarder
-from runledger.streams.worker.retry import RetrySchedule, delay_name
+from runledger.streams.worker.retry import RetrySchedule, delay_name, webhook_retry_topic
 
 __all__ = ["create_app", "webhook_group"]
 

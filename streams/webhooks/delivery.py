@@ -34,10 +34,11 @@ from runledger.streams import metrics
 from runledger.streams.http.keys import SourcesKey
 from runledger.streams.settings import Settings
 from runledger.streams.webhooks.endpoints import EndpointNotFound, delivery_secrets
-from runledger.streams.webhooks.messages import retry_headers, webhook_dlq_topic, webhook_retry_topic
+from runledger.streams.webhooks.messages import retry_headers
 from runledger.streams.webhooks.schedule import Next, after
 from runledger.streams.webhooks.sender import Attempt, post, signature_header
 from runledger.streams.webhooks.targets import Target, TargetRefused, parse_target
+from runledger.streams.worker.retry import webhook_dlq_topic, webhook_retry_topic
 
 __all__ = ["Deliverer", "Dispatcher", "Outcome", "Recorder"]
 

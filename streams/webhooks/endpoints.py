@@ -108,10 +108,13 @@ async def rotate_secret(conn: asyncpg.Connection, key: SourcesKey, endpoint_id: 
 
 
 async def set_enabled(conn: asyncpg.Connection, endpoint_id: str, enabled: bool, reason: str | None = None) -> None:
-    """Enable ``endpoint_id`` (it gets what it missed, in order), or disable it with ``reason``. Raises
-    EndpointNotFound."""
-    if await conn.fetchval(query("webhook_set_enabled"), endpoint_id, enabled, reason) is None:
-        raise EndpointNotFound(f"no webhook endpoint {endpoint_id!r}")
+    """Enable ``endpoint_id`` (it gets what it missed, in order, each retried on the whole schedule again), or
+    disable it with ``reason``. Raises EndpointNotFound."""
+    async with conn.transaction():
+        if await conn.fetchval(query("webhook_set_enabled"), endpoint_id, enabled, reason) is None:
+            raise EndpointNotFound(f"no webhook endpoint {endpoint_id!r}")
+        if enabled:
+            await conn.execute(query("webhook_retries_afresh"), endpoint_id)
 
 
 async def remove_endpoint(conn: asyncpg.Connection, endpoint_id: str) -> None:

@@ -21,10 +21,9 @@ from datetime import datetime
 from runledger.projections.planner import decode
 from runledger.projections.records import LogRecord
 from runledger.streams.webhooks.endpoints import Filter
-from runledger.streams.worker.retry import delay_name
 
 __all__ = ["HEADER", "EndpointView", "Message", "RetryCopy", "match", "msg_id", "read_retry_headers",
-           "retry_headers", "webhook_dlq_topic", "webhook_retry_topic"]
+           "retry_headers"]
 
 HEADER = "runledger.webhook."
 
@@ -32,14 +31,6 @@ HEADER = "runledger.webhook."
 def msg_id(endpoint_id: str, event_hash: str) -> str:
     """The ``webhook-id`` of an event's message to an endpoint: the same for every attempt and every copy."""
     return "msg_" + hashlib.sha256(f"{endpoint_id}\n{event_hash}".encode()).hexdigest()[:32]
-
-
-def webhook_retry_topic(prefix: str, delay: float) -> str:
-    return f"{prefix}.webhooks.retry.{delay_name(delay)}"
-
-
-def webhook_dlq_topic(prefix: str) -> str:
-    return f"{prefix}.webhooks.dlq"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from runledger.projections.records import Failure, LogRecord, OutboxRow
 from runledger.schemas.events import format_time
 
 __all__ = ["HEADER", "RetrySchedule", "delay_name", "dlq_topic", "failure_headers", "from_retry_topic",
-           "header_values", "message_time"]
+           "header_values", "message_time", "webhook_dlq_topic", "webhook_retry_topic"]
 
 HEADER = "runledger."
 Headers = list[tuple[str, bytes]]
@@ -44,6 +44,16 @@ def delay_name(seconds: float) -> str:
 
 def dlq_topic(prefix: str) -> str:
     return f"{prefix}.events.dlq"
+
+
+def webhook_retry_topic(prefix: str, delay: float) -> str:
+    """A retry topic of the webhook deliveries (``runledger.streams.webhooks``)."""
+    return f"{prefix}.webhooks.retry.{delay_name(delay)}"
+
+
+def webhook_dlq_topic(prefix: str) -> str:
+    """The webhook deliveries' dead-letter topic."""
+    return f"{prefix}.webhooks.dlq"
 
 
 @dataclass(frozen=True, slots=True)

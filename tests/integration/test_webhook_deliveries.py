@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
 import subprocess
+import urllib.request
 from collections import defaultdict
 from typing import Any
 
@@ -19,7 +21,15 @@ from standardwebhooks.webhooks import Webhook
 
 from runledger.projections.postgres.db import connect_one
 from tests.conftest import CLI
-from tests.integration.conftest import poll, read_log, rechain, running_worker, settings_of, write_log
+from tests.integration.conftest import (
+    poll,
+    read_log,
+    rechain,
+    running_worker,
+    settings_of,
+    worker_log,
+    write_log,
+)
 from tests.integration.deadletters.pgproxy import PgProxy
 from tests.integration.httpapi.serving import migrated
 from tests.integration.receivers import Receiver, receiving
@@ -197,6 +207,14 @@ async def test_a_receiver_that_never_recovers_gets_a_dead_delivery_replayed_once
     assert audit["msg_ids"] == [letter["msg_id"]] and endpoint in audit["filter"]
 
 
+def scrape(worker: subprocess.Popen[bytes]) -> str:
+    """The worker's Prometheus metrics, from the port its log names."""
+    port = re.search(r"Prometheus metrics on port (\d+)", worker_log(worker))
+    assert port is not None, worker_log(worker)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10) as answer:
+        return answer.read().decode()  # type: ignore[no-any-return]
+
+
 def delivered_once_each_in_order(receiver: Receiver, streams: list[str]) -> None:
     """Every event of ``streams`` arrived, at least once; every copy of a message carries the same webhook-id and
     body; each stream's first arrivals are in seq order."""
@@ -272,3 +290,39 @@ async def test_postgres_gone_mid_delivery_loses_nothing_and_duplicates_keep_thei
             delivered_once_each_in_order(receiver, [*streams, "pg-during"])
     finally:
         await proxy.stop()
+
+
+async def test_an_endpoint_failing_past_the_window_is_disabled_and_gets_what_it_missed_in_order_once_enabled(
+        env: dict[str, str]) -> None:
+    env = await delivery_env(env, RUNLEDGER_WEBHOOK_RETRY_DELAYS="0.5,1,1.5,2,2.5",
+                             RUNLEDGER_WEBHOOK_DISABLE_AFTER_S="2")
+    with receiving() as receiver, receiving() as healthy:
+        receiver.status = 503
+        endpoint, secret = add(env, receiver)
+        add(env, healthy)
+        await write_log(settings_of(env), rechain("down-1"))
+        async with running_worker(env, command=WORKER) as worker:
+            async def disabled() -> Any:
+                shown = hooks(env, "show", endpoint, "--json")
+                return shown if not shown["enabled"] else None
+
+            shown = await poll(disabled, 30, "the endpoint disabled")
+            assert "longer than 2 s" in shown["disabled_reason"]
+            failed = len(receiver.got)
+            await write_log(settings_of(env), rechain("down-2"))  # matches while disabled: kept, not sent
+            await received(healthy, 18)
+
+            async def all_pending() -> bool:  # the retry due finds the endpoint disabled: it waits, pending
+                return {m["state"] for m in hooks(env, "deliveries", "--endpoint", endpoint, "--json")} == {"pending"}
+
+            await poll(all_pending, 30, "every message of the disabled endpoint pending")
+            assert len(receiver.got) == failed
+            assert f"webhook endpoint {endpoint} disabled" in worker_log(worker)
+            assert "runledger_webhook_endpoints_auto_disabled_total 1.0" in scrape(worker)
+
+            receiver.status = 204  # fixed
+            hooks(env, "enable", endpoint, "--json")
+            await received(receiver, failed + 18)
+        delivered_once_each_in_order(receiver, ["down-1", "down-2"])
+        for headers, body in receiver.got:
+            Webhook(secret).verify(body, headers)

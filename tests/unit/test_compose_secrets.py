@@ -20,7 +20,7 @@ from tests.unit.test_ops import ROOT, compose
 SECRETS = "/run/secrets/"
 # The PostgreSQL logins whose passwords each runledger service holds, and no other: the workers never the owner's.
 LOGINS = {"roles": {"admin", "owner", "worker", "producer", "reader", "api"}, "migrate": {"owner"},
-          "worker": {"worker"}, "serve": {"api"}}
+          "worker": {"worker"}, "serve": {"api"}, "webhooks": {"worker"}}
 PASSWORD_SETTING = {"owner": "RUNLEDGER_DATABASE_PASSWORD_FILE", "admin": "RUNLEDGER_DATABASE_ADMIN_PASSWORD_FILE",
                     **{login: f"RUNLEDGER_DATABASE_{login.upper()}_PASSWORD_FILE"
                        for login in ("worker", "producer", "reader", "api")}}
@@ -38,7 +38,7 @@ def settings_in(service: dict[str, Any], secrets: Path) -> Settings:
     return Settings(**{k.removeprefix("RUNLEDGER_").lower(): v for k, v in env.items()})
 
 
-def test_the_runledger_services_are_roles_migrate_worker_and_serve() -> None:
+def test_the_runledger_services_are_roles_migrate_worker_serve_and_webhooks() -> None:
     assert set(runledger_services()) == set(LOGINS)
 
 
@@ -62,11 +62,14 @@ def test_each_service_logs_in_as_its_own_role_with_passwords_from_its_secrets(na
         secret = files[PASSWORD_SETTING[login]].removeprefix(SECRETS)
         assert (dsn.hostname, dsn.password) == ("postgres", f"pw-of-{secret}"), (name, login)
         assert dsn.username == (settings.database_admin_user if login == "admin" else DATABASE_ROLES[login])  # type: ignore[index]
-    if name != "roles":  # the two that talk to Kafka: SASL/SCRAM with the kafka_password secret
+    if name != "roles":  # those that talk to Kafka: SASL/SCRAM with the kafka_password secret
         kafka = client_options(settings)
         assert (kafka["security_protocol"], kafka["sasl_mechanism"], kafka["sasl_plain_password"]) == (
             "SASL_PLAINTEXT", "SCRAM-SHA-512", "pw-of-kafka_password")
-        assert "redis_password" in mounted and urlsplit(settings.redis_dsn).password == "pw-of-redis_password"
+        if name != "webhooks":  # the delivery workers need no Redis, and get no password for it
+            assert "redis_password" in mounted and urlsplit(settings.redis_dsn).password == "pw-of-redis_password"
+        else:
+            assert "redis_password" not in mounted
 
 
 def test_no_password_is_in_an_environment_value_or_a_url() -> None:

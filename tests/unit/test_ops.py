@@ -49,7 +49,7 @@ def test_every_image_is_pinned_and_every_service_checked() -> None:
         assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+(-\w+)?", image), f"{name}: image {image!r} is not pinned"
         if name not in ("roles", "migrate"):  # the two that run once
             assert "healthcheck" in service, f"{name} has no health check"
-    assert set(services) == {"kafka", "postgres", "redis", "roles", "migrate", "worker", "serve", "prometheus",
+    assert set(services) == {"kafka", "postgres", "redis", "roles", "migrate", "worker", "serve", "webhooks", "prometheus",
                              "grafana"}
 
 
@@ -88,11 +88,11 @@ def test_prometheus_scrapes_every_worker_with_the_alert_rules() -> None:
     assert tool is not None, "promtool is needed (Debian: apt-get install prometheus; `./dev test` does as root)"
     checked = subprocess.run([tool, "check", "config", "prometheus.yml"], cwd=ROOT / "ops" / "prometheus",
                              capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0 and "14 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "16 rules found" in checked.stdout, checked.stdout + checked.stderr
     config = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"runledger-worker", "runledger-serve"}
-    for service in ("worker", "serve"):
+    assert set(jobs) == {"runledger-worker", "runledger-serve", "runledger-webhooks"}
+    for service in ("worker", "serve", "webhooks"):
         port = compose()["services"][service]["environment"]["RUNLEDGER_METRICS_PORT"]
         assert jobs[f"runledger-{service}"]["dns_sd_configs"][0] == {
             "names": [service], "type": "A", "port": int(port), "refresh_interval": "15s"}
