@@ -20,7 +20,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from runledger.projections.postgres.db import connect_one
-from tests.conftest import CLI
+from runledger.streams.webhooks.messages import msg_id
+from tests.conftest import CLI, free_ports
 from tests.integration.conftest import (
     poll,
     read_log,
@@ -33,6 +34,7 @@ from tests.integration.conftest import (
 from tests.integration.deadletters.pgproxy import PgProxy
 from tests.integration.httpapi.serving import migrated
 from tests.integration.receivers import Receiver, receiving
+from tests.integration.test_webhook_sender import NODE_DIR
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -326,3 +328,27 @@ async def test_an_endpoint_failing_past_the_window_is_disabled_and_gets_what_it_
         delivered_once_each_in_order(receiver, ["down-1", "down-2"])
         for headers, body in receiver.got:
             Webhook(secret).verify(body, headers)
+
+
+async def test_the_node_receiver_of_the_docs_verifies_every_delivery_with_the_npm_package(env: dict[str, str]) -> None:
+    env = await delivery_env(env)
+    [port] = free_ports(1)
+    endpoint = hooks(env, "add", f"http://127.0.0.1:{port}/in", "--json")
+    node = subprocess.Popen(["node", str(NODE_DIR / "webhook_receiver.mjs")], cwd=NODE_DIR, stdout=subprocess.PIPE,
+                            env={**os.environ, "RUNLEDGER_WEBHOOK_SECRET": endpoint["secret"],
+                                 "RECEIVER_PORT": str(port)}, text=True)
+    try:
+        assert node.stdout is not None
+        assert orjson.loads(await asyncio.to_thread(node.stdout.readline))["port"] == port
+        events = rechain("node-1")
+        await write_log(settings_of(env), events)
+        async with running_worker(env, command=WORKER):
+            lines = [orjson.loads(await asyncio.to_thread(node.stdout.readline)) for _ in events]
+    finally:
+        node.terminate()
+        node.wait(10)
+        if node.stdout is not None:
+            node.stdout.close()
+    assert all(line["verified"] for line in lines), lines
+    assert [line["type"] for line in lines] == [e["type"] for e in events]  # in seq order
+    assert [line["id"] for line in lines] == [msg_id(endpoint["endpoint_id"], e["hash"]) for e in events]

@@ -1,6 +1,7 @@
 // A webhook receiver in Node.js, verifying with the npm standardwebhooks package: docs/webhooks.md shows it
-// (between the markers), tests/integration/test_webhook_sender.py runs it. RUNLEDGER_WEBHOOK_SECRET is the
-// endpoint's whsec_ secret; it prints the port it listens on, then one JSON line per delivery it got.
+// (between the markers), tests/integration/test_webhook_sender.py and test_webhook_deliveries.py run it.
+// RUNLEDGER_WEBHOOK_SECRET is the endpoint's whsec_ secret, RECEIVER_PORT the port (default: any free one); it
+// prints the port it listens on, then one JSON line per delivery it got.
 // --- docs/webhooks.md: receiver ---
 import { createServer } from "node:http";
 import { Webhook } from "standardwebhooks";
@@ -26,4 +27,4 @@ const server = createServer((req, res) => {
   });
 });
 // --- end ---
-server.listen(0, "127.0.0.1", () => console.log(JSON.stringify({ port: server.address().port })));
+server.listen(Number(process.env.RECEIVER_PORT ?? 0), "127.0.0.1", () => console.log(JSON.stringify({ port: server.address().port })));
