@@ -772,12 +772,18 @@ ORDER BY k.secret_no DESC;
 SELECT endpoint_id, types, stream_prefix, source, created_at FROM webhook_endpoints WHERE removed_at IS NULL;
 
 -- name: webhook_enqueue
--- Messages owed; a record read again, or copied twice into the log, is the message already there.
+-- Messages owed; a record read again, or copied twice into the log, is the message already there; another event at
+-- a seq owed already (a fork the projection dead-letters) is not owed. Returns the messages written now.
 INSERT INTO webhook_messages (msg_id, endpoint_id, stream_id, seq, event_id, event_type, event_hash, event_time,
     log_partition, log_offset, body)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
                      $8::timestamptz[], $9::int[], $10::bigint[], $11::bytea[])
-ON CONFLICT DO NOTHING;
+ON CONFLICT DO NOTHING
+RETURNING msg_id;
+
+-- name: webhook_known
+-- Which of $1 are messages already (the rest conflict with another event at their endpoint, stream and seq).
+SELECT msg_id FROM webhook_messages WHERE msg_id = ANY($1::text[]);
 
 -- name: webhook_owed
 -- Up to $2 messages to send now, at most $3 of each (endpoint, stream), in seq order: pending, of enabled endpoints,

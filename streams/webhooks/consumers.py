@@ -117,7 +117,16 @@ class OwedReader:
             if messages:
                 columns = zip(*((m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_id, m.event_type, m.event_hash,
                                  m.event_time, m.partition, m.offset, m.body) for m in messages), strict=True)
-                await conn.execute(query("webhook_enqueue"), *map(list, columns))
+                written = {r["msg_id"] for r in await conn.fetch(query("webhook_enqueue"), *map(list, columns))}
+                if len(written) < len(messages):
+                    rest = [m.msg_id for m in messages if m.msg_id not in written]
+                    known = {r["msg_id"] for r in await conn.fetch(query("webhook_known"), rest)}
+                    for m in messages:
+                        if m.msg_id not in written and m.msg_id not in known:
+                            log.warning("%s[%d]@%d: %s seq %d is another event at a seq owed to %s already (the "
+                                        "projection dead-letters it as a seq_conflict): not sent", self.topic,
+                                        m.partition, m.offset, m.stream_id, m.seq, m.endpoint_id)
+                            metrics.WEBHOOK_SKIPPED.labels("seq_conflict").inc()
         for s in skipped:
             metrics.WEBHOOK_SKIPPED.labels(s.reason).inc()
             log.info("%s[%d]@%d is no event (%s): no endpoint is owed it", self.topic, s.partition, s.offset,

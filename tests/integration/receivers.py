@@ -24,6 +24,7 @@ class Receiver:
         self.answer: Callable[[dict[str, str], bytes], int] | None = None
         self.port = 0
         self.lock = threading.Lock()
+        self.open = self.most_open = 0  # requests being answered now, and the most at once
 
     @property
     def url(self) -> str:
@@ -42,7 +43,11 @@ def receiving() -> Iterator[Receiver]:
                 receiver.got.append((headers, body))
                 receiver.times.append(time.monotonic())
                 status = receiver.answer(headers, body) if receiver.answer is not None else receiver.status
+                receiver.open += 1
+                receiver.most_open = max(receiver.most_open, receiver.open)
             time.sleep(receiver.delay_s)
+            with receiver.lock:
+                receiver.open -= 1
             self.send_response(status)
             for name, value in receiver.headers.items():
                 self.send_header(name, value)

@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     poll,
     read_log,
     rechain,
+    rehashed,
     running_worker,
     settings_of,
     worker_log,
@@ -91,10 +92,17 @@ async def test_every_matching_event_is_delivered_as_stored_verified_and_in_seq_o
         endpoint, secret = add(env, receiver, "--streams", "bill-")
         failed_only, other_secret = add(env, other, "--types", "execution.completed")
         streams = [rechain(f"bill-{n}") for n in range(3)]
-        await write_log(settings_of(env), [e for events in streams for e in events] + rechain("ops-1"))
-        async with running_worker(env, command=WORKER):
+        fork = rehashed(streams[0][1], time="2026-12-05T00:00:00Z")  # another event at bill-0 seq 2
+        await write_log(settings_of(env), [e for events in streams for e in events] + rechain("ops-1") + [fork])
+        async with running_worker(env, command=WORKER) as worker:
             await received(receiver, 27)
             await received(other, 4)
+
+            async def said() -> bool:
+                return 'runledger_webhook_records_skipped_total{reason="seq_conflict"} 1.0' in scrape(worker)
+
+            await poll(said, 30, "the fork counted")
+            assert "bill-0 seq 2 is another event at a seq owed" in worker_log(worker)
         stored = {orjson.loads(r.value)["id"]: r.value for r in await read_log(settings_of(env))}
         for headers, body in receiver.got:
             Webhook(secret).verify(body, headers)
@@ -352,3 +360,16 @@ async def test_the_node_receiver_of_the_docs_verifies_every_delivery_with_the_np
     assert all(line["verified"] for line in lines), lines
     assert [line["type"] for line in lines] == [e["type"] for e in events]  # in seq order
     assert [line["id"] for line in lines] == [msg_id(endpoint["endpoint_id"], e["hash"]) for e in events]
+
+
+async def test_an_endpoint_gets_at_most_its_concurrency_of_requests_at_once(env: dict[str, str]) -> None:
+    env = await delivery_env(env, RUNLEDGER_WEBHOOK_CONCURRENCY="3")
+    streams = [f"many-{n}" for n in range(8)]
+    with receiving() as receiver:
+        receiver.delay_s = 0.1
+        add(env, receiver)
+        await write_log(settings_of(env), [e for s in streams for e in rechain(s)])
+        async with running_worker(env, command=WORKER):
+            await received(receiver, 9 * len(streams))
+    assert receiver.most_open == 3  # streams go side by side, three at a time, never more
+    delivered_once_each_in_order(receiver, streams)

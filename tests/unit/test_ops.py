@@ -49,8 +49,8 @@ def test_every_image_is_pinned_and_every_service_checked() -> None:
         assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+(-\w+)?", image), f"{name}: image {image!r} is not pinned"
         if name not in ("roles", "migrate"):  # the two that run once
             assert "healthcheck" in service, f"{name} has no health check"
-    assert set(services) == {"kafka", "postgres", "redis", "roles", "migrate", "worker", "serve", "webhooks", "prometheus",
-                             "grafana"}
+    assert set(services) == {"kafka", "postgres", "redis", "roles", "migrate", "worker", "serve", "webhooks",
+                             "prometheus", "grafana"}
 
 
 def test_kafka_in_kraft_mode_redis_with_aof_and_named_volumes() -> None:
