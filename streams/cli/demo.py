@@ -1,6 +1,7 @@
 """``runledger bench`` and ``runledger demo``: a simulated fleet's events through the running stack, measured
 against a plain baseline or end to end (the main job); ``runledger bench-verify``: how fast the record is verified;
-``runledger bench-log``: whether the log stays fast as it grows; ``runledger bench-http``: what one ``serve`` takes."""
+``runledger bench-log``: whether the log stays fast as it grows; ``runledger bench-http``: what one ``serve`` takes;
+``runledger bench-webhooks``: what one delivery worker sends."""
 
 from __future__ import annotations
 
@@ -116,6 +117,25 @@ def register(sub: Subparsers) -> None:
     bench_http.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench_http.set_defaults(func=_cmd_bench_http)
 
+    bench_hooks = sub.add_parser(
+        "bench-webhooks", help="measure one webhook delivery worker sending to a local receiver",
+        description="On the running stack, with a schema of its own (dropped afterwards) and a receiver in this "
+        "process (204 at once): RUNS times, EVENTS events over STREAMS streams are written to the log, then one "
+        "`runledger webhooks worker` starts and the deliveries per second from the first to the last are counted; "
+        "then RUNS times, with a worker running, events are written at RATE/s for SECONDS s (open loop) and each "
+        "delivery's latency from the event's time to the receiver is measured (p50, p99, max). Prints the median, "
+        "min and max over the runs, and the worker's CPU seconds.")
+    bench_hooks.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
+    bench_hooks.add_argument("--events", type=int, default=20_000, help="events per throughput run (default 20000)")
+    bench_hooks.add_argument("--streams", type=int, default=200, help="streams they are spread over (default 200)")
+    bench_hooks.add_argument("--rate", type=float, default=500.0, help="events a second in a latency run "
+                             "(default 500)")
+    bench_hooks.add_argument("--seconds", type=float, default=10.0, help="length of a latency run (default 10)")
+    bench_hooks.add_argument("--latency-streams", type=int, default=50, metavar="N",
+                             help="round robin over N streams in a latency run (default 50)")
+    bench_hooks.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench_hooks.set_defaults(func=_cmd_bench_webhooks)
+
     dashboards = sub.add_parser(
         "dashboards", help="generate the Grafana dashboards (ops/grafana/dashboards) from their code",
         description="Writes runledger's Grafana dashboards, built with grafana-foundation-sdk in "
@@ -225,6 +245,23 @@ def _cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
             return await bench_http(target, before_reads=ready_reads, **options)
 
     report = asyncio.run(run())
+    if args.json:
+        emit(report)
+    else:
+        print_report(report, sys.stdout)
+    return 0
+
+
+def _cmd_bench_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.dev.benchwebhooks import bench_webhooks, print_report
+
+    if min(args.runs, args.events, args.streams, args.rate, args.seconds, args.latency_streams) <= 0:
+        print("runledger bench-webhooks: every number must be above 0", file=sys.stderr)
+        return EXIT_USAGE
+    report = asyncio.run(bench_webhooks(
+        settings, runs=args.runs, events=args.events, streams=args.streams, rate=args.rate, seconds=args.seconds,
+        latency_streams=args.latency_streams, command=" ".join(["runledger", *sys.argv[1:]]),
+        progress=lambda text: print(text, file=sys.stderr)))
     if args.json:
         emit(report)
     else:

@@ -49,7 +49,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _env(settings: Settings, **changes: str) -> dict[str, str]:
+def child_env(**changes: str) -> dict[str, str]:
+    """This process's environment with ``changes`` as RUNLEDGER_* settings: a child's."""
     return {**os.environ, **{f"RUNLEDGER_{k.upper()}": v for k, v in changes.items()}}
 
 
@@ -71,7 +72,7 @@ async def own_serve(settings: Settings, progress: Progress, *, workers: int = 1)
                "checkpoint_key": str(keys / "checkpoint.key"), "metrics_port": "0"}
     own = settings.model_copy(update={k: (Path(v) if k.endswith(("_file", "_key")) else
                                           int(v) if k == "metrics_port" else v) for k, v in changes.items()})
-    env = _env(settings, **changes)
+    env = child_env(**changes)
     await ensure_topics(own, {own.events_topic: own.event_partitions})
     await migrate(own.database_dsn(), own.db_schema)
     init_key(own)

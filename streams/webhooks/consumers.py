@@ -104,8 +104,8 @@ class OwedReader:
                 messages = await _until_written(
                     f"cannot write the messages owed by {len(records)} records of {self.topic}",
                     lambda records=records: self._write(records))  # type: ignore[misc]
+                await self._owed(messages)  # sent from PostgreSQL, whatever becomes of the commit
                 await _commit(self._consumer, fetched, self.topic)
-                await self._owed(messages)
         finally:
             await stop_consumer(self._consumer)
 
