@@ -86,8 +86,8 @@ def _quantile(q: float, metric: str) -> str:
 def build() -> dict[str, dict[str, Any]]:
     """Every dashboard: file name -> Grafana's JSON model."""
     pipeline = _dashboard("runledger-pipeline", "runledger: pipeline health", "Throughput, lag, latency, "
-                          "retries, dead letters, the outbox and the HTTP front door, from the workers' and serve's "
-                          "metrics", "now-6h")
+                          "retries, dead letters, the outbox, the HTTP front door and webhook deliveries, from the "
+                          "workers', serve's and the delivery workers' metrics", "now-6h")
     for panel in (
         _stat("Workers alive", "short", "max(runledger_workers_live)"),
         _stat("Records not yet projected", "short", "sum(runledger_consumer_lag_records)"),
@@ -121,6 +121,18 @@ def build() -> dict[str, dict[str, Any]]:
                 _promql(_quantile(0.99, "runledger_http_request_seconds"), "p99 (s)"),
                 description="Every `runledger serve` replica: requests answered by status, and the 99th percentile "
                 "of request to response, over every route"),
+        _stat("Webhook endpoints disabled", "short", 'max(runledger_webhook_endpoints{state="disabled"})'),
+        _stat("Webhook deliveries dead", "short", "max(runledger_webhook_messages_dead)"),
+        _series("Webhook deliveries (attempts/s by outcome) and messages owed", "short",
+                _promql("sum by (outcome) (rate(runledger_webhook_attempts_total[5m]))", "{{outcome}}"),
+                _promql("max(runledger_webhook_messages_owed)", "owed (pending or retrying)"),
+                _promql('max(runledger_webhook_endpoints{state="failing"})', "endpoints failing"),
+                description="Every delivery worker: delivered (2xx), retry (to a retry topic), dead (to the "
+                "deliveries' dead-letter topic, held back until `runledger webhooks replay`)"),
+        _series("Webhook latency: event time to the receiver's 2xx, and one attempt", "s",
+                _promql(_quantile(0.5, "runledger_webhook_delivery_seconds"), "p50 event to 2xx"),
+                _promql(_quantile(0.99, "runledger_webhook_delivery_seconds"), "p99 event to 2xx"),
+                _promql(_quantile(0.99, "runledger_webhook_attempt_seconds"), "p99 attempt")),
     ):
         pipeline = pipeline.with_panel(panel)
 
