@@ -3,8 +3,10 @@
 The worker runs as ``runledger worker`` in a process of its own, exactly as in
 production; its log goes to ``<state dir>/worker.log``. Part of the fleet (a quarter by default) is
 appended over HTTP through ``runledger serve`` (a subprocess, its log in ``<state dir>/serve.log``) with
-signed requests, as a producer in another language would; the rest through ``EventProducer``. The demo waits, with a
-progress bar, until every event of its run is projected, then reads the
+signed requests, as a producer in another language would; the rest through ``EventProducer``. Every event of the run
+is also delivered as a signed webhook to a receiver the demo starts (``demohooks``: a ``runledger webhooks worker``,
+its log in ``<state dir>/webhooks.log``). The demo waits, with a
+progress bar, until every event of its run is projected and delivered, then reads the
 summary back from PostgreSQL and re-checks every chain from the audit log. Last it
 signs a checkpoint of the transparency log, verifies the whole record, and writes the
 dashboards' panels as an HTML page.
@@ -31,6 +33,7 @@ from runledger.projections.postgres.report import RunSummary, summarize
 from runledger.projections.postgres.verify import ChainReport, record_verification, verify_chains
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.dev import WORKER_COMMAND, devstack
+from runledger.streams.dev.demohooks import demo_webhooks, wait_delivered
 from runledger.streams.dev.demohttp import http_fleet
 from runledger.streams.dev.fleet import Execution, simulate_fleet
 from runledger.streams.producer.client import append_many
@@ -108,34 +111,47 @@ async def _wait_projected(conn: asyncpg.Connection, settings: Settings, run_tag:
 
 
 async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker: _Worker, *, timeout: float,
-               progress: bool, out: IO[str], http_share: float = 0.0) -> RunSummary:
+               progress: bool, out: IO[str], http_share: float = 0.0,
+               log: Callable[[str], None] = print) -> tuple[RunSummary, bool]:
+    """Append the fleet, wait until it is projected and delivered to the demo's webhook receiver; the summary,
+    and whether every event reached the receiver, signed and in order."""
     total = sum(len(run.events) for run in fleet)
     every = round(1 / http_share) if http_share > 0 else 0  # every Nth execution goes over HTTP
     over_http = [run for i, run in enumerate(fleet) if every and i % every == 0]
     direct = [run for i, run in enumerate(fleet) if not (every and i % every == 0)]
-    started = time.monotonic()
-    sent = None
-    if over_http:
-        async with http_fleet(settings, run_tag) as post:
-            sent, _ = await asyncio.gather(post(over_http), append_many(
-                settings, [(run.stream_id, e) for run in direct for e in run.events], progress=progress))
-    else:
-        await append_many(settings, [(run.stream_id, e) for run in direct for e in run.events], progress=progress)
-    appended = time.monotonic() - started
-    conn = await connect_one(settings.database_dsn(), settings.db_schema)
-    try:
-        await _wait_projected(conn, settings, run_tag, total, worker, timeout=timeout, progress=progress)
-        projected = time.monotonic() - started
-        print(f"\nrun {run_tag}: {len(fleet)} executions, {total:,} events appended to {settings.events_topic} "
-              f"in {appended:.1f} s, all projected into schema {settings.db_schema} {projected:.1f} s after the "
-              f"first append", file=out)
-        if sent is not None:
-            print(f"over HTTP: {sent.executions} of {len(fleet)} executions ({sent.events:,} events) in "
-                  f"{sent.requests} signed requests to runledger serve at {sent.url} as source {sent.source_id} "
-                  "(Standard Webhooks v1); the rest through EventProducer", file=out)
-        return await summarize(conn, run_tag)
-    finally:
-        await conn.close()
+    async with demo_webhooks(settings, run_tag, log) as hooks:
+        started = time.monotonic()
+        sent = None
+        if over_http:
+            async with http_fleet(settings, run_tag) as post:
+                sent, _ = await asyncio.gather(post(over_http), append_many(
+                    settings, [(run.stream_id, e) for run in direct for e in run.events], progress=progress))
+        else:
+            await append_many(settings, [(run.stream_id, e) for run in direct for e in run.events],
+                              progress=progress)
+        appended = time.monotonic() - started
+        conn = await connect_one(settings.database_dsn(), settings.db_schema)
+        try:
+            await _wait_projected(conn, settings, run_tag, total, worker, timeout=timeout, progress=progress)
+            projected = time.monotonic() - started
+            print(f"\nrun {run_tag}: {len(fleet)} executions, {total:,} events appended to {settings.events_topic} "
+                  f"in {appended:.1f} s, all projected into schema {settings.db_schema} {projected:.1f} s after the "
+                  f"first append", file=out)
+            if sent is not None:
+                print(f"over HTTP: {sent.executions} of {len(fleet)} executions ({sent.events:,} events) in "
+                      f"{sent.requests} signed requests to runledger serve at {sent.url} as source {sent.source_id} "
+                      "(Standard Webhooks v1); the rest through EventProducer", file=out)
+            await wait_delivered(hooks, total, timeout)
+            delivered = len(hooks.messages) == total and not hooks.refused and not hooks.out_of_order
+            print(f"webhooks: {len(hooks.messages):,} of {total:,} events delivered to the demo's receiver at "
+                  f"{hooks.url} (endpoint {hooks.endpoint_id}) {time.monotonic() - started:.1f} s after the first "
+                  f"append, in {hooks.deliveries:,} signed deliveries, signatures verified ({hooks.refused} "
+                  f"refused), {len(hooks.out_of_order)} streams out of seq order"
+                  + ("" if delivered else f"; see {settings.state_dir / 'webhooks.log'} and `runledger webhooks "
+                     f"deliveries --endpoint {hooks.endpoint_id}`"), file=out)
+            return await summarize(conn, run_tag), delivered
+        finally:
+            await conn.close()
 
 
 async def _attest(settings: Settings, out: IO[str]) -> ChainReport:
@@ -161,8 +177,9 @@ async def _attest(settings: Settings, out: IO[str]) -> ChainReport:
 
 def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: float = 300.0, progress: bool = True,
              out: IO[str] = sys.stdout, log: Callable[[str], None] = print, http_share: float = 0.25) -> bool:
-    """Start the stack and a worker, append a simulated fleet, wait until projected, summarise, sign a checkpoint
-    and verify the whole record; True if every chain is intact."""
+    """Start the stack, a worker and a webhook delivery worker with a receiver, append a simulated fleet, wait until
+    projected and delivered, summarise, sign a checkpoint and verify the whole record; True if every chain is intact
+    and every event reached the receiver, signed, in order."""
     for service in devstack.up(settings):
         log(f"{service.name:<9} {service.state:<8} {service.url}")
     asyncio.run(migrate(settings.database_dsn(), settings.db_schema))
@@ -174,8 +191,8 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     try:  # the worker started is stopped wherever the signal comes, even before its start is announced
         worker = _Worker(settings)
         log(f"worker    started  pid {worker.pid}, log in {worker.log_path}")
-        summary = asyncio.run(_run(settings, fleet, run_tag, worker, timeout=timeout, progress=progress, out=out,
-                                   http_share=http_share))
+        summary, delivered = asyncio.run(_run(settings, fleet, run_tag, worker, timeout=timeout,
+                                              progress=progress, out=out, http_share=http_share, log=log))
     finally:
         if worker is not None:
             worker.stop()
@@ -185,7 +202,7 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     page = asyncio.run(write_report(settings, settings.state_dir / "report.html",  # over this run's time
                                     began.replace(second=0, microsecond=0)))
     print(f"\nthe dashboards' panels as a page for people without Grafana: {page.resolve()}", file=out)
-    return record.intact and not summary.broken_chains
+    return record.intact and not summary.broken_chains and delivered
 
 
 def _money(value: object) -> str:

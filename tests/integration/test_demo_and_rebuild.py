@@ -62,6 +62,9 @@ async def test_demo_then_rebuild_gives_equal_tables(live: tuple[dict[str, str], 
     for heading in ("executions by status", "spend by model", "spend by workflow", "most expensive executions"):
         assert heading in demo.stdout
     assert "chains checked intact: 40 of 40" in demo.stdout
+    hooks = re.search(r"webhooks: ([\d,]+) of ([\d,]+) events delivered to the demo's receiver .* signatures "
+                      r"verified \(0 refused\), 0 streams out of seq order\n", demo.stdout)
+    assert hooks is not None and hooks[1] == hooks[2], demo.stdout
     # a quarter of the fleet over HTTP, signed, through a real serve; projected and checked with the rest
     over_http = re.search(r"over HTTP: (\d+) of 40 executions \(([\d,]+) events\) in (\d+) signed requests to "
                           r"runledger serve at http://127\.0\.0\.1:\d+ as source (demo-\w+)", demo.stdout)
@@ -423,27 +426,28 @@ async def test_a_rebuild_begun_under_other_rules_starts_over_and_two_never_run_a
     assert resumed.switched and resumed.resumed_from == total, resumed.as_dict()
 
 
-async def test_a_demo_killed_stops_its_worker(live: tuple[dict[str, str], Settings]) -> None:
+async def test_a_demo_killed_stops_its_workers(live: tuple[dict[str, str], Settings]) -> None:
     env, _ = live
     demo = subprocess.Popen([*CLI, "demo", "--executions", "3000"], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert demo.stdout is not None
-        pid = None
-        while pid is None and (line := await asyncio.to_thread(demo.stdout.readline)):
-            if line.startswith("worker    started  pid "):
-                pid = int(line.split()[3].rstrip(","))
-        assert pid is not None, "the demo never said it started its worker"
+        pids: dict[str, int] = {}
+        while len(pids) < 2 and (line := await asyncio.to_thread(demo.stdout.readline)):
+            if line.startswith(("worker    started  pid ", "webhooks  started  pid ")):
+                pids[line.split()[0]] = int(line.split()[3].rstrip(","))
+        assert set(pids) == {"worker", "webhooks"}, "the demo never said it started its workers"
         demo.terminate()
         assert await asyncio.to_thread(demo.wait, 60) == 143
 
-        async def worker_gone() -> bool | None:  # exited: gone, or a zombie its new parent (init) has not reaped
-            try:
-                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE or None
-            except psutil.NoSuchProcess:
-                return True
+        for name, pid in pids.items():
+            async def gone(pid: int = pid) -> bool | None:  # exited: gone, or a zombie init has not reaped
+                try:
+                    return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE or None
+                except psutil.NoSuchProcess:
+                    return True
 
-        await poll(worker_gone, 30, f"the demo's worker (pid {pid}) to stop")
+            await poll(gone, 30, f"the demo's {name} (pid {pid}) to stop")
     finally:
         if demo.poll() is None:
             demo.kill()

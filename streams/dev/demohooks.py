@@ -1,0 +1,148 @@
+"""The demo's webhooks: a receiver it starts on a free local port, an endpoint owed every event of the run, and a
+``runledger webhooks worker`` (a subprocess, its log in ``<state dir>/webhooks.log``) delivering to it.
+
+The receiver checks each delivery's Standard Webhooks signature with the endpoint's secret (HMAC-SHA256 over
+``id.timestamp.body``, as the ``standardwebhooks`` packages do) and counts what it got: deliveries, distinct
+messages, signatures refused, streams that arrived out of seq order. The endpoints of earlier demos are removed
+(their receivers are gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httptools
+import orjson
+
+from runledger.projections.postgres.db import connect_one
+from runledger.streams.settings import Settings
+from runledger.streams.webhooks.sender import signature_header
+
+__all__ = ["DemoHooks", "demo_webhooks"]
+
+_ANSWER = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_REFUSED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+WEBHOOKS_COMMAND = (sys.executable, "-m", "runledger.streams.cli", "webhooks", "worker")
+
+
+@dataclass
+class DemoHooks:
+    """What the demo's receiver got."""
+
+    url: str
+    endpoint_id: str
+    secret: str
+    deliveries: int = 0
+    refused: int = 0
+    out_of_order: set[str] = field(default_factory=set)
+    messages: set[str] = field(default_factory=set)
+    _last_seq: dict[str, int] = field(default_factory=dict)
+
+    def verified(self, headers: dict[bytes, bytes], body: bytes) -> bool:
+        msg_id = headers.get(b"webhook-id", b"").decode()
+        stamp = headers.get(b"webhook-timestamp", b"").decode()
+        if not stamp.isdigit():
+            return False
+        expected = signature_header([self.secret], msg_id, int(stamp), body)
+        given = headers.get(b"webhook-signature", b"").decode().split()
+        return abs(time.time() - int(stamp)) <= 300 and any(hmac.compare_digest(expected, s) for s in given)
+
+    def got(self, headers: dict[bytes, bytes], body: bytes) -> bool:
+        if not self.verified(headers, body):
+            self.refused += 1
+            return False
+        self.deliveries += 1
+        msg_id = headers[b"webhook-id"].decode()
+        if msg_id not in self.messages:
+            self.messages.add(msg_id)
+            event = orjson.loads(body)
+            stream, seq = event["subject"], event["seq"]
+            if seq < self._last_seq.get(stream, 0):
+                self.out_of_order.add(stream)
+            self._last_seq[stream] = max(seq, self._last_seq.get(stream, 0))
+        return True
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, hooks: DemoHooks) -> None:
+        self._hooks = hooks
+        self._headers: dict[bytes, bytes] = {}
+        self._body = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._transport is not None:
+                self._transport.close()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        ok = self._hooks.got(self._headers, bytes(self._body))
+        if self._transport is not None:
+            self._transport.write(_ANSWER if ok else _REFUSED)
+            self._transport.close()
+
+
+@contextlib.asynccontextmanager
+async def demo_webhooks(settings: Settings, run_tag: str, log: Callable[[str], None]) -> AsyncIterator[DemoHooks]:
+    """A receiver, an endpoint owed the run's streams (``<run_tag>:``) and a delivery worker (announced with
+    ``log``), until the block ends."""
+    from runledger.streams.http.keys import init_key, load_key
+    from runledger.streams.webhooks.endpoints import Filter, add_endpoint
+
+    loop = asyncio.get_running_loop()
+    holder: list[DemoHooks] = []
+    server = await loop.create_server(lambda: _Connection(holder[0]), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    init_key(settings)
+    conn = await connect_one(settings.database_dsn(), settings.db_schema)
+    try:
+        await conn.execute("UPDATE webhook_endpoints SET removed_at = now(), enabled = false "
+                           "WHERE endpoint_id LIKE 'demo-%' AND removed_at IS NULL")
+        added = await add_endpoint(conn, load_key(settings), f"http://127.0.0.1:{port}/demo",
+                                   Filter(stream_prefix=f"{run_tag}:"), allow_private=True,
+                                   endpoint_id=run_tag)
+    finally:
+        await conn.close()
+    holder.append(DemoHooks(f"http://127.0.0.1:{port}/demo", added["endpoint_id"], added["secret"]))
+    log_path = settings.state_dir / "webhooks.log"
+    with log_path.open("ab") as output:
+        worker = subprocess.Popen(WEBHOOKS_COMMAND, env={**os.environ, "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true",
+                                                         "RUNLEDGER_METRICS_PORT": "0"},
+                                  stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    log(f"webhooks  started  pid {worker.pid}, log in {log_path}, delivering to {holder[0].url}")
+    try:
+        yield holder[0]
+    finally:
+        from runledger.streams.dev.benchserve import stop_process
+
+        await stop_process(worker)
+        server.close()
+        await server.wait_closed()
+
+
+async def wait_delivered(hooks: DemoHooks, total: int, timeout: float) -> None:
+    """Until the receiver has every message of the run (or ``timeout`` seconds have passed: the summary says)."""
+    deadline = time.monotonic() + timeout
+    while len(hooks.messages) < total and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
