@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Receiver", "receiving"]
+__all__ = ["Receiver", "receiving", "receiving_async"]
 
 
 class Receiver:
@@ -67,3 +67,10 @@ def receiving() -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.asynccontextmanager
+async def receiving_async() -> AsyncIterator[Receiver]:
+    """``receiving`` for an ``async with`` beside other asynchronous contexts."""
+    with receiving() as receiver:
+        yield receiver

@@ -29,10 +29,12 @@ from runledger.schemas.checkpoint import Signer
 from runledger.streams import metrics
 from runledger.streams.dev.dashboards import build
 from runledger.streams.dev.fleet import simulate_fleet
+from runledger.streams.http.keys import init_key
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 from tests.conftest import CLI, free_ports
 from tests.integration.conftest import FIRST_STREAM, poll, rechain, rehashed, running_worker, settings_of, terminate
+from tests.integration.receivers import receiving_async
 
 OPS = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
 RULES = yaml.safe_load((OPS / "alerts.yml").read_text())["groups"][0]["rules"]
@@ -84,7 +86,7 @@ def test_the_rules_comparisons_are_found() -> None:
     assert comparisons('absent(up{job="w"} == 1)') == ['up{job="w"} == bool 1']
     assert comparisons("time() - max(t) > 120\n or sum(a) >= 0") == ["time() - max(t) > bool 120",
                                                                     "sum(a) >= bool 0"]
-    assert sum(len(comparisons(r["expr"])) for r in RULES) == 18
+    assert sum(len(comparisons(r["expr"])) for r in RULES) == 20
 
 
 class Prometheus:
@@ -203,63 +205,79 @@ async def test_prometheus_scrapes_a_worker_under_load_and_every_query_returns_da
     key = tmp_path / "checkpoint.key"
     key.write_text(Signer.generate("runledger.local/log").private_key)
     key.chmod(0o600)  # a signer key others may read is refused
-    worker_port, producer_port = free_ports(2)
+    worker_port, producer_port, hooks_port = free_ports(3)
     env = {**env, "RUNLEDGER_DB_SCHEMA": schema, "RUNLEDGER_CONSUMER_GROUP": f"g-{schema}",
            "RUNLEDGER_METRICS_PORT": str(worker_port), "RUNLEDGER_CHECKPOINT_KEY": str(key),
-           "RUNLEDGER_CHECKPOINT_INTERVAL_S": "2"}
+           "RUNLEDGER_CHECKPOINT_INTERVAL_S": "2", "RUNLEDGER_SOURCES_KEY_FILE": str(tmp_path / "sources.key"),
+           "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true"}
     settings = settings_of(env)
     stop = asyncio.Event()
     appending: asyncio.Task[int] | None = None
     conn = await asyncpg.connect(settings.database_url)
     try:
-        async with producer_metrics(producer_port), running_worker(env) as worker, prometheus(tmp_path, {
-                "runledger-worker": f"127.0.0.1:{worker_port}",
-                "runledger-producer": f"127.0.0.1:{producer_port}"}) as api:
-            async def scraped() -> bool:  # at 0: increase() sees the first dead letter only after a sample of 0
-                answer = await asyncio.to_thread(api.query, 'runledger_dead_letters_total{reason="invalid_json"}')
-                return bool(answer["data"]["result"])
-            await poll(scraped, 60, "Prometheus to scrape the worker")
-            await bad_records(settings)
-            appending = asyncio.create_task(load(settings, stop))
+        async with producer_metrics(producer_port), running_worker(env) as worker, receiving_async() as receiver:
+            # A delivery worker too, delivering the load to a receiver that refuses the forked stream for good (a
+            # dead delivery: its alert's comparison has data).
+            receiver.answer = lambda _, body: 400 if b"-forked" in body else 204
+            init_key(settings)
+            added = subprocess.run([*CLI, "webhooks", "add", receiver.url, "--json"], env={**os.environ, **env},
+                                   capture_output=True, text=True, timeout=60, check=False)
+            assert added.returncode == 0, added.stderr
+            async with running_worker({**env, "RUNLEDGER_METRICS_PORT": str(hooks_port)},
+                                      command=("webhooks", "worker")) as hooks, prometheus(tmp_path, {
+                    "runledger-worker": f"127.0.0.1:{worker_port}", "runledger-producer": f"127.0.0.1:{producer_port}",
+                    "runledger-webhooks": f"127.0.0.1:{hooks_port}"}) as api:
+                async def scraped() -> bool:  # at 0: increase() sees the first dead letter only after a sample of 0
+                    answers = [await asyncio.to_thread(api.query, expr) for expr in (
+                        'runledger_dead_letters_total{reason="invalid_json"}',
+                        'runledger_webhook_attempts_total{outcome="dead"}')]
+                    return all(answer["data"]["result"] for answer in answers)
+                await poll(scraped, 60, "Prometheus to scrape the workers")
+                await bad_records(settings)
+                appending = asyncio.create_task(load(settings, stop))
 
-            async def verified() -> bool:
-                done = await asyncio.to_thread(subprocess.run, [*CLI, "verify", "chains"],
-                                               env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-                return "checked" in done.stdout  # findings or not: the run is recorded, and that is what counts
-            await poll(verified, 120, "a recorded verification (the worker makes the schema first)")
+                async def verified() -> bool:
+                    done = await asyncio.to_thread(subprocess.run, [*CLI, "verify", "chains"],
+                                                   env={**os.environ, **env}, capture_output=True, text=True,
+                                                   timeout=120)
+                    return "checked" in done.stdout  # findings or not: the run is recorded, and that is what counts
+                await poll(verified, 120, "a recorded verification (the worker makes the schema first)")
 
-            queries = dashboard_exprs() + [c for rule in RULES for c in comparisons(rule["expr"])]
-            missing: dict[str, str] = {}
+                queries = dashboard_exprs() + [c for rule in RULES for c in comparisons(rule["expr"])]
+                missing: dict[str, str] = {}
 
-            async def everything_answers() -> bool:
-                assert worker.poll() is None, "the worker stopped"
-                missing.clear()
-                for expr in queries:
-                    if why := returns_data(await asyncio.to_thread(api.query, expr)):
-                        missing[expr] = why
-                return not missing
+                async def everything_answers() -> bool:
+                    assert worker.poll() is None, "the worker stopped"
+                    assert hooks.poll() is None, "the delivery worker stopped"
+                    missing.clear()
+                    for expr in queries:
+                        if why := returns_data(await asyncio.to_thread(api.query, expr)):
+                            missing[expr] = why
+                    return not missing
 
-            try:
-                await poll(everything_answers, 180, "every dashboard query and every rule's comparison to return data")
-            except AssertionError as e:
-                raise AssertionError(f"{e}; still without data: {missing}") from None
-            for rule in RULES:  # the rules as written, thresholds and all, are accepted too
-                assert (await asyncio.to_thread(api.query, rule["expr"]))["status"] == "success", rule["alert"]
+                try:
+                    await poll(everything_answers, 180,
+                               "every dashboard query and every rule's comparison to return data")
+                except AssertionError as e:
+                    raise AssertionError(f"{e}; still without data: {missing}") from None
+                for rule in RULES:  # the rules as written, thresholds and all, are accepted too
+                    assert (await asyncio.to_thread(api.query, rule["expr"]))["status"] == "success", rule["alert"]
 
-            async def rules_evaluated() -> list[dict[str, Any]] | None:
-                groups = (await asyncio.to_thread(api.get, "/api/v1/rules"))["data"]["groups"]
-                rules = [r for g in groups for r in g["rules"]]
-                return rules if rules and all(r["health"] == "ok" for r in rules) else None
-            evaluated = await poll(rules_evaluated, 30, "Prometheus' rule manager to evaluate every rule")
-            assert sorted(r["name"] for r in evaluated) == sorted(r["alert"] for r in RULES)
-            targets = (await asyncio.to_thread(api.get, "/api/v1/targets"))["data"]["activeTargets"]
-            assert {t["labels"]["job"]: t["health"] for t in targets} == {"runledger-worker": "up",
-                                                                         "runledger-producer": "up"}
-            firing = {a["labels"]["alertname"] for a in (await asyncio.to_thread(
-                api.get, "/api/v1/alerts"))["data"]["alerts"]}
-            assert {"RunledgerDeadLettersGrowing", "RunledgerChainViolation"} <= firing, firing
-            stop.set()
-            assert await appending > 0
+                async def rules_evaluated() -> list[dict[str, Any]] | None:
+                    groups = (await asyncio.to_thread(api.get, "/api/v1/rules"))["data"]["groups"]
+                    rules = [r for g in groups for r in g["rules"]]
+                    return rules if rules and all(r["health"] == "ok" for r in rules) else None
+                evaluated = await poll(rules_evaluated, 30, "Prometheus' rule manager to evaluate every rule")
+                assert sorted(r["name"] for r in evaluated) == sorted(r["alert"] for r in RULES)
+                targets = (await asyncio.to_thread(api.get, "/api/v1/targets"))["data"]["activeTargets"]
+                assert {t["labels"]["job"]: t["health"] for t in targets} == {
+                    "runledger-worker": "up", "runledger-producer": "up", "runledger-webhooks": "up"}
+                firing = {a["labels"]["alertname"] for a in (await asyncio.to_thread(
+                    api.get, "/api/v1/alerts"))["data"]["alerts"]}
+                assert {"RunledgerDeadLettersGrowing", "RunledgerChainViolation",
+                        "RunledgerWebhookDeadGrowing"} <= firing, firing
+                stop.set()
+                assert await appending > 0
     finally:
         stop.set()
         if appending is not None:

@@ -76,7 +76,7 @@ def test_the_migrations_run_once_before_two_workers() -> None:
     worker = services["worker"]
     assert worker["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert worker["deploy"]["replicas"] == 2 and "ports" not in worker  # --scale must not clash on host ports
-    for name in ("roles", "migrate", "worker", "serve"):
+    for name in ("roles", "migrate", "worker", "serve", "webhooks"):
         env = services[name]["environment"]
         unknown = [k for k in env if k.removeprefix("RUNLEDGER_").lower() not in Settings.model_fields]
         assert not unknown, f"{name}: no such setting {unknown}"
