@@ -722,7 +722,15 @@ GROUP BY s.source_id ORDER BY s.source_id;
 
 -- Webhook endpoints (migration 020, streams/webhooks/endpoints.py), kept by `runledger webhooks` as the owner.
 -- name: webhook_insert
-INSERT INTO webhook_endpoints (endpoint_id, url, types, stream_prefix, source) VALUES ($1, $2, $3, $4, $5);
+INSERT INTO webhook_endpoints (endpoint_id, url, types, stream_prefix, source, owner_source)
+VALUES ($1, $2, $3, $4, $5, $6);
+
+-- The source that added an endpoint over the HTTP API (NULL: the owner did, or no such endpoint).
+-- name: webhook_owner
+SELECT owner_source FROM webhook_endpoints WHERE endpoint_id = $1 AND removed_at IS NULL;
+
+-- name: webhook_owned
+SELECT endpoint_id FROM webhook_endpoints WHERE owner_source = $1 AND removed_at IS NULL;
 
 -- The number of an endpoint's next secret (its row inserted or locked in the same transaction).
 -- name: webhook_next_secret_no
@@ -768,8 +776,12 @@ ORDER BY k.secret_no DESC;
 
 -- Webhook deliveries (migration 021, streams/webhooks/), kept by the delivery workers as runledger_worker.
 -- name: webhook_endpoints_all
--- What matching needs of every endpoint not removed (a disabled one is still owed what it misses).
-SELECT endpoint_id, types, stream_prefix, source, created_at FROM webhook_endpoints WHERE removed_at IS NULL;
+-- What matching needs of every endpoint not removed (a disabled one is still owed what it misses), and for one a
+-- source added, what that source may read now (none once it is revoked).
+SELECT e.endpoint_id, e.types, e.stream_prefix, e.source, e.created_at, e.owner_source IS NOT NULL AS owned,
+       CASE WHEN s.revoked_at IS NULL THEN s.read_prefixes ELSE '{}' END AS scope
+FROM webhook_endpoints e LEFT JOIN sources s ON s.source_id = e.owner_source
+WHERE e.removed_at IS NULL;
 
 -- name: webhook_enqueue
 -- Messages owed; a record read again, or copied twice into the log, is the message already there; another event at
@@ -794,6 +806,8 @@ SELECT msg_id, endpoint_id, stream_id, seq, event_time, body, attempts, replayed
            row_number() OVER (PARTITION BY m.endpoint_id, m.stream_id ORDER BY m.seq) AS n
     FROM webhook_messages m JOIN webhook_endpoints e USING (endpoint_id)
     WHERE m.state = 'pending' AND e.enabled AND e.removed_at IS NULL AND m.log_partition = ANY($1::int[])
+      AND (e.owner_source IS NULL OR EXISTS (SELECT 1 FROM sources s
+                                            WHERE s.source_id = e.owner_source AND s.revoked_at IS NULL))
       AND NOT EXISTS (SELECT 1 FROM webhook_messages b
                       WHERE b.endpoint_id = m.endpoint_id AND b.stream_id = m.stream_id AND b.seq < m.seq
                         AND b.state IN ('retrying', 'dead'))
@@ -803,7 +817,8 @@ SELECT msg_id, endpoint_id, stream_id, seq, event_time, body, attempts, replayed
 -- name: webhook_message
 -- A message as a retry finds it, with its endpoint's state.
 SELECT m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_time, m.body, m.attempts, m.replayed_after, m.state,
-       e.enabled AND e.removed_at IS NULL AS enabled
+       e.enabled AND e.removed_at IS NULL AND (e.owner_source IS NULL OR EXISTS (
+           SELECT 1 FROM sources s WHERE s.source_id = e.owner_source AND s.revoked_at IS NULL)) AS enabled
 FROM webhook_messages m JOIN webhook_endpoints e USING (endpoint_id) WHERE m.msg_id = $1;
 
 -- name: webhook_record

@@ -284,28 +284,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 async def _ping(conn: Any, settings: Settings, endpoint_id: str, timeout_s: float) -> dict[str, Any]:
-    import time
-    import uuid
-    from datetime import UTC, datetime
-
-    import orjson
-
     from runledger.streams.http.keys import load_key
     from runledger.streams.webhooks.endpoints import delivery_secrets
-    from runledger.streams.webhooks.sender import post, signature_header
-    from runledger.streams.webhooks.targets import parse_target
+    from runledger.streams.webhooks.ping import ping
 
     url, secrets = await delivery_secrets(conn, load_key(settings), endpoint_id)
-    body = orjson.dumps({"specversion": "1.0", "id": str(uuid.uuid4()), "source": "runledger",
-                         "type": "runledger.webhook.ping", "subject": endpoint_id,
-                         "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                         "datacontenttype": "application/json", "data": {"endpoint_id": endpoint_id}})
-    msg_id, stamp = f"msg_{uuid.uuid4().hex}", int(time.time())
-    headers = {"webhook-id": msg_id, "webhook-timestamp": str(stamp),
-               "webhook-signature": signature_header(secrets, msg_id, stamp, body)}
-    allow = settings.webhook_allow_private
-    attempt = await post(parse_target(url, allow_private=allow), body, headers, allow_private=allow,
-                         timeout_s=timeout_s)
-    return {"endpoint_id": endpoint_id, "webhook_id": msg_id, "ok": attempt.ok, "status": attempt.status,
-            "seconds": round(attempt.seconds, 3), "address": attempt.address, "error": attempt.error,
-            "response": attempt.response.decode("utf-8", "replace")}
+    return await ping(endpoint_id, url, secrets, settings, timeout_s=timeout_s)

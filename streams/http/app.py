@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from runledger.projections.postgres.db import connect, database_error
 from runledger.schemas.errors import TransientError
 from runledger.streams import metrics
-from runledger.streams.http import ingest, reads
+from runledger.streams.http import ingest, reads, webhooks
 from runledger.streams.http.auth import caller
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.keys import load_key
@@ -328,6 +328,7 @@ def create_app(settings: Settings) -> FastAPI:
                       responses={401: _PROBLEM, 503: _PROBLEM})
     app.include_router(ingest.router)
     app.include_router(reads.router)
+    app.include_router(webhooks.router)
     return app
 
 

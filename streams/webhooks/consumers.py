@@ -112,7 +112,8 @@ class OwedReader:
     async def _write(self, records: list[tuple[LogRecord, datetime]]) -> list[Message]:
         async with self._pool.acquire() as conn, conn.transaction():
             endpoints = [EndpointView(r["endpoint_id"], Filter(tuple(r["types"]), r["stream_prefix"], r["source"]),
-                                      r["created_at"]) for r in await conn.fetch(query("webhook_endpoints_all"))]
+                                      r["created_at"], tuple(r["scope"] or ()) if r["owned"] else None)
+                         for r in await conn.fetch(query("webhook_endpoints_all"))]
             messages, skipped = match(records, endpoints)
             if messages:
                 columns = zip(*((m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_id, m.event_type, m.event_hash,

@@ -77,9 +77,11 @@ async def _add_secret(conn: asyncpg.Connection, key: SourcesKey, endpoint_id: st
 
 
 async def add_endpoint(conn: asyncpg.Connection, key: SourcesKey, url: str, flt: Filter, *,
-                       allow_private: bool, endpoint_id: str | None = None) -> dict[str, Any]:
-    """Add an endpoint (enabled) with its first secret: its id, number and the secret, shown only now. Raises
-    TargetRefused (the URL) or ValueError (the id)."""
+                       allow_private: bool, endpoint_id: str | None = None,
+                       owner_source: str | None = None) -> dict[str, Any]:
+    """Add an endpoint (enabled) with its first secret: its id, number and the secret, shown only now.
+    ``owner_source``: the source that adds it over the HTTP API (it is delivered only what that source may read).
+    Raises TargetRefused (the URL) or ValueError (the id)."""
     parse_target(url, allow_private=allow_private)
     endpoint_id = endpoint_id or _new_id()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", endpoint_id):
@@ -88,7 +90,7 @@ async def add_endpoint(conn: asyncpg.Connection, key: SourcesKey, url: str, flt:
     try:
         async with conn.transaction():
             await conn.execute(query("webhook_insert"), endpoint_id, url, list(flt.types), flt.stream_prefix,
-                               flt.source)
+                               flt.source, owner_source)
             number, secret = await _add_secret(conn, key, endpoint_id)
     except asyncpg.UniqueViolationError as e:
         raise ValueError(f"an endpoint {endpoint_id!r} exists already") from e

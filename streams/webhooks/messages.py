@@ -35,11 +35,13 @@ def msg_id(endpoint_id: str, event_hash: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class EndpointView:
-    """What matching needs of an endpoint."""
+    """What matching needs of an endpoint. ``scope``: for one a source added, the stream-id prefixes that source
+    may read now (none: nothing is delivered); None for one the owner added."""
 
     endpoint_id: str
     filter: Filter
     created_at: datetime
+    scope: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,8 @@ def match(records: Iterable[tuple[LogRecord, datetime]], endpoints: Sequence[End
             continue
         e = d.event
         for ep in endpoints:
-            if appended >= ep.created_at and ep.filter.matches(e.type, e.subject, e.source):
+            if (appended >= ep.created_at and ep.filter.matches(e.type, e.subject, e.source)
+                    and (ep.scope is None or any(e.subject.startswith(p) for p in ep.scope))):
                 messages.append(Message(msg_id(ep.endpoint_id, e.hash), ep.endpoint_id, e.subject, e.seq, e.id,
                                         e.type, e.hash, e.time, record.partition, record.offset, record.value))
     return messages, skipped

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from runledger.projections.records import LogRecord
+from runledger.schemas.chain import compute_hash
 from runledger.schemas.events import MAX_EVENT_BYTES
 from runledger.streams.webhooks.endpoints import Filter
 from runledger.streams.webhooks.messages import EndpointView, match, msg_id, read_retry_headers, retry_headers
@@ -67,3 +68,16 @@ def test_a_retry_copy_says_its_message_attempt_and_due_time_and_a_stranger_s_is_
     naive = read_retry_headers([("runledger.webhook.msg_id", b"msg_1"), ("runledger.webhook.attempt", b"2"),
                                 ("runledger.webhook.due", b"2026-12-05T12:00:00")])
     assert naive is not None and naive.due is None  # a time without its zone is not trusted: due now
+
+
+def test_an_endpoint_a_source_added_is_owed_only_what_that_source_may_read_now() -> None:
+    events = [{**VECTOR_EVENTS[0], "subject": subject} for subject in ("acme:1", "zeta:1")]
+    for e in events:
+        e["hash"] = compute_hash(e)
+    records = [(record(n, orjson.dumps(e)), T0) for n, e in enumerate(events)]
+    scoped = EndpointView("theirs", Filter(), T0, scope=("acme:",))
+    revoked = EndpointView("gone", Filter(), T0, scope=())  # its source revoked: reads nothing
+    owners = EndpointView("ours", Filter(), T0)  # the owner added it: no scope
+    messages, _ = match(records, [scoped, revoked, owners])
+    assert [(m.endpoint_id, m.stream_id) for m in messages] == [("theirs", "acme:1"), ("ours", "acme:1"),
+                                                                ("ours", "zeta:1")]

@@ -67,7 +67,8 @@ async def test_the_bucket_is_shared_by_replicas_refuses_with_429_and_refills(set
         assert not await one._redis.exists(f"{settings.topic_prefix}:lease:fleet:run-2")  # noqa: SLF001 - given back
 
 
-async def test_serve_logs_in_as_runledger_api_which_reads_and_writes_nothing(env: dict[str, str]) -> None:
+async def test_serve_logs_in_as_runledger_api_which_reads_and_writes_nothing_but_webhook_endpoints(
+        env: dict[str, str]) -> None:
     env = await migrated(env)
     settings = settings_of(env)
     conn = await asyncpg.connect(settings.database_dsn("api"),
@@ -88,5 +89,13 @@ async def test_serve_logs_in_as_runledger_api_which_reads_and_writes_nothing(env
                 await conn.execute(statement)
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("SELECT pg_advisory_lock(1)")
+        # Webhooks: the endpoints its callers add and their sealed secrets; nothing of the deliveries.
+        await conn.fetch("SELECT * FROM webhook_endpoints LIMIT 1")
+        await conn.fetch("SELECT * FROM webhook_secrets LIMIT 1")
+        for statement in ("SELECT * FROM webhook_deliveries LIMIT 1", "SELECT body FROM webhook_messages LIMIT 1",
+                          "SELECT * FROM webhook_replays LIMIT 1", "UPDATE webhook_messages SET state = 'dead'",
+                          "DELETE FROM webhook_endpoints", "UPDATE webhook_endpoints SET url = 'https://x.example'"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
     finally:
         await conn.close()

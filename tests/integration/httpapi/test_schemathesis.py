@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 EXAMPLES = {GenerationMode.POSITIVE: 80, GenerationMode.NEGATIVE: 60}
-"""Per operation and mode: 10 operations; those with few distinct requests (``/healthz``) end sooner."""
+"""Per operation and mode: 18 operations; those with few distinct requests (``/healthz``) end sooner."""
 
 
 class Signer(requests.auth.AuthBase):
