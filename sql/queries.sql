@@ -840,6 +840,7 @@ INSERT INTO webhook_deliveries (msg_id, attempt, endpoint_id, attempted_at, stat
 SELECT a.msg_id, a.attempt, a.endpoint_id, a.attempted_at, a.status, a.latency_ms, a.response, a.error, a.address,
        a.outcome
 FROM a JOIN moved USING (msg_id)
+ON CONFLICT DO NOTHING
 RETURNING msg_id;
 
 -- name: webhook_outbox

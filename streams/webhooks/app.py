@@ -118,8 +118,10 @@ async def _run(settings: Settings, ready: asyncio.Future[_Ready],
     ready.set_result(_Ready(pool, outbox_pool, forwarder, dispatcher))
     tune_gc()
     topics = {webhook_retry_topic(settings.topic_prefix, d): d for d in settings.webhook_retry_delays}
+    by_delay = [(delay, topic) for topic, delay in topics.items()]
     retries = [RetryReader(kafka, topic, delay, f"{group}.retry.{delay_name(delay)}", pool, deliverer, recorder,
-                           producer, dispatcher.wake.set, session_timeout_s=settings.worker_session_timeout_s)
+                           producer, dispatcher.wake.set, topics=by_delay,
+                           session_timeout_s=settings.worker_session_timeout_s)
                for topic, delay in topics.items()]
     runners: list[OwedReader | Dispatcher | RetryReader] = [reader, dispatcher, *retries]
     tasks = [asyncio.create_task(t.run()) for t in runners]

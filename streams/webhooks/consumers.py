@@ -7,9 +7,10 @@ rows (their ids come from the endpoint and the event). Its partitions are the on
 ``Dispatcher`` sends, so each (endpoint, stream) has one sender.
 
 ``RetryReader`` reads one retry topic: each copy is attempted once it is due (a copy due later than its topic's
-delay, after a long ``Retry-After``, goes round the topic again rather than hold the others back), then the
-attempts are recorded and the batch committed. A copy of an attempt made already (a copy published twice, a
-message replayed or delivered meanwhile) is skipped: PostgreSQL's state of the message decides.
+delay, after a long ``Retry-After``, waits that delay and goes on through the retry topic with the longest delay it
+still needs, rather than hold the others back), then the attempts are recorded and the batch committed. A copy of
+an attempt made already (a copy published twice, a message replayed or delivered meanwhile) is skipped:
+PostgreSQL's state of the message decides.
 """
 
 from __future__ import annotations
@@ -142,8 +143,10 @@ class RetryReader:
 
     def __init__(self, kafka: Mapping[str, Any], topic: str, delay: float, group_id: str, pool: asyncpg.Pool,
                  deliverer: Deliverer, recorder: Recorder, producer: AIOKafkaProducer,
-                 delivered: Callable[[], None], *, session_timeout_s: float = 6.0) -> None:
+                 delivered: Callable[[], None], *, topics: list[tuple[float, str]] | None = None,
+                 session_timeout_s: float = 6.0) -> None:
         self.topic, self._delay, self._pool = topic, delay, pool
+        self._topics = topics or [(delay, topic)]  # every retry topic, by delay: where a long wait goes on
         self._deliverer, self._recorder, self._producer, self._delivered = deliverer, recorder, producer, delivered
         self._consumer = _consumer(kafka, group_id, session_timeout_s=session_timeout_s, fetch_wait_ms=500)
 
@@ -161,14 +164,35 @@ class RetryReader:
                 messages = [m for batch in fetched.values() for m in batch]
                 if not messages:
                     continue
-                results = await asyncio.gather(*(self._retry(m) for m in messages))
-                outcomes = [o for o in results if o is not None]
-                await self._recorder.record(outcomes)
+                # A copy published twice is one attempt (the outbox may send a copy again).
+                once: dict[object, Any] = {}
+                for m in messages:
+                    copy = read_retry_headers(m.headers or [])
+                    once.setdefault((copy.msg_id, copy.attempt) if copy is not None else (m.partition, m.offset), m)
+                await self._retry_all(list(once.values()))
                 await _commit(self._consumer, fetched, self.topic)
-                if outcomes:
-                    self._delivered()
         finally:
             await stop_consumer(self._consumer)
+
+    async def _retry_all(self, copies: list[Any]) -> None:
+        """Attempt each copy once due, and record the attempts; a copy whose handling fails unexpectedly (Kafka
+        refusing a copy sent round again, a fault of runledger's) is tried again, later and alone, never skipped:
+        the batch is committed only once every copy is done."""
+        pause = 1.0
+        while copies:
+            results = await asyncio.gather(*(self._retry(m) for m in copies), return_exceptions=True)
+            outcomes = [r for r in results if isinstance(r, Outcome)]
+            await self._recorder.record(outcomes)
+            if outcomes:
+                self._delivered()
+            failed = [(m, r) for m, r in zip(copies, results, strict=True) if isinstance(r, BaseException)]
+            for m, error in failed:
+                log.error("%s[%d]@%d: retrying the delivery failed (%s: %s); trying it again in %.0f s", m.topic,
+                          m.partition, m.offset, type(error).__name__, error, pause)
+            copies = [m for m, _ in failed]
+            if copies:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
 
     async def _retry(self, m: Any) -> Outcome | None:
         copy = read_retry_headers(m.headers or [])
@@ -177,8 +201,12 @@ class RetryReader:
                         m.offset)
             return None
         wait = (copy.due - datetime.now(UTC)).total_seconds() if copy.due is not None else 0.0
-        if wait > self._delay + 1.0:  # a long Retry-After: round the topic again rather than hold it up
-            await self._producer.send_and_wait(self.topic, m.value, key=m.key, headers=m.headers)
+        if wait > 0:  # the topic is held up by its own delay at most
+            await asyncio.sleep(min(wait, self._delay))
+            wait = (copy.due - datetime.now(UTC)).total_seconds() if copy.due is not None else 0.0
+        if wait > 1.0:  # a long Retry-After: on through the retry topic with the longest delay it still needs
+            topic = max(((d, t) for d, t in self._topics if d <= wait), default=(self._delay, self.topic))[1]
+            await self._producer.send_and_wait(topic, m.value, key=m.key, headers=list(m.headers or []))
             return None
         if wait > 0:
             await asyncio.sleep(wait)

@@ -173,7 +173,12 @@ class Recorder:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            outcomes = [o for p in batch for o in p.outcomes]
+            # One attempt per message: two copies of one retry attempted side by side (a copy published twice)
+            # are one attempt, and the second would otherwise refuse the whole batch for ever (its primary key).
+            first: dict[str, Outcome] = {}
+            for o in (o for p in batch for o in p.outcomes):
+                first.setdefault(o.msg_id, o)
+            outcomes = list(first.values())
             pause = 0.2
             while True:
                 try:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import urllib.request
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -373,3 +374,63 @@ async def test_an_endpoint_gets_at_most_its_concurrency_of_requests_at_once(env:
             await received(receiver, 9 * len(streams))
     assert receiver.most_open == 3  # streams go side by side, three at a time, never more
     delivered_once_each_in_order(receiver, streams)
+
+
+async def test_a_retry_after_longer_than_its_topic_s_delay_is_honoured(env: dict[str, str]) -> None:
+    env = await delivery_env(env, RUNLEDGER_WEBHOOK_RETRY_DELAYS="0.2,0.4,0.6,0.8,1")
+    with receiving() as receiver:
+        busy = [True]
+
+        def answer(headers: dict[str, str], body: bytes) -> int:  # 503 with Retry-After: 3 once, then 204
+            if busy[0]:
+                busy[0] = False
+                return 503
+            receiver.headers = {}
+            return 204
+
+        receiver.headers = {"Retry-After": "3"}
+        receiver.answer = answer
+        add(env, receiver)
+        await write_log(settings_of(env), rechain("later-1"))
+        async with running_worker(env, command=WORKER):
+            await received(receiver, 10)
+    tries = [at for at, seq, _ in arrivals(receiver, "later-1") if seq == 1]
+    assert len(tries) == 2 and 2.9 <= tries[1] - tries[0] <= 3 + 2.0, tries  # not the topic's 0.2 s
+
+
+async def test_two_copies_of_one_attempt_are_recorded_once(env: dict[str, str]) -> None:
+    from runledger.projections.postgres.db import connect
+    from runledger.streams.webhooks.delivery import Outcome, Recorder
+    from runledger.streams.webhooks.schedule import Next
+    from runledger.streams.webhooks.sender import Attempt
+
+    env = await delivery_env(env)
+    settings = settings_of(env)
+    endpoint, _ = add(env, Receiver())
+    event = rechain("dup-1")[0]
+    mid = msg_id(endpoint, event["hash"])
+    pool = await connect(settings.database_dsn(), settings.db_schema)
+    try:
+        await pool.execute(
+            "INSERT INTO webhook_messages (msg_id, endpoint_id, stream_id, seq, event_id, event_type, event_hash, "
+            "event_time, log_partition, log_offset, body) VALUES ($1, $2, 'dup-1', 1, $3, $4, $5, now(), 0, 0, $6)",
+            mid, endpoint, event["id"], event["type"], event["hash"], orjson.dumps(event))
+        published: list[int] = []
+
+        async def publish() -> None:
+            published.append(1)
+
+        recorder = Recorder(pool, settings, publish)
+        at = datetime.now(UTC)
+        failed = Outcome(mid, endpoint, "dup-1", 1, 1, at, Attempt(503, 0.01), Next("retry", 1.0, "busy"))
+        moved = await asyncio.gather(recorder.record([failed]), recorder.record([failed]))
+        assert moved == [{mid}, {mid}]
+        again = await recorder.record([failed])  # a copy recorded after: moves nothing, refuses nothing
+        assert again == set()
+        await recorder.stop()
+        rows = await pool.fetch("SELECT attempt, outcome FROM webhook_deliveries WHERE msg_id = $1", mid)
+        assert [tuple(r) for r in rows] == [(1, "retry")]
+        copies = await pool.fetch("SELECT topic FROM outbox")
+        assert [r["topic"] for r in copies] == [f"{settings.topic_prefix}.webhooks.retry.1s"] and published
+    finally:
+        await pool.close()
