@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import asyncpg
-import httptools
 import orjson
 import psutil
 from aiokafka import AIOKafkaProducer
@@ -42,13 +41,12 @@ from runledger.projections.postgres.queries import quote_schema
 from runledger.schemas.chain import Head
 from runledger.streams.dev.benchpaths import Progress, machine
 from runledger.streams.dev.benchserve import child_env, stop_process
+from runledger.streams.dev.receiver import receiving
 from runledger.streams.kafka import client_options
 from runledger.streams.producer.events import NewEvent, build_events
 from runledger.streams.settings import Settings
 
 __all__ = ["bench_webhooks", "print_report"]
-
-_ANSWER = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 @dataclass
@@ -64,50 +62,19 @@ class _Receiver:
         self.arrived, self.event_times, self.wanted = [], [], wanted
         self.enough.clear()
 
-    def got(self, body: bytes) -> None:
+    def got(self, headers: dict[bytes, bytes], body: bytes) -> bool:
         self.arrived.append(time.time())
         self.event_times.append(datetime.fromisoformat(orjson.loads(body)["time"]).timestamp())
         if len(self.arrived) >= self.wanted:
             self.enough.set()
-
-
-class _Connection(asyncio.Protocol):
-    def __init__(self, receiver: _Receiver) -> None:
-        self._receiver = receiver
-        self._body = bytearray()
-        self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self._transport is not None:
-                self._transport.close()
-
-    def on_body(self, body: bytes) -> None:
-        self._body += body
-
-    def on_message_complete(self) -> None:
-        self._receiver.got(bytes(self._body))
-        if self._transport is not None:
-            self._transport.write(_ANSWER)
-            self._transport.close()
+        return True
 
 
 @contextlib.asynccontextmanager
 async def _receiving() -> AsyncIterator[tuple[_Receiver, int]]:
     receiver = _Receiver()
-    server = await asyncio.get_running_loop().create_server(lambda: _Connection(receiver), "127.0.0.1", 0,
-                                                            backlog=1024)
-    try:
-        yield receiver, server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with receiving(receiver.got) as port:
+        yield receiver, port
 
 
 class _Log:

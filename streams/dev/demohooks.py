@@ -19,17 +19,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import httptools
 import orjson
 
 from runledger.projections.postgres.db import connect_one
+from runledger.streams.dev.benchserve import stop_process
+from runledger.streams.dev.receiver import receiving
 from runledger.streams.settings import Settings
 from runledger.streams.webhooks.sender import signature_header
 
 __all__ = ["DemoHooks", "demo_webhooks"]
 
-_ANSWER = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-_REFUSED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 WEBHOOKS_COMMAND = (sys.executable, "-m", "runledger.streams.cli", "webhooks", "worker")
 
 
@@ -71,74 +70,43 @@ class DemoHooks:
         return True
 
 
-class _Connection(asyncio.Protocol):
-    def __init__(self, hooks: DemoHooks) -> None:
-        self._hooks = hooks
-        self._headers: dict[bytes, bytes] = {}
-        self._body = bytearray()
-        self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self._transport is not None:
-                self._transport.close()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
-
-    def on_body(self, body: bytes) -> None:
-        self._body += body
-
-    def on_message_complete(self) -> None:
-        ok = self._hooks.got(self._headers, bytes(self._body))
-        if self._transport is not None:
-            self._transport.write(_ANSWER if ok else _REFUSED)
-            self._transport.close()
-
-
 @contextlib.asynccontextmanager
 async def demo_webhooks(settings: Settings, run_tag: str, log: Callable[[str], None]) -> AsyncIterator[DemoHooks]:
     """A receiver, an endpoint owed the run's streams (``<run_tag>:``) and a delivery worker (announced with
     ``log``), until the block ends."""
-    from runledger.streams.http.keys import init_key, load_key
+    from runledger.streams.http.keys import init_key
+
+    holder: list[DemoHooks] = []
+    async with receiving(lambda headers, body: holder[0].got(headers, body)) as port:
+        init_key(settings)
+        holder.append(await _endpoint(settings, run_tag, port))
+        log_path = settings.state_dir / "webhooks.log"
+        with log_path.open("ab") as output:
+            worker = subprocess.Popen(WEBHOOKS_COMMAND, env={**os.environ, "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true",
+                                                             "RUNLEDGER_METRICS_PORT": "0"},
+                                      stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        log(f"webhooks  started  pid {worker.pid}, log in {log_path}, delivering to {holder[0].url}")
+        try:
+            yield holder[0]
+        finally:
+            await stop_process(worker)
+
+
+async def _endpoint(settings: Settings, run_tag: str, port: int) -> DemoHooks:
+    """The run's endpoint (its id the run's tag), owed the run's streams; those of earlier demos removed."""
+    from runledger.streams.http.keys import load_key
     from runledger.streams.webhooks.endpoints import Filter, add_endpoint
 
-    loop = asyncio.get_running_loop()
-    holder: list[DemoHooks] = []
-    server = await loop.create_server(lambda: _Connection(holder[0]), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    init_key(settings)
     conn = await connect_one(settings.database_dsn(), settings.db_schema)
     try:
         await conn.execute("UPDATE webhook_endpoints SET removed_at = now(), enabled = false "
                            "WHERE endpoint_id LIKE 'demo-%' AND removed_at IS NULL")
         added = await add_endpoint(conn, load_key(settings), f"http://127.0.0.1:{port}/demo",
-                                   Filter(stream_prefix=f"{run_tag}:"), allow_private=True,
-                                   endpoint_id=run_tag)
+                                   Filter(stream_prefix=f"{run_tag}:"), allow_private=True, endpoint_id=run_tag)
     finally:
         await conn.close()
-    holder.append(DemoHooks(f"http://127.0.0.1:{port}/demo", added["endpoint_id"], added["secret"]))
-    log_path = settings.state_dir / "webhooks.log"
-    with log_path.open("ab") as output:
-        worker = subprocess.Popen(WEBHOOKS_COMMAND, env={**os.environ, "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true",
-                                                         "RUNLEDGER_METRICS_PORT": "0"},
-                                  stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    log(f"webhooks  started  pid {worker.pid}, log in {log_path}, delivering to {holder[0].url}")
-    try:
-        yield holder[0]
-    finally:
-        from runledger.streams.dev.benchserve import stop_process
-
-        await stop_process(worker)
-        server.close()
-        await server.wait_closed()
+    return DemoHooks(f"http://127.0.0.1:{port}/demo", added["endpoint_id"], added["secret"])
 
 
 async def wait_delivered(hooks: DemoHooks, total: int, timeout: float) -> None:

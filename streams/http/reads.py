@@ -35,7 +35,7 @@ from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import PROBLEM_TYPE, Problem
 from runledger.streams.http.services import Services, services
 
-__all__ = ["EVENTS_MEDIA_TYPE", "MAX_PAGE", "router"]
+__all__ = ["EVENTS_MEDIA_TYPE", "MAX_PAGE", "ProblemDocument", "reading", "router"]
 
 router = APIRouter(tags=["reading"])
 
@@ -244,7 +244,7 @@ def _readable(who: Caller, stream: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _reading(svc: Services, what: str) -> AsyncIterator[asyncpg.Connection]:
+async def reading(svc: Services, what: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection of the pool; PostgreSQL unavailable, slow or refusing the login: a 503 with Retry-After."""
     try:
         async with svc.pool.acquire(timeout=5) as conn:
@@ -310,7 +310,7 @@ async def list_executions(
     selected = reads.ExecutionFilter(who.read_prefixes, status, workflow, customer,
                                      _utc(started_from, "started_from"), _utc(started_to, "started_to"))
     after = decode_cursor(cursor) if cursor is not None else None
-    async with _reading(svc, "list executions") as conn:
+    async with reading(svc, "list executions") as conn:
         rows, more = await reads.executions(conn, selected, after, limit)
     page = [ExecutionSummary(**{**dict(r), "cost_usd": _money(r["cost_usd"])}) for r in rows]
     last = rows[-1] if rows and more else None
@@ -327,7 +327,7 @@ async def get_execution(stream: StreamId, who: Annotated[Caller, Depends(caller)
                         svc: Annotated[Services, Depends(services)]) -> ExecutionDetail:
     """The execution as projected, read in one snapshot (its parts agree with its totals)."""
     _readable(who, stream)
-    async with _reading(svc, "read an execution") as conn:
+    async with reading(svc, "read an execution") as conn:
         found = await reads.execution(conn, stream)
     if found is None:
         raise Problem(404, "execution_not_found", f"no execution {stream} is projected")
@@ -368,7 +368,7 @@ async def get_events(request: Request, stream: StreamId, who: Annotated[Caller, 
     """The stream's projected events after ``after_seq``, in seq order, as a CloudEvents JSON batch whose elements
     are the records' bytes exactly as the log holds them."""
     _readable(who, stream)
-    async with _reading(svc, "read a stream's events") as conn:
+    async with reading(svc, "read a stream's events") as conn:
         found = await reads.events(conn, stream, after_seq, limit)
     if found is None:
         raise Problem(404, "stream_not_found", f"no event of stream {stream} is projected")
@@ -389,7 +389,7 @@ async def get_proof(id: Annotated[uuid.UUID, Path(description="the event id")], 
     not vouch for it. 404 for an event not projected or of a stream the caller may not read (the same answer, so an
     id says nothing of a stream one may not read); 409 with Retry-After while no checkpoint covers it."""
     try:
-        async with _reading(svc, "prove an event") as conn:
+        async with reading(svc, "prove an event") as conn:
             proof = await reads.inclusion_proof(conn, svc.settings.checkpoint_origin, str(id))
     except reads.EventNotFound:
         raise Problem(404, "event_not_found", f"no event {id} is projected") from None
@@ -411,7 +411,7 @@ async def latest_checkpoints(who: Annotated[Caller, Depends(caller)],
     """One per partition of the log topic that has one: the signed note verbatim (verify it with the log's verifier
     key) and what it says. Checkpoints name no stream: any caller may read them."""
     topic = svc.settings.events_topic
-    async with _reading(svc, "read the checkpoints") as conn:
+    async with reading(svc, "read the checkpoints") as conn:
         rows = await reads.latest_checkpoints(conn, svc.settings.checkpoint_origin, topic)
     return LatestCheckpoints(topic=topic, checkpoints=[_checkpoint(r) for r in rows])
 

@@ -20,15 +20,13 @@ from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from runledger.projections.postgres.db import database_error
 from runledger.projections.postgres.queries import query
-from runledger.schemas.errors import TransientError
 from runledger.schemas.events import EVENT_TYPES
 from runledger.streams.http.auth import caller
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.keys import load_key
 from runledger.streams.http.problems import Problem
-from runledger.streams.http.reads import ProblemDocument
+from runledger.streams.http.reads import ProblemDocument, reading
 from runledger.streams.http.services import Services, services
 from runledger.streams.webhooks import endpoints
 from runledger.streams.webhooks.endpoints import EndpointNotFound, Filter
@@ -132,27 +130,19 @@ class PingAnswer(BaseModel):
 @contextlib.asynccontextmanager
 async def _conn(svc: Services, what: str, endpoint_id: str | None = None, *,
                 write: bool = True) -> AsyncIterator[asyncpg.Connection]:
-    """A connection of the pool, in a transaction that may write (``write``: serve's login is read-only by default;
-    its privileges bound what it may write: the endpoints and their secrets); PostgreSQL unavailable: 503; the
-    endpoint gone meanwhile: 404."""
+    """A connection of the pool (``reads.reading``: PostgreSQL unavailable, 503), in a transaction that may write
+    (``write``: serve's login is read-only by default; its privileges bound what it may write: the endpoints and
+    their secrets); the endpoint gone meanwhile: 404."""
     try:
-        async with svc.pool.acquire(timeout=5) as conn:
+        async with reading(svc, what) as conn:
             if not write:
                 yield conn
                 return
             async with conn.transaction():
                 await conn.execute("SET TRANSACTION READ WRITE")
                 yield conn
-    except Problem:
-        raise
     except EndpointNotFound as e:
         raise _not_found(endpoint_id or "") from e
-    except Exception as e:
-        error = database_error(e, what)
-        if isinstance(error, TransientError):
-            raise Problem(503, "database_unavailable", f"{what}: PostgreSQL is unavailable; try again",
-                          headers={"Retry-After": "5"}) from e
-        raise
 
 
 def _not_found(endpoint_id: str) -> Problem:

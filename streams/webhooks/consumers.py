@@ -54,6 +54,17 @@ def _consumer(kafka: Mapping[str, Any], group_id: str, *, session_timeout_s: flo
         fetch_max_wait_ms=fetch_wait_ms)
 
 
+async def _fetch(consumer: AIOKafkaConsumer, topic: str, max_records: int) -> dict[TopicPartition, list[Any]]:
+    """What has arrived (at most ``max_records``, waiting up to 0.5 s); nothing, a second later, if Kafka fails."""
+    try:
+        fetched: dict[TopicPartition, list[Any]] = await consumer.getmany(timeout_ms=500, max_records=max_records)
+    except KafkaError as e:
+        log.warning("reading %s: %s; trying again", topic, e)
+        await asyncio.sleep(1)
+        return {}
+    return fetched
+
+
 async def _commit(consumer: AIOKafkaConsumer, fetched: Mapping[TopicPartition, list[Any]], what: str) -> None:
     offsets = {tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch}
     try:
@@ -92,12 +103,7 @@ class OwedReader:
         self._consumer.subscribe([self.topic])
         try:
             while True:
-                try:
-                    fetched = await self._consumer.getmany(timeout_ms=500, max_records=2000)
-                except KafkaError as e:
-                    log.warning("reading %s: %s; trying again", self.topic, e)
-                    await asyncio.sleep(1)
-                    continue
+                fetched = await _fetch(self._consumer, self.topic, 2000)
                 if not any(fetched.values()):
                     continue
                 records = [(LogRecord(m.topic, m.partition, m.offset, m.key, m.value or b""),
@@ -155,12 +161,7 @@ class RetryReader:
         self._consumer.subscribe([self.topic])
         try:
             while True:
-                try:
-                    fetched = await self._consumer.getmany(timeout_ms=500, max_records=500)
-                except KafkaError as e:
-                    log.warning("reading %s: %s; trying again", self.topic, e)
-                    await asyncio.sleep(1)
-                    continue
+                fetched = await _fetch(self._consumer, self.topic, 500)
                 messages = [m for batch in fetched.values() for m in batch]
                 if not messages:
                     continue
