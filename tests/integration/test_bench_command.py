@@ -198,3 +198,28 @@ async def test_bench_http_measures_a_serve_of_its_own_and_drops_its_schema(env: 
     refused = subprocess.run([*CLI, "bench-http", "--runs", "0"], env={**os.environ, **env}, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 2 and "above 0" in refused.stderr
+
+
+async def test_bench_webhooks_measures_a_delivery_worker_and_drops_its_schema(env: dict[str, str],
+                                                                             settings: Settings) -> None:
+    """With tiny numbers: both measurements with their spread, every event delivered (the bench waits for each);
+    the figures themselves are not judged."""
+    args = ["--runs", "2", "--events", "200", "--streams", "10", "--rate", "50", "--seconds", "1",
+            "--latency-streams", "5"]
+    done = await asyncio.to_thread(subprocess.run, [*CLI, "bench-webhooks", "--json", *args],
+                                   env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    t, lat = report["throughput"], report["latency"]
+    assert (t["events"], t["streams"], len(t["worker_cpu_s"])) == (200, 10, 2)
+    assert 0 < t["deliveries_per_s"]["min"] <= t["deliveries_per_s"]["median"] <= t["deliveries_per_s"]["max"]
+    assert 0 < lat["p50"]["min"] and lat["p99"]["max"] <= lat["max"]["max"] and len(lat["worker_cpu_s"]) == 2
+    assert "bench-webhooks" in report["command"] and "throughput run 2" in done.stderr
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert not await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'benchhooks\\_%'")
+    finally:
+        await conn.close()
+    refused = subprocess.run([*CLI, "bench-webhooks", "--events", "0"], env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "above 0" in refused.stderr
