@@ -798,27 +798,35 @@ RETURNING msg_id;
 SELECT msg_id FROM webhook_messages WHERE msg_id = ANY($1::text[]);
 
 -- name: webhook_owed
--- Up to $2 messages to send now, at most $3 of each (endpoint, stream), in seq order: pending, of enabled endpoints,
--- of the log partitions $1 this worker holds, behind no retrying or dead message of their (endpoint, stream), and
--- of no (endpoint, stream) in ($4, $5) (being sent already).
+-- Up to $2 messages to send now, at most $3 of each (endpoint, stream), in seq order, and bodies of about $6 bytes
+-- at most (the first always): pending, of enabled endpoints, of the log partitions $1 this worker holds, behind no
+-- retrying or dead message of their (endpoint, stream), of no (endpoint, stream) in ($4, $5) (being sent already or
+-- resting), and, for an endpoint a source added, of a stream that source may read now.
 SELECT msg_id, endpoint_id, stream_id, seq, event_time, body, attempts, replayed_after FROM (
-    SELECT m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_time, m.body, m.attempts, m.replayed_after,
-           row_number() OVER (PARTITION BY m.endpoint_id, m.stream_id ORDER BY m.seq) AS n
-    FROM webhook_messages m JOIN webhook_endpoints e USING (endpoint_id)
-    WHERE m.state = 'pending' AND e.enabled AND e.removed_at IS NULL AND m.log_partition = ANY($1::int[])
-      AND (e.owner_source IS NULL OR EXISTS (SELECT 1 FROM sources s
-                                            WHERE s.source_id = e.owner_source AND s.revoked_at IS NULL))
-      AND NOT EXISTS (SELECT 1 FROM webhook_messages b
-                      WHERE b.endpoint_id = m.endpoint_id AND b.stream_id = m.stream_id AND b.seq < m.seq
-                        AND b.state IN ('retrying', 'dead'))
-      AND (m.endpoint_id, m.stream_id) NOT IN (SELECT * FROM unnest($4::text[], $5::text[]))
-) owed WHERE n <= $3 ORDER BY endpoint_id, stream_id, seq LIMIT $2;
+    SELECT *, sum(octet_length(body)) OVER (ORDER BY endpoint_id, stream_id, seq) - octet_length(body) AS before
+    FROM (
+        SELECT m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_time, m.body, m.attempts, m.replayed_after,
+               row_number() OVER (PARTITION BY m.endpoint_id, m.stream_id ORDER BY m.seq) AS n
+        FROM webhook_messages m JOIN webhook_endpoints e USING (endpoint_id)
+        WHERE m.state = 'pending' AND e.enabled AND e.removed_at IS NULL AND m.log_partition = ANY($1::int[])
+          AND (e.owner_source IS NULL OR EXISTS (
+              SELECT 1 FROM sources s, unnest(s.read_prefixes) AS p(prefix)
+              WHERE s.source_id = e.owner_source AND s.revoked_at IS NULL AND starts_with(m.stream_id, p.prefix)))
+          AND NOT EXISTS (SELECT 1 FROM webhook_messages b
+                          WHERE b.endpoint_id = m.endpoint_id AND b.stream_id = m.stream_id AND b.seq < m.seq
+                            AND b.state IN ('retrying', 'dead'))
+          AND (m.endpoint_id, m.stream_id) NOT IN (SELECT * FROM unnest($4::text[], $5::text[]))
+    ) runs WHERE n <= $3 ORDER BY endpoint_id, stream_id, seq LIMIT $2
+) owed WHERE before < $6 ORDER BY endpoint_id, stream_id, seq;
 
 -- name: webhook_message
--- A message as a retry finds it, with its endpoint's state.
+-- A message as a retry finds it, and whether it may be sent (its endpoint enabled and, for one a source added, the
+-- stream one that source may read now).
 SELECT m.msg_id, m.endpoint_id, m.stream_id, m.seq, m.event_time, m.body, m.attempts, m.replayed_after, m.state,
        e.enabled AND e.removed_at IS NULL AND (e.owner_source IS NULL OR EXISTS (
-           SELECT 1 FROM sources s WHERE s.source_id = e.owner_source AND s.revoked_at IS NULL)) AS enabled
+           SELECT 1 FROM sources s, unnest(s.read_prefixes) AS p(prefix)
+           WHERE s.source_id = e.owner_source AND s.revoked_at IS NULL AND starts_with(m.stream_id, p.prefix)))
+           AS enabled
 FROM webhook_messages m JOIN webhook_endpoints e USING (endpoint_id) WHERE m.msg_id = $1;
 
 -- name: webhook_record
@@ -867,9 +875,19 @@ WHERE endpoint_id = ANY($1::text[]) AND enabled AND failing_since < now() - make
 RETURNING endpoint_id, disabled_reason;
 
 -- name: webhook_set_pending
--- A retrying message of an endpoint disabled meanwhile waits, pending, for the endpoint to be enabled again.
-UPDATE webhook_messages SET state = 'pending', due_at = NULL WHERE msg_id = $1 AND state = 'retrying'
-  AND attempts = $2 - 1;
+-- A retrying message of an endpoint disabled meanwhile waits, pending, for the endpoint to be enabled again, its
+-- retries then counted afresh (as `enable` counts those pending already).
+UPDATE webhook_messages SET state = 'pending', due_at = NULL, replayed_after = attempts
+WHERE msg_id = $1 AND state = 'retrying' AND attempts = $2 - 1;
+
+-- name: webhook_retry_overdue
+-- Retrying messages whose copy has not come back $1 seconds past due (lost: its retry topic no longer read, or kept
+-- for less time than the workers were away): pending again, the dispatcher sends them. Returns how many.
+WITH overdue AS (
+    UPDATE webhook_messages SET state = 'pending', due_at = NULL
+    WHERE state = 'retrying' AND due_at < now() - make_interval(secs => $1)
+    RETURNING msg_id)
+SELECT count(*) FROM overdue;
 
 -- name: webhook_gauges
 SELECT (SELECT count(*) FROM webhook_messages WHERE state IN ('pending', 'retrying')) AS owed,

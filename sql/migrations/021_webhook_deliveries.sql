@@ -29,6 +29,7 @@ CREATE TABLE webhook_messages (
 -- What is still owed, in the order it is owed.
 CREATE INDEX webhook_messages_owed ON webhook_messages (endpoint_id, stream_id, seq) WHERE state <> 'delivered';
 CREATE INDEX webhook_messages_partition ON webhook_messages (log_partition) WHERE state = 'pending';
+CREATE INDEX webhook_messages_retrying ON webhook_messages (due_at) WHERE state = 'retrying';
 
 -- Every attempt, written in the transaction that moves its message on.
 CREATE TABLE webhook_deliveries (
@@ -65,8 +66,9 @@ BEGIN
     EXECUTE format('GRANT SELECT ON %I.webhook_endpoints, %I.webhook_secrets TO runledger_worker', s, s);
     EXECUTE format('GRANT UPDATE (enabled, disabled_reason, disabled_at, failing_since) ON %I.webhook_endpoints '
                    'TO runledger_worker', s);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %I.webhook_messages, %I.webhook_deliveries TO runledger_worker',
-                   s, s);
+    EXECUTE format('GRANT SELECT, INSERT ON %I.webhook_messages, %I.webhook_deliveries TO runledger_worker', s, s);
+    EXECUTE format('GRANT UPDATE (state, attempts, replayed_after, due_at, delivered_at) ON %I.webhook_messages TO '
+                   'runledger_worker', s);
     EXECUTE format('REVOKE ALL ON %I.webhook_messages, %I.webhook_deliveries, %I.webhook_replays FROM '
                    'runledger_reader, runledger_producer, runledger_api', s, s, s);
 END $$;

@@ -3,7 +3,8 @@
 Its consumers (``consumers.py``) read the log in the delivery workers' own group and each deliveries' retry topic;
 the ``deliver`` agent takes each batch of messages the log owes and starts sending them (``delivery.Dispatcher``);
 a timer publishes what the outbox still holds (copies of failed messages for the retry and dead-letter topics,
-which a worker that died did not send) and reads the delivery gauges. Several delivery workers share the log's
+which a worker that died did not send), makes pending again a retrying message whose copy is lost (10 minutes past
+due), and reads the delivery gauges. Several delivery workers share the log's
 partitions, as projection workers do; each sends the messages of the partitions it holds.
 """
 
@@ -41,6 +42,7 @@ __all__ = ["create_app", "webhook_group"]
 log = logging.getLogger(__name__)
 
 _SWEEP_S = 5.0
+_OVERDUE_S = 600.0  # a retry copy this late past its due time is taken as lost
 
 
 def webhook_group(settings: Settings) -> str:
@@ -85,6 +87,11 @@ def create_app(settings: Settings) -> faust.App:
             except Exception as e:  # noqa: BLE001 - the copies stay in the outbox for the next sweep
                 log.warning("%s; the copies stay in the outbox", e)
             try:
+                overdue = await r.pool.fetchval(query("webhook_retry_overdue"), _OVERDUE_S)
+                if overdue:
+                    log.warning("%d retrying messages whose copy did not come back %.0f s past due are pending "
+                                "again (a retry topic no longer read, or kept for less than the workers were away)",
+                                overdue, _OVERDUE_S)
                 metrics.observe_webhooks(await r.pool.fetchrow(query("webhook_gauges")))
             except Exception as e:  # noqa: BLE001 - stale gauges are no reason to stop delivering
                 log.warning("cannot read the delivery gauges: %s", database_error(e, "webhooks") or e)

@@ -42,6 +42,8 @@ __all__ = ["OwedReader", "RetryReader"]
 log = logging.getLogger(__name__)
 
 _FETCH_BYTES = 4 * MAX_EVENT_BYTES
+_RETRY_BATCH = 64
+_TRIES = 5  # a retry copy whose handling fails this often is left to the dispatcher (its message made pending)
 T = TypeVar("T")
 
 
@@ -161,7 +163,9 @@ class RetryReader:
         self._consumer.subscribe([self.topic])
         try:
             while True:
-                fetched = await _fetch(self._consumer, self.topic, 500)
+                # Few at a time: a batch is committed once all its attempts are done, and even one endpoint timing
+                # out at every attempt (8 at once, 15 s each) then ends it well within Kafka's poll interval.
+                fetched = await _fetch(self._consumer, self.topic, _RETRY_BATCH)
                 messages = [m for batch in fetched.values() for m in batch]
                 if not messages:
                     continue
@@ -179,8 +183,9 @@ class RetryReader:
         """Attempt each copy once due, and record the attempts; a copy whose handling fails unexpectedly (Kafka
         refusing a copy sent round again, a fault of runledger's) is tried again, later and alone, never skipped:
         the batch is committed only once every copy is done."""
-        pause = 1.0
+        pause, tries = 1.0, 0
         while copies:
+            tries += 1
             results = await asyncio.gather(*(self._retry(m) for m in copies), return_exceptions=True)
             outcomes = [r for r in results if isinstance(r, Outcome)]
             await self._recorder.record(outcomes)
@@ -188,12 +193,28 @@ class RetryReader:
                 self._delivered()
             failed = [(m, r) for m, r in zip(copies, results, strict=True) if isinstance(r, BaseException)]
             for m, error in failed:
-                log.error("%s[%d]@%d: retrying the delivery failed (%s: %s); trying it again in %.0f s", m.topic,
-                          m.partition, m.offset, type(error).__name__, error, pause)
+                log.error("%s[%d]@%d: retrying the delivery failed (%s: %s); %s", m.topic, m.partition, m.offset,
+                          type(error).__name__, error, f"trying it again in {pause:.0f} s" if tries < _TRIES else
+                          "its message is left pending, for the dispatcher")
             copies = [m for m, _ in failed]
+            if copies and tries >= _TRIES:
+                copies = await self._leave_pending(copies)
             if copies:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 30.0)
+
+    async def _leave_pending(self, copies: list[Any]) -> list[Any]:
+        """Make the messages of ``copies`` pending (the dispatcher sends them); those PostgreSQL did not take."""
+        left = []
+        for m in copies:
+            copy = read_retry_headers(m.headers or [])
+            try:
+                if copy is not None:
+                    await self._pool.execute(query("webhook_set_pending"), copy.msg_id, copy.attempt)
+                    self._delivered()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                left.append(m)
+        return left
 
     async def _retry(self, m: Any) -> Outcome | None:
         copy = read_retry_headers(m.headers or [])

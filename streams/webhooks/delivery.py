@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _SECRETS_TTL_S = 5.0  # a rotation or a new URL reaches the attempts within this
 _OWED_LIMIT, _RUN_LIMIT = 2000, 100  # messages read per round, and per (endpoint, stream) of them
+_OWED_BYTES = 64 * 2**20  # and about this many bytes of bodies at most (an event may be 512 KiB)
+_REST_S = 5.0  # an (endpoint, stream) whose run made no attempt (PostgreSQL, a fault) waits this long
 _POLL_S = 0.5  # a round at least this often: retries delivered by another worker free what they held back
 
 
@@ -123,6 +125,9 @@ class Deliverer:
                     got = Attempt(None, 0.0, error=f"refused: {e}")
                 except OSError as e:  # the name did not resolve: the network's fault, maybe for a while
                     got = Attempt(None, 0.0, error=f"cannot resolve {endpoint.target.host}: {e}")
+                except Exception as e:  # a fault of runledger's with this answer: retried as no answer, never looping
+                    log.exception("delivering %s to %s failed in runledger's own code", msg_id, endpoint_id)
+                    got = Attempt(None, 0.0, error=f"runledger failed: {type(e).__name__}: {e}")
         s = self._settings
         if got.error is not None and got.error.startswith("refused: "):
             following = Next("dead", why=f"{got.error}: not retried")
@@ -151,6 +156,8 @@ class Recorder:
         self._pool, self._settings, self._published = pool, settings, published
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._publishing: asyncio.Task[None] | None = None
+        self._again = False
 
     async def record(self, outcomes: Sequence[Outcome]) -> set[str]:
         """Write ``outcomes``; returns the ids of the messages they moved (an attempt of a message that moved
@@ -164,9 +171,10 @@ class Recorder:
         return await pending.done
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._publishing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:
@@ -193,8 +201,24 @@ class Recorder:
                 if not p.done.done():
                     p.done.set_result(moved)
             if copies:
+                self._publish_soon()
+
+    def _publish_soon(self) -> None:
+        """Publish the outbox beside the recording, never in its way: a slow broker holds no attempt back (what
+        is left is published by the next call, or the sweep)."""
+        if self._publishing is not None and not self._publishing.done():
+            self._again = True
+            return
+
+        async def publish() -> None:
+            while True:
+                self._again = False
                 with contextlib.suppress(Exception):
                     await self._published()
+                if not self._again:
+                    return
+
+        self._publishing = asyncio.create_task(publish())
 
     async def _write(self, outcomes: Sequence[Outcome]) -> tuple[set[str], int]:
         s = self._settings
@@ -250,6 +274,7 @@ class Dispatcher:
         self._pool, self._deliverer, self._recorder = pool, deliverer, recorder
         self._partitions, self.wake = partitions, wake
         self._sending: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._resting: dict[tuple[str, str], float] = {}  # until when (monotonic)
 
     async def run(self) -> None:
         try:
@@ -269,10 +294,12 @@ class Dispatcher:
         partitions = self._partitions()
         if not partitions:
             return
-        busy = list(self._sending)
+        now = time.monotonic()
+        self._resting = {pair: until for pair, until in self._resting.items() if until > now}
+        busy = [*self._sending, *self._resting]
         try:
             rows = await self._pool.fetch(query("webhook_owed"), sorted(partitions), _OWED_LIMIT, _RUN_LIMIT,
-                                          [e for e, _ in busy], [s for _, s in busy])
+                                          [e for e, _ in busy], [s for _, s in busy], _OWED_BYTES)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
             log.warning("cannot read the messages owed (%s); trying again", database_error(e, "webhooks") or e)
             await asyncio.sleep(1.0)
@@ -291,8 +318,10 @@ class Dispatcher:
         self.wake.set()
 
     async def _send(self, run: list[asyncpg.Record]) -> None:
-        """One (endpoint, stream)'s messages in seq order, each after the one before was delivered; then recorded."""
+        """One (endpoint, stream)'s messages in seq order, each after the one before was delivered; then recorded.
+        A run that could make no attempt rests its (endpoint, stream) a while rather than come straight back."""
         outcomes: list[Outcome] = []
+        pair = (run[0]["endpoint_id"], run[0]["stream_id"])
         try:
             for r in run:
                 outcome = await self._deliverer.attempt(r["msg_id"], r["endpoint_id"], r["stream_id"],
@@ -306,8 +335,11 @@ class Dispatcher:
                              r["seq"], outcome.next.why)
                     break
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
-            log.warning("cannot read endpoint %s (%s); its messages wait", run[0]["endpoint_id"],
-                        database_error(e, "webhooks") or e)
+            log.warning("cannot read endpoint %s (%s); its messages wait %.0f s", run[0]["endpoint_id"],
+                        database_error(e, "webhooks") or e, _REST_S)
+            self._resting[pair] = time.monotonic() + _REST_S
         except Exception:
-            log.exception("sending to %s failed unexpectedly; its messages wait", run[0]["endpoint_id"])
+            log.exception("sending to %s failed unexpectedly; its messages wait %.0f s", run[0]["endpoint_id"],
+                          _REST_S)
+            self._resting[pair] = time.monotonic() + _REST_S
         await self._recorder.record(outcomes)

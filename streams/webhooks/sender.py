@@ -87,7 +87,9 @@ def _retry_after(value: bytes | None) -> float | None:
     if value is None:
         return None
     text = value.decode("latin-1").strip()
-    return float(text) if text.isdigit() else None  # an HTTP date is not honoured: the schedule's delay is used
+    # Seconds as ASCII digits only (latin-1 has other digits float() refuses); an HTTP date is not honoured: the
+    # schedule's delay is used.
+    return float(text) if text.isascii() and text.isdigit() else None
 
 
 async def _resolve(target: Target, allow_private: bool) -> list[IPAddress]:

@@ -434,3 +434,30 @@ async def test_two_copies_of_one_attempt_are_recorded_once(env: dict[str, str]) 
         assert [r["topic"] for r in copies] == [f"{settings.topic_prefix}.webhooks.retry.1s"] and published
     finally:
         await pool.close()
+
+
+async def test_a_retrying_message_whose_copy_is_lost_is_sent_again(env: dict[str, str]) -> None:
+    """Its retry topic no longer read (the delays changed) or kept for less than the workers were away: 10 minutes
+    past due, the message is pending again and the dispatcher sends it, before the rest of its stream."""
+    env = await delivery_env(env)
+    with receiving() as receiver:
+        endpoint, secret = add(env, receiver)
+        events = rechain("lost-1")
+        await write_log(settings_of(env), events[:1])
+        async with running_worker(env, command=WORKER):
+            await received(receiver, 1)
+        [(_, first)] = receiver.got
+        settings = settings_of(env)
+        conn = await connect_one(settings.database_dsn(), settings.db_schema)
+        try:  # as if its first attempt had failed, and the copy for its retry topic were lost
+            await conn.execute("UPDATE webhook_messages SET state = 'retrying', due_at = now() - interval '20 min' "
+                               "WHERE endpoint_id = $1", endpoint)
+        finally:
+            await conn.close()
+        await write_log(settings, events[1:3])
+        async with running_worker(env, command=WORKER) as worker:
+            await received(receiver, 4)
+            assert "retrying messages whose copy did not come back" in worker_log(worker)
+    assert [seq for _, seq, _ in arrivals(receiver, "lost-1")] == [1, 1, 2, 3]
+    assert receiver.got[1][1] == first
+    Webhook(secret).verify(receiver.got[1][1], receiver.got[1][0])

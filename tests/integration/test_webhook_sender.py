@@ -137,3 +137,11 @@ async def test_the_node_receiver_of_the_docs_verifies_a_ping_with_the_npm_packag
         node.wait(10)
         if node.stdout is not None:
             node.stdout.close()
+
+
+async def test_a_retry_after_in_other_digits_than_ascii_is_no_delay_and_no_failure() -> None:
+    with receiving() as receiver:
+        receiver.status, receiver.headers = 503, {"Retry-After": "\u00b2"}  # latin-1 "²": isdigit(), not a float
+        target = parse_target(f"http://127.0.0.1:{receiver.port}/hook", allow_private=True)
+        attempt = await post(target, b"{}", {}, allow_private=True)
+    assert (attempt.status, attempt.retryable, attempt.retry_after_s) == (503, True, None)

@@ -8,6 +8,7 @@ import os
 import subprocess
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -117,3 +118,38 @@ async def test_an_endpoint_a_source_added_gets_only_what_it_may_read_and_nothing
 
                 await poll(witnessed, 60, "acme:2 read and delivered to the owner's endpoint")
             assert len(theirs.got) == 9  # revoked: nothing more for its endpoint
+
+
+async def test_a_narrowed_read_scope_holds_back_what_was_owed_under_the_wider_one(env: dict[str, str]) -> None:
+    env = {**await migrated(env), "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true"}
+    settings = settings_of(env)
+    async with serving(env) as served, httpx.AsyncClient(timeout=30) as client:
+        acme = source(served, client, "acme", "acme:")
+        with receiving() as theirs:
+            added = await acme.call("POST", "/v1/webhooks", {"url": theirs.url, "streams": "acme:"})
+            endpoint = added.json()["endpoint_id"]
+            await acme.call("POST", f"/v1/webhooks/{endpoint}/disable", {"reason": "later"})
+            await write_log(settings, rechain("acme:wide-1"))  # owed while acme reads all of acme:
+            async with running_worker(env, command=("webhooks", "worker")):
+                async def owed() -> bool:
+                    conn = await asyncpg.connect(settings.database_url,
+                                                 server_settings={"search_path": settings.db_schema})
+                    try:
+                        return await conn.fetchval("SELECT count(*) FROM webhook_messages") == 9
+                    finally:
+                        await conn.close()
+
+                await poll(owed, 60, "the messages owed")
+                conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": settings.db_schema})
+                try:  # the owner narrows acme's reads
+                    await conn.execute("UPDATE sources SET read_prefixes = '{acme:narrow-}' WHERE source_id = 'acme'")
+                finally:
+                    await conn.close()
+                assert (await acme.call("POST", f"/v1/webhooks/{endpoint}/enable")).status_code == 200
+                await write_log(settings, rechain("acme:narrow-1"))
+
+                async def narrow_delivered() -> bool:
+                    return len(theirs.got) >= 9
+
+                await poll(narrow_delivered, 60, "the stream still in scope delivered")
+            assert {orjson.loads(b)["subject"] for _, b in theirs.got} == {"acme:narrow-1"}
