@@ -272,10 +272,13 @@ async def test_prometheus_scrapes_a_worker_under_load_and_every_query_returns_da
                 targets = (await asyncio.to_thread(api.get, "/api/v1/targets"))["data"]["activeTargets"]
                 assert {t["labels"]["job"]: t["health"] for t in targets} == {
                     "runledger-worker": "up", "runledger-producer": "up", "runledger-webhooks": "up"}
-                firing = {a["labels"]["alertname"] for a in (await asyncio.to_thread(
-                    api.get, "/api/v1/alerts"))["data"]["alerts"]}
-                assert {"RunledgerDeadLettersGrowing", "RunledgerChainViolation",
-                        "RunledgerWebhookDeadGrowing"} <= firing, firing
+                expected = {"RunledgerDeadLettersGrowing", "RunledgerChainViolation", "RunledgerWebhookDeadGrowing"}
+
+                async def firing() -> bool:  # each once its worker has come to the record that raises it
+                    alerts = (await asyncio.to_thread(api.get, "/api/v1/alerts"))["data"]["alerts"]
+                    return expected <= {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+
+                await poll(firing, 60, f"the alerts {sorted(expected)} to fire")
                 stop.set()
                 assert await appending > 0
     finally:
