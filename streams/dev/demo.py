@@ -4,8 +4,8 @@ The worker runs as ``runledger worker`` in a process of its own, exactly as in
 production; its log goes to ``<state dir>/worker.log``. Part of the fleet (a quarter by default) is
 appended over HTTP through ``runledger serve`` (a subprocess, its log in ``<state dir>/serve.log``) with
 signed requests, as a producer in another language would; the rest through ``EventProducer``. Every event of the run
-is also delivered as a signed webhook to a receiver the demo starts (``demohooks``: a ``runledger webhooks worker``,
-its log in ``<state dir>/webhooks.log``). The demo waits, with a
+is also delivered as a signed webhook to a receiver the demo starts (``demohooks``), by a ``runledger webhooks
+worker`` (its log in ``<state dir>/webhooks.log``). The demo waits, with a
 progress bar, until every event of its run is projected and delivered, then reads the
 summary back from PostgreSQL and re-checks every chain from the audit log. Last it
 signs a checkpoint of the transparency log, verifies the whole record, and writes the
@@ -33,7 +33,7 @@ from runledger.projections.postgres.report import RunSummary, summarize
 from runledger.projections.postgres.verify import ChainReport, record_verification, verify_chains
 from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams.dev import WORKER_COMMAND, devstack
-from runledger.streams.dev.demohooks import demo_webhooks, wait_delivered
+from runledger.streams.dev.demohooks import WEBHOOKS_COMMAND, demo_webhooks, wait_delivered
 from runledger.streams.dev.demohttp import http_fleet
 from runledger.streams.dev.fleet import Execution, simulate_fleet
 from runledger.streams.producer.client import append_many
@@ -51,13 +51,16 @@ class DemoFailed(TransientError):
 
 
 class _Worker:
-    """``runledger worker`` as a child process, stopped on exit."""
+    """A worker of runledger's as a child process (``runledger worker`` by default), its log in
+    ``<state dir>/<name>.log``, stopped on exit."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.log_path = settings.state_dir / "worker.log"
+    def __init__(self, settings: Settings, command: tuple[str, ...] = WORKER_COMMAND, name: str = "worker",
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = settings.state_dir / f"{name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(WORKER_COMMAND, stdin=subprocess.DEVNULL,
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
                                          stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -66,7 +69,7 @@ class _Worker:
 
     def check_alive(self) -> None:
         if self._process.poll() is not None:
-            raise DemoFailed(f"the worker exited with status {self._process.returncode}; the end of "
+            raise DemoFailed(f"the {self.name} exited with status {self._process.returncode}; the end of "
                              f"{self.log_path}:\n{_tail(self.log_path)}")
 
     def stop(self) -> None:
@@ -111,15 +114,14 @@ async def _wait_projected(conn: asyncpg.Connection, settings: Settings, run_tag:
 
 
 async def _run(settings: Settings, fleet: list[Execution], run_tag: str, worker: _Worker, *, timeout: float,
-               progress: bool, out: IO[str], http_share: float = 0.0,
-               log: Callable[[str], None] = print) -> tuple[RunSummary, bool]:
+               progress: bool, out: IO[str], http_share: float = 0.0) -> tuple[RunSummary, bool]:
     """Append the fleet, wait until it is projected and delivered to the demo's webhook receiver; the summary,
     and whether every event reached the receiver, signed and in order."""
     total = sum(len(run.events) for run in fleet)
     every = round(1 / http_share) if http_share > 0 else 0  # every Nth execution goes over HTTP
     over_http = [run for i, run in enumerate(fleet) if every and i % every == 0]
     direct = [run for i, run in enumerate(fleet) if not (every and i % every == 0)]
-    async with demo_webhooks(settings, run_tag, log) as hooks:
+    async with demo_webhooks(settings, run_tag) as hooks:
         started = time.monotonic()
         sent = None
         if over_http:
@@ -187,14 +189,17 @@ def run_demo(settings: Settings, executions: int, *, seed: int = 7, timeout: flo
     fleet = simulate_fleet(executions, seed=seed, run_tag=run_tag)
     # Killed (SIGTERM), the demo still stops its worker: the default handler would end it without ``finally``.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    worker = None
-    try:  # the worker started is stopped wherever the signal comes, even before its start is announced
-        worker = _Worker(settings)
-        log(f"worker    started  pid {worker.pid}, log in {worker.log_path}")
-        summary, delivered = asyncio.run(_run(settings, fleet, run_tag, worker, timeout=timeout,
-                                              progress=progress, out=out, http_share=http_share, log=log))
+    workers: list[_Worker] = []
+    try:  # the workers started are stopped wherever the signal comes, even before their start is announced
+        workers.append(_Worker(settings))
+        log(f"worker    started  pid {workers[0].pid}, log in {workers[0].log_path}")
+        workers.append(_Worker(settings, WEBHOOKS_COMMAND, "webhooks",
+                               {"RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true", "RUNLEDGER_METRICS_PORT": "0"}))
+        log(f"webhooks  started  pid {workers[1].pid}, log in {workers[1].log_path}")
+        summary, delivered = asyncio.run(_run(settings, fleet, run_tag, workers[0], timeout=timeout,
+                                              progress=progress, out=out, http_share=http_share))
     finally:
-        if worker is not None:
+        for worker in workers:
             worker.stop()
     print_summary(summary, out)
     record = asyncio.run(_attest(settings, out))

@@ -1,5 +1,5 @@
-"""The demo's webhooks: a receiver it starts on a free local port, an endpoint owed every event of the run, and a
-``runledger webhooks worker`` (a subprocess, its log in ``<state dir>/webhooks.log``) delivering to it.
+"""The demo's webhooks: a receiver it starts on a free local port and an endpoint owed every event of the run, which
+a ``runledger webhooks worker`` (the demo's subprocess, its log in ``<state dir>/webhooks.log``) delivers to it.
 
 The receiver checks each delivery's Standard Webhooks signature with the endpoint's secret (HMAC-SHA256 over
 ``id.timestamp.body``, as the ``standardwebhooks`` packages do) and counts what it got: deliveries, distinct
@@ -12,17 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import os
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import orjson
 
 from runledger.projections.postgres.db import connect_one
-from runledger.streams.dev.benchserve import stop_process
 from runledger.streams.dev.receiver import receiving
 from runledger.streams.settings import Settings
 from runledger.streams.webhooks.sender import signature_header
@@ -71,26 +68,17 @@ class DemoHooks:
 
 
 @contextlib.asynccontextmanager
-async def demo_webhooks(settings: Settings, run_tag: str, log: Callable[[str], None]) -> AsyncIterator[DemoHooks]:
-    """A receiver, an endpoint owed the run's streams (``<run_tag>:``) and a delivery worker (announced with
-    ``log``), until the block ends."""
+async def demo_webhooks(settings: Settings, run_tag: str) -> AsyncIterator[DemoHooks]:
+    """A receiver and an endpoint owed the run's streams (``<run_tag>:``), until the block ends. The demo runs the
+    delivery worker (``WEBHOOKS_COMMAND``) as it runs the projection worker: started and stopped outside the event
+    loop, so that a SIGTERM anywhere stops it."""
     from runledger.streams.http.keys import init_key
 
     holder: list[DemoHooks] = []
     async with receiving(lambda headers, body: holder[0].got(headers, body)) as port:
         init_key(settings)
         holder.append(await _endpoint(settings, run_tag, port))
-        log_path = settings.state_dir / "webhooks.log"
-        with log_path.open("ab") as output:
-            worker = subprocess.Popen(WEBHOOKS_COMMAND, env={**os.environ, "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true",
-                                                             "RUNLEDGER_METRICS_PORT": "0"},
-                                      stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        log(f"webhooks  started  pid {worker.pid}, log in {log_path}, delivering to {holder[0].url}")
-        try:
-            yield holder[0]
-        finally:
-            await stop_process(worker)
+        yield holder[0]
 
 
 async def _endpoint(settings: Settings, run_tag: str, port: int) -> DemoHooks:
