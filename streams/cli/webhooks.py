@@ -106,10 +106,12 @@ def register(sub: Subparsers) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from runledger.streams.http.keys import load_key
     from runledger.streams.topics import check_log_topic, ensure_topics, webhook_topics, worker_topics
     from runledger.streams.webhooks.app import create_app
     from runledger.streams.worker.app import check_schema
 
+    load_key(settings)  # it opens the endpoints' secrets: a missing or unreadable key is said before anything runs
     asyncio.run(ensure_topics(settings, {**worker_topics(settings), **webhook_topics(settings)}))
     asyncio.run(check_log_topic(settings))
     asyncio.run(check_schema(settings))

@@ -82,3 +82,10 @@ async def test_refused_urls_and_filters_are_named_and_nothing_is_added(env: dict
     local = one(hooks({**env, "RUNLEDGER_WEBHOOK_ALLOW_PRIVATE": "true"}, "add", "http://127.0.0.1:9/hook", "--id",
                       "local-receiver", "--json"))
     assert local["endpoint_id"] == "local-receiver"
+
+
+async def test_a_delivery_worker_without_the_sources_key_says_so_and_starts_nothing(env: dict[str, str]) -> None:
+    env = {**await migrated(env), "RUNLEDGER_SOURCES_KEY_FILE": "/nonexistent/sources.key"}
+    done = hooks(env, "worker")
+    assert done.returncode == 2 and "RUNLEDGER_SOURCES_KEY_FILE" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
