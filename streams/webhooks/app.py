@@ -28,7 +28,7 @@ from runledger.schemas.events import MAX_EVENT_BYTES
 from runledger.streams import metrics
 from runledger.streams.http.keys import load_key
 from runledger.streams.kafka import client_options
-from runledger.streams.runtime import tune_gc
+from runledger.streams.runtime import run_together, tune_gc
 from runledger.streams.settings import Settings
 from runledger.streams.webhooks.consumers import OwedReader, RetryReader
 from runledger.streams.webhooks.delivery import Deliverer, Dispatcher, Recorder
@@ -130,16 +130,9 @@ async def _run(settings: Settings, ready: asyncio.Future[_Ready],
                            producer, dispatcher.wake.set, topics=by_delay,
                            session_timeout_s=settings.worker_session_timeout_s)
                for topic, delay in topics.items()]
-    runners: list[OwedReader | Dispatcher | RetryReader] = [reader, dispatcher, *retries]
-    tasks = [asyncio.create_task(t.run()) for t in runners]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
+        await run_together([reader.run(), dispatcher.run(), *(r.run() for r in retries)])
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await recorder.stop()
         await producer.stop()
         await forwarder.stop()

@@ -45,7 +45,7 @@ from runledger.schemas.errors import PermanentError, TransientError
 from runledger.streams import metrics
 from runledger.streams.kafka import client_options
 from runledger.streams.producer.client import EventProducer
-from runledger.streams.runtime import tune_gc
+from runledger.streams.runtime import run_together, tune_gc
 from runledger.streams.settings import Settings
 from runledger.streams.tools.checkpoints import checkpoint_signer, sign_if_due
 from runledger.streams.tools.signer import LogSigner
@@ -220,17 +220,9 @@ async def _consume(settings: Settings, schedule: RetrySchedule, ready: asyncio.F
                              f"{settings.consumer_group}.retry.{delay_name(delay)}", send,
                              session_timeout_s=settings.worker_session_timeout_s)
                for delay, topic in schedule.topics]
-    consumers: list[LogConsumer | RetryConsumer] = [log_consumer, *retries]
-    tasks = [asyncio.create_task(c.run()) for c in consumers]
     try:
-        # The first to end (only by an error) ends them all; the worker stops rather than run half-blind.
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
+        await run_together([log_consumer.run(), *(r.run() for r in retries)])
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for log_signer in ready.result().signers.values():
             await log_signer.stop()
         await forwarder.stop()
