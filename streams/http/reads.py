@@ -5,70 +5,52 @@ Routes (docs/http.md "Reading"): ``GET /v1/executions``, ``GET /v1/executions/{s
 reads only streams under its read prefixes: a stream id outside them is answered 403 from the id alone (nothing is
 looked up, so the answer says nothing of whether the stream exists); an event id names no stream, so an event of a
 stream outside them is answered 404, as one that does not exist. Money is a decimal string, times RFC 3339 UTC.
+The documents answered are ``documents``' models; a connection comes through ``services.reading``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import asyncpg
 import orjson
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from runledger.projections.postgres import reads
-from runledger.projections.postgres.db import database_error
-from runledger.schemas.errors import TransientError
 from runledger.streams.http.auth import caller
 from runledger.streams.http.caller import Caller
-from runledger.streams.http.problems import PROBLEM_TYPE, Problem
-from runledger.streams.http.services import Services, services
+from runledger.streams.http.documents import (
+    Artifact,
+    Cost,
+    ExecutionDetail,
+    ExecutionPage,
+    ExecutionSummary,
+    InclusionProof,
+    LatestCheckpoints,
+    SignedCheckpoint,
+    Status,
+    Step,
+    StepCounts,
+    Totals,
+    problem_responses,
+)
+from runledger.streams.http.problems import Problem
+from runledger.streams.http.services import Services, reading, services
 
-__all__ = ["EVENTS_MEDIA_TYPE", "MAX_PAGE", "ProblemDocument", "reading", "router"]
+__all__ = ["EVENTS_MEDIA_TYPE", "MAX_PAGE", "router"]
 
 router = APIRouter(tags=["reading"])
 
-MAX_PAGE = 500
-"""The most executions or events one page holds (``limit``)."""
-EVENTS_MEDIA_TYPE = "application/cloudevents-batch+json"
-STREAM_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
-IDENTIFIER = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
-MONEY_PATTERN = r"^-?[0-9]+(\.[0-9]+)?$"
-Money = Annotated[str, Field(pattern=MONEY_PATTERN, description="US dollars, a decimal string (never a float)",
-                             examples=["0.0125"])]
-Status = Literal["pending", "running", "completed", "failed", "cancelled", "timeout"]
-StepStatus = Literal["pending", "running", "completed", "failed", "skipped", "retrying"]
-
-
-# --- The documents ------------------------------------------------------------------------------------------------
-
-class ProblemDocument(BaseModel):
-    """An RFC 9457 problem document (``application/problem+json``)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: str = Field(examples=[PROBLEM_TYPE + "execution_not_found"])
-    title: str
-    status: int = Field(ge=400, le=599)
-    detail: str
-    code: str = Field(description="a stable machine-readable name; docs/http.md lists them")
-    instance: str | None = None
-    errors: list[dict[str, str | int]] | None = Field(
-        None, description='each failed field: {"field", "reason"} and, in a batch, "index"')
-
-
-_PROBLEM_SCHEMA = ProblemDocument.model_json_schema()
 _REASONS = {400: "Bad request (a cursor that is not one of ours)", 401: "No valid signature",
             403: "Outside the caller's read scope", 404: "Not found, or not the caller's to read",
             409: "Not provable yet: no signed checkpoint covers the event (Retry-After)",
@@ -77,158 +59,13 @@ _REASONS = {400: "Bad request (a cursor that is not one of ours)", 401: "No vali
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI ``responses`` of problem documents for ``statuses`` (401, 422 and 503 always)."""
-    return {status: {"description": _REASONS[status],
-                     "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}}}
-            for status in sorted({401, 422, 503, *statuses})}
+    return problem_responses(_REASONS, *statuses)
 
-
-class ExecutionSummary(BaseModel):
-    """One execution in a list."""
-
-    stream_id: str = Field(examples=["acme:run-0001"])
-    workflow: str = Field(examples=["invoice-triage"])
-    agent_id: str | None = None
-    customer_id: str | None = None
-    status: Status
-    started_at: datetime
-    ended_at: datetime | None = None
-    duration_ms: int | None = None
-    steps_total: int
-    cost_usd: Money
-    last_seq: int = Field(description="the seq of the stream's last projected event")
-    updated_at: datetime
-
-
-class ExecutionPage(BaseModel):
-    """A page of executions, newest first (by ``started_at``, then ``stream_id``)."""
-
-    executions: list[ExecutionSummary]
-    next: str | None = Field(description="the cursor of the next page (pass it as ?cursor=); null on the last")
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "executions": [{"stream_id": "acme:run-0001", "workflow": "invoice-triage", "agent_id": "triage-bot",
-                        "customer_id": "cust-42", "status": "completed", "started_at": "2026-11-22T10:00:00Z",
-                        "ended_at": "2026-11-22T10:00:04.5Z", "duration_ms": 4500, "steps_total": 2,
-                        "cost_usd": "0.0125", "last_seq": 9, "updated_at": "2026-11-22T10:00:05Z"}],
-        "next": "WyIyMDI2LTExLTIyVDEwOjAwOjAwKzAwOjAwIiwiYWNtZTpydW4tMDAwMSJd"}]})
-
-
-class Step(BaseModel):
-    step_id: str
-    name: str | None = None
-    order: int | None = None
-    status: StepStatus
-    attempts: int
-    started_at: datetime | None = None
-    ended_at: datetime | None = None
-    error: dict[str, Any] | None = None
-    cost_usd: Money
-
-
-class Cost(BaseModel):
-    event_id: str
-    seq: int
-    step_id: str | None = None
-    provider: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int | None = None
-    cost_usd: Money | None = Field(None, description="null when the model had no price (cost_source unpriced)")
-    cost_source: Literal["event", "catalog", "unpriced"]
-    catalog_version: str | None = None
-    occurred_at: datetime
-
-
-class Artifact(BaseModel):
-    artifact_id: str
-    step_id: str | None = None
-    type: str
-    name: str
-    uri: str
-    size_bytes: int | None = None
-    content_type: str | None = None
-    created_at: datetime
-    seq: int
-
-
-class StepCounts(BaseModel):
-    total: int
-    running: int
-    retrying: int
-    completed: int
-    failed: int
-    skipped: int
-
-
-class Totals(BaseModel):
-    """The execution's sums as the projection keeps them."""
-
-    steps: StepCounts
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    cost_usd: Money
-    unpriced_costs: int = Field(description="costs of a model with no price, not in cost_usd")
-    budget_usd: Money | None = None
-    duration_ms: int | None = None
-
-
-class ExecutionDetail(BaseModel):
-    """One execution: its status, steps, costs, artifacts and totals, read in one snapshot."""
-
-    stream_id: str
-    workflow: str
-    agent_id: str | None = None
-    customer_id: str | None = None
-    status: Status
-    started_at: datetime
-    ended_at: datetime | None = None
-    error: dict[str, Any] | None = None
-    last_seq: int
-    last_hash: str = Field(description="the hash of the stream's last projected event")
-    updated_at: datetime
-    totals: Totals
-    steps: list[Step]
-    costs: list[Cost]
-    artifacts: list[Artifact]
-
-
-class InclusionProof(BaseModel):
-    """What ``runledger prove`` writes (format ``runledger-inclusion-proof/2``, docs/proofs.md); check it with
-    ``runledger verify-proof`` and the log's verifier key."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "format": "runledger-inclusion-proof/2",
-        "checkpoint": "runledger.local/log/runledger.events/1\n12\nq2n...=\n\n\u2014 runledger.local/log AbCd...=\n",
-        "partition": 1, "offset": 11, "leaf_index": 11, "event": "eyJzcGVjdmVyc2lvbiI6IjEuMCIsLi4ufQ==",
-        "proof": ["3q2+7w==..."]}]})
-
-    format: Literal["runledger-inclusion-proof/2"]
-    checkpoint: str = Field(description="the signed C2SP tlog-checkpoint note of the event's log partition")
-    partition: int
-    offset: int
-    leaf_index: int
-    event: str = Field(description="the event's bytes as the log holds them, base64")
-    proof: list[str] = Field(description="the RFC 9162 audit path, base64 hashes")
-
-
-class SignedCheckpoint(BaseModel):
-    partition: int
-    origin: str = Field(examples=["runledger.local/log/runledger.events/0"])
-    size: int = Field(description="leaves (records of the partition) the checkpoint covers")
-    root: str = Field(description="the tree's root hash, lowercase hex")
-    key_name: str
-    signed_at: datetime
-    note: str = Field(description="the signed note (C2SP tlog-checkpoint), verbatim")
-
-
-class LatestCheckpoints(BaseModel):
-    """The newest signed checkpoint of each partition of the log topic."""
-
-    topic: str
-    checkpoints: list[SignedCheckpoint]
+MAX_PAGE = 500
+"""The most executions or events one page holds (``limit``)."""
+EVENTS_MEDIA_TYPE = "application/cloudevents-batch+json"
+STREAM_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
+IDENTIFIER = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
 
 # --- Helpers ------------------------------------------------------------------------------------------------------
@@ -241,22 +78,6 @@ def _readable(who: Caller, stream: str) -> None:
     if not who.may_read(stream):
         raise Problem(403, "outside_read_scope", f"stream {stream} is outside what this source may read",
                       errors=[{"field": "stream", "reason": "outside the source's read scope"}])
-
-
-@contextlib.asynccontextmanager
-async def reading(svc: Services, what: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection of the pool; PostgreSQL unavailable, slow or refusing the login: a 503 with Retry-After."""
-    try:
-        async with svc.pool.acquire(timeout=5) as conn:
-            yield conn
-    except Problem:
-        raise
-    except Exception as e:
-        error = database_error(e, what)
-        if isinstance(error, TransientError):
-            raise Problem(503, "database_unavailable", f"{what}: PostgreSQL is unavailable; try again",
-                          headers={"Retry-After": "5"}) from e
-        raise
 
 
 def encode_cursor(started_at: datetime, stream_id: str) -> str:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from runledger.projections.postgres.db import database_error
 from runledger.schemas.errors import TransientError
+from runledger.streams.http.problems import Problem
 from runledger.streams.producer.client import EventProducer
 from runledger.streams.settings import Settings
 
-__all__ = ["ProducerNotStarted", "Services", "services"]
+__all__ = ["ProducerNotStarted", "Services", "reading", "services"]
 
 
 class ProducerNotStarted(TransientError):
@@ -52,3 +56,19 @@ async def services(request: Request) -> Services:
     the thread pool, a thread hop per request)."""
     held: Services = request.app.state.services
     return held
+
+
+@contextlib.asynccontextmanager
+async def reading(svc: Services, what: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the pool; PostgreSQL unavailable, slow or refusing the login: a 503 with Retry-After."""
+    try:
+        async with svc.pool.acquire(timeout=5) as conn:
+            yield conn
+    except Problem:
+        raise
+    except Exception as e:
+        error = database_error(e, what)
+        if isinstance(error, TransientError):
+            raise Problem(503, "database_unavailable", f"{what}: PostgreSQL is unavailable; try again",
+                          headers={"Retry-After": "5"}) from e
+        raise

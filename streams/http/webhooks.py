@@ -24,10 +24,10 @@ from runledger.projections.postgres.queries import query
 from runledger.schemas.events import EVENT_TYPES
 from runledger.streams.http.auth import caller
 from runledger.streams.http.caller import Caller
+from runledger.streams.http.documents import problem_responses
 from runledger.streams.http.keys import load_key
 from runledger.streams.http.problems import Problem
-from runledger.streams.http.reads import ProblemDocument, reading
-from runledger.streams.http.services import Services, services
+from runledger.streams.http.services import Services, reading, services
 from runledger.streams.webhooks import endpoints
 from runledger.streams.webhooks.endpoints import EndpointNotFound, Filter
 from runledger.streams.webhooks.ping import ping as send_ping
@@ -45,10 +45,7 @@ _REASONS = {400: "The body is not JSON", 401: "No valid signature",
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI ``responses`` of problem documents for ``statuses`` (401, 422 and 503 always)."""
-    schema = ProblemDocument.model_json_schema()
-    return {status: {"description": _REASONS[status], "content": {"application/problem+json": {"schema": schema}}}
-            for status in sorted({401, 422, 503, *statuses})}
+    return problem_responses(_REASONS, *statuses)
 
 
 EndpointId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="the endpoint's id")]

@@ -26,7 +26,7 @@ from runledger.projections.postgres.db import connect
 from runledger.projections.postgres.queries import query
 from runledger.schemas.checkpoint import Verifier
 from runledger.schemas.proofs import check_proof
-from runledger.streams.http import reads
+from runledger.streams.http import documents, reads
 from runledger.streams.http.auth import caller
 from runledger.streams.http.caller import Caller
 from runledger.streams.http.problems import Problem, problem_response
@@ -352,4 +352,4 @@ def test_the_openapi_document_names_every_answer() -> None:
     events = document["paths"]["/v1/executions/{stream}/events"]["get"]["responses"]["200"]["content"]
     assert list(events) == ["application/cloudevents-batch+json"]
     money = document["components"]["schemas"]["Totals"]["properties"]["cost_usd"]
-    assert money["type"] == "string" and money["pattern"] == reads.MONEY_PATTERN
+    assert money["type"] == "string" and money["pattern"] == documents.MONEY_PATTERN
